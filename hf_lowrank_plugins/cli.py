@@ -1,0 +1,152 @@
+"""``hf-lowrank``: list methods, train one, merge an adapter.
+
+Bad input exits with status 2 and one line on stderr (no traceback) and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import LowRankError
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs; values are JSON when they parse (numbers, booleans, lists), else strings.
+
+    A bare comma-separated value becomes a list of strings (``target_modules=q_proj,v_proj``).
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise LowRankError(f"malformed --set {item!r}: expected KEY=VALUE, e.g. --set lora_dropout=0.05")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = [v.strip() for v in raw.split(",")] if "," in raw else raw
+        out[key.strip()] = value
+    return out
+
+
+def _cmd_list(ns: argparse.Namespace) -> int:
+    from .registry import get_registry
+
+    registry = get_registry()
+    if ns.json:
+        print(json.dumps({"methods": [m.as_dict() for m in registry.methods.values()], "failed": registry.failed}, indent=2))
+        return 0
+    rows = [(m.name, m.version, m.distribution, m.config_class.__name__, m.summary) for m in registry.methods.values()]
+    header = ("method", "version", "distribution", "config", "summary")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
+    for row in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4])
+    for name, error in registry.failed.items():
+        print(f"failed to load plugin '{name}': {error}", file=sys.stderr)
+    if not rows:
+        print("no methods installed: pip install -e plugins/lora (or any hf-lowrank-<method>)", file=sys.stderr)
+    return 0
+
+
+def _cmd_train(ns: argparse.Namespace) -> int:
+    from .train import TrainSpec, run_training
+
+    spec = TrainSpec(
+        method=ns.method, model=ns.model, dataset=ns.dataset, output_dir=ns.output_dir or f"runs/{ns.method}",
+        max_steps=ns.max_steps, rank=ns.rank, alpha=ns.alpha, lr=ns.lr, batch_size=ns.batch_size,
+        seq_len=ns.seq_len, grad_accum=ns.grad_accum, load_in_4bit=ns.load_in_4bit, merge=ns.merge,
+        seed=ns.seed, eval_every=ns.eval_every, save_steps=ns.save_steps, eval_blocks=ns.eval_blocks,
+        resume_from_checkpoint=ns.resume_from_checkpoint, bf16=ns.bf16, settings=parse_set(ns.set),
+    )
+    metrics = run_training(spec)
+    print(
+        f"{metrics['method']}: eval loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss_after']:.4f} "
+        f"after {metrics['steps']} steps ({metrics['train_seconds']:.1f}s, peak {metrics['peak_memory_mb']:.0f} MB, "
+        f"{metrics['trainable_params']:,} trainable parameters); wrote {spec.output_dir}/metrics.json"
+    )
+    return 0
+
+
+def _cmd_merge(ns: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .api import load_adapter, read_adapter_config
+    from .export import save_merged
+
+    raw = read_adapter_config(ns.adapter_dir)
+    base = ns.base or raw.get("base_model_name_or_path")
+    if not base or not Path(base).exists():
+        raise LowRankError(f"base model not found ({base!r}); pass --base DIR")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    adapted = load_adapter(model, ns.adapter_dir)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    out = save_merged(adapted.model, ns.output_dir, tokenizer=tokenizer, in_place=True)
+    print(f"merged {ns.adapter_dir} into {base}: wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``hf-lowrank`` argument parser."""
+    parser = argparse.ArgumentParser(prog="hf-lowrank", description="Low-rank fine-tuning methods for transformers.Trainer")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="installed methods")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("train", help="fine-tune a causal LM with one method")
+    p.add_argument("--method", required=True, help="a name from `hf-lowrank list`")
+    p.add_argument("--model", help="transformers checkpoint directory (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dataset", help=".txt, .jsonl with a 'text' field, or a saved datasets directory (default: KJV text)")
+    p.add_argument("--output-dir", help="default: runs/METHOD")
+    p.add_argument("--max-steps", type=int, default=30)
+    p.add_argument("--rank", type=int, help="adapter/projection rank (the method's r or rank)")
+    p.add_argument("--alpha", type=float, help="LoRA alpha")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--load-in-4bit", action="store_true", help="quantize the frozen base to NF4 (needs hf-lowrank-qlora)")
+    p.add_argument("--merge", action="store_true", help="also write OUTPUT/merged, a plain transformers checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, help="evaluate every K steps")
+    p.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks for evaluation")
+    p.add_argument("--save-steps", type=int, help="write a checkpoint every N steps")
+    p.add_argument("--resume-from-checkpoint", help="checkpoint directory to resume from")
+    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other field of the method's config")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("merge", help="merge a saved adapter into its base and write a plain checkpoint")
+    p.add_argument("adapter_dir")
+    p.add_argument("--base", help="base model directory (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--output-dir", required=True)
+    p.set_defaults(func=_cmd_merge)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``hf-lowrank`` command."""
+    ns = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight-loading bars; the Trainer's own progress bar stays
+    try:
+        return ns.func(ns)
+    except LowRankError as exc:
+        print(f"hf-lowrank: error: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        print(f"hf-lowrank: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hf-lowrank: interrupted; completed outputs are intact, partial ones were not written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Hook specifications: the whole contract between the core and a fine-tuning method.
+
+A plugin is a plain module (or object) with functions marked ``@hookimpl`` whose names match the
+specifications below. It is found through the ``hf_lowrank_plugins`` entry-point group.
+
+Two kinds of hooks exist:
+
+*Method hooks* (``init_adapter``, ``init_adapter_from_data``, ``wrap_optimizer``,
+``post_train_merge``) are answered by the plugin that owns the method being run: the core calls
+them with every *other* method plugin left out, so an implementation never has to check whether a
+config is its own. Plugins that declare no method (observers, wrappers) are still called, which is
+how a third party can wrap every method at once.
+
+*Service hooks* (``describe_methods``, ``quantize_base``, ``dequantize_base``) are called on all
+plugins; the first non-``None`` answer wins where marked ``firstresult``.
+
+Life cycle, in call order::
+
+    attach(model, "name")          describe_methods -> [quantize_base] -> init_adapter
+    Trainer(...) / trainer.train()  wrap_optimizer (inside Trainer.create_optimizer)
+    on_train_begin                  init_adapter_from_data (fresh runs only, never on resume)
+    adapted.export(dir)             post_train_merge (-> dequantize_base when merging a 4-bit base)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftConfig
+    from torch.utils.data import DataLoader
+    from transformers import TrainingArguments
+
+    from .registry import MethodInfo
+    from .types import ExportResult, QuantizationSettings
+
+PROJECT_NAME = "hf_lowrank_plugins"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def describe_methods() -> list[MethodInfo]:
+    """Declare the methods this plugin provides.
+
+    Called once per plugin when the registry loads. Return a list of
+    :class:`~hf_lowrank_plugins.registry.MethodInfo`; a plugin that provides no method (an observer
+    or wrapper) simply does not implement this hook. Method names are unique across plugins: a
+    second plugin claiming a taken name is reported as failed and left out.
+    """
+
+
+@hookspec(firstresult=True)
+def quantize_base(model: torch.nn.Module, settings: QuantizationSettings) -> torch.nn.Module | None:
+    """Quantize the frozen base of ``model`` (e.g. to 4-bit NF4) before any adapter is attached.
+
+    Called by :func:`~hf_lowrank_plugins.attach` when the user asks for a quantized base
+    (``load_in_4bit=True``) or the method requires one, and only when the model is not quantized
+    already. The answer is the model to continue with (it may be a new object). The first plugin
+    that answers wins; with no answering plugin the core raises an error saying which
+    distribution to install.
+    """
+
+
+@hookspec(firstresult=True)
+def dequantize_base(model: torch.nn.Module) -> torch.nn.Module | None:
+    """Replace quantized base layers of ``model`` by full-precision ones, in place or not.
+
+    Called before merging adapters into a quantized base, so the merge happens in 16/32-bit
+    instead of being rounded back to 4 bits. Return the model to continue with.
+    """
+
+
+@hookspec(firstresult=True)
+def init_adapter(model: torch.nn.Module, config: PeftConfig) -> torch.nn.Module | None:
+    """Attach the method described by ``config`` to ``model`` and return the adapted model.
+
+    Method hook, called once by :func:`~hf_lowrank_plugins.attach` before the Trainer is built
+    (a 4-bit model must already carry its adapter when ``Trainer.__init__`` runs). The result must
+    have exactly the parameters that will train set to ``requires_grad``. Unless the method says
+    otherwise in its docs, the output of the returned model must equal the base model's at this
+    point (identity at initialisation). Raise
+    :class:`~hf_lowrank_plugins.errors.ConfigError` for a configuration that cannot work.
+    """
+
+
+@hookspec(firstresult=True)
+def init_adapter_from_data(
+    model: torch.nn.Module,
+    config: PeftConfig,
+    train_dataloader: DataLoader,
+    args: TrainingArguments,
+) -> bool | None:
+    """Data-dependent initialisation, run once at the start of a fresh training run.
+
+    Method hook, called from the callback's ``on_train_begin``: after the Trainer built its
+    optimizer and prepared the model, before the first step, with the Trainer's own training
+    dataloader. It is *not* called when the run resumes from a checkpoint (the adapter state is
+    restored from the checkpoint instead). Change parameters in place (``param.data.copy_``) so the
+    optimizer keeps its references. Return ``True`` when something was initialised.
+    """
+
+
+@hookspec(firstresult=True)
+def wrap_optimizer(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: PeftConfig,
+    args: TrainingArguments,
+) -> torch.optim.Optimizer | None:
+    """Change or replace the optimizer the Trainer would have built.
+
+    Method hook, called inside ``Trainer.create_optimizer`` through the factory the core passes as
+    ``optimizer_cls_and_kwargs``. ``optimizer`` is exactly what the Trainer would have built from
+    ``args`` (class, learning rate, betas, epsilon, weight-decay groups). Return a replacement, or
+    ``None`` to keep it. The Trainer's scheduler, clipping, accelerate wrapping and checkpointing
+    then apply to the result as to any optimizer, so it must implement ``state_dict`` /
+    ``load_state_dict`` faithfully for resume to work.
+    """
+
+
+@hookspec(firstresult=True)
+def post_train_merge(
+    model: torch.nn.Module,
+    config: PeftConfig,
+    output_dir: Path,
+    merge: bool,
+    tokenizer: Any,
+) -> ExportResult | None:
+    """Turn the trained model into its deliverables under ``output_dir``.
+
+    Method hook, called by :meth:`~hf_lowrank_plugins.Adapted.export`. The convention is
+    ``output_dir/adapter`` (a portable adapter that plain PEFT loads onto the unmodified base
+    model) and, when ``merge`` is true, ``output_dir/merged`` (a plain transformers checkpoint
+    with the tokenizer, when one is given). Write each directory atomically, e.g. with
+    :func:`~hf_lowrank_plugins.io.atomic_directory`. Return ``None`` to use the core's default,
+    which is right for any PEFT adapter whose weights are relative to the original base.
+    """

@@ -1,0 +1,84 @@
+"""Which modules a method adapts, checked up front so mistakes fail with a clear message.
+
+Matching follows PEFT exactly (we call its matcher): a list matches module names or dotted
+suffixes, a string is a regular expression that must match the whole name, and ``"all-linear"``
+means every linear layer except the output head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from peft import LoraConfig
+from peft.tuners.tuners_utils import check_target_module_exists
+from torch import nn
+
+from .errors import ConfigError, TargetError
+
+ALL_LINEAR = "all-linear"
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """True for ``nn.Linear`` and quantized stand-ins (bitsandbytes ``Linear4bit``/``Linear8bitLt``).
+
+    Quantized classes are recognised by name so that bitsandbytes stays an optional dependency.
+    """
+    return isinstance(module, nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
+def layer_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a linear-like layer, also when its weight is packed 4-bit."""
+    return int(module.out_features), int(module.in_features)
+
+
+def find_target_modules(
+    model: nn.Module,
+    target_modules: str | Iterable[str] | None,
+    exclude_modules: str | Iterable[str] | None = None,
+) -> dict[str, nn.Module]:
+    """Linear-like modules of ``model`` selected by ``target_modules``, by qualified name.
+
+    Raises :class:`TargetError` when nothing matches, listing the layer names that exist.
+    """
+    if target_modules is None:
+        target_modules = ALL_LINEAR
+    linear = {name: m for name, m in model.named_modules() if name and is_linear_like(m)}
+    wants_all = target_modules == ALL_LINEAR or (not isinstance(target_modules, str) and ALL_LINEAR in target_modules)
+    if wants_all:
+        heads = {id(m) for m in _output_heads(model)}
+        chosen = {name: m for name, m in linear.items() if id(m) not in heads}
+    else:
+        targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+        matcher = LoraConfig(target_modules=targets)
+        chosen = {name: m for name, m in linear.items() if check_target_module_exists(matcher, name)}
+    if exclude_modules:
+        excluder = LoraConfig(target_modules=exclude_modules if isinstance(exclude_modules, str) else list(exclude_modules))
+        chosen = {name: m for name, m in chosen.items() if not check_target_module_exists(excluder, name)}
+    if not chosen:
+        available = sorted({name.rsplit(".", 1)[-1] for name in linear})
+        raise TargetError(
+            f"target_modules={target_modules!r} matched no linear layer of {type(model).__name__}. "
+            f"Linear layer names in this model: {', '.join(available) or 'none'}; "
+            f"use some of these, a regular expression over full names, or '{ALL_LINEAR}'."
+        )
+    return chosen
+
+
+def check_rank(modules: dict[str, nn.Module], rank: int, what: str = "rank") -> None:
+    """Raise :class:`ConfigError` unless ``0 < rank <= min(out, in)`` for every module."""
+    if rank < 1:
+        raise ConfigError(f"{what} must be a positive integer, got {rank}")
+    too_small = {name: layer_shape(m) for name, m in modules.items() if rank > min(layer_shape(m))}
+    if too_small:
+        name, shape = min(too_small.items(), key=lambda kv: min(kv[1]))
+        limit = min(min(s) for s in too_small.values())
+        raise ConfigError(
+            f"{what} {rank} is larger than the smallest dimension of {len(too_small)} target layer(s), "
+            f"e.g. {name} ({shape[0]}x{shape[1]}); use {what} <= {limit} or exclude those layers"
+        )
+
+
+def _output_heads(model: nn.Module) -> list[nn.Module]:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return [head] if head is not None else []

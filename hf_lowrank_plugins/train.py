@@ -1,0 +1,151 @@
+"""One training run with a plain ``transformers.Trainer``: what ``hf-lowrank train`` executes.
+
+Everything that can be checked without loading weights is checked first, and nothing is written
+under the output directory until the method is attached; the deliverables and ``metrics.json``
+are then each written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
+
+from .api import attach, make_config
+from .data import default_model_dir, load_blocks
+from .errors import LowRankError
+from .io import write_json_atomic
+from .registry import Registry, get_registry
+
+
+@dataclasses.dataclass
+class TrainSpec:
+    """Inputs of one run; ``None`` model/dataset mean the embedded SmolLM2-135M and KJV text."""
+
+    method: str
+    model: str | None = None
+    dataset: str | None = None
+    output_dir: str = "runs/latest"
+    max_steps: int = 30
+    rank: int | None = None
+    alpha: float | None = None
+    lr: float = 2e-4
+    batch_size: int = 8
+    seq_len: int = 128
+    grad_accum: int = 1
+    load_in_4bit: bool = False
+    merge: bool = False
+    seed: int = 0
+    eval_blocks: int = 16
+    eval_every: int | None = None
+    save_steps: int | None = None
+    resume_from_checkpoint: str | None = None
+    bf16: bool = False
+    warmup_steps: int = 0
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def method_fields(self) -> dict[str, Any]:
+        """Config fields for the method: ``--set`` values plus ``--rank``/``--alpha`` where given."""
+        fields = dict(self.settings)
+        if self.rank is not None:
+            fields["rank"] = self.rank
+        if self.alpha is not None:
+            fields["alpha"] = self.alpha
+        return fields
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process: GPU allocator peak on CUDA, else peak resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def count_trainable(model: torch.nn.Module) -> int:
+    """Number of parameters that receive gradients."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: list | None = None) -> dict[str, Any]:
+    """Train ``spec.method`` and write ``metrics.json``, ``adapter/`` and (with ``merge``) ``merged/``."""
+    registry = registry or get_registry()
+    make_config(spec.method, registry=registry, **spec.method_fields())  # fail fast on bad options
+    if spec.model is not None and not Path(spec.model).exists():
+        raise LowRankError(f"model not found: {spec.model}")
+    if spec.dataset is not None and not Path(spec.dataset).exists():
+        raise LowRankError(f"dataset not found: {spec.dataset}")
+    if spec.max_steps < 1 or spec.batch_size < 1 or spec.seq_len < 2:
+        raise LowRankError("--max-steps and --batch-size must be >= 1 and --seq-len >= 2")
+    output_dir = Path(spec.output_dir)
+
+    model_dir = Path(spec.model) if spec.model is not None else default_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    set_seed(spec.seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    started = time.perf_counter()
+    adapted = attach(model, spec.method, load_in_4bit=spec.load_in_4bit, registry=registry, **spec.method_fields())
+    init_seconds = time.perf_counter() - started
+
+    needed = spec.max_steps * spec.batch_size * spec.grad_accum
+    train_ds, eval_ds = load_blocks(spec.dataset, tokenizer, spec.seq_len, max_blocks=needed + spec.eval_blocks, eval_blocks=spec.eval_blocks)
+    args = TrainingArguments(
+        output_dir=str(output_dir / "checkpoints"),
+        max_steps=spec.max_steps,
+        per_device_train_batch_size=spec.batch_size,
+        per_device_eval_batch_size=spec.batch_size,
+        gradient_accumulation_steps=spec.grad_accum,
+        learning_rate=spec.lr,
+        warmup_steps=spec.warmup_steps,
+        logging_steps=max(1, min(10, spec.max_steps // 5)),
+        eval_strategy="steps" if spec.eval_every else "no",
+        eval_steps=spec.eval_every,
+        save_strategy="steps" if spec.save_steps else "no",
+        save_steps=spec.save_steps or 500,
+        seed=spec.seed,
+        bf16=spec.bf16,
+        report_to=[],
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+    trainer = Trainer(
+        model=adapted.model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        callbacks=[adapted.callback, *(callbacks or [])],
+        optimizer_cls_and_kwargs=(adapted.optimizer_factory, {}),
+    )
+    eval_before = trainer.evaluate()["eval_loss"]
+    result = trainer.train(resume_from_checkpoint=spec.resume_from_checkpoint)
+    eval_after = trainer.evaluate()["eval_loss"]
+
+    exported = adapted.export(output_dir, merge=spec.merge, tokenizer=tokenizer)
+    eval_history = [
+        {"step": e["step"], "eval_loss": e["eval_loss"]} for e in trainer.state.log_history if "eval_loss" in e
+    ]
+    metrics = {
+        "method": spec.method,
+        "model": str(model_dir),
+        "steps": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "eval_loss_before": eval_before,
+        "eval_loss_after": eval_after,
+        "eval_history": eval_history,
+        "train_seconds": result.metrics["train_runtime"],
+        "init_seconds": init_seconds,
+        "peak_memory_mb": peak_memory_mb(),
+        "trainable_params": count_trainable(adapted.model),
+        "config": {k: v for k, v in adapted.config.to_dict().items() if isinstance(v, (int, float, str, bool, list, type(None)))},
+        "outputs": exported.paths(),
+    }
+    write_json_atomic(output_dir / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,22 @@
+"""QLoRA's config: LoRA's plus the 4-bit quantization of the frozen base."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hf_lowrank_lora import LoraMethodConfig
+
+
+@dataclass
+class QLoraConfig(LoraMethodConfig):
+    """LoRA on a 4-bit base. Defaults follow the QLoRA paper: NF4, double quantization.
+
+    ``bnb_4bit_compute_dtype`` is the dtype each matmul dequantizes to: ``"auto"`` picks bfloat16
+    on a GPU and float32 on CPU (bf16 matmuls are slow on CPU). Plain PEFT drops the ``bnb_4bit_*``
+    keys when loading the adapter, which is right: they describe the base, not the adapter.
+    """
+
+    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: str = "auto"
+    hf_lowrank_method: str = "qlora"

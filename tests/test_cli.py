@@ -1,0 +1,117 @@
+"""The hf-lowrank command: errors are one line and write nothing; an end-to-end run on SmolLM2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_lowrank_plugins.cli import main, parse_set
+from hf_lowrank_plugins.data import default_model_dir
+
+
+@pytest.fixture(scope="module")
+def smol_dir():
+    return default_model_dir()
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, smol_dir):
+    """A 2-layer Llama with SmolLM2's tokenizer, so the CLI runs in seconds."""
+    from conftest import tiny_llama_config
+
+    path = tmp_path_factory.mktemp("tiny")
+    tokenizer = AutoTokenizer.from_pretrained(smol_dir)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=len(tokenizer))).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "data.txt"
+    path.write_text("\n".join(f"line {i}: the quick brown fox jumps over the lazy dog" for i in range(200)))
+    return path
+
+
+def _fails_cleanly(capsys, argv, pattern, out_dir):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hf-lowrank: error: "), err
+    assert "Traceback" not in err[0]
+    assert pattern in err[0], err[0]
+    assert not out_dir.exists()
+
+
+def test_list_json(capsys):
+    assert main(["list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    by_name = {m["name"]: m for m in listed["methods"]}
+    assert by_name["lora"]["distribution"] == "hf-lowrank-lora"
+    assert by_name["lora"]["config_class"].endswith("LoraMethodConfig")
+    assert by_name["qlora"]["version"] == "0.1.0"
+
+
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(capsys, tmp_path, tiny_model_dir, text_file):
+    out = tmp_path / "out"
+    base = ["train", "--output-dir", str(out), "--model", str(tiny_model_dir), "--dataset", str(text_file)]
+    _fails_cleanly(capsys, [*base, "--method", "lorra"], "unknown method 'lorra'", out)
+    _fails_cleanly(capsys, ["train", "--method", "lora", "--output-dir", str(out), "--dataset", str(tmp_path / "missing.txt")], "dataset not found", out)
+    _fails_cleanly(capsys, [*base, "--method", "lora", "--set", "lora_dropout"], "malformed --set", out)
+    _fails_cleanly(capsys, [*base, "--method", "lora", "--set", "lora_drop=0.1"], "unknown option(s) lora_drop", out)
+    _fails_cleanly(capsys, [*base, "--method", "lora", "--rank", "100"], "use rank r <= 32", out)
+    _fails_cleanly(capsys, [*base, "--method", "lora", "--set", "target_modules=query,value"], "matched no linear layer", out)
+    _fails_cleanly(capsys, ["merge", str(tmp_path / "nowhere"), "--output-dir", str(out)], "not a saved adapter", out)
+
+
+def test_parse_set_values():
+    assert parse_set(["r=8", "use_rslora=true", "lora_dropout=0.05", "target_modules=q_proj,v_proj", "bias=none"]) == {
+        "r": 8, "use_rslora": True, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"], "bias": "none"}
+
+
+def test_train_jsonl_4bit_on_tiny_model(tmp_path, tiny_model_dir, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"record {i} says hello to the world"}) for i in range(100)))
+    out = tmp_path / "run"
+    argv = ["train", "--method", "lora", "--load-in-4bit", "--model", str(tiny_model_dir), "--dataset", str(data),
+            "--output-dir", str(out), "--max-steps", "6", "--batch-size", "4", "--seq-len", "16", "--lr", "5e-3",
+            "--eval-blocks", "4", "--set", "lora_dropout=0.0", "--set", "use_rslora=true"]
+    assert main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and metrics["eval_loss_after"] < metrics["eval_loss_before"]
+    assert metrics["config"]["use_rslora"] is True
+    assert (out / "adapter" / "adapter_config.json").is_file() and not (out / "merged").exists()
+
+
+@pytest.mark.slow
+def test_end_to_end_on_real_smollm2(tmp_path, smol_dir):
+    """The real command on the real 135M model and the packaged text; then `merge` reproduces merged/."""
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "hf_lowrank_plugins.cli", "train", "--method", "lora", "--max-steps", "4",
+         "--batch-size", "2", "--seq-len", "32", "--lr", "2e-3", "--eval-blocks", "4", "--merge", "--output-dir", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("method", "steps", "train_loss", "eval_loss_before", "eval_loss_after", "train_seconds", "peak_memory_mb", "trainable_params"):
+        assert key in metrics
+    assert metrics["method"] == "lora" and metrics["steps"] == 4
+    assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
+    # r=8 on all 7 projections of 30 layers: r * (d_in + d_out) each
+    per_layer = 8 * (2 * (576 + 576) + 2 * (576 + 192) + 3 * (576 + 1536))
+    assert metrics["trainable_params"] == 30 * per_layer == 2_442_240
+    assert (out / "merged" / "tokenizer.json").is_file()
+
+    remerged = tmp_path / "remerged"
+    assert main(["merge", str(out / "adapter"), "--output-dir", str(remerged)]) == 0
+    batch = torch.randint(0, 1000, (1, 16))
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(out / "merged")(batch).logits
+        b = AutoModelForCausalLM.from_pretrained(remerged)(batch).logits
+    assert (a - b).abs().max() <= 1e-4

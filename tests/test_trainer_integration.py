@@ -1,0 +1,117 @@
+"""The callback + optimizer factory inside a plain Trainer: accumulation, eval, resume, bf16, misuse."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TokenDataset, make_tiny_model, training_args
+from transformers import Trainer
+
+import hf_lowrank_plugins as hlp
+
+
+def _losses(trainer):
+    return [e["loss"] for e in trainer.state.log_history if "loss" in e]
+
+
+def _run(tmp_path, name, resume=None, **kw):
+    adapted = hlp.attach(make_tiny_model(), "lora", r=4)
+    args = training_args(tmp_path / name, gradient_accumulation_steps=2, per_device_train_batch_size=4,
+                         eval_strategy="steps", eval_steps=4, save_strategy="steps", save_steps=4,
+                         weight_decay=0.01, adam_beta2=0.99, lr_scheduler_type="cosine", warmup_steps=2, **kw)
+    trainer = Trainer(model=adapted.model, args=args, train_dataset=TokenDataset(), eval_dataset=TokenDataset(16),
+                      **adapted.trainer_kwargs())
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, adapted
+
+
+def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
+    full, _ = _run(tmp_path, "full")
+    resumed, _ = _run(tmp_path, "full", resume=str(tmp_path / "full" / "checkpoint-8"))
+    uninterrupted = _losses(full)
+    after = _losses(resumed)
+    assert len(after) == len(uninterrupted) == 12  # log history is restored from the checkpoint
+    assert after[-4:] == pytest.approx(uninterrupted[-4:], abs=1e-5)  # steps 9-12 trained after resuming
+    evals = [e["eval_loss"] for e in full.state.log_history if "eval_loss" in e]
+    assert len(evals) == 3 and evals[-1] < evals[0]
+
+
+def test_the_factory_builds_the_trainers_own_optimizer(tmp_path):
+    """Class, lr, betas, eps and decay groups match what Trainer builds without our factory."""
+    adapted = hlp.attach(make_tiny_model(), "lora", r=4)
+    args = training_args(tmp_path / "a", weight_decay=0.1, adam_beta1=0.8, adam_epsilon=1e-6, learning_rate=3e-3)
+    ours = Trainer(model=adapted.model, args=args, train_dataset=TokenDataset(), **adapted.trainer_kwargs())
+    ours.create_optimizer()
+    plain = Trainer(model=adapted.model, args=args, train_dataset=TokenDataset())
+    plain.create_optimizer()
+    assert type(ours.optimizer) is type(plain.optimizer)
+    for g_ours, g_plain in zip(ours.optimizer.param_groups, plain.optimizer.param_groups, strict=True):
+        assert {k: v for k, v in g_ours.items() if k != "params"} == {k: v for k, v in g_plain.items() if k != "params"}
+        assert [id(p) for p in g_ours["params"]] == [id(p) for p in g_plain["params"]]
+
+
+def test_bf16_mixed_precision_trains(tmp_path):
+    trainer, _ = _run(tmp_path, "bf16", bf16=True)
+    losses = _losses(trainer)
+    assert losses[-1] < losses[0]
+
+
+def test_trainer_given_another_model_is_refused(tmp_path):
+    adapted = hlp.attach(make_tiny_model(), "lora", r=2)
+    with pytest.raises(hlp.LowRankError, match="pass model=adapted.model"):
+        Trainer(model=make_tiny_model(), args=training_args(tmp_path), train_dataset=TokenDataset(), **adapted.trainer_kwargs())
+
+
+def test_optimizer_method_without_the_factory_says_what_is_missing(tmp_path):
+    import hf_lowrank_lora.plugin as lora_plugin
+    from hf_lowrank_lora import LoraMethodConfig
+
+    class Wrapping:
+        cfg = type("WrapCfg", (LoraMethodConfig,), {})
+
+        @hlp.hookimpl
+        def describe_methods(self):
+            return [hlp.MethodInfo(name="wrapping", config_class=self.cfg, wraps_optimizer=True)]
+
+        @hlp.hookimpl
+        def init_adapter(self, model, config):
+            return lora_plugin.init_adapter(model, config)
+
+    reg = hlp.Registry(autoload=False)
+    reg.register(Wrapping(), name="wrapping")
+    adapted = hlp.attach(make_tiny_model(), "wrapping", r=2, registry=reg)
+    trainer = Trainer(model=adapted.model, args=training_args(tmp_path, max_steps=1), train_dataset=TokenDataset(),
+                      callbacks=[adapted.callback])  # optimizer factory forgotten
+    with pytest.raises(hlp.LowRankError, match=r"replaces the optimizer.*adapted.trainer_kwargs\(\)"):
+        trainer.train()
+
+
+def test_data_dependent_init_runs_once_and_not_on_resume(tmp_path):
+    import hf_lowrank_lora.plugin as lora_plugin
+    from hf_lowrank_lora import LoraMethodConfig
+
+    seen = []
+
+    class DataInit:
+        cfg = type("DataInitCfg", (LoraMethodConfig,), {})
+
+        @hlp.hookimpl
+        def describe_methods(self):
+            return [hlp.MethodInfo(name="datainit", config_class=self.cfg)]
+
+        @hlp.hookimpl
+        def init_adapter(self, model, config):
+            return lora_plugin.init_adapter(model, config)
+
+        @hlp.hookimpl
+        def init_adapter_from_data(self, model, config, train_dataloader, args):
+            seen.append(next(iter(train_dataloader))["input_ids"].shape)
+            return True
+
+    reg = hlp.Registry(autoload=False)
+    reg.register(DataInit(), name="datainit")
+    for resume in (None, str(tmp_path / "checkpoint-2")):
+        adapted = hlp.attach(make_tiny_model(), "datainit", r=2, registry=reg)
+        args = training_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
+        Trainer(model=adapted.model, args=args, train_dataset=TokenDataset(), **adapted.trainer_kwargs()).train(resume_from_checkpoint=resume)
+    assert seen == [torch.Size([8, 16])]
