@@ -1,0 +1,55 @@
+"""Hook implementations of the ``pissa`` method."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from peft import PeftConfig
+from torch import nn
+
+from hf_lowrank_plugins import ExportResult, MethodInfo, hookimpl, is_quantized, save_merged
+
+from .config import PissaConfig
+from .convert import save_portable_adapter
+from .model import attach_pissa
+
+
+@hookimpl
+def describe_methods() -> list[MethodInfo]:
+    """Declare ``pissa``. A 4-bit base is accepted only through ``quantize_residual=True`` (QPiSSA),
+    which quantizes after the SVD; an already-quantized base is refused in ``init_adapter``."""
+    return [
+        MethodInfo(
+            name="pissa",
+            config_class=PissaConfig,
+            summary="PiSSA: A, B from the top-r SVD of W, base W - s*B@A; exports a rank-2r LoRA on W",
+            supports_quantized_base=True,
+        )
+    ]
+
+
+@hookimpl
+def init_adapter(model: nn.Module, config: PeftConfig) -> nn.Module:
+    """SVD-initialised LoRA layers; output equals the base at init up to fp32 rounding."""
+    return attach_pissa(model, config)
+
+
+@hookimpl
+def post_train_merge(model: nn.Module, config: PeftConfig, output_dir: Path, merge: bool, tokenizer: Any) -> ExportResult:
+    """``adapter/``: rank-2r LoRA relative to the original W (plain PEFT loads it on the untouched
+    base); ``merged/``: the trained model as a plain checkpoint (4-bit residual dequantized)."""
+    output_dir = Path(output_dir)
+    result = ExportResult()
+    result.adapter_dir = save_portable_adapter(model, output_dir / "adapter")
+    result.notes.append(
+        f"adapter/ is PiSSA converted to a rank-{2 * config.r} LoRA relative to the original base weights"
+    )
+    if is_quantized(model):
+        result.notes.append(
+            "QPiSSA: training ran on NF4(W_res); adapter/ on the original W differs from the trained model by "
+            "W_res - deq(NF4(W_res)); merged/ is the trained model itself"
+        )
+    if merge:
+        result.merged_dir = save_merged(model, output_dir / "merged", tokenizer=tokenizer)
+    return result
