@@ -1,0 +1,65 @@
+"""GaLore's settings, as a ``peft.PeftConfig`` subclass so the core treats it like any method config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peft import PeftConfig
+
+#: Projection types of galore-torch 1.0. ``std`` projects the smaller side of each weight.
+PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
+#: Optimizers for the low-rank moments: 32-bit AdamW, or bitsandbytes-style blockwise 8-bit AdamW.
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+
+@dataclass
+class GaLoreConfig(PeftConfig):
+    """GaLore: full-weight training with Adam moments kept in a low-rank gradient subspace.
+
+    No adapter is attached; every parameter trains. Target weights (2-D linear weights selected by
+    ``target_modules``) get their gradient projected to rank ``rank`` by a projector refreshed from
+    an SVD of the gradient every ``update_proj_gap`` steps; their Adam moments live in that low-rank
+    space, which is where the optimizer-memory saving comes from.
+
+    Attributes:
+        rank: rank of the gradient projection (``rank=`` on the CLI maps here).
+        update_proj_gap: steps between two SVD refreshes of the projector (refresh at step 0 too).
+        scale: factor applied to the projected-back update (the paper's alpha).
+        proj_type: ``std`` | ``reverse_std`` | ``right`` | ``left`` | ``full``.
+        target_modules: linear layers whose weights are projected: names, regex or ``"all-linear"``.
+        exclude_modules: layers to leave out of ``target_modules``.
+        optimizer: ``adamw`` (32-bit moments) or ``adamw8bit`` (8-bit blockwise moments, needs
+            bitsandbytes).
+        layerwise: update each target weight's low-rank gradient from a post-accumulate-grad hook,
+            freeing its full gradient at once (lower peak memory; see the README for clipping).
+        min_8bit_size: tensors with fewer elements keep 32-bit moments in ``adamw8bit`` mode
+            (bitsandbytes' default).
+    """
+
+    rank: int = 128
+    update_proj_gap: int = 200
+    scale: float = 0.25
+    proj_type: str = "std"
+    target_modules: list[str] | str | None = field(default="all-linear")
+    exclude_modules: list[str] | str | None = None
+    optimizer: str = "adamw"
+    layerwise: bool = False
+    min_8bit_size: int = 4096
+    hf_lowrank_method: str = "galore"
+
+    def __post_init__(self) -> None:
+        """Reject settings that cannot work, naming the valid values."""
+        # PeftConfig.__post_init__ only exists in some peft versions; call it when present.
+        parent = getattr(super(), "__post_init__", None)
+        if callable(parent):
+            parent()
+        if self.proj_type not in PROJ_TYPES:
+            raise ValueError(f"proj_type must be one of {', '.join(PROJ_TYPES)}, got {self.proj_type!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if int(self.update_proj_gap) < 1:
+            raise ValueError(f"update_proj_gap must be >= 1, got {self.update_proj_gap}")
+        if not float(self.scale) > 0:
+            raise ValueError(f"scale must be > 0, got {self.scale}")
+        if int(self.rank) < 1:
+            raise ValueError(f"rank must be a positive integer, got {self.rank}")

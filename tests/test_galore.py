@@ -1,0 +1,193 @@
+"""GaLore plugin: exactness against galore-torch 1.0, Trainer integration, resume, 8-bit, layer-wise, export."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import TokenDataset, logits, make_tiny_model, training_args
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
+
+from hf_lowrank_plugins import ConfigError, IncompatibleError, attach
+
+galore = pytest.importorskip("hf_lowrank_galore")
+from hf_lowrank_galore.optimizer import GaLoreAdamW  # noqa: E402
+from hf_lowrank_galore.projector import low_rank_shape, projection_side  # noqa: E402
+
+PROJ_TYPES = ["std", "reverse_std", "right", "left", "full"]
+
+
+def _unwrap(optimizer):
+    """The torch optimizer inside accelerate's wrapper."""
+    while not isinstance(optimizer, torch.optim.Optimizer) or hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _losses(trainer: Trainer) -> dict[int, float]:
+    return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+
+
+def _train(tmp_path, name="run", seed=0, attach_kw=None, resume=None, **arg_kw):
+    model = make_tiny_model(seed)
+    adapted = attach(model, "galore", **{"rank": 4, "update_proj_gap": 5, **(attach_kw or {})})
+    args = training_args(tmp_path / name, **arg_kw)
+    trainer = Trainer(model=adapted.model, args=args, train_dataset=TokenDataset(), **adapted.trainer_kwargs())
+    trainer.train(resume_from_checkpoint=resume)
+    return adapted, trainer
+
+
+# ---------------------------------------------------------------- exactness vs galore-torch
+
+
+@pytest.mark.parametrize("proj_type", PROJ_TYPES)
+def test_matches_galore_torch(proj_type):
+    """Same gradients -> same weights as galore_torch.GaLoreAdamW, across two projector refreshes."""
+    reference = pytest.importorskip("galore_torch")
+    g = torch.Generator().manual_seed(0)
+    shapes = [(48, 24), (24, 48)]  # tall (right projection under std) and wide (left)
+    ours_w = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    ref_w = [torch.nn.Parameter(w.detach().clone()) for w in ours_w]
+    hyper = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1)
+    gal = dict(rank=4, update_proj_gap=3, scale=0.25, proj_type=proj_type)
+    ours = GaLoreAdamW([{"params": ours_w, "galore": True, **gal}], **hyper)
+    ref = reference.GaLoreAdamW([{"params": ref_w, **gal}], no_deprecation_warning=True, **hyper)
+    for _ in range(8):  # refreshes at steps 0, 3, 6
+        grads = [torch.randn(s, generator=g) for s in shapes]
+        for w, gr in zip(ours_w, grads):
+            w.grad = gr.clone()
+        for w, gr in zip(ref_w, grads):
+            w.grad = gr.clone()
+        ours.step()
+        ref.step()
+    for a, b in zip(ours_w, ref_w):
+        assert (a - b).abs().max().item() <= 1e-6
+    for w in ours_w:  # moments are low-rank sized
+        side = projection_side(w.shape, proj_type)
+        assert tuple(ours.state[w]["exp_avg"].shape) == low_rank_shape(w.shape, 4, side)
+
+
+def test_state_dict_round_trip_8bit():
+    """8-bit moments keep uint8/float32 through state_dict -> load_state_dict; next steps identical."""
+    pytest.importorskip("bitsandbytes")
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(64, 32, generator=g, dtype=torch.bfloat16)
+    grads = [torch.randn(64, 32, generator=g, dtype=torch.bfloat16) for _ in range(4)]
+
+    def make(w):
+        p = torch.nn.Parameter(w.clone())
+        return p, GaLoreAdamW([{"params": [p], "galore": True, "rank": 16, "update_proj_gap": 2}], lr=1e-2,
+                              optim_bits=8, min_8bit_size=64)
+
+    p1, o1 = make(w0)
+    for gr in grads[:2]:
+        p1.grad = gr.clone()
+        o1.step()
+    p2, o2 = make(p1.detach())
+    o2.load_state_dict(o1.state_dict())
+    assert o2.state[p2]["state1"].dtype == torch.uint8 and o2.state[p2]["absmax1"].dtype == torch.float32
+    for gr in grads[2:]:
+        p1.grad, p2.grad = gr.clone(), gr.clone()
+        o1.step()
+        o2.step()
+    assert torch.equal(p1, p2)
+
+
+# ---------------------------------------------------------------- Trainer integration
+
+
+def test_trainer_trains_with_low_rank_state(tmp_path):
+    """Loss goes down; target moments are low-rank; grad_norm logged; hyperparameters taken over."""
+    adapted, trainer = _train(tmp_path, weight_decay=0.01, adam_beta2=0.95, adam_epsilon=1e-7)
+    losses = list(_losses(trainer).values())
+    assert losses[-1] < losses[0] * 0.8
+    assert all(math.isfinite(h["grad_norm"]) and h["grad_norm"] > 0 for h in trainer.state.log_history if "grad_norm" in h)
+    opt = _unwrap(trainer.optimizer)
+    assert isinstance(opt, GaLoreAdamW)
+    targets = [m.weight for n, m in adapted.model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    assert len(targets) == 14
+    galore_params = {id(p) for g in opt.param_groups if g["galore"] for p in g["params"]}
+    assert galore_params == {id(p) for p in targets}
+    for w in targets:
+        side = projection_side(w.shape, "std")
+        assert tuple(opt.state[w]["exp_avg"].shape) == low_rank_shape(w.shape, 4, side)
+    for g in opt.param_groups:
+        assert g["betas"] == (0.9, 0.95) and g["eps"] == 1e-7
+        assert g["weight_decay"] in (0.0, 0.01)
+        assert g["lr"] == trainer.lr_scheduler.get_last_lr()[0]  # the Trainer's schedule drives our groups
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_resume_gives_same_losses(tmp_path, optimizer):
+    """Resume from the middle checkpoint = uninterrupted run; optimizer.pt loads with weights_only."""
+    if optimizer == "adamw8bit":
+        pytest.importorskip("bitsandbytes")
+    kw = dict(attach_kw={"update_proj_gap": 3, "optimizer": optimizer, "min_8bit_size": 256},
+              max_steps=10, save_strategy="steps", save_steps=5)
+    _, full = _train(tmp_path, "full", **kw)
+    ckpt = tmp_path / "full" / "checkpoint-5"
+    state = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    assert any("proj" in s for s in state["state"].values())
+    _, resumed = _train(tmp_path, "resumed", resume=str(ckpt), **kw)
+    a, b = _losses(full), _losses(resumed)
+    assert set(range(6, 11)) <= set(b)
+    for step in range(6, 11):
+        assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
+
+
+def test_layerwise_matches_and_accumulates(tmp_path):
+    """Layer-wise (GA=1) equals the global optimizer; with GA=2 it trains and target grads are freed."""
+    seen = []
+
+    class NoTargetGrads(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            seen.append(all(m.weight.grad is None for n, m in model.named_modules()
+                            if isinstance(m, torch.nn.Linear) and "lm_head" not in n))
+
+    common = dict(max_steps=6, max_grad_norm=0.0)
+    _, plain = _train(tmp_path, "plain", **common)
+    _, layer = _train(tmp_path, "layer", attach_kw={"layerwise": True}, **common)
+    a, b = _losses(plain), _losses(layer)
+    assert all(abs(a[s] - b[s]) <= 1e-5 for s in a)
+
+    model = make_tiny_model(0)
+    adapted = attach(model, "galore", rank=4, update_proj_gap=5, layerwise=True)
+    args = training_args(tmp_path / "ga2", max_steps=10, per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    trainer = Trainer(model=adapted.model, args=args, train_dataset=TokenDataset(), callbacks=[NoTargetGrads(), adapted.callback],
+                      optimizer_cls_and_kwargs=adapted.trainer_kwargs()["optimizer_cls_and_kwargs"])
+    trainer.train()
+    losses = list(_losses(trainer).values())
+    assert losses[-1] < losses[0] * 0.8
+    assert seen and all(seen)
+
+
+def test_export_writes_loadable_full_checkpoint(tmp_path):
+    """export() writes merged/ with the trained weights, loadable by plain transformers."""
+    adapted, _ = _train(tmp_path, max_steps=3)
+    result = adapted.export(tmp_path / "out")
+    assert result.adapter_dir is None and result.merged_dir == tmp_path / "out" / "merged"
+    loaded = AutoModelForCausalLM.from_pretrained(result.merged_dir).eval()
+    batch = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    adapted.model.eval()
+    assert torch.equal(logits(loaded, batch), logits(adapted.model, batch))
+    base = make_tiny_model(0)
+    assert not torch.equal(loaded.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def test_refusals(tiny_model):
+    """4-bit base, an adapter-carrying model, bad settings and rank too large fail with a fix."""
+    with pytest.raises(IncompatibleError, match="quantized"):
+        attach(tiny_model, "galore", load_in_4bit=True)
+    lora = attach(make_tiny_model(0), "lora", r=4)
+    with pytest.raises(IncompatibleError, match="adapter"):
+        attach(lora.model, "galore")
+    with pytest.raises(ConfigError, match="proj_type"):
+        attach(tiny_model, "galore", proj_type="diagonal")
+    with pytest.raises(ConfigError, match="rank 64 is larger"):
+        attach(tiny_model, "galore", rank=64)
+    model = attach(tiny_model, "galore", rank=4).model
+    assert model is tiny_model and all(p.requires_grad for p in model.parameters())
