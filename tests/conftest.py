@@ -77,3 +77,31 @@ def training_args(output_dir, **overrides):
               logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
     kw.update(overrides)
     return TrainingArguments(**kw)
+
+
+PLAIN_PEFT_SCRIPT = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+base = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+model = PeftModel.from_pretrained(base, sys.argv[2]).eval()
+with torch.no_grad():
+    out = model(input_ids=torch.load(sys.argv[3])).logits
+torch.save(out, sys.argv[4])
+assert not any(m.startswith("hf_lowrank") for m in sys.modules), "our package was imported"
+print(type(model.peft_config["default"]).__name__)
+"""
+
+
+def plain_peft_logits(base_dir, adapter_dir, batch: torch.Tensor, tmp_path) -> tuple[torch.Tensor, str]:
+    """Logits of ``adapter_dir`` on ``base_dir`` loaded by plain PEFT in a process that never imports
+    our package, and the config class name PEFT used."""
+    import subprocess
+    import sys
+
+    torch.save(batch, tmp_path / "batch.pt")
+    proc = subprocess.run(
+        [sys.executable, "-c", PLAIN_PEFT_SCRIPT, str(base_dir), str(adapter_dir), str(tmp_path / "batch.pt"), str(tmp_path / "out.pt")],
+        capture_output=True, text=True, check=True,
+    )
+    return torch.load(tmp_path / "out.pt"), proc.stdout.strip().splitlines()[-1]

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import logits, make_tiny_model, rel_err, training_args
+from conftest import plain_peft_logits, logits, make_tiny_model, rel_err, training_args
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, Trainer
 
@@ -63,18 +61,6 @@ def test_trainer_loss_goes_down_and_merge_is_exact(tiny_model, batch, token_data
     assert json.loads((result.adapter_dir / "adapter_config.json").read_text())["hf_lowrank_method"] == "lora"
 
 
-PLAIN_PEFT = """
-import sys, torch
-from transformers import AutoModelForCausalLM
-from peft import PeftModel
-base = AutoModelForCausalLM.from_pretrained(sys.argv[1])
-model = PeftModel.from_pretrained(base, sys.argv[2]).eval()
-with torch.no_grad():
-    out = model(input_ids=torch.load(sys.argv[3])).logits
-torch.save(out, sys.argv[4])
-assert not any(m.startswith("hf_lowrank") for m in sys.modules), "our package was imported"
-print(type(model.peft_config["default"]).__name__)
-"""
 
 
 def test_plain_peft_loads_our_adapter_without_our_package(tiny_model, batch, token_dataset, tmp_path):
@@ -85,13 +71,9 @@ def test_plain_peft_loads_our_adapter_without_our_package(tiny_model, batch, tok
     adapted.model.eval()
     expected = logits(adapted.model, batch)
     result = adapted.export(tmp_path / "out")
-    torch.save(batch, tmp_path / "batch.pt")
-    proc = subprocess.run(
-        [sys.executable, "-c", PLAIN_PEFT, str(base_dir), str(result.adapter_dir), str(tmp_path / "batch.pt"), str(tmp_path / "out.pt")],
-        capture_output=True, text=True, check=True,
-    )
-    assert proc.stdout.strip().endswith("LoraConfig")
-    assert (torch.load(tmp_path / "out.pt") - expected).abs().max() <= 1e-5
+    plain, config_class = plain_peft_logits(base_dir, result.adapter_dir, batch, tmp_path)
+    assert config_class == "LoraConfig"
+    assert (plain - expected).abs().max() <= 1e-5
 
 
 def test_sequence_classification_model(batch):

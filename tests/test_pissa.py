@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import logits, make_tiny_model, rel_err, training_args
+from conftest import plain_peft_logits, logits, make_tiny_model, rel_err, training_args
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, Trainer
 
@@ -73,18 +71,6 @@ def test_fast_svd_is_seeded_and_reproducible(batch):
     assert torch.equal(torch.rand(3), expected)
 
 
-PLAIN_PEFT = """
-import sys, torch
-from transformers import AutoModelForCausalLM
-from peft import PeftModel
-base = AutoModelForCausalLM.from_pretrained(sys.argv[1])
-model = PeftModel.from_pretrained(base, sys.argv[2]).eval()
-with torch.no_grad():
-    out = model(input_ids=torch.load(sys.argv[3])).logits
-torch.save(out, sys.argv[4])
-assert not any(m.startswith("hf_lowrank") for m in sys.modules), "our package was imported"
-print(type(model.peft_config["default"]).__name__)
-"""
 
 
 def test_trains_and_exports_a_plain_lora_on_the_original_weights(batch, token_dataset, tmp_path):
@@ -99,13 +85,9 @@ def test_trains_and_exports_a_plain_lora_on_the_original_weights(batch, token_da
     cfg = json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert cfg["r"] == 8 and cfg["lora_alpha"] == 8 and cfg["init_lora_weights"] is True
     assert cfg["hf_lowrank_method"] == "lora"
-    torch.save(batch, tmp_path / "batch.pt")
-    proc = subprocess.run(
-        [sys.executable, "-c", PLAIN_PEFT, str(base_dir), str(result.adapter_dir), str(tmp_path / "batch.pt"), str(tmp_path / "out.pt")],
-        capture_output=True, text=True, check=True,
-    )
-    assert proc.stdout.strip().endswith("LoraConfig")
-    assert rel_err(torch.load(tmp_path / "out.pt"), trained) <= 1e-5
+    plain, config_class = plain_peft_logits(base_dir, result.adapter_dir, batch, tmp_path)
+    assert config_class == "LoraConfig"
+    assert rel_err(plain, trained) <= 1e-5
     merged = AutoModelForCausalLM.from_pretrained(result.merged_dir)
     assert (logits(merged, batch) - trained).abs().max() <= 1e-4
     # the initial factors never leak into checkpoints
