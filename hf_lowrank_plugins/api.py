@@ -193,7 +193,10 @@ def attach(
             f"method '{info.name}' cannot train on a quantized (4-bit) base: it updates the base weights "
             "themselves. Load the model in 16/32-bit, or pick an adapter method such as lora or dora."
         )
-    if wants_4bit and not is_quantized(model):
+    deferred: QuantizationSettings | None = None
+    if wants_4bit and not is_quantized(model) and info.quantizes_base_after_init:
+        deferred = quantization or QuantizationSettings.from_config(config)
+    elif wants_4bit and not is_quantized(model):
         settings = quantization or QuantizationSettings.from_config(config)
         quantized = registry.pm.hook.quantize_base(model=model, settings=settings)
         if quantized is None:
@@ -203,7 +206,7 @@ def attach(
             )
         model = quantized
 
-    adapted_model = registry.call_method_hook(info, "init_adapter", model=model, config=config)
+    adapted_model = registry.call_method_hook(info, "init_adapter", model=model, config=config, quantization=deferred)
     if adapted_model is None:
         raise LowRankError(f"plugin '{info.plugin_name}' declared method '{info.name}' but did not attach it")
     return Adapted(model=adapted_model, config=config, method=info, registry=registry)

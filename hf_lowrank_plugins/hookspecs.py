@@ -77,11 +77,16 @@ def dequantize_base(model: torch.nn.Module) -> torch.nn.Module | None:
 
 
 @hookspec(firstresult=True)
-def init_adapter(model: torch.nn.Module, config: PeftConfig) -> torch.nn.Module | None:
+def init_adapter(
+    model: torch.nn.Module, config: PeftConfig, quantization: QuantizationSettings | None
+) -> torch.nn.Module | None:
     """Attach the method described by ``config`` to ``model`` and return the adapted model.
 
     Method hook, called once by :func:`~hf_lowrank_plugins.attach` before the Trainer is built
-    (a 4-bit model must already carry its adapter when ``Trainer.__init__`` runs). The result must
+    (a 4-bit model must already carry its adapter when ``Trainer.__init__`` runs).
+    ``quantization`` is ``None`` unless the user asked for a 4-bit base and the method declared
+    ``quantizes_base_after_init``: then the base is still full precision and the method quantizes
+    it with these settings itself (an implementation may leave the argument out). The result must
     have exactly the parameters that will train set to ``requires_grad``. Unless the method says
     otherwise in its docs, the output of the returned model must equal the base model's at this
     point (identity at initialisation). Raise

@@ -42,6 +42,9 @@ class MethodInfo:
         summary: one line for ``hf-lowrank list``.
         supports_quantized_base: whether it can train on top of a 4-bit base.
         requires_quantized_base: whether the core must quantize the base before ``init_adapter``.
+        quantizes_base_after_init: whether the method quantizes the base itself: for a 4-bit run
+            the core then skips ``quantize_base`` and passes the settings to ``init_adapter``
+            (QPiSSA must see full-precision W for its SVD and quantize only the residual).
         wraps_optimizer: whether it implements ``wrap_optimizer``; the callback then checks that
             the Trainer really used the core's optimizer factory, and says how to fix it if not.
         trains_adapter: whether the result is a PEFT adapter (``False`` for full-weight methods).
@@ -53,6 +56,7 @@ class MethodInfo:
     summary: str = ""
     supports_quantized_base: bool = True
     requires_quantized_base: bool = False
+    quantizes_base_after_init: bool = False
     wraps_optimizer: bool = False
     trains_adapter: bool = True
     plugin_name: str = ""

@@ -11,7 +11,7 @@ from transformers import Trainer
 import hf_lowrank_plugins as hlp
 
 method, out = sys.argv[1], sys.argv[2]
-adapted = hlp.attach(make_tiny_model(), method, r=4)
+adapted = hlp.attach(make_tiny_model(), method, rank=4)
 args = training_args(out, max_steps=6, per_device_train_batch_size=4, ddp_backend="gloo")
 trainer = Trainer(model=adapted.model, args=args, train_dataset=TokenDataset(), **adapted.trainer_kwargs())
 trainer.train()

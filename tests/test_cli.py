@@ -115,3 +115,35 @@ def test_end_to_end_on_real_smollm2(tmp_path, smol_dir):
         a = AutoModelForCausalLM.from_pretrained(out / "merged")(batch).logits
         b = AutoModelForCausalLM.from_pretrained(remerged)(batch).logits
     assert (a - b).abs().max() <= 1e-4
+
+
+#: PEFT's run-time-only settings: not written to adapter_config.json, so not a saved option
+NOT_SETTABLE = {"runtime_config"}
+
+
+def test_every_config_field_of_every_method_is_settable_with_set():
+    """`--set key=<json>` reaches each field of each installed method's config with its type intact."""
+    from hf_lowrank_plugins import get_registry, make_config
+    from hf_lowrank_plugins.api import config_fields
+
+    for name, info in get_registry().methods.items():
+        default = info.config_class()
+        for field in set(config_fields(info.config_class)) - NOT_SETTABLE:
+            value = getattr(default, field)
+            config = make_config(name, **parse_set([f"{field}={json.dumps(value)}"]))
+            assert getattr(config, field) == value, (name, field)
+
+
+@pytest.mark.parametrize("method, settings, expected", [
+    ("dora", ["use_rslora=true", "lora_dropout=0.1"], {"use_rslora": True, "lora_dropout": 0.1, "use_dora": True}),
+    ("pissa", ["svd=fast", "svd_niter=2", "svd_seed=3"], {"svd_niter": 2, "svd_seed": 3, "init_lora_weights": "pissa_niter_2"}),
+])
+def test_method_options_reach_the_saved_config(tmp_path, tiny_model_dir, text_file, method, settings, expected):
+    out = tmp_path / "run"
+    argv = ["train", "--method", method, "--model", str(tiny_model_dir), "--dataset", str(text_file), "--output-dir",
+            str(out), "--max-steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-blocks", "2"]
+    assert main([*argv, *(a for s in settings for a in ("--set", s))]) == 0
+    saved = json.loads((out / "metrics.json").read_text())["config"]
+    assert {k: saved[k] for k in expected} == expected
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["lora_dropout"] == saved["lora_dropout"]

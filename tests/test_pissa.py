@@ -73,10 +73,11 @@ def test_fast_svd_is_seeded_and_reproducible(batch):
 
 
 
-def test_trains_and_exports_a_plain_lora_on_the_original_weights(batch, token_dataset, tmp_path):
+@pytest.mark.parametrize("svd", [{"svd": "exact"}, {"svd": "fast", "svd_niter": 2}])
+def test_trains_and_exports_a_plain_lora_on_the_original_weights(batch, token_dataset, tmp_path, svd):
     base_dir = tmp_path / "base"
     make_tiny_model().save_pretrained(base_dir)
-    adapted = hlp.attach(AutoModelForCausalLM.from_pretrained(base_dir), "pissa", r=4)
+    adapted = hlp.attach(AutoModelForCausalLM.from_pretrained(base_dir), "pissa", r=4, **svd)
     losses = _train(adapted, tmp_path, token_dataset)
     assert losses[-1] < losses[0] - 0.05
     adapted.model.eval()
@@ -91,7 +92,7 @@ def test_trains_and_exports_a_plain_lora_on_the_original_weights(batch, token_da
     merged = AutoModelForCausalLM.from_pretrained(result.merged_dir)
     assert (logits(merged, batch) - trained).abs().max() <= 1e-4
     # the initial factors never leak into checkpoints
-    assert not any("pissa" in k for k in adapted.model.state_dict())
+    assert not any("hf_lowrank" in k for k in adapted.model.state_dict())
 
 
 def test_rslora_and_rank_pattern_conversion_keeps_every_scaling(batch, tmp_path):
@@ -120,14 +121,21 @@ def test_refuses_models_with_adapters_or_residual_weights(tiny_model):
     with pytest.raises(hlp.IncompatibleError, match="already carries a PEFT adapter"):
         hlp.attach(adapted.model, "pissa", r=2)
     residual_base = adapted.model.unload()
-    with pytest.raises(hlp.IncompatibleError, match="PiSSA residuals"):
+    with pytest.raises(hlp.IncompatibleError, match="weights are residuals"):
         hlp.attach(residual_base, "pissa", r=2)
 
 
-def test_load_in_4bit_points_to_quantize_residual():
+def test_load_in_4bit_runs_the_svd_before_quantizing(batch):
+    """load_in_4bit=True gives exactly QPiSSA (SVD on fp32 W, NF4 residual); a 4-bit base is refused."""
     pytest.importorskip("bitsandbytes")
-    with pytest.raises(hlp.IncompatibleError, match="quantize_residual=True"):
-        hlp.attach(make_tiny_model(), "pissa", r=4, load_in_4bit=True)
+    via_flag = hlp.attach(make_tiny_model(), "pissa", r=4, load_in_4bit=True)
+    via_config = hlp.attach(make_tiny_model(), "pissa", r=4, quantize_residual=True)
+    assert hlp.is_quantized(via_flag.model)
+    assert torch.equal(_q_proj(via_flag).lora_A["default"].weight, _q_proj(via_config).lora_A["default"].weight)
+    assert torch.equal(logits(via_flag.model, batch), logits(via_config.model, batch))
+    nf4_base = hlp.attach(make_tiny_model(), "qlora", r=2).model.unload()
+    with pytest.raises(hlp.IncompatibleError, match="already 4-bit"):
+        hlp.attach(nf4_base, "pissa", r=4)
 
 
 def test_qpissa_svd_in_fp32_then_nf4_residual_trains_and_merges(batch, token_dataset, tmp_path):

@@ -14,8 +14,16 @@ def _losses(trainer):
     return [e["loss"] for e in trainer.state.log_history if "loss" in e]
 
 
-def _run(tmp_path, name, resume=None, **kw):
-    adapted = hlp.attach(make_tiny_model(), "lora", r=4)
+#: every adapter method with the options that change its Trainer-time behaviour
+METHODS = {
+    "lora": {},
+    "dora": {},
+    "pissa": {"svd": "fast", "svd_niter": 2},  # resume re-attaches: the seeded SVD must rebuild W_res exactly
+}
+
+
+def _run(tmp_path, name, resume=None, method="lora", **kw):
+    adapted = hlp.attach(make_tiny_model(), method, r=4, **METHODS[method])
     args = training_args(tmp_path / name, gradient_accumulation_steps=2, per_device_train_batch_size=4,
                          eval_strategy="steps", eval_steps=4, save_strategy="steps", save_steps=4,
                          weight_decay=0.01, adam_beta2=0.99, lr_scheduler_type="cosine", warmup_steps=2, **kw)
@@ -25,9 +33,11 @@ def _run(tmp_path, name, resume=None, **kw):
     return trainer, adapted
 
 
-def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
-    full, _ = _run(tmp_path, "full")
-    resumed, _ = _run(tmp_path, "full", resume=str(tmp_path / "full" / "checkpoint-8"))
+@pytest.mark.parametrize("method", METHODS)
+def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tmp_path, method):
+    """Accumulation 2, eval, cosine schedule with warm-up, weight decay: resuming at step 8 changes nothing."""
+    full, _ = _run(tmp_path, "full", method=method)
+    resumed, _ = _run(tmp_path, "full", resume=str(tmp_path / "full" / "checkpoint-8"), method=method)
     uninterrupted = _losses(full)
     after = _losses(resumed)
     assert len(after) == len(uninterrupted) == 12  # log history is restored from the checkpoint
@@ -50,8 +60,9 @@ def test_the_factory_builds_the_trainers_own_optimizer(tmp_path):
         assert [id(p) for p in g_ours["params"]] == [id(p) for p in g_plain["params"]]
 
 
-def test_bf16_mixed_precision_trains(tmp_path):
-    trainer, _ = _run(tmp_path, "bf16", bf16=True)
+@pytest.mark.parametrize("method", METHODS)
+def test_bf16_mixed_precision_trains(tmp_path, method):
+    trainer, _ = _run(tmp_path, "bf16", method=method, bf16=True)
     losses = _losses(trainer)
     assert losses[-1] < losses[0]
 

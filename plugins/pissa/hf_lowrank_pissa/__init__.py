@@ -1,11 +1,11 @@
-"""PiSSA for hf-lowrank-plugins: ``attach(model, "pissa", r=16)``; QPiSSA with ``quantize_residual=True``."""
+"""PiSSA for hf-lowrank-plugins: ``attach(model, "pissa", r=16)``; QPiSSA with ``load_in_4bit=True``.
+
+The portable export (a rank-2r LoRA relative to the original weights) is shared with the other
+residual methods and lives in :mod:`hf_lowrank_lora.residual`.
+"""
 
 from .config import PissaConfig
-from .convert import converted_lora_config, converted_lora_state_dict, save_portable_adapter
-from .model import attach_pissa, initial_factors
+from .model import attach_pissa
 
-__all__ = [
-    "PissaConfig", "attach_pissa", "converted_lora_config", "converted_lora_state_dict", "initial_factors",
-    "save_portable_adapter",
-]
+__all__ = ["PissaConfig", "attach_pissa"]
 __version__ = "0.1.0"

@@ -22,8 +22,9 @@ class PissaConfig(LoraMethodConfig):
         svd_seed: seed of the fast SVD's random projection, so that attaching again (resume, other
             DDP ranks, reproducing a run) gives bit-identical A, B and W_res.
         quantize_residual: QPiSSA. Run the SVD on the full-precision model, then quantize W_res to
-            4-bit NF4 (needs hf-lowrank-qlora). Use this instead of ``load_in_4bit=True``, which
-            quantizes W before the SVD could see it.
+            4-bit NF4 (needs hf-lowrank-qlora). ``attach(..., load_in_4bit=True)`` does the same
+            (the core leaves quantization to this method so the SVD sees full-precision W); this
+            field keeps the choice in the saved config and on the CLI (``--set quantize_residual=true``).
         lora_alpha: defaults to ``r`` (the official recipe uses r = alpha), so s = 1.
 
     Defaults follow the paper: ``lora_dropout=0``. ``init_lora_weights`` is derived from ``svd``

@@ -5,34 +5,37 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from hf_lowrank_lora.residual import save_portable_adapter
 from peft import PeftConfig
 from torch import nn
 
-from hf_lowrank_plugins import ExportResult, MethodInfo, hookimpl, is_quantized, save_merged
+from hf_lowrank_plugins import ExportResult, MethodInfo, QuantizationSettings, hookimpl, is_quantized, save_merged
 
 from .config import PissaConfig
-from .convert import save_portable_adapter
 from .model import attach_pissa
 
 
 @hookimpl
 def describe_methods() -> list[MethodInfo]:
-    """Declare ``pissa``. A 4-bit base is accepted only through ``quantize_residual=True`` (QPiSSA),
-    which quantizes after the SVD; an already-quantized base is refused in ``init_adapter``."""
+    """Declare ``pissa``. With ``load_in_4bit=True`` the core hands the quantization settings to
+    ``init_adapter`` instead of quantizing first, so the SVD sees full-precision W (QPiSSA); an
+    already-quantized base is refused in ``init_adapter``."""
     return [
         MethodInfo(
             name="pissa",
             config_class=PissaConfig,
             summary="PiSSA: A, B from the top-r SVD of W, base W - s*B@A; exports a rank-2r LoRA on W",
             supports_quantized_base=True,
+            quantizes_base_after_init=True,
         )
     ]
 
 
 @hookimpl
-def init_adapter(model: nn.Module, config: PeftConfig) -> nn.Module:
-    """SVD-initialised LoRA layers; output equals the base at init up to fp32 rounding."""
-    return attach_pissa(model, config)
+def init_adapter(model: nn.Module, config: PeftConfig, quantization: QuantizationSettings | None) -> nn.Module:
+    """SVD-initialised LoRA layers; output equals the base at init up to fp32 rounding (up to the NF4
+    rounding of W_res for QPiSSA)."""
+    return attach_pissa(model, config, quantization=quantization)
 
 
 @hookimpl

@@ -1,0 +1,139 @@
+"""Residual-initialised LoRA: methods that start from non-zero factors A0, B0 and a base W - s*B0@A0.
+
+PiSSA (SVD of W), LoRA-GA (SVD of the gradient) and similar methods replace each target weight W by
+the residual W_res = W - s*B0@A0 so that the output at step 0 equals the base. After training the
+model computes W_res + s*B@A, which equals
+
+    W + s*(B@A - B0@A0) = W + s*[B | -B0] @ [A ; A0]
+
+a standard rank-2r LoRA relative to the ORIGINAL weights. This module keeps A0, B0 on the layers
+(non-persistent buffers, so they follow ``.to(device)`` but never enter a checkpoint or PEFT's
+state dict), guards bases whose weights were rewritten, and writes that rank-2r adapter so plain
+PEFT reproduces the trained model on the untouched base. Doubling alpha (sqrt(2) x with rsLoRA,
+where s = alpha / sqrt(r)) keeps s unchanged at rank 2r.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
+from torch import nn
+
+from hf_lowrank_plugins import IncompatibleError, LowRankError, atomic_directory
+
+from .config import LoraMethodConfig
+
+#: Set on a base model whose target weights were replaced by residuals W - s*B0@A0.
+RESIDUAL_FLAG = "_hf_lowrank_residual_base"
+#: Names of the non-persistent buffers holding A0 and B0 on each LoRA layer (suffixed by adapter name).
+INITIAL_A, INITIAL_B = "hf_lowrank_A0_", "hf_lowrank_B0_"
+
+
+def check_clean_base(model: nn.Module, method: str) -> None:
+    """Raise :class:`IncompatibleError` unless ``model`` carries no adapter and no earlier residual.
+
+    A residual method rewrites the base weights. Adapters already on the model would silently run
+    on changed weights (peft#2184); a base that already holds residuals would lose its principal
+    directions twice.
+    """
+    if isinstance(model, PeftModel) or getattr(model, "_hf_peft_config_loaded", False) or any(
+        isinstance(m, BaseTunerLayer) for m in model.modules()
+    ):
+        raise IncompatibleError(
+            f"{method} changes the base weights (W -> W - s*B@A), so it cannot be attached to a model that "
+            "already carries adapters: they would run on different weights. Load the base model again "
+            f"and attach {method} to it, or merge the other adapter first (merge_and_unload())."
+        )
+    if getattr(model, RESIDUAL_FLAG, False):
+        raise IncompatibleError(
+            "this model's weights are residuals (W - s*B0@A0) left by an earlier PiSSA/LoRA-GA attach or unload(); "
+            "load the original base model again. Only if you merged the adapter back yourself, clear the flag "
+            f"with `del model.{RESIDUAL_FLAG}`."
+        )
+
+
+def mark_residual_base(model: PeftModel) -> None:
+    """Flag the base of ``model`` as holding residual weights (see :func:`check_clean_base`)."""
+    setattr(model.get_base_model(), RESIDUAL_FLAG, True)
+
+
+def store_initial_factors(model: PeftModel, adapter: str = "default") -> None:
+    """Remember the current A, B of every LoRA layer of ``adapter`` as its initial factors A0, B0."""
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and adapter in module.lora_A:
+            module.register_buffer(INITIAL_A + adapter, module.lora_A[adapter].weight.detach().clone(), persistent=False)
+            module.register_buffer(INITIAL_B + adapter, module.lora_B[adapter].weight.detach().clone(), persistent=False)
+
+
+def initial_factors(model: nn.Module, adapter: str = "default") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The initial factors (A0, B0) stored by :func:`store_initial_factors`, by LoRA layer name."""
+    out = {}
+    for name, module in model.named_modules():
+        a0, b0 = getattr(module, INITIAL_A + adapter, None), getattr(module, INITIAL_B + adapter, None)
+        if a0 is not None and b0 is not None:
+            out[name] = (a0, b0)
+    return out
+
+
+def converted_lora_config(config: LoraConfig) -> LoraMethodConfig:
+    """The config of the rank-2r LoRA equivalent to ``config``'s residual adapter (same scaling s)."""
+    factor = math.sqrt(2) if config.use_rslora else 2
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(LoraMethodConfig) if f.init and hasattr(config, f.name)}
+
+    def scaled(alpha: float) -> float:
+        value = alpha * factor
+        return int(value) if float(value).is_integer() else value
+
+    fields.update(
+        r=2 * config.r,
+        lora_alpha=scaled(config.lora_alpha),
+        # every layer doubles its rank and scales its alpha alike, so every layer keeps its s
+        rank_pattern={k: 2 * v for k, v in (config.rank_pattern or {}).items()},
+        alpha_pattern={k: scaled(v) for k, v in (config.alpha_pattern or {}).items()},
+        init_lora_weights=True,  # loading must not run an SVD on (and mutate) the original base
+        hf_lowrank_method="lora",
+    )
+    return LoraMethodConfig(**fields)
+
+
+def converted_lora_state_dict(model: PeftModel, adapter: str = "default") -> dict[str, torch.Tensor]:
+    """PEFT's adapter state dict of ``model`` with every A -> [A ; A0] and B -> [B | -B0]."""
+    state = {k: v.detach() for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()}
+    converted = set()
+    for name, (a0, b0) in initial_factors(model, adapter).items():
+        key_a, key_b = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
+        state[key_a] = torch.cat([state[key_a], a0.to(state[key_a].dtype)], dim=0)
+        state[key_b] = torch.cat([state[key_b], -b0.to(state[key_b].dtype)], dim=1)
+        converted |= {key_a, key_b}
+    missing = sorted(k for k in state if (".lora_A." in k or ".lora_B." in k) and k not in converted)
+    if missing:
+        raise LowRankError(
+            f"no initial factors for {len(missing)} LoRA weight(s), e.g. {missing[0]}: the model was not "
+            "attached with a residual method (pissa, lora_ga) in this process; attach it again to the original base "
+            "to export"
+        )
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def save_portable_adapter(model: PeftModel, directory: str | Path, adapter: str = "default") -> Path:
+    """Write the converted rank-2r LoRA that plain PEFT loads onto the original base, atomically."""
+    if not isinstance(model, PeftModel):
+        raise LowRankError(f"expected the PeftModel returned by attach(), got {type(model).__name__}")
+    directory = Path(directory)
+    config = converted_lora_config(model.peft_config[adapter])
+    if config.base_model_name_or_path is None:
+        config.base_model_name_or_path = getattr(model.get_base_model(), "name_or_path", None) or None
+    config.inference_mode = True
+    state = converted_lora_state_dict(model, adapter)
+    with atomic_directory(directory) as tmp:
+        config.save_pretrained(str(tmp))
+        save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return directory
