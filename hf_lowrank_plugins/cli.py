@@ -1,4 +1,4 @@
-"""``hf-lowrank``: list methods, train one, merge an adapter.
+"""``hf-lowrank``: list methods, train one, compare several, merge an adapter.
 
 Bad input exits with status 2 and one line on stderr (no traceback) and writes nothing.
 """
@@ -32,6 +32,36 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def parse_scoped_set(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``METHOD.KEY=VALUE`` pairs of ``compare --set``, grouped by method (values as in :func:`parse_set`)."""
+    grouped: dict[str, list[str]] = {}
+    for item in items:
+        scope, dot, rest = item.partition("=")[0].partition(".")
+        if not dot or not scope.strip() or not rest.strip():
+            raise LowRankError(f"malformed --set {item!r}: expected METHOD.KEY=VALUE, e.g. --set pissa.svd=fast")
+        grouped.setdefault(scope.strip().lower().replace("-", "_"), []).append(item.split(".", 1)[1])
+    return {method: parse_set(pairs) for method, pairs in grouped.items()}
+
+
+def parse_lr(text: str | None) -> tuple[float | None, dict[str, float]]:
+    """``--lr`` of compare: ``X`` for every method, ``METHOD=X,...`` per method, or both (``2e-4,full=5e-5``)."""
+    default: float | None = None
+    per_method: dict[str, float] = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        name, sep, value = part.rpartition("=")
+        try:
+            lr = float(value)
+        except ValueError:
+            raise LowRankError(f"malformed --lr {text!r}: expected a number or METHOD=NUMBER pairs, e.g. --lr lora=1e-3,full=5e-5") from None
+        if sep:
+            per_method[name.strip().lower().replace("-", "_")] = lr
+        else:
+            default = lr
+    return default, per_method
+
+
 def _cmd_list(ns: argparse.Namespace) -> int:
     from .registry import get_registry
 
@@ -55,11 +85,9 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     from .train import TrainSpec, run_training
 
     spec = TrainSpec(
-        method=ns.method, model=ns.model, dataset=ns.dataset, output_dir=ns.output_dir or f"runs/{ns.method}",
-        max_steps=ns.max_steps, rank=ns.rank, alpha=ns.alpha, lr=ns.lr, batch_size=ns.batch_size,
-        seq_len=ns.seq_len, grad_accum=ns.grad_accum, load_in_4bit=ns.load_in_4bit, merge=ns.merge,
-        seed=ns.seed, eval_every=ns.eval_every, save_steps=ns.save_steps, eval_blocks=ns.eval_blocks,
-        resume_from_checkpoint=ns.resume_from_checkpoint, bf16=ns.bf16, settings=parse_set(ns.set),
+        method=ns.method, output_dir=ns.output_dir or f"runs/{ns.method}", lr=ns.lr, load_in_4bit=ns.load_in_4bit,
+        merge=ns.merge, save_steps=ns.save_steps, resume_from_checkpoint=ns.resume_from_checkpoint,
+        settings=parse_set(ns.set), **_run_options(ns),
     )
     metrics = run_training(spec)
     print(
@@ -68,6 +96,21 @@ def _cmd_train(ns: argparse.Namespace) -> int:
         f"{metrics['trainable_params']:,} trainable parameters); wrote {spec.output_dir}/metrics.json"
     )
     return 0
+
+
+def _cmd_compare(ns: argparse.Namespace) -> int:
+    from .compare import CompareSpec, run_comparison
+    from .train import TrainSpec
+
+    default_lr, lr_overrides = parse_lr(ns.lr)
+    methods = [m.strip() for m in ns.methods.split(",") if m.strip()] if ns.methods else None  # None: all installed
+    spec = CompareSpec(
+        methods=methods, run=TrainSpec(method="", **_run_options(ns)), output_dir=ns.output_dir, lr=default_lr,
+        lr_overrides=lr_overrides, settings=parse_scoped_set(ns.set), reference=ns.reference, timeout=ns.timeout,
+    )
+    comparison = run_comparison(spec, log=lambda line: print(line, flush=True))
+    # a failing method is a row of the comparison, not a failed command; only "nothing trained" is
+    return 1 if all(r["status"] != "ok" for r in comparison["results"]) else 0
 
 
 def _cmd_merge(ns: argparse.Namespace) -> int:
@@ -89,6 +132,31 @@ def _cmd_merge(ns: argparse.Namespace) -> int:
     return 0
 
 
+#: Options shared by `train` and `compare` (TrainSpec field names), added by _add_run_options.
+RUN_OPTIONS = ("model", "dataset", "max_steps", "rank", "alpha", "batch_size", "seq_len", "grad_accum", "seed",
+               "eval_every", "eval_blocks", "bf16")
+
+
+def _run_options(ns: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(ns, name) for name in RUN_OPTIONS}
+
+
+def _add_run_options(p: argparse.ArgumentParser, eval_every: int | None = None) -> None:
+    """The model, data and budget options of a training run (see RUN_OPTIONS)."""
+    p.add_argument("--model", help="transformers checkpoint directory (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dataset", help=".txt, .jsonl with a 'text' field, or a saved datasets directory (default: KJV text)")
+    p.add_argument("--max-steps", type=int, default=30)
+    p.add_argument("--rank", type=int, help="adapter/projection rank (the method's r or rank)")
+    p.add_argument("--alpha", type=float, help="LoRA alpha")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=eval_every, help="evaluate every K steps")
+    p.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks for evaluation")
+    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``hf-lowrank`` argument parser."""
     parser = argparse.ArgumentParser(prog="hf-lowrank", description="Low-rank fine-tuning methods for transformers.Trainer")
@@ -100,26 +168,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="fine-tune a causal LM with one method")
     p.add_argument("--method", required=True, help="a name from `hf-lowrank list`")
-    p.add_argument("--model", help="transformers checkpoint directory (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dataset", help=".txt, .jsonl with a 'text' field, or a saved datasets directory (default: KJV text)")
     p.add_argument("--output-dir", help="default: runs/METHOD")
-    p.add_argument("--max-steps", type=int, default=30)
-    p.add_argument("--rank", type=int, help="adapter/projection rank (the method's r or rank)")
-    p.add_argument("--alpha", type=float, help="LoRA alpha")
+    _add_run_options(p)
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--load-in-4bit", action="store_true", help="quantize the frozen base to NF4 (needs hf-lowrank-qlora)")
     p.add_argument("--merge", action="store_true", help="also write OUTPUT/merged, a plain transformers checkpoint")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, help="evaluate every K steps")
-    p.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks for evaluation")
     p.add_argument("--save-steps", type=int, help="write a checkpoint every N steps")
     p.add_argument("--resume-from-checkpoint", help="checkpoint directory to resume from")
-    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other field of the method's config")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "compare", help="train several methods on the same model, data, budget and seed; write a comparison",
+        description="Each method trains in a fresh process on the same model, data, steps and seed. Writes "
+                    "OUTPUT/comparison.json, comparison.md, loss_curves.png, cost.png and OUTPUT/<method>/.",
+    )
+    p.add_argument("--methods", help="comma-separated names from `hf-lowrank list` (default: every installed method; "
+                                     "`full` is plain full fine-tuning)")
+    p.add_argument("--output-dir", default="runs/compare")
+    _add_run_options(p, eval_every=10)
+    p.add_argument("--lr", help="learning rate: X for all methods, METHOD=X,... per method, or both (2e-4,full=5e-5); "
+                                "methods not named use the default table (see comparison.md for each reason)")
+    p.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="a config field of one method, e.g. --set pissa.svd=fast --set galore.rank=64")
+    p.add_argument("--reference", help="the method ratios are taken against (default: lora when compared, else the first)")
+    p.add_argument("--timeout", type=float, help="seconds after which one method's run is stopped and reported as failed")
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("merge", help="merge a saved adapter into its base and write a plain checkpoint")
     p.add_argument("adapter_dir")

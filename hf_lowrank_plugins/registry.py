@@ -5,7 +5,8 @@ on its own, so a plugin that fails to import is recorded with its error (``hf-lo
 it) and the others still load. Environment switches:
 
 ``HF_LOWRANK_DISABLE_PLUGIN_AUTOLOAD=1``
-    load no entry points (register plugins by hand with :meth:`Registry.register`).
+    load no entry points (register plugins by hand with :meth:`Registry.register`); the built-in
+    ``full`` method (:mod:`.full`) is registered regardless.
 ``HF_LOWRANK_BLOCK_PLUGINS=name1,name2``
     skip the named entry points (e.g. a broken third-party plugin).
 """
@@ -94,6 +95,11 @@ class Registry:
         self.blocked = set(blocked)
         for name in self.blocked:
             self.pm.set_blocked(name)
+        # Built-in methods register whatever the autoload switch says, as pytest's built-in plugins do,
+        # so the `full` baseline always exists; blocking it by name still works.
+        from . import __version__, full
+
+        self.register(full, name=full.NAME, distribution=("hf-lowrank-plugins", __version__))
         if autoload is None:
             autoload = os.environ.get(ENV_DISABLE_AUTOLOAD, "").lower() not in ("1", "true", "yes")
         if autoload:

@@ -8,14 +8,16 @@ are then each written atomically.
 from __future__ import annotations
 
 import dataclasses
+import os
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from .api import attach, make_config
 from .data import default_model_dir, load_blocks
@@ -48,6 +50,7 @@ class TrainSpec:
     resume_from_checkpoint: str | None = None
     bf16: bool = False
     warmup_steps: int = 0
+    progress_bar: bool = True
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def method_fields(self) -> dict[str, Any]:
@@ -73,6 +76,54 @@ def count_trainable(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def directory_bytes(path: str | os.PathLike[str]) -> int:
+    """Total size of the regular files under ``path`` (what the artifact costs on disk)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+class StepTimer(TrainerCallback):
+    """Wall seconds of every optimizer step, and of what happens between train begin and the first step.
+
+    A step is timed from ``on_step_begin`` to ``on_step_end``: forward, backward, clipping and the
+    optimizer update of all its micro-batches, but neither evaluation nor checkpointing, which the
+    Trainer runs after ``on_step_end``. Put it *before* the method's callback in the Trainer's list:
+    ``startup_seconds`` then covers the method's data-dependent initialisation (LoRA-GA's gradient
+    estimation runs in that callback's ``on_train_begin``) plus fetching the first batch.
+    """
+
+    def __init__(self) -> None:
+        self.step_seconds: list[float] = []
+        self._global_steps: list[int] = []  # the Trainer's step number of each entry (offset on resume)
+        self.startup_seconds = 0.0
+        self._train_begin: float | None = None
+        self._step_begin = 0.0
+
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        """Start the clock for the startup interval."""
+        self._train_begin = time.perf_counter()
+
+    def on_step_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        """Start timing one optimizer step (and close the startup interval on the first one)."""
+        self._step_begin = time.perf_counter()
+        if self._train_begin is not None:
+            self.startup_seconds = self._step_begin - self._train_begin
+            self._train_begin = None
+
+    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        """Record the step's wall time."""
+        self.step_seconds.append(time.perf_counter() - self._step_begin)
+        self._global_steps.append(state.global_step)
+
+    def median(self, warmup: int = 2) -> float | None:
+        """Median step seconds after ``warmup`` steps (all steps when there are no more than that)."""
+        measured = self.step_seconds[warmup:] or self.step_seconds
+        return statistics.median(measured) if measured else None
+
+    def elapsed(self, global_step: int) -> float:
+        """Training seconds this run spent up to and including ``global_step`` (evaluation excluded)."""
+        return sum(t for s, t in zip(self._global_steps, self.step_seconds) if s <= global_step)
+
+
 def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: list | None = None) -> dict[str, Any]:
     """Train ``spec.method`` and write ``metrics.json``, ``adapter/`` and (with ``merge``) ``merged/``."""
     registry = registry or get_registry()
@@ -93,7 +144,7 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     started = time.perf_counter()
     adapted = attach(model, spec.method, load_in_4bit=spec.load_in_4bit, registry=registry, **spec.method_fields())
-    init_seconds = time.perf_counter() - started
+    attach_seconds = time.perf_counter() - started
 
     needed = spec.max_steps * spec.batch_size * spec.grad_accum
     train_ds, eval_ds = load_blocks(spec.dataset, tokenizer, spec.seq_len, max_blocks=needed + spec.eval_blocks, eval_blocks=spec.eval_blocks)
@@ -114,14 +165,15 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
         bf16=spec.bf16,
         report_to=[],
         dataloader_num_workers=0,
-        disable_tqdm=False,
+        disable_tqdm=not spec.progress_bar,
     )
+    timer = StepTimer()
     trainer = Trainer(
         model=adapted.model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        callbacks=[adapted.callback, *(callbacks or [])],
+        callbacks=[timer, adapted.callback, *(callbacks or [])],  # timer first: see StepTimer
         optimizer_cls_and_kwargs=(adapted.optimizer_factory, {}),
     )
     eval_before = trainer.evaluate()["eval_loss"]
@@ -129,8 +181,11 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
     eval_after = trainer.evaluate()["eval_loss"]
 
     exported = adapted.export(output_dir, merge=spec.merge, tokenizer=tokenizer)
+    init_seconds = attach_seconds + timer.startup_seconds
     eval_history = [
-        {"step": e["step"], "eval_loss": e["eval_loss"]} for e in trainer.state.log_history if "eval_loss" in e
+        {"step": e["step"], "eval_loss": e["eval_loss"], "seconds": init_seconds + timer.elapsed(e["step"])}
+        for e in trainer.state.log_history
+        if "eval_loss" in e
     ]
     metrics = {
         "method": spec.method,
@@ -142,10 +197,15 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
         "eval_history": eval_history,
         "train_seconds": result.metrics["train_runtime"],
         "init_seconds": init_seconds,
+        "attach_seconds": attach_seconds,
+        "step_seconds": timer.step_seconds,
+        "median_step_seconds": timer.median(),
+        "lr": spec.lr,
         "peak_memory_mb": peak_memory_mb(),
         "trainable_params": count_trainable(adapted.model),
         "config": {k: v for k, v in adapted.config.to_dict().items() if isinstance(v, (int, float, str, bool, list, type(None)))},
         "outputs": exported.paths(),
+        "artifact_bytes": {role: directory_bytes(path) for role, path in exported.paths().items()},
     }
     write_json_atomic(output_dir / "metrics.json", metrics)
     return metrics

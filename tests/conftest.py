@@ -43,6 +43,35 @@ class TokenDataset(torch.utils.data.Dataset):
         return {"input_ids": self.x[i], "labels": self.x[i]}
 
 
+@pytest.fixture(scope="session")
+def smol_dir():
+    """The real SmolLM2-135M-Instruct checkpoint (converted once from the packaged GGUF file)."""
+    from hf_lowrank_plugins.data import default_model_dir
+
+    return default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smol_dir):
+    """A saved 2-layer Llama with SmolLM2's tokenizer, so CLI runs take seconds."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny")
+    tokenizer = AutoTokenizer.from_pretrained(smol_dir)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=len(tokenizer))).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    """A small plain-text dataset."""
+    path = tmp_path / "data.txt"
+    path.write_text("\n".join(f"line {i}: the quick brown fox jumps over the lazy dog" for i in range(200)))
+    return path
+
+
 @pytest.fixture
 def tiny_model():
     return make_tiny_model()

@@ -8,35 +8,9 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from hf_lowrank_plugins.cli import main, parse_set
-from hf_lowrank_plugins.data import default_model_dir
-
-
-@pytest.fixture(scope="module")
-def smol_dir():
-    return default_model_dir()
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, smol_dir):
-    """A 2-layer Llama with SmolLM2's tokenizer, so the CLI runs in seconds."""
-    from conftest import tiny_llama_config
-
-    path = tmp_path_factory.mktemp("tiny")
-    tokenizer = AutoTokenizer.from_pretrained(smol_dir)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=len(tokenizer))).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture
-def text_file(tmp_path):
-    path = tmp_path / "data.txt"
-    path.write_text("\n".join(f"line {i}: the quick brown fox jumps over the lazy dog" for i in range(200)))
-    return path
 
 
 def _fails_cleanly(capsys, argv, pattern, out_dir):

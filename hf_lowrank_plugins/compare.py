@@ -1,0 +1,506 @@
+"""``hf-lowrank compare``: train several methods on the same model, data, budget and seed, side by side.
+
+Each method trains in a fresh Python process (this module's worker entry point, which runs
+:func:`~hf_lowrank_plugins.train.run_training`), so its peak memory is its own and a crash cannot
+take the other methods down. The parent reads each run's ``metrics.json`` and writes
+``comparison.json``, ``comparison.md`` (figures and ratios to the reference method, LoRA by
+default), ``loss_curves.png`` and ``cost.png``, each atomically; json and md are rewritten after
+every method, so an interrupted comparison keeps the methods that finished.
+
+Methods come from the registry, so every installed plugin (third-party ones included) can be
+compared with no change here; ``full`` (built in) is always available as the baseline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, LowRankError
+from .io import atomic_file, write_json_atomic, write_text_atomic
+from .train import TrainSpec
+
+#: Learning rate per method when ``--lr`` does not name one, with the reason (shown in comparison.md).
+DEFAULT_LEARNING_RATES: dict[str, tuple[float, str]] = {
+    "lora": (2e-4, "B starts at zero and the update is scaled by alpha/r, so adapters need about 10x full "
+                   "fine-tuning's rate; 2e-4 is the usual LoRA rate (QLoRA paper, PEFT examples)"),
+    "qlora": (2e-4, "as LoRA; the QLoRA paper trains 7B-13B models at 2e-4"),
+    "dora": (2e-4, "as LoRA: the DoRA paper keeps LoRA's hyperparameters"),
+    "pissa": (2e-5, "the adapter holds W's principal singular components, so a step moves the weights about as "
+                    "much as full fine-tuning's; the PiSSA paper trains at the full fine-tuning rate (2e-5)"),
+    "lora_ga": (2e-5, "the initialisation aligns the first adapter step with full fine-tuning's gradient step, "
+                      "so it is tuned at full-fine-tuning-like rates, like PiSSA"),
+    "galore": (1e-4, "trains the full weights but multiplies each update by scale (0.25 by default), "
+                     "so about 4x the full fine-tuning rate gives full fine-tuning's step size"),
+    "full": (2e-5, "every pretrained weight moves: larger rates undo pretraining; 2e-5 is the usual SFT rate "
+                   "(TRL's SFTConfig default)"),
+}
+#: For methods with no table entry (new or third-party plugins): LoRA's rate, the most common kind.
+FALLBACK_LEARNING_RATE = 2e-4
+REFERENCE_METHOD = "lora"
+#: Figures compared as ratios to the reference method (key in a method's result -> label).
+RATIO_FIELDS = {
+    "trainable_params": "trainable params",
+    "init_seconds": "init s",
+    "median_step_seconds": "median step s",
+    "peak_memory_mb": "peak memory MB",
+    "eval_loss": "eval loss",
+    "artifact_bytes": "artifact MB",
+}
+PROGRESS_PREFIX = "@hf-lowrank-progress "
+WORKER_MODULE = "hf_lowrank_plugins.compare"
+
+
+@dataclasses.dataclass
+class CompareSpec:
+    """A comparison: the methods, and one :class:`TrainSpec` holding the settings they all share.
+
+    ``methods=None`` compares every installed method (see :func:`default_methods`).
+
+    ``run.method``, ``run.output_dir``, ``run.lr`` and ``run.settings`` are ignored: each method
+    trains in ``output_dir/<method>`` with its own learning rate and ``settings[method]``.
+    ``run.rank``/``run.alpha`` go only to methods that have such a setting (``full`` has none).
+    """
+
+    methods: list[str] | None
+    run: TrainSpec
+    output_dir: str = "runs/compare"
+    lr: float | None = None
+    lr_overrides: dict[str, float] = dataclasses.field(default_factory=dict)
+    settings: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    reference: str | None = None
+    timeout: float | None = None
+
+
+@dataclasses.dataclass
+class PlannedRun:
+    """One method's run: its training inputs and where its learning rate came from."""
+
+    method: str
+    spec: TrainSpec
+    lr_source: str
+
+
+def learning_rate(method: str, default: float | None, overrides: dict[str, float]) -> tuple[float, str]:
+    """The learning rate for ``method`` and its source: ``--lr method=X``, then ``--lr X``, then the table."""
+    if method in overrides:
+        return overrides[method], f"--lr {method}=..."
+    if default is not None:
+        return default, "--lr"
+    if method in DEFAULT_LEARNING_RATES:
+        lr, reason = DEFAULT_LEARNING_RATES[method]
+        return lr, f"default: {reason}"
+    return FALLBACK_LEARNING_RATE, "default: no table entry for this method, so LoRA's rate"
+
+
+def _common_field_applies(method_config: type, common: str) -> bool:
+    """Whether ``--rank``/``--alpha`` maps to a field of this method's config."""
+    from .api import COMMON_FIELDS, config_fields
+
+    return any(name in config_fields(method_config) for name in COMMON_FIELDS[common])
+
+
+def default_methods(installed: list[str]) -> list[str]:
+    """Every installed method, the reference (LoRA) first and the ``full`` baseline last."""
+    first = [REFERENCE_METHOD] if REFERENCE_METHOD in installed else []
+    last = ["full"] if "full" in installed else []
+    return first + [m for m in installed if m not in first + last] + last
+
+
+def plan(spec: CompareSpec, registry: Any = None) -> list[PlannedRun]:
+    """Check every input that can be checked without weights and return one run per method.
+
+    Raises :class:`~hf_lowrank_plugins.errors.LowRankError` (unknown method, option for a method
+    not compared, unknown config field, missing model or dataset) before anything is written.
+    """
+    from .api import make_config
+    from .registry import get_registry
+
+    registry = registry or get_registry()
+    requested = default_methods(list(registry.methods)) if spec.methods is None else spec.methods
+    if not requested:
+        raise ConfigError("no methods to compare: pass --methods lora,full (see `hf-lowrank list`)")
+    names = list(dict.fromkeys(registry.get(m).name for m in requested))  # normalised, duplicates dropped
+    for option, scoped in (("--lr", spec.lr_overrides), ("--set", spec.settings)):
+        strays = sorted(set(scoped) - set(names))
+        if strays:
+            raise ConfigError(f"{option} names method(s) not being compared: {', '.join(strays)} (compared: {', '.join(names)})")
+    if spec.reference is not None and spec.reference not in names:
+        raise ConfigError(f"reference method '{spec.reference}' is not among the compared methods ({', '.join(names)})")
+    for path, what in ((spec.run.model, "model"), (spec.run.dataset, "dataset")):
+        if path is not None and not Path(path).exists():
+            raise LowRankError(f"{what} not found: {path}")
+    runs = []
+    for name in names:
+        info = registry.get(name)
+        lr, source = learning_rate(name, spec.lr, spec.lr_overrides)
+        run = dataclasses.replace(
+            spec.run, method=name, output_dir=str(Path(spec.output_dir) / name), lr=lr, merge=False,
+            settings=dict(spec.settings.get(name, {})), progress_bar=False,
+            rank=spec.run.rank if _common_field_applies(info.config_class, "rank") else None,
+            alpha=spec.run.alpha if _common_field_applies(info.config_class, "alpha") else None,
+        )
+        make_config(info, registry=registry, **run.method_fields())  # unknown --set fields fail now
+        runs.append(PlannedRun(name, run, source))
+    return runs
+
+
+def reference_method(spec: CompareSpec, runs: list[PlannedRun]) -> str:
+    """The method ratios are taken against: ``--reference``, else LoRA when compared, else the first."""
+    names = [r.method for r in runs]
+    return spec.reference or (REFERENCE_METHOD if REFERENCE_METHOD in names else names[0])
+
+
+# ---------------------------------------------------------------- worker (one method, fresh process)
+
+
+class ProgressReporter:
+    """A ``TrainerCallback`` printing machine-readable progress lines for the parent to re-format."""
+
+    def __init__(self, every: int) -> None:
+        self.every = max(1, every)
+        self.started = time.perf_counter()
+        self.last_eval_step: int | None = None
+
+    def _emit(self, **event: Any) -> None:
+        print(PROGRESS_PREFIX + json.dumps({**event, "elapsed": time.perf_counter() - self.started}), flush=True)
+
+    def callback(self) -> Any:
+        """The callback object (built lazily so the parent process never imports transformers for it)."""
+        from transformers import TrainerCallback
+
+        reporter = self
+
+        class _Callback(TrainerCallback):
+            def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
+                logs = logs or {}
+                if "loss" in logs and (state.global_step % reporter.every == 0 or state.global_step == state.max_steps):
+                    reporter._emit(event="step", step=state.global_step, max_steps=state.max_steps, loss=logs["loss"])
+                # run_training evaluates before training (max_steps still 0) and again after the last step
+                if "eval_loss" in logs and state.global_step != reporter.last_eval_step:
+                    reporter.last_eval_step = state.global_step
+                    reporter._emit(event="eval", step=state.global_step, max_steps=state.max_steps, eval_loss=logs["eval_loss"])
+
+        return _Callback()
+
+
+def worker_main(argv: list[str]) -> int:
+    """Child process: run one method from a JSON :class:`TrainSpec`; on failure write ``error.json``."""
+    from transformers.utils import logging as hf_logging
+
+    from .train import run_training
+
+    spec = TrainSpec(**json.loads(argv[0]))
+    hf_logging.disable_progress_bar()
+    try:
+        reporter = ProgressReporter(every=max(1, spec.max_steps // 10))
+        run_training(spec, callbacks=[reporter.callback()])
+    except BaseException as exc:
+        message = str(exc) if isinstance(exc, LowRankError) else f"{type(exc).__name__}: {exc}"
+        write_json_atomic(Path(spec.output_dir) / "error.json", {"error": message, "traceback": traceback.format_exc()})
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------- parent
+
+
+def format_lr(lr: float) -> str:
+    """``2e-4`` rather than ``0.0002``: learning rates are read in powers of ten."""
+    mantissa, exponent = f"{lr:.3e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def _format_seconds(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _failure_message(out_dir: Path, returncode: int, timed_out: float | None) -> str:
+    """Why a worker failed: its error.json, else the last line of its log, else its exit status."""
+    if timed_out is not None:
+        return f"timed out after {_format_seconds(timed_out)} (raise --timeout)"
+    error_file = out_dir / "error.json"
+    if error_file.is_file():
+        return json.loads(error_file.read_text())["error"]
+    status = f"killed by signal {-returncode}" if returncode < 0 else f"exit status {returncode}"
+    if returncode == -9:
+        status += " (out of memory?)"
+    log = out_dir / "train.log"
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()] if log.is_file() else []
+    return f"{status}: {lines[-1].strip()}" if lines else status
+
+
+def run_method(run: PlannedRun, label: str, log: Callable[[str], None], timeout: float | None = None) -> dict[str, Any]:
+    """Train one method in a fresh process and return its metrics, or ``{"error": ...}`` if it failed."""
+    out_dir = Path(run.spec.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("metrics.json", "error.json"):  # a previous comparison's results must not be read back
+        (out_dir / stale).unlink(missing_ok=True)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", WORKER_MODULE, json.dumps(dataclasses.asdict(run.spec))]
+    started = time.perf_counter()
+    with open(out_dir / "train.log", "w") as log_file:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True, env=env)
+        timer = threading.Timer(timeout, proc.kill) if timeout else None
+        if timer:
+            timer.start()
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if line.startswith(PROGRESS_PREFIX):
+                    log(f"{label}: {_progress_text(json.loads(line[len(PROGRESS_PREFIX):]))}")
+                else:
+                    log_file.write(line)
+            returncode = proc.wait()
+        except BaseException:  # interrupted: do not leave an orphan training process behind
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            if timer:
+                timer.cancel()
+    wall = time.perf_counter() - started
+    metrics_file = out_dir / "metrics.json"
+    if returncode == 0 and metrics_file.is_file():
+        return {**json.loads(metrics_file.read_text()), "wall_seconds": wall}
+    timed_out = timeout if timeout and wall >= timeout and returncode != 0 else None
+    return {"error": _failure_message(out_dir, returncode, timed_out), "wall_seconds": wall}
+
+
+def _progress_text(event: dict[str, Any]) -> str:
+    where = f"step {event['step']}/{event['max_steps']}"
+    if event["event"] == "eval" and event["step"] == 0:
+        return f"eval loss before training {event['eval_loss']:.4f}"
+    if event["event"] == "eval":
+        return f"{where}, eval loss {event['eval_loss']:.4f}"
+    return f"{where}, loss {event['loss']:.4f} ({_format_seconds(event['elapsed'])})"
+
+
+def method_result(run: PlannedRun, metrics: dict[str, Any]) -> dict[str, Any]:
+    """One row of the comparison from a run's ``metrics.json`` (or its error)."""
+    row: dict[str, Any] = {"method": run.method, "lr": run.spec.lr, "lr_source": run.lr_source,
+                           "settings": run.spec.settings, "wall_seconds": metrics.get("wall_seconds")}
+    if "error" in metrics:
+        return {**row, "status": "failed", "error": metrics["error"]}
+    artifacts = metrics.get("artifact_bytes", {})
+    artifact = "adapter" if "adapter" in artifacts else "merged" if "merged" in artifacts else None
+    history = [{"step": 0, "seconds": metrics["init_seconds"], "eval_loss": metrics["eval_loss_before"]}]
+    for entry in metrics["eval_history"]:
+        if entry["step"] > history[-1]["step"]:  # the final evaluate() repeats the last periodic one
+            history.append(entry)
+    return {
+        **row,
+        "status": "ok",
+        "trainable_params": metrics["trainable_params"],
+        "init_seconds": metrics["init_seconds"],
+        "median_step_seconds": metrics["median_step_seconds"],
+        "peak_memory_mb": metrics["peak_memory_mb"],
+        "eval_loss_before": metrics["eval_loss_before"],
+        "eval_loss": metrics["eval_loss_after"],
+        "eval_history": history,
+        "artifact": artifact,
+        "artifact_bytes": artifacts.get(artifact) if artifact else None,
+        "train_seconds": metrics["train_seconds"],
+        "steps": metrics["steps"],
+        "config": metrics.get("config", {}),
+    }
+
+
+def add_ratios(rows: list[dict[str, Any]], reference: str) -> None:
+    """Set ``row["ratios"][field] = value / reference's value`` for every figure both rows have."""
+    ref = next((r for r in rows if r["method"] == reference and r["status"] == "ok"), None)
+    for row in rows:
+        if row["status"] != "ok":
+            continue
+        row["ratios"] = {
+            key: row[key] / ref[key] if ref and row.get(key) is not None and ref.get(key) else None for key in RATIO_FIELDS
+        }
+
+
+def machine_description() -> dict[str, Any]:
+    """Where the figures were measured (they mean little without it)."""
+    import torch
+
+    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
+                            "torch": torch.__version__, "cpu_count": os.cpu_count(), "processor": platform.processor()}
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def build_comparison(spec: CompareSpec, runs: list[PlannedRun], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``comparison.json`` document: shared settings, machine, and one row per method run so far."""
+    reference = reference_method(spec, runs)
+    add_ratios(rows, reference)
+    shared = {k: v for k, v in dataclasses.asdict(spec.run).items()
+              if k not in ("method", "output_dir", "lr", "settings", "merge", "progress_bar", "resume_from_checkpoint", "save_steps")}
+    return {"reference": reference, "shared_settings": shared, "methods_planned": [r.method for r in runs],
+            "machine": machine_description(), "results": rows}
+
+
+def _cell(row: dict[str, Any], key: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "-"
+    if key == "trainable_params":
+        text = f"{value:,}"
+    elif key == "artifact_bytes":
+        text = f"{value / 2**20:.1f}"
+    elif key in ("eval_loss",):
+        text = f"{value:.4f}"
+    elif key == "peak_memory_mb":
+        text = f"{value:.0f}"
+    else:
+        text = f"{value:.3g}"
+    ratio = row.get("ratios", {}).get(key)
+    return f"{text} ({ratio:.2f}x)" if ratio is not None else text
+
+
+def render_markdown(comparison: dict[str, Any]) -> str:
+    """``comparison.md``: the main table with ratios, eval loss per step, learning rates and errors."""
+    s, rows, ref = comparison["shared_settings"], comparison["results"], comparison["reference"]
+    m = comparison["machine"]
+    lines = [
+        "# Method comparison", "",
+        f"Model `{s['model'] or 'SmolLM2-135M-Instruct (embedded)'}`, data `{s['dataset'] or 'KJV (embedded)'}`; "
+        f"{s['max_steps']} steps of {s['batch_size']} x {s['seq_len']} tokens (grad accum {s['grad_accum']}), seed {s['seed']}, "
+        f"rank {s['rank'] if s['rank'] is not None else 'per-method default'}; eval every {s['eval_every'] or '-'} steps on "
+        f"{s['eval_blocks']} held-out blocks. Each method ran in a fresh process. Ratios `(1.00x)` are to **{ref}**.", "",
+        f"Machine: {m['platform']}, {m['cpu_count']} CPUs{', ' + m['cuda_device'] if 'cuda_device' in m else ''}, "
+        f"torch {m['torch']}. Peak memory is the process's peak RSS (CPU) or CUDA allocator peak (GPU); init s is "
+        "attach() plus data-dependent initialisation; median step s excludes 2 warm-up steps and evaluation.", "",
+        "| method | lr | " + " | ".join(RATIO_FIELDS.values()) + " |",
+        "|---|---|" + "---|" * len(RATIO_FIELDS),
+    ]
+    for row in rows:
+        if row["status"] != "ok":
+            error = " ".join(str(row["error"]).split()).replace("|", "\\|")
+            lines.append(f"| {row['method']} | {format_lr(row['lr'])} | failed: {error} |" + " |" * (len(RATIO_FIELDS) - 1))
+            continue
+        lines.append(f"| {row['method']} | {format_lr(row['lr'])} | " + " | ".join(_cell(row, k) for k in RATIO_FIELDS) + " |")
+    ok = [r for r in rows if r["status"] == "ok"]
+    steps = sorted({e["step"] for r in ok for e in r["eval_history"]})
+    if ok:
+        lines += ["", "## Eval loss by step", "", "| method | " + " | ".join(f"step {st}" for st in steps) + " |",
+                  "|---|" + "---|" * len(steps)]
+        for row in ok:
+            by_step = {e["step"]: e["eval_loss"] for e in row["eval_history"]}
+            lines.append(f"| {row['method']} | " + " | ".join(f"{by_step[st]:.4f}" if st in by_step else "-" for st in steps) + " |")
+    lines += ["", "## Learning rates and settings", ""]
+    for row in rows:
+        extra = f"; settings {json.dumps(row['settings'])}" if row["settings"] else ""
+        lines.append(f"- **{row['method']}**: {format_lr(row['lr'])} ({row['lr_source']}){extra}")
+    for note in comparison.get("notes", []):
+        lines += ["", note]
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(comparison: dict[str, Any], out_dir: Path) -> list[Path]:
+    """``loss_curves.png`` (eval loss vs step and vs seconds) and ``cost.png`` (peak memory, step time).
+
+    Raises ``ImportError`` when matplotlib is missing; the caller reports it and goes on.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never needs a display
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in comparison["results"] if r["status"] == "ok"]
+    failed = [r["method"] for r in comparison["results"] if r["status"] != "ok"]
+    note = f"failed (see comparison.md): {', '.join(failed)}" if failed else None
+    written = []
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for row in ok:
+        hist = row["eval_history"]
+        by_step.plot([e["step"] for e in hist], [e["eval_loss"] for e in hist], marker="o", label=row["method"])
+        by_time.plot([e["seconds"] for e in hist], [e["eval_loss"] for e in hist], marker="o", label=row["method"])
+    by_step.set(xlabel="step", ylabel="eval loss", title="Eval loss by step")
+    by_time.set(xlabel="seconds (init + training steps, evaluation excluded)", ylabel="eval loss", title="Eval loss by time")
+    for ax in (by_step, by_time):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if note:
+        fig.suptitle(note, fontsize=9, color="tab:red")
+    fig.tight_layout()
+    with atomic_file(out_dir / "loss_curves.png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    written.append(out_dir / "loss_curves.png")
+
+    fig, (mem, step) = plt.subplots(1, 2, figsize=(11, 4.2))
+    names = [r["method"] for r in ok]
+    mem.bar(names, [r["peak_memory_mb"] for r in ok], color="tab:blue")
+    mem.set(ylabel="MB", title="Peak memory")
+    step.bar(names, [r["median_step_seconds"] or 0.0 for r in ok], color="tab:orange")
+    step.set(ylabel="seconds", title="Median step time")
+    for ax in (mem, step):
+        ax.tick_params(axis="x", rotation=30)
+        ax.grid(axis="y", alpha=0.3)
+    if note:
+        fig.suptitle(note, fontsize=9, color="tab:red")
+    fig.tight_layout()
+    with atomic_file(out_dir / "cost.png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    written.append(out_dir / "cost.png")
+    return written
+
+
+def write_reports(comparison: dict[str, Any], out_dir: Path) -> None:
+    """Write ``comparison.json`` and ``comparison.md`` atomically."""
+    write_json_atomic(out_dir / "comparison.json", comparison)
+    write_text_atomic(out_dir / "comparison.md", render_markdown(comparison))
+
+
+def run_comparison(spec: CompareSpec, registry: Any = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train every method of ``spec`` in its own process and write the comparison files.
+
+    Returns the ``comparison.json`` document. A method that fails is a row with its error; the
+    others still run. Bad input raises before anything is written (see :func:`plan`).
+    """
+    runs = plan(spec, registry)
+    out_dir = Path(spec.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    for i, run in enumerate(runs, 1):
+        label = f"[{i}/{len(runs)}] {run.method}"
+        log(f"{label}: training (lr {format_lr(run.spec.lr)}, {run.spec.max_steps} steps) -> {run.spec.output_dir}")
+        row = method_result(run, run_method(run, label, log, spec.timeout))
+        rows.append(row)
+        if row["status"] == "ok":
+            log(f"{label}: done in {_format_seconds(row['wall_seconds'])}: eval loss {row['eval_loss_before']:.4f} -> "
+                f"{row['eval_loss']:.4f}, median step {row['median_step_seconds']:.3f}s, peak {row['peak_memory_mb']:.0f} MB")
+        else:
+            log(f"{label}: FAILED after {_format_seconds(row['wall_seconds'])}: {row['error']}")
+        elapsed = time.perf_counter() - started
+        failed = sum(r["status"] != "ok" for r in rows)
+        left = f", about {_format_seconds(elapsed / i * (len(runs) - i))} left" if i < len(runs) else ""
+        log(f"overall: {i}/{len(runs)} methods done ({failed} failed) in {_format_seconds(elapsed)}{left}")
+        comparison = build_comparison(spec, runs, rows)
+        write_reports(comparison, out_dir)
+    try:
+        written = write_plots(comparison, out_dir)
+        log(f"wrote {', '.join(str(p) for p in written)}")
+    except ImportError:
+        comparison["notes"] = ["Plots skipped: matplotlib is not installed (pip install 'hf-lowrank-plugins[plots]')."]
+        log("plots skipped: matplotlib is not installed (pip install 'hf-lowrank-plugins[plots]'); json and md written")
+        write_reports(comparison, out_dir)
+    log(f"wrote {out_dir / 'comparison.json'} and {out_dir / 'comparison.md'}")
+    return comparison
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(sys.argv[1:]))

@@ -1,0 +1,75 @@
+"""The built-in ``full`` method: plain full fine-tuning, the baseline every low-rank method is judged against.
+
+Every parameter trains with the optimizer the Trainer builds from its arguments (AdamW by default);
+nothing is attached or wrapped. It lives in the core, not in a plugin distribution, so that
+``hf-lowrank compare`` always has a baseline; :class:`~hf_lowrank_plugins.registry.Registry`
+registers this module itself, like pytest registers its built-in plugins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from peft import PeftConfig
+from torch import nn
+
+from .export import save_merged
+from .hookspecs import hookimpl
+from .registry import MethodInfo
+from .types import ExportResult
+
+NAME = "full"
+
+
+@dataclass
+class FullFineTuneConfig(PeftConfig):
+    """Full fine-tuning has no settings of its own: the optimizer comes from ``TrainingArguments``.
+
+    A ``PeftConfig`` subclass (like GaLore's) because the core builds, stores and reports every
+    method's config through that interface (``make_config``, ``Adapted.config``, ``to_dict()``
+    in ``metrics.json``); an empty dataclass of the same shape would have to re-implement it.
+    """
+
+    hf_lowrank_method: str = NAME
+
+
+@hookimpl
+def describe_methods() -> list[MethodInfo]:
+    """Declare ``full``: every weight trains, so the result is a full checkpoint, never an adapter."""
+    return [
+        MethodInfo(
+            name=NAME,
+            config_class=FullFineTuneConfig,
+            summary="full fine-tuning with the Trainer's default optimizer (built-in baseline)",
+            supports_quantized_base=False,
+            trains_adapter=False,
+        )
+    ]
+
+
+@hookimpl
+def init_adapter(model: nn.Module, config: FullFineTuneConfig) -> nn.Module:
+    """Make every floating-point parameter trainable and return the model itself (nothing attached)."""
+    for param in model.parameters():
+        # integer/bool tensors cannot take gradients; a loaded model can arrive partly frozen
+        if param.is_floating_point():
+            param.requires_grad_(True)
+    return model
+
+
+@hookimpl
+def post_train_merge(
+    model: nn.Module, config: FullFineTuneConfig, output_dir: Path, merge: bool, tokenizer: Any
+) -> ExportResult:
+    """Write the trained model as a plain checkpoint at ``output_dir/merged`` (there is no adapter).
+
+    Saved in place: the core's default export deep-copies the model before merging, which for a
+    model with no adapter would only double peak memory.
+    """
+    merged_dir = save_merged(model, Path(output_dir) / "merged", tokenizer=tokenizer, in_place=True)
+    result = ExportResult(merged_dir=merged_dir)
+    if not merge:
+        result.notes.append("full fine-tuning trains the weights themselves: wrote the checkpoint to merged/ (no adapter)")
+    return result
