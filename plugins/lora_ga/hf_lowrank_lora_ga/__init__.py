@@ -1,0 +1,12 @@
+"""LoRA-GA for hf-lowrank-plugins: ``attach(model, "lora_ga", r=16)``, then ``trainer.train()``.
+
+The gradient estimate runs inside the Trainer (``init_adapter_from_data`` at train begin) on the
+Trainer's own training batches; see :mod:`.gradient` for how it stays at LoRA's memory.
+"""
+
+from .config import LoraGaConfig
+from .gradient import GradientFactors, estimate_gradient_factors
+from .init import lora_ga_factors
+
+__all__ = ["GradientFactors", "LoraGaConfig", "estimate_gradient_factors", "lora_ga_factors"]
+__version__ = "0.1.0"

@@ -1,0 +1,340 @@
+"""Streaming estimate of the averaged full-weight gradient G of every target weight.
+
+No full-size gradient is ever materialised by autograd: the base weights keep
+``requires_grad=False`` (so autograd has no ``.grad`` to fill), and for each target layer
+``y = x @ W^T`` a forward hook keeps the layer input ``x`` and hangs a hook on the output, which
+receives ``dL/dy`` the moment autograd produces it and folds ``G_b = (dL/dy)^T x`` into the layer's
+accumulator right there. ``x`` is the tensor a LoRA training step keeps for ``lora_A`` anyway, so
+the estimate's activation memory is a LoRA step's. What differs is the accumulator:
+
+* ``"full"``: an exact fp32 ``m x n`` sum per target (one fp32 copy of the targets; with
+  ``ga_layer_groups = g`` only 1/g of it at a time, at g passes over the cached batches).
+* ``"sketch"``: a seeded, linear two-sided randomized sketch of the running sum (Tropp, Yurtsever,
+  Udell & Cevher 2017): ``Y = G @ Omega`` (m x k) and ``Z = Psi @ G`` (l x n), updated per batch as
+  ``Y += dY^T (x Omega)`` and ``Z += (dY Psi^T)^T x`` without forming ``G_b``. The top singular
+  triplets come from ``G ~ Q (Psi Q)^+ Z`` with ``Q = orth(Y)``. Being linear, sketches of
+  different ranks sum to the sketch of the summed gradient, so DDP ranks all-reduce them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from hf_lowrank_plugins import ConfigError, LowRankError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GradientFactors:
+    """Top singular triplets of a layer's averaged gradient, G ~ U @ diag(S) @ Vh (m x n, LoRA orientation)."""
+
+    U: torch.Tensor
+    S: torch.Tensor
+    Vh: torch.Tensor
+
+
+def layer_dims(layer: LoraLayer) -> tuple[int, int]:
+    """(out, in) of the LoRA layer's weight in LoRA orientation."""
+    return int(layer.out_features), int(layer.in_features)
+
+
+def lora_layers(model: nn.Module, adapter: str = "default") -> dict[str, LoraLayer]:
+    """Every LoRA layer of ``model`` carrying ``adapter``, by module name, in a fixed order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A}
+
+
+def seed_for(*parts: Any) -> int:
+    """A stable 31-bit seed from ``parts`` (same on every process and run, unlike ``hash``)."""
+    return zlib.crc32(":".join(map(str, parts)).encode()) & 0x7FFFFFFF
+
+
+def collect_batches(dataloader: Iterable[dict[str, Any]] | None, n_batches: int, batch_size: int | None) -> list[dict[str, Any]]:
+    """The first ``n_batches`` estimate batches from ``dataloader``, each split to ``batch_size`` examples.
+
+    Batches are dicts of tensors batched along dim 0 (what the Trainer's collators produce).
+    Returns fewer batches when the dataloader runs out (a warning says so); raises when it is empty.
+    """
+    if dataloader is None:
+        raise LowRankError("LoRA-GA needs the Trainer's training dataloader to estimate gradients; got none")
+    out: list[dict[str, Any]] = []
+    for batch in dataloader:
+        if not isinstance(batch, dict):
+            raise LowRankError(f"LoRA-GA expects dict batches from the training dataloader, got {type(batch).__name__}")
+        size = next((v.shape[0] for v in batch.values() if torch.is_tensor(v) and v.dim() > 0), None)
+        if size is None:
+            raise LowRankError("LoRA-GA found no batched tensor in a training batch")
+        if batch_size is not None and batch_size > size:
+            raise ConfigError(
+                f"ga_batch_size {batch_size} exceeds the training dataloader's batch size {size}; use "
+                f"ga_batch_size <= {size} (or leave it unset) and raise ga_batches for more examples"
+            )
+        step = batch_size or size
+        for start in range(0, size, step):
+            out.append({k: v[start : start + step] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == size else v
+                        for k, v in batch.items()})
+            if len(out) == n_batches:
+                return out
+    if not out:
+        raise LowRankError("LoRA-GA got no batches from the training dataloader: the training dataset is empty")
+    logger.warning("LoRA-GA: the training dataloader gave only %d of ga_batches=%d batches", len(out), n_batches)
+    return out
+
+
+class _Accumulator:
+    """Running sum of one layer's per-batch gradients (or of their sketch), in fp32."""
+
+    def fold(self, x: torch.Tensor, g: torch.Tensor) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def tensors(self) -> list[torch.Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class FullAccumulator(_Accumulator):
+    """Exact ``G = sum_b (dL_b/dy)^T x`` (m x n)."""
+
+    def __init__(self, m: int, n: int, device: torch.device) -> None:
+        self.G = torch.zeros(m, n, device=device, dtype=torch.float32)
+
+    def fold(self, x: torch.Tensor, g: torch.Tensor) -> None:
+        """Add one batch's gradient ``g^T x`` (tokens flattened)."""
+        self.G.addmm_(g.t(), x)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors to all-reduce across ranks."""
+        return [self.G]
+
+
+class SketchAccumulator(_Accumulator):
+    """Two-sided randomized sketch ``Y = G Omega`` (m x k), ``Z = Psi G`` (l x n) of the running sum."""
+
+    def __init__(self, omega: torch.Tensor, psi: torch.Tensor) -> None:
+        self.omega, self.psi = omega, psi  # shared by layers of equal shape: never written
+        self.Y = torch.zeros(psi.shape[1], omega.shape[1], device=omega.device, dtype=torch.float32)
+        self.Z = torch.zeros(psi.shape[0], omega.shape[0], device=omega.device, dtype=torch.float32)
+
+    def fold(self, x: torch.Tensor, g: torch.Tensor) -> None:
+        """Add one batch's ``g^T x`` to both sketches, never forming the m x n product."""
+        self.Y.addmm_(g.t(), x @ self.omega)
+        self.Z.addmm_((g @ self.psi.t()).t(), x)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors to all-reduce across ranks."""
+        return [self.Y, self.Z]
+
+
+def sketch_sizes(m: int, n: int, r: int, sketch_rank: int | None) -> tuple[int, int]:
+    """(k, l): range-sketch rank k = min(sketch_rank or 4r, m, n), co-range rows l = min(2k + 1, m)."""
+    k = min(sketch_rank or 4 * r, m, n)
+    return k, min(2 * k + 1, m)
+
+
+class _TestMatrices:
+    """Seeded Gaussian test matrices, one per (dimension, width): identical on every rank and run."""
+
+    def __init__(self, seed: int, device: torch.device) -> None:
+        self.seed, self.device, self.cache = seed, device, {}
+
+    def get(self, rows: int, cols: int, tag: str) -> torch.Tensor:
+        key = (rows, cols, tag)
+        if key not in self.cache:
+            gen = torch.Generator().manual_seed(seed_for(self.seed, *key))
+            self.cache[key] = torch.randn(rows, cols, generator=gen).div_(math.sqrt(cols)).to(self.device)
+        return self.cache[key]
+
+
+def _make_input_require_grad(module: nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook: give the first target layer an input that requires grad.
+
+    Everything is frozen during the estimate, so without this no output would carry ``dL/dy``.
+    Detaching a tensor that does not require grad cuts nothing off the graph.
+    """
+    x = args[0]
+    if torch.is_grad_enabled() and torch.is_tensor(x) and x.is_floating_point() and not x.requires_grad:
+        return (x.detach().requires_grad_(), *args[1:])
+    return None
+
+
+def _fold_hook(accumulator: _Accumulator):
+    """Forward hook: keep ``x`` and fold ``(dL/dy)^T x`` into ``accumulator`` when autograd produces ``dL/dy``.
+
+    ``(dL/dy)^T x`` is the gradient in LoRA orientation (out x in) also for transposed (Conv1D) weights.
+    """
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if not (torch.is_tensor(output) and output.requires_grad):
+            return  # no-grad forward (e.g. the first pass of reentrant checkpointing): nothing to fold
+        held = [args[0].detach()]
+
+        def on_grad(grad: torch.Tensor) -> None:
+            x = held.pop()  # drop our reference at once: the batch's activations can be freed
+            g2 = grad.reshape(-1, grad.shape[-1]).float()
+            x2 = x.reshape(-1, x.shape[-1]).float()
+            accumulator.fold(x2, g2)
+
+        output.register_hook(on_grad)
+
+    return hook
+
+
+@contextlib.contextmanager
+def frozen_for_estimate(model: nn.Module) -> Iterator[None]:
+    """Inside: every parameter frozen, every module in train mode; both restored afterwards.
+
+    Frozen LoRA factors mean the estimate leaves no ``.grad`` anywhere and never fires DDP's
+    gradient hooks; train mode is the state the Trainer trains in (dropout as configured).
+    """
+    requires = {p: p.requires_grad for p in model.parameters()}
+    modes = {m: m.training for m in model.modules()}
+    try:
+        for p in requires:
+            p.requires_grad_(False)
+        model.train()
+        yield
+    finally:
+        for p, flag in requires.items():
+            p.requires_grad_(flag)
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def _autocast(args: Any, device: torch.device) -> contextlib.AbstractContextManager:
+    """The mixed-precision context the Trainer's training step runs its forward in."""
+    if args is not None and getattr(args, "bf16", False):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if args is not None and getattr(args, "fp16", False):
+        return torch.autocast(device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _run_pass(model: nn.Module, layers: dict[str, LoraLayer], accumulators: dict[str, _Accumulator],
+              batches: list[dict[str, Any]], seed: int, args: Any, device: torch.device) -> None:
+    """One forward/backward over ``batches`` folding the gradients of ``accumulators``' layers."""
+    handles = []
+    try:
+        for name, acc in accumulators.items():
+            base = layers[name].get_base_layer()
+            handles.append(base.register_forward_pre_hook(_make_input_require_grad))
+            handles.append(base.register_forward_hook(_fold_hook(acc)))
+        torch.manual_seed(seed)  # same dropout masks in every pass, so every group sees the same G
+        for batch in batches:
+            with _autocast(args, device):
+                out = model(**_to_device(batch, device))
+            loss = out.get("loss") if isinstance(out, dict) else getattr(out, "loss", None)
+            if loss is None:
+                raise LowRankError(
+                    "LoRA-GA needs a loss to estimate gradients, but the model returned none: the training batches "
+                    "must carry labels (e.g. use DataCollatorForLanguageModeling(mlm=False))"
+                )
+            loss.float().backward()
+            del out, loss
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _all_reduce(tensors: list[torch.Tensor]) -> None:
+    """Sum ``tensors`` over DDP ranks (no-op outside torch.distributed)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def _truncated_svd(G: torch.Tensor, k: int, svd: str, niter: int, seed: int) -> GradientFactors:
+    if svd == "exact":
+        U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    else:
+        with torch.random.fork_rng(devices=[G.device.index or 0] if G.device.type == "cuda" else []):
+            torch.manual_seed(seed)  # svd_lowrank takes no generator; every rank must draw the same projection
+            U, S, V = torch.svd_lowrank(G, q=min(2 * k, min(G.shape)), niter=niter)
+        Vh = V.t()
+    return GradientFactors(U[:, :k].contiguous(), S[:k].contiguous(), Vh[:k].contiguous())
+
+
+def _sketch_svd(acc: SketchAccumulator, scale: float, k: int) -> GradientFactors:
+    """Top-k triplets of the sketched G: Q = orth(Y), X = (Psi Q)^+ Z, G ~ Q X."""
+    Y, Z = acc.Y * scale, acc.Z * scale
+    Q, _ = torch.linalg.qr(Y)
+    X = torch.linalg.lstsq(acc.psi @ Q, Z).solution
+    Ux, S, Vh = torch.linalg.svd(X, full_matrices=False)
+    return GradientFactors((Q @ Ux)[:, :k].contiguous(), S[:k].contiguous(), Vh[:k].contiguous())
+
+
+def _groups(names: list[str], layers: dict[str, LoraLayer], n_groups: int) -> list[list[str]]:
+    """Split ``names`` (in model order) into ``n_groups`` contiguous groups of about equal m*n."""
+    sizes = [math.prod(layer_dims(layers[n])) for n in names]
+    target, groups, current, acc = sum(sizes) / n_groups, [], [], 0.0
+    for name, size in zip(names, sizes):
+        current.append(name)
+        acc += size
+        if acc >= target * (len(groups) + 1) and len(groups) < n_groups - 1:
+            groups.append(current)
+            current = []
+    if current:
+        groups.append(current)
+    return groups
+
+
+def estimate_gradient_factors(
+    model: nn.Module,
+    config: Any,
+    batches: list[dict[str, Any]],
+    args: Any = None,
+    adapter: str = "default",
+) -> dict[str, GradientFactors]:
+    """Top-2r singular triplets of the mean gradient of every LoRA layer's base weight over ``batches``.
+
+    G is the mean over batches (and DDP ranks) of the per-batch mean-loss gradient, taken with the
+    model in train mode under the Trainer's mixed precision; ``config`` is a :class:`LoraGaConfig`.
+    The caller's RNG state, requires_grad flags and train/eval modes are left as they were.
+    """
+    layers = lora_layers(model, adapter)
+    if not layers:
+        raise LowRankError("LoRA-GA found no LoRA layer to initialise; attach it with attach(model, 'lora_ga')")
+    device = next(iter(layers.values())).get_base_layer().weight.device
+    names = list(layers)
+    n_local = torch.tensor([float(len(batches))], device=device)
+    _all_reduce([n_local])
+    inv_batches = 1.0 / float(n_local.item())
+    ranks = {n: layers[n].r[adapter] for n in names}
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    results: dict[str, GradientFactors] = {}
+    with torch.random.fork_rng(devices=cuda), frozen_for_estimate(model):
+        if config.estimator == "sketch":
+            tests = _TestMatrices(config.ga_seed, device)
+            accs: dict[str, _Accumulator] = {}
+            for n in names:
+                m, d = layer_dims(layers[n])
+                k, l = sketch_sizes(m, d, ranks[n], config.sketch_rank)
+                accs[n] = SketchAccumulator(tests.get(d, k, "omega"), tests.get(l, m, "psi"))
+            _run_pass(model, layers, accs, batches, config.ga_seed, args, device)
+            for n in names:
+                _all_reduce(accs[n].tensors())
+                results[n] = _sketch_svd(accs[n], inv_batches, 2 * ranks[n])
+                del accs[n]  # free each sketch once factored
+        else:
+            for group in _groups(names, layers, config.ga_layer_groups):
+                accs = {n: FullAccumulator(*layer_dims(layers[n]), device) for n in group}
+                _run_pass(model, layers, accs, batches, config.ga_seed, args, device)
+                for n in group:
+                    _all_reduce(accs[n].tensors())
+                    G = accs.pop(n).G.mul_(inv_batches)
+                    results[n] = _truncated_svd(G, 2 * ranks[n], config.svd, config.svd_niter, seed_for(config.ga_seed, n))
+                    del G
+    return results

@@ -1,0 +1,139 @@
+"""Hook implementations of the ``lora_ga`` method."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from hf_lowrank_lora import attach_lora, residual
+from peft import PeftConfig, PeftModel
+from torch import nn
+
+from hf_lowrank_plugins import (
+    ConfigError,
+    ExportResult,
+    IncompatibleError,
+    MethodInfo,
+    QuantizationSettings,
+    hookimpl,
+    is_quantized,
+    save_merged,
+)
+
+from .config import LoraGaConfig
+from .gradient import collect_batches, estimate_gradient_factors, layer_dims, lora_layers
+from .init import init_layer
+from .resume import add_checkpoint_buffers, checkpoint_buffers_hidden, record_initial_factors
+
+logger = logging.getLogger(__name__)
+ADAPTER = "default"
+
+
+@hookimpl
+def describe_methods() -> list[MethodInfo]:
+    """Declare ``lora_ga``. It claims 4-bit support only to refuse it with its own message
+    (the core would otherwise quantize the base before ``init_adapter``)."""
+    return [
+        MethodInfo(
+            name="lora_ga",
+            config_class=LoraGaConfig,
+            summary="LoRA-GA: A, B from the SVD of the train-start gradient, base W - s*B@A; streaming estimate",
+            supports_quantized_base=True,
+            quantizes_base_after_init=True,
+        )
+    ]
+
+
+def _refuse_4bit(model: nn.Module, quantization: QuantizationSettings | None) -> None:
+    if quantization is not None or is_quantized(model):
+        raise IncompatibleError(
+            "LoRA-GA on a 4-bit base (QLoRA-GA) is not supported yet: the residual W - s*B@A would have to be "
+            "re-quantized after the train-start gradient estimate. Load the model in 16/32-bit without "
+            "load_in_4bit, or use method 'pissa' with quantize_residual=True (QPiSSA) or 'qlora'."
+        )
+
+
+def _check_ranks(model: PeftModel) -> None:
+    """LoRA-GA takes 2r singular directions per layer: 2r must not exceed min(out, in)."""
+    bad = {n: (layer.r[ADAPTER], layer_dims(layer)) for n, layer in lora_layers(model, ADAPTER).items()
+           if 2 * layer.r[ADAPTER] > min(layer_dims(layer))}
+    if bad:
+        name, (r, shape) = min(bad.items(), key=lambda kv: min(kv[1][1]))
+        raise ConfigError(
+            f"LoRA-GA needs 2r <= min(out, in) (it splits the top 2r gradient directions between A and B), but r={r} "
+            f"on {name} ({shape[0]}x{shape[1]}) and {len(bad) - 1} other layer(s); use r <= {min(shape) // 2} "
+            "or exclude those layers"
+        )
+
+
+@hookimpl
+def init_adapter(model: nn.Module, config: PeftConfig, quantization: QuantizationSettings | None) -> nn.Module:
+    """Attach PEFT LoRA layers with B = 0 (output equals the base); the gradient init runs at train begin."""
+    _refuse_4bit(model, quantization)
+    residual.check_clean_base(model, "LoRA-GA")
+    peft_model = attach_lora(model, config)
+    _check_ranks(peft_model)
+    add_checkpoint_buffers(peft_model, ADAPTER)
+    return peft_model
+
+
+def _copy_from_rank0(layers: dict[str, nn.Module]) -> None:
+    """Under DDP, give every rank rank 0's A, B and W_res.
+
+    The ranks all-reduced identical statistics, but LAPACK/BLAS results can differ in the last bits
+    between processes (MKL picks kernels by memory alignment), and DDP never re-syncs parameters
+    after construction: one broadcast makes the ranks bit-identical.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_world_size() == 1:
+        return
+    for layer in layers.values():
+        for p in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight, layer.get_base_layer().weight):
+            torch.distributed.broadcast(p.data, src=0)
+
+
+@hookimpl
+def init_adapter_from_data(model: nn.Module, config: PeftConfig, train_dataloader: Any, args: Any) -> bool:
+    """Estimate the gradient on the Trainer's batches, set A, B from its SVD, and W <- W - s*B@A.
+
+    Output at step 0 equals the base (up to fp32 rounding). Every DDP rank sums the same linear
+    statistics, so all ranks initialise identically.
+    """
+    if not isinstance(model, PeftModel):
+        raise IncompatibleError(f"LoRA-GA expected the PeftModel returned by attach(), got {type(model).__name__}")
+    batches = collect_batches(train_dataloader, config.ga_batches, config.ga_batch_size)
+    factors = estimate_gradient_factors(model, config, batches, args=args, adapter=ADAPTER)
+    del batches
+    layers = lora_layers(model, ADAPTER)
+    for name, layer in layers.items():
+        init_layer(layer, ADAPTER, factors.pop(name), config, name)
+    _copy_from_rank0(layers)
+    for layer in layers.values():
+        record_initial_factors(layer, ADAPTER, layer.lora_A[ADAPTER].weight.detach(), layer.lora_B[ADAPTER].weight.detach())
+    residual.store_initial_factors(model, ADAPTER)
+    residual.mark_residual_base(model)
+    for p in model.parameters():  # the estimate leaves none, but a grad here would enter the first step
+        p.grad = None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    logger.info("LoRA-GA initialised %d layers from %s", len(layers), config.estimator)
+    return True
+
+
+@hookimpl
+def post_train_merge(model: nn.Module, config: PeftConfig, output_dir: Path, merge: bool, tokenizer: Any) -> ExportResult:
+    """``adapter/``: rank-2r LoRA relative to the original W (plain PEFT loads it on the untouched
+    base); ``merged/``: the trained model as a plain checkpoint."""
+    output_dir = Path(output_dir)
+    result = ExportResult()
+    with checkpoint_buffers_hidden(model):
+        result.adapter_dir = residual.save_portable_adapter(model, output_dir / "adapter")
+    result.notes.append(
+        f"adapter/ is LoRA-GA converted to a rank-{2 * config.r} LoRA relative to the original base weights"
+    )
+    if merge:
+        result.merged_dir = save_merged(model, output_dir / "merged", tokenizer=tokenizer)
+    return result

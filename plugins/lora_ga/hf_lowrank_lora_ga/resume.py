@@ -1,0 +1,97 @@
+"""Checkpoints of a LoRA-GA run carry A0, B0, so that resuming rebuilds W_res without a new estimate.
+
+PiSSA can recompute its residual at attach; LoRA-GA's depends on data seen at train begin, and the
+Trainer's checkpoints hold only the adapter's state dict. So each LoRA layer gets two persistent
+PEFT ``BufferDict`` entries (``lora_ga_A0``, ``lora_ga_B0``, keyed by adapter name). PEFT counts
+everything on a tuner layer except ``base_layer`` as adapter state, so they are saved in every
+checkpoint and restored by ``PeftModel.load_adapter`` (what ``Trainer`` calls on resume). A
+``load_state_dict`` post-hook on the ``PeftModel`` then rebuilds ``W_res = W - s*B0@A0`` with the
+same fp32 arithmetic as the fresh run, so the resumed run's weights are bit-identical.
+
+The factors currently subtracted from W are the non-persistent ones of
+:mod:`hf_lowrank_lora.residual`; the persistent copies say what the checkpoint wants. Exports
+use the former and hide the latter (a portable adapter must not carry extra keys).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from hf_lowrank_lora import residual
+from peft import PeftModel
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.lora import LoraLayer
+
+from .gradient import lora_layers
+from .init import subtract_factors
+
+SAVED_A, SAVED_B = "lora_ga_A0", "lora_ga_B0"
+_HOOKED = "_hf_lowrank_lora_ga_load_hook"
+
+
+def add_checkpoint_buffers(model: PeftModel, adapter: str = "default") -> None:
+    """Give every LoRA layer zero persistent A0/B0 slots and hook ``model`` to rebase W after loads."""
+    for layer in lora_layers(model, adapter).values():
+        A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        for attr, like in ((SAVED_A, A), (SAVED_B, B)):
+            if not hasattr(layer, attr) or not isinstance(getattr(layer, attr), BufferDict):
+                setattr(layer, attr, BufferDict(persistent=True))
+            getattr(layer, attr)[adapter] = torch.zeros_like(like, requires_grad=False)
+    if not getattr(model, _HOOKED, False):
+        model.register_load_state_dict_post_hook(_rebase_after_load)
+        setattr(model, _HOOKED, True)
+
+
+@torch.no_grad()
+def record_initial_factors(layer: LoraLayer, adapter: str, A: torch.Tensor, B: torch.Tensor) -> None:
+    """Put the applied A0, B0 into the layer's checkpoint slots."""
+    getattr(layer, SAVED_A)[adapter].copy_(A)
+    getattr(layer, SAVED_B)[adapter].copy_(B)
+
+
+def _rebase_after_load(model: torch.nn.Module, incompatible_keys) -> None:
+    """``load_state_dict`` post-hook: make W hold W - s*B0@A0 for the A0, B0 just loaded."""
+    rebased = False
+    for adapter in getattr(model, "peft_config", {}):
+        for layer in lora_layers(model, adapter).values():
+            slots = getattr(layer, SAVED_A, None), getattr(layer, SAVED_B, None)
+            if not all(isinstance(s, BufferDict) and adapter in s for s in slots):
+                continue
+            a0, b0 = slots[0][adapter], slots[1][adapter]
+            applied_a = getattr(layer, residual.INITIAL_A + adapter, None)
+            applied_b = getattr(layer, residual.INITIAL_B + adapter, None)
+            if applied_a is not None and torch.equal(applied_a, a0) and torch.equal(applied_b, b0):
+                continue  # already the base this checkpoint was trained on
+            if applied_a is None and not b0.any():
+                continue  # checkpoint written before the data init: nothing subtracted on either side
+            scaling = layer.scaling[adapter]
+            if applied_a is not None:  # another init was applied: restore W first (rare; not bit-exact)
+                subtract_factors(layer, applied_a, applied_b, scaling, sign=-1.0)
+            subtract_factors(layer, a0, b0, scaling)
+            # the helper of hf_lowrank_lora stores the layer's *current* A, B; after a load those are
+            # the trained ones, so register the loaded initial factors under its names directly
+            layer.register_buffer(residual.INITIAL_A + adapter, a0.detach().clone(), persistent=False)
+            layer.register_buffer(residual.INITIAL_B + adapter, b0.detach().clone(), persistent=False)
+            rebased = True
+    if rebased and isinstance(model, PeftModel):
+        residual.mark_residual_base(model)
+
+
+@contextlib.contextmanager
+def checkpoint_buffers_hidden(model: torch.nn.Module) -> Iterator[None]:
+    """Inside: the A0/B0 checkpoint slots are non-persistent, so state dicts (exports) leave them out."""
+    touched = []
+    for layer in model.modules():
+        for attr in (SAVED_A, SAVED_B):
+            slot = getattr(layer, attr, None) if isinstance(layer, LoraLayer) else None
+            if isinstance(slot, BufferDict):
+                names = set(slot._buffers) - slot._non_persistent_buffers_set
+                slot._non_persistent_buffers_set |= names
+                touched.append((slot, names))
+    try:
+        yield
+    finally:
+        for slot, names in touched:
+            slot._non_persistent_buffers_set -= names

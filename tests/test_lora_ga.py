@@ -1,0 +1,319 @@
+"""LoRA-GA: streaming gradient estimate, init formulas, identity, Trainer runs, resume, export, DDP, errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TokenDataset, logits, make_tiny_model, plain_peft_logits, rel_err, training_args
+from hf_lowrank_lora_ga import plugin as ga_plugin
+from hf_lowrank_lora_ga.gradient import collect_batches, estimate_gradient_factors, lora_layers, seed_for
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
+
+import hf_lowrank_plugins as hlp
+
+HERE = Path(__file__).resolve().parent
+
+
+def _batches(n=3, size=8):
+    return collect_batches(torch.utils.data.DataLoader(TokenDataset(), batch_size=size), n, None)
+
+
+def _autograd_gradients(model, batches):
+    """Reference: mean of per-batch mean-loss gradients by plain autograd on a copy, weights requiring grad."""
+    ref = copy.deepcopy(model).train()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    weights = {n: m.weight for n, m in ref.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
+    for w in weights.values():
+        w.requires_grad_(True)
+    torch.manual_seed(0)
+    for b in batches:
+        ref(**b).loss.backward()
+    return {n: w.grad / len(batches) for n, w in weights.items()}
+
+
+def _short(name):
+    return name.removeprefix("base_model.model.")
+
+
+def _official(G, r, s, direction, scale, W):
+    """A, B by hand from the exact SVD of G, following the official LoRA-GA code."""
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    if direction == "ArB2r":
+        A, B = Vh[:r], U[:, r : 2 * r]
+    elif direction == "A2rBr":
+        A, B = Vh[r : 2 * r], U[:, :r]
+    else:  # ArBr
+        A, B = Vh[1 : 2 * r : 2], U[:, 0 : 2 * r : 2]
+    if scale == "stable":
+        f = G.shape[0] ** 0.25 / 16**0.5
+        A, B = A * f, B * f
+    elif scale == "gd":
+        A, B = A / s, B / s
+    elif scale == "weight_svd":
+        f = (torch.linalg.svd(W)[1][:r] / s).sqrt().mean()
+        A, B = A * f, B * f
+    return A, B
+
+
+def _assert_close_up_to_sign(got, want, rows, atol):
+    """Singular vectors are defined up to sign: align each row (or column) before comparing."""
+    got, want = (got, want) if rows else (got.t(), want.t())
+    signs = torch.sign((got * want).sum(dim=1, keepdim=True))
+    assert (got * signs - want).abs().max() <= atol
+
+
+SCALES = ["stable", "gd", "unit", "weight_svd"]
+
+
+@pytest.mark.parametrize("direction", ["ArB2r", "A2rBr", "ArBr"])
+def test_init_matches_the_exact_gradient_reference_and_keeps_the_output(batch, direction):
+    base = make_tiny_model()
+    batches = _batches()
+    ref_out = logits(base, batch)
+    G = _autograd_gradients(base, batches)
+    W0 = {n: m.weight.detach().clone() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
+    s = 16 / 4**0.5  # rsLoRA by default, alpha 16
+    for scale in SCALES:
+        adapted = hlp.attach(copy.deepcopy(base), "lora_ga", r=4, estimator="full", svd="exact", direction=direction,
+                             scale=scale, ga_batches=3)
+        assert ga_plugin.init_adapter_from_data(model=adapted.model, config=adapted.config, train_dataloader=batches,
+                                                args=None)
+        for name, layer in lora_layers(adapted.model).items():
+            A_ref, B_ref = _official(G[_short(name)], 4, s, direction, scale, W0[_short(name)])
+            A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            tol = 2e-4 * max(A_ref.abs().max(), B_ref.abs().max())
+            _assert_close_up_to_sign(A, A_ref, rows=True, atol=tol)
+            _assert_close_up_to_sign(B, B_ref, rows=False, atol=tol)
+            assert torch.allclose(layer.base_layer.weight, W0[_short(name)] - s * B @ A, atol=1e-6)
+        adapted.model.eval()
+        assert rel_err(logits(adapted.model, batch), ref_out) <= 1e-5, scale
+        assert all(p.grad is None for p in adapted.model.parameters())
+        assert all(p.requires_grad == ("lora_" in n) for n, p in adapted.model.named_parameters())
+
+
+@pytest.mark.parametrize("direction", ["ArB2r", "ArBr"])
+def test_peft_variant_equals_peft_lora_ga_init(batch, direction):
+    """variant='peft' reproduces PEFT 0.21's own lora_ga_init given the same gradient (r=16: the randomized
+    SVD's q = 4r covers every dimension of the tiny layers, so it is exact)."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.config import LoraGAConfig
+
+    base, batches = make_tiny_model(), _batches()
+    ref_out = logits(base, batch)
+    G = _autograd_gradients(base, batches)
+    for scale in SCALES:
+        peft_model = copy.deepcopy(base)
+        for n, m in peft_model.named_modules():
+            if n in G:
+                m._peft_loraga_grad = G[n]
+        cfg = LoraConfig(r=16, lora_alpha=16, use_rslora=True, target_modules="all-linear", init_lora_weights="lora_ga",
+                         lora_ga_config=LoraGAConfig(direction=direction, scale={"gd": "gd_scale"}.get(scale, scale)))
+        peft_model = get_peft_model(peft_model, cfg)
+        adapted = hlp.attach(copy.deepcopy(base), "lora_ga", r=16, estimator="full", svd="exact", variant="peft",
+                             direction=direction, scale=scale, ga_batches=3)
+        ga_plugin.init_adapter_from_data(model=adapted.model, config=adapted.config, train_dataloader=batches, args=None)
+        theirs = dict(peft_model.named_modules())
+        for name, layer in lora_layers(adapted.model).items():
+            other = theirs[name]
+            for ours, ref, rows in ((layer.lora_A["default"].weight, other.lora_A["default"].weight, True),
+                                    (layer.lora_B["default"].weight, other.lora_B["default"].weight, False)):
+                _assert_close_up_to_sign(ours, ref, rows=rows, atol=5e-3 * ref.abs().max())  # PEFT: randomized SVD
+        # W_res depends on the SVD's sign choices (B@A), so compare what is invariant: the output
+        adapted.model.eval()
+        assert rel_err(logits(adapted.model, batch), ref_out) <= 1e-5, scale
+
+
+def test_streaming_estimate_equals_plain_autograd_and_groups_change_nothing():
+    base, batches = make_tiny_model(), _batches()
+    G = _autograd_gradients(base, batches)
+    got = {}
+    for groups in (1, 3):
+        adapted = hlp.attach(copy.deepcopy(base), "lora_ga", r=4, estimator="full", svd="exact", ga_layer_groups=groups)
+        got[groups] = estimate_gradient_factors(adapted.model, adapted.config, batches)
+    for name, f in got[1].items():
+        U, S, Vh = torch.linalg.svd(G[_short(name)], full_matrices=False)
+        assert float((f.S - S[:8]).abs().max() / S[0]) <= 1e-5  # singular values of the exact G
+        assert float((f.Vh @ Vh[:8].t()).pow(2).sum()) / 8 >= 1 - 1e-5  # same top-2r subspaces
+        assert float((f.U.t() @ U[:, :8]).pow(2).sum()) / 8 >= 1 - 1e-5
+        assert torch.allclose(got[3][name].S, f.S, rtol=1e-5)  # 3 passes over cached batches: same G
+
+
+def test_sketch_is_exact_at_full_rank_and_seeded():
+    """With k >= min(m, n) the two-sided sketch determines G exactly (the algebra); smaller k is an
+    approximation whose quality on a real model is measured in benchmarks/bench_init.py."""
+    base, batches = make_tiny_model(), _batches()
+    G = _autograd_gradients(base, batches)
+    adapted = hlp.attach(copy.deepcopy(base), "lora_ga", r=4, estimator="sketch", sketch_rank=64)
+    got = estimate_gradient_factors(adapted.model, adapted.config, batches)
+    for name, f in got.items():
+        U, S, Vh = torch.linalg.svd(G[_short(name)], full_matrices=False)
+        assert float((f.S - S[:8]).abs().max() / S[0]) <= 1e-4
+        assert float((f.Vh @ Vh[:8].t()).pow(2).sum()) / 8 >= 1 - 1e-4
+    again = estimate_gradient_factors(adapted.model, adapted.config, batches)
+    # seeded test matrices: a second estimate gives the same factors (up to BLAS rounding)
+    for n, f in got.items():
+        assert torch.allclose(again[n].S, f.S, rtol=1e-5)
+        assert float((again[n].Vh @ f.Vh.t()).pow(2).sum()) / 8 >= 1 - 1e-5
+
+
+class _AfterInit(TrainerCallback):
+    """Placed after adapted.callback: sees the model right after the data-dependent init."""
+
+    def __init__(self, adapted, batch):
+        self.adapted, self.batch, self.logits = adapted, batch, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        model = self.adapted.model
+        was = model.training
+        model.eval()
+        self.logits = logits(model, self.batch)
+        model.train(was)
+
+
+def test_trains_through_a_plain_trainer_and_starts_at_the_base(tmp_path, batch):
+    base = make_tiny_model()
+    ref = logits(base, batch)
+    adapted = hlp.attach(base, "lora_ga", r=4, ga_batches=2)
+    trainer = Trainer(model=adapted.model, args=training_args(tmp_path, learning_rate=1e-3), train_dataset=TokenDataset(),
+                      **adapted.trainer_kwargs())
+    probe = _AfterInit(adapted, batch)
+    trainer.add_callback(probe)
+    trainer.train()
+    assert rel_err(probe.logits, ref) <= 1e-5  # identity at step 0, after the gradient init
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert losses[-1] < losses[0] - 0.05
+    assert not any(h for m in adapted.model.modules() for h in (m._forward_hooks, m._forward_pre_hooks))
+
+
+def _run(tmp_path, name, resume=None, **kw):
+    adapted = hlp.attach(make_tiny_model(), "lora_ga", r=4, ga_batches=2)
+    args = training_args(tmp_path / name, gradient_accumulation_steps=2, per_device_train_batch_size=4,
+                         save_strategy="steps", save_steps=4, learning_rate=1e-3, lr_scheduler_type="cosine",
+                         warmup_steps=2, **kw)
+    trainer = Trainer(model=adapted.model, args=args, train_dataset=TokenDataset(), **adapted.trainer_kwargs())
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, adapted
+
+
+def test_resume_does_not_rerun_the_init_and_reproduces_the_run(tmp_path, monkeypatch, batch):
+    calls = []
+    real = ga_plugin.estimate_gradient_factors
+    monkeypatch.setattr(ga_plugin, "estimate_gradient_factors", lambda *a, **k: calls.append(1) or real(*a, **k))
+    full, full_adapted = _run(tmp_path, "full")
+    assert calls == [1]
+    resumed, resumed_adapted = _run(tmp_path, "full", resume=str(tmp_path / "full" / "checkpoint-8"))
+    assert calls == [1]  # the checkpoint's A0, B0 rebuilt W_res; no second estimate
+    before = [e["loss"] for e in full.state.log_history if "loss" in e]
+    after = [e["loss"] for e in resumed.state.log_history if "loss" in e]
+    assert len(after) == len(before) == 12
+    assert after[-4:] == pytest.approx(before[-4:], abs=1e-5)
+    for m in (full_adapted.model, resumed_adapted.model):
+        m.eval()
+    assert rel_err(logits(resumed_adapted.model, batch), logits(full_adapted.model, batch)) <= 1e-5
+
+
+def test_portable_export_merged_checkpoint_and_config_round_trip(tmp_path, batch):
+    base_dir = tmp_path / "base"
+    make_tiny_model().save_pretrained(base_dir)
+    adapted = hlp.attach(AutoModelForCausalLM.from_pretrained(base_dir), "lora_ga", r=4, ga_batches=2,
+                         direction="A2rBr", scale="unit")
+    Trainer(model=adapted.model, args=training_args(tmp_path / "run", learning_rate=1e-3), train_dataset=TokenDataset(),
+            **adapted.trainer_kwargs()).train()
+    adapted.model.eval()
+    trained = logits(adapted.model, batch)
+    result = adapted.export(tmp_path / "out", merge=True)
+    cfg = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and cfg["hf_lowrank_method"] == "lora" and cfg["init_lora_weights"] is True
+    from safetensors.torch import load_file
+
+    assert not any("lora_ga" in k for k in load_file(result.adapter_dir / "adapter_model.safetensors"))
+    plain, config_class = plain_peft_logits(base_dir, result.adapter_dir, batch, tmp_path)
+    assert config_class == "LoraConfig"
+    assert rel_err(plain, trained) <= 1e-5
+    merged = AutoModelForCausalLM.from_pretrained(result.merged_dir)
+    assert (logits(merged, batch) - trained).abs().max() <= 1e-4
+    adapted.model.save_pretrained(tmp_path / "ckpt")  # what the Trainer's checkpoints hold
+    loaded = hlp.load_config(tmp_path / "ckpt")
+    assert type(loaded).__name__ == "LoraGaConfig"
+    for field in ("direction", "scale", "ga_batches", "estimator", "stable_gamma", "use_rslora", "lora_alpha"):
+        assert getattr(loaded, field) == getattr(adapted.config, field)
+
+
+def test_config_defaults_and_errors():
+    cfg = hlp.make_config("lora_ga", r=8)
+    assert (cfg.direction, cfg.scale, cfg.stable_gamma, cfg.use_rslora, cfg.lora_alpha) == ("ArB2r", "stable", 16, True, 16)
+    assert cfg.init_lora_weights is True and (cfg.estimator, cfg.ga_layer_groups) == ("full", 4)
+    for bad, match in [({"direction": "BrAr"}, "direction must be one of"), ({"scale": "big"}, "scale must be one of"),
+                       ({"estimator": "x"}, "estimator must be"), ({"ga_batches": 0}, "ga_batches must be a positive"),
+                       ({"ga_layer_groups": 0}, "ga_layer_groups must be a positive"),
+                       ({"sketch_rank": 4}, "below 2r"), ({"use_dora": True}, "use_dora")]:
+        with pytest.raises(hlp.ConfigError, match=match):
+            hlp.make_config("lora_ga", r=4, **bad)
+    with pytest.raises(hlp.ConfigError, match=r"2r <= min\(out, in\)"):
+        hlp.attach(make_tiny_model(), "lora_ga", r=17)  # k_proj is 32 x 64: 2r = 34 > 32
+    with pytest.raises(hlp.IncompatibleError, match="QLoRA-GA"):
+        hlp.attach(make_tiny_model(), "lora_ga", r=4, load_in_4bit=True)
+
+
+def test_runtime_errors_name_the_fix(tmp_path):
+    adapted = hlp.attach(make_tiny_model(), "lora_ga", r=4)
+    empty = torch.utils.data.DataLoader(TokenDataset(n=0), batch_size=4)
+    with pytest.raises(hlp.LowRankError, match="no batches"):
+        ga_plugin.init_adapter_from_data(model=adapted.model, config=adapted.config, train_dataloader=empty, args=None)
+    no_labels = [{"input_ids": TokenDataset().x[:4]}]
+    with pytest.raises(hlp.LowRankError, match="must carry labels"):
+        ga_plugin.init_adapter_from_data(model=adapted.model, config=adapted.config, train_dataloader=no_labels, args=None)
+    assert all(not h for m in adapted.model.modules() for h in (m._forward_hooks, m._forward_pre_hooks))
+    assert all(p.requires_grad == ("lora_" in n) for n, p in adapted.model.named_parameters())
+    too_big = hlp.attach(make_tiny_model(), "lora_ga", r=4, ga_batch_size=16)
+    with pytest.raises(hlp.ConfigError, match="ga_batch_size 16 exceeds"):
+        ga_plugin.init_adapter_from_data(model=too_big.model, config=too_big.config,
+                                         train_dataloader=torch.utils.data.DataLoader(TokenDataset(), batch_size=8), args=None)
+
+
+def test_cli_set_reaches_the_config(tmp_path):
+    from hf_lowrank_plugins.cli import main
+    from hf_lowrank_plugins.data import default_model_dir
+    from transformers import AutoTokenizer
+
+    from conftest import tiny_llama_config
+
+    model_dir = tmp_path / "tiny"
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=len(tokenizer))).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    text = tmp_path / "data.txt"
+    text.write_text("\n".join(f"line {i}: the quick brown fox jumps over the lazy dog" for i in range(200)))
+    out = tmp_path / "run"
+    argv = ["train", "--method", "lora_ga", "--model", str(model_dir), "--dataset", str(text), "--output-dir", str(out),
+            "--max-steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-blocks", "2",
+            "--set", "direction=ArBr", "--set", "ga_batches=2", "--set", "estimator=sketch", "--set", "ga_batch_size=1"]
+    assert main(argv) == 0
+    saved = json.loads((out / "metrics.json").read_text())["config"]
+    assert (saved["direction"], saved["ga_batches"], saved["estimator"], saved["ga_batch_size"]) == ("ArBr", 2, "sketch", 1)
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 2 * saved["r"]
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("estimator", ["sketch", "full"])
+def test_two_process_ddp_ranks_initialise_identically(tmp_path, estimator):
+    env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(HERE / "ddp_train_lora_ga.py"), str(tmp_path), estimator],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    assert result["world_size"] == 2 and result["init_norm"] > 0
+    assert result["init_difference"] == 0.0  # all-reduced statistics: the same A0, B0 and W_res on both ranks
+    assert result["trained_difference"] == 0.0
