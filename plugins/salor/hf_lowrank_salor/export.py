@@ -1,0 +1,205 @@
+"""SALOR's deliverables: portable (pruned base + standard LoRA) and compressed (bitmap base + LoRA).
+
+The trained model is ``W_s + s*B@A`` where ``W_s = prune(W)`` differs from W by a full-rank E, so
+it is NOT a LoRA on the original weights (unlike PiSSA). The portable form is therefore the pruned
+base as a plain transformers checkpoint plus a standard PEFT LoRA relative to it::
+
+    out/base/        plain transformers checkpoint of W_s (zeros included), tokenizer
+    out/adapter/     standard LoRA (PEFT format); base_model_name_or_path points at out/base
+    out/compressed/  base.safetensors (bitmap-encoded sparse matrices) + config + adapter/
+    out/merged/      (merge=True) plain checkpoint of W_s + s*B@A
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from peft import PeftModel
+from torch import nn
+from transformers import AutoConfig, PreTrainedModel
+
+from hf_lowrank_plugins import (
+    ExportResult,
+    IncompatibleError,
+    atomic_directory,
+    get_registry,
+    is_quantized,
+    save_adapter,
+    save_merged,
+    write_json_atomic,
+)
+
+from .bitmap import load_compressed, save_compressed
+from .model import apply_adapter_masks
+
+COMPRESSED_FILE = "base.safetensors"
+
+
+def pruned_base_copy(model: nn.Module) -> PreTrainedModel:
+    """A copy of the frozen (pruned) base of ``model`` without adapters, in full precision.
+
+    A 4-bit base is dequantized through the core's ``dequantize_base`` hook (NF4's zero decodes to
+    exactly 0, so the sparsity pattern is kept).
+    """
+    work = copy.deepcopy(model)
+    if is_quantized(work):
+        dequantized = get_registry().pm.hook.dequantize_base(model=work)
+        if dequantized is None:
+            raise IncompatibleError("the base is 4-bit but no installed plugin dequantizes it; install hf-lowrank-qlora")
+        work = dequantized
+    if isinstance(work, PeftModel):
+        work = work.unload()
+    return work
+
+
+def save_pruned_base(model: nn.Module, directory: str | Path, tokenizer: Any = None, base: nn.Module | None = None) -> Path:
+    """Write the pruned base of ``model`` as a plain transformers checkpoint (plus tokenizer), atomically.
+
+    ``base``: an already made :func:`pruned_base_copy` (saves a deep copy when writing several deliverables).
+    """
+    directory = Path(directory)
+    base = base if base is not None else pruned_base_copy(model)
+    with atomic_directory(directory) as tmp:
+        base.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return directory
+
+
+def save_salor_adapter(model: PeftModel, directory: str | Path, base_dir: str | Path | None = None, adapter: str = "default") -> Path:
+    """Write the adapter in PEFT format after re-zeroing masked factor entries.
+
+    ``base_dir`` becomes the adapter's ``base_model_name_or_path``, so ``hf-lowrank merge`` and
+    ``PeftModel.from_pretrained`` users find the pruned base the adapter belongs to, not the
+    original model.
+    """
+    if not isinstance(model, PeftModel):
+        raise IncompatibleError(f"expected the PeftModel returned by attach(), got {type(model).__name__}")
+    apply_adapter_masks(model, adapter)
+    config = model.peft_config[adapter]
+    previous = config.base_model_name_or_path
+    if base_dir is not None:
+        config.base_model_name_or_path = str(Path(base_dir).resolve())
+    try:
+        return save_adapter(model, directory)
+    finally:
+        config.base_model_name_or_path = previous
+
+
+def save_compressed_model(
+    model: nn.Module,
+    directory: str | Path,
+    tokenizer: Any = None,
+    values_dtype: torch.dtype | None = None,
+    adapter_dir: str | Path | None = None,
+    base: nn.Module | None = None,
+) -> dict[str, Any]:
+    """Write the compressed deliverable: bitmap-encoded pruned base, its config, and the adapter.
+
+    Args:
+        model: the adapted model (PeftModel) or a plain pruned model.
+        directory: output directory (written atomically).
+        tokenizer: saved alongside when given.
+        values_dtype: store floating tensors in this dtype (``torch.bfloat16`` halves an fp32
+            model); ``None`` keeps the model's dtype, so loading is bit-exact.
+        adapter_dir: an already written adapter directory to copy into ``directory/adapter``; with
+            ``None`` and a PeftModel, the adapter is written from ``model``.
+        base: an already made :func:`pruned_base_copy` of ``model``.
+
+    Returns:
+        Sizes in bytes (``base_dense_bytes``, ``base_stored_bytes``, ``adapter_bytes``, ``file_bytes``)
+        and ``encoded_tensors``; also written to ``directory/sizes.json``.
+    """
+    directory = Path(directory)
+    base = base if base is not None else pruned_base_copy(model)
+    with atomic_directory(directory) as tmp:
+        stats = save_compressed(base.state_dict(), tmp / COMPRESSED_FILE, values_dtype=values_dtype)
+        base.config.save_pretrained(tmp)
+        if getattr(base, "generation_config", None) is not None:
+            base.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if adapter_dir is not None:
+            shutil.copytree(adapter_dir, tmp / "adapter")
+        elif isinstance(model, PeftModel):
+            save_salor_adapter(model, tmp / "adapter")
+        adapter_bytes = sum(f.stat().st_size for f in (tmp / "adapter").glob("*.safetensors")) if (tmp / "adapter").exists() else 0
+        sizes = {
+            "base_dense_bytes": stats["dense_bytes"],
+            "base_stored_bytes": stats["stored_bytes"],
+            "encoded_tensors": stats["encoded_tensors"],
+            "file_bytes": (tmp / COMPRESSED_FILE).stat().st_size,
+            "adapter_bytes": adapter_bytes,
+            "values_dtype": str(values_dtype or next(base.parameters()).dtype).removeprefix("torch."),
+        }
+        write_json_atomic(tmp / "sizes.json", sizes)
+    return sizes
+
+
+def load_compressed_model(directory: str | Path, with_adapter: bool = True, device: str = "cpu") -> nn.Module:
+    """Rebuild the model from a compressed deliverable: the base bit for bit, plus the adapter.
+
+    The model class comes from ``config.json`` (``architectures``); its dtype is the stored one.
+    With ``with_adapter`` and an ``adapter/`` present the result is a ``PeftModel`` (inference mode).
+    """
+    directory = Path(directory)
+    state = load_compressed(directory / COMPRESSED_FILE, device=device)
+    config = AutoConfig.from_pretrained(directory)
+    arch = (config.architectures or ["AutoModelForCausalLM"])[0]
+    cls = getattr(transformers, arch, None)
+    dtype = next(t.dtype for t in state.values() if t.is_floating_point())
+    if cls is None or not hasattr(cls, "_from_config"):
+        cls = transformers.AutoModelForCausalLM
+        model = cls.from_config(config, dtype=dtype)
+    else:
+        model = cls._from_config(config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    if unexpected or [k for k in missing if k not in tied]:
+        raise IncompatibleError(f"compressed checkpoint does not match {arch}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.tie_weights()
+    model = model.to(device).eval()
+    if with_adapter and (directory / "adapter" / "adapter_config.json").is_file():
+        model = PeftModel.from_pretrained(model, str(directory / "adapter")).eval()
+    return model
+
+
+def directory_bytes(directory: str | Path, pattern: str = "*.safetensors") -> int:
+    """Total size of the files matching ``pattern`` directly in ``directory``."""
+    return sum(f.stat().st_size for f in Path(directory).glob(pattern))
+
+
+def export_salor(model: nn.Module, output_dir: str | Path, merge: bool, tokenizer: Any = None) -> ExportResult:
+    """All deliverables (see the module docstring) under ``output_dir``; sizes go to the notes."""
+    output_dir = Path(output_dir)
+    result = ExportResult()
+    base = pruned_base_copy(model)
+    base_dir = save_pruned_base(model, output_dir / "base", tokenizer=tokenizer, base=base)
+    result.extra["base"] = base_dir
+    result.adapter_dir = save_salor_adapter(model, output_dir / "adapter", base_dir=base_dir)
+    sizes = save_compressed_model(model, output_dir / "compressed", tokenizer=tokenizer, adapter_dir=result.adapter_dir, base=base)
+    del base
+    result.extra["compressed"] = output_dir / "compressed"
+    dense = directory_bytes(base_dir)
+    result.notes.append(
+        "adapter/ is a standard LoRA relative to the PRUNED base in base/ (not the original model); "
+        "plain PEFT: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('base'), 'adapter')"
+    )
+    result.notes.append(
+        f"compressed/base.safetensors: {sizes['file_bytes'] / 2**20:.1f} MiB vs {dense / 2**20:.1f} MiB dense "
+        f"({sizes['file_bytes'] / max(dense, 1):.3f}x), {sizes['encoded_tensors']} bitmap-encoded matrices"
+    )
+    if merge:
+        result.merged_dir = save_merged(model, output_dir / "merged", tokenizer=tokenizer)
+    return result
+
+
+def read_sizes(directory: str | Path) -> dict[str, Any]:
+    """The ``sizes.json`` a compressed deliverable carries."""
+    return json.loads((Path(directory) / "sizes.json").read_text())

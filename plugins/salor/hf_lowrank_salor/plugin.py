@@ -1,0 +1,56 @@
+"""Hook implementations of the ``salor`` method."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftConfig
+from torch import nn
+from transformers import TrainingArguments
+
+from hf_lowrank_plugins import ExportResult, MethodInfo, QuantizationSettings, hookimpl
+
+from .config import SalorConfig
+from .export import export_salor
+from .model import AdapterMaskEnforcer, attach_salor
+
+
+@hookimpl
+def describe_methods() -> list[MethodInfo]:
+    """Declare ``salor``. With ``load_in_4bit=True`` the core hands the quantization settings to
+    ``init_adapter`` instead of quantizing first: pruning ranks full-precision magnitudes and the
+    SVD sees the full-precision residual; only then is the sparse base quantized to NF4."""
+    return [
+        MethodInfo(
+            name="salor",
+            config_class=SalorConfig,
+            summary="SALOR: magnitude-pruned frozen base (unstructured/global/2:4) + LoRA = rank-r SVD of the pruning residual",
+            supports_quantized_base=True,
+            quantizes_base_after_init=True,
+        )
+    ]
+
+
+@hookimpl
+def init_adapter(model: nn.Module, config: PeftConfig, quantization: QuantizationSettings | None) -> nn.Module:
+    """Prune the base, initialise the repair, mask the factors. NOT identity at init: the output is
+    the pruned model plus the best rank-r repair (that is the method)."""
+    return attach_salor(model, config, quantization=quantization)
+
+
+@hookimpl
+def wrap_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, config: PeftConfig, args: TrainingArguments) -> None:
+    """Keep the optimizer; with a sparse adapter, add the step hook that re-zeroes masked entries
+    (and runs the cubic schedule). Returns ``None`` so the Trainer's optimizer is used as built."""
+    if getattr(config, "sparse_adapter", False):
+        AdapterMaskEnforcer(model, config).install(optimizer)
+    return None
+
+
+@hookimpl
+def post_train_merge(model: nn.Module, config: PeftConfig, output_dir: Path, merge: bool, tokenizer: Any) -> ExportResult:
+    """``base/`` (pruned plain checkpoint), ``adapter/`` (standard LoRA on base/), ``compressed/``
+    (bitmap base + adapter) and, with ``merge``, ``merged/``."""
+    return export_salor(model, output_dir, merge, tokenizer)

@@ -1,0 +1,307 @@
+"""SALOR: pruned base + SVD repair at init, Eckart-Young, static masks through training, 2:4,
+fused == unfused, bitmap round trip and size, portable export in plain PEFT, merge, config, CLI, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TokenDataset, logits, make_tiny_model, plain_peft_logits, rel_err, training_args
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, Trainer
+
+import hf_lowrank_plugins as hlp
+from hf_lowrank_salor import (
+    SalorConfig,
+    build_inference_model,
+    decode,
+    encode,
+    is_semi_structured,
+    load_compressed_model,
+    magnitude_mask,
+    sparsity_report,
+    truncation_error,
+)
+from hf_lowrank_salor.bitmap import encoded_bytes, nonzero_bits
+from hf_lowrank_salor.fused import FusedGroup
+from hf_lowrank_salor.model import cubic_sparsity, iter_adapter_masks, lora_layers
+
+PREFIX = "base_model.model."
+
+
+def _targets(model):
+    return {n: m.weight.detach().clone() for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
+
+
+def _train(adapted, tmp_path, steps=12, **kw):
+    kw.setdefault("learning_rate", 5e-3)
+    trainer = Trainer(model=adapted.model, args=training_args(tmp_path / "run", max_steps=steps, **kw),
+                      train_dataset=TokenDataset(), **adapted.trainer_kwargs())
+    trainer.train()
+    adapted.model.eval()
+    return [e["loss"] for e in trainer.state.log_history if "loss" in e]
+
+
+def test_init_is_pruned_model_plus_rank_r_svd_of_the_residual(batch):
+    model = make_tiny_model()
+    original = _targets(model)
+    adapted = hlp.attach(model, "salor", r=4, lora_alpha=8)  # s = 2, exact SVD, 50% per layer
+    layers = lora_layers(adapted.model)
+    assert len(layers) == 14
+    reference = make_tiny_model()  # the same weights, with W replaced by prune(W) + s*B@A
+    ref_modules = dict(reference.named_modules())
+    for name, layer in layers.items():
+        W = original[name[len(PREFIX):]]
+        mask = magnitude_mask(W, 0.5)
+        pruned = torch.where(mask, W, torch.zeros(()))
+        assert torch.equal(layer.base_layer.weight, pruned)  # the frozen base is exactly prune(W)
+        assert int((pruned == 0).sum()) == W.numel() // 2
+        delta = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        U, S, Vh = torch.linalg.svd(W - pruned, full_matrices=False)
+        E_r = U[:, :4] @ torch.diag(S[:4]) @ Vh[:4]
+        assert (delta - E_r).abs().max() <= 1e-5 * E_r.abs().max()  # s*B@A is the rank-4 SVD of E
+        ref_modules[name[len(PREFIX):]].weight.data.copy_(pruned + delta)
+    assert rel_err(logits(adapted.model, batch), logits(reference, batch)) <= 1e-5
+
+
+def test_eckart_young_bound_and_repair_error_on_tiny_layers():
+    model = make_tiny_model()
+    original = _targets(model)
+    adapted = hlp.attach(model, "salor", r=4)
+    for name, layer in lora_layers(adapted.model).items():
+        E = original[name[len(PREFIX):]] - layer.base_layer.weight
+        tail, total, bound = truncation_error(E, 4)
+        assert tail <= bound < total
+        repaired = (E - layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight).detach()
+        assert abs(float(repaired.double().pow(2).sum()) - tail) <= 1e-4 * total  # the repair attains the optimum
+
+
+@pytest.mark.slow
+def test_eckart_young_bound_on_real_smollm2_layers():
+    """||E - E_r||_F^2 <= (1 - r/min(d,k)) ||E||_F^2 for E = W - prune_50%(W) of real SmolLM2-135M layers."""
+    from safetensors import safe_open
+
+    from hf_lowrank_plugins.data import default_model_dir
+
+    path = next(default_model_dir().glob("*.safetensors"))
+    names = [f"model.layers.{i}.{p}.weight" for i in (0, 29) for p in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")]
+    with safe_open(str(path), framework="pt") as fh:
+        for name in names:
+            W = fh.get_tensor(name).float()
+            E = W - torch.where(magnitude_mask(W, 0.5), W, torch.zeros(()))
+            for r in (16, 64):
+                tail, total, bound = truncation_error(E, r)
+                assert tail <= bound, (name, r, tail / total)
+
+
+def test_sparsity_patterns_unstructured_global_and_2_4():
+    original = _targets(make_tiny_model())
+    adapted = hlp.attach(make_tiny_model(), "salor", r=2, sparsity_pattern="2:4")
+    for layer in lora_layers(adapted.model).values():
+        kept = layer.base_layer.weight != 0
+        assert is_semi_structured(kept) and int(kept.sum()) == kept.numel() // 2
+        assert (kept.reshape(-1, 4).sum(-1) == 2).all()
+    adapted = hlp.attach(make_tiny_model(), "salor", r=2, sparsity=0.3, sparsity_pattern="global")
+    base = {n: l.base_layer.weight for n, l in lora_layers(adapted.model).items()}
+    zeros = sum(int((w == 0).sum()) for w in base.values())
+    total = sum(w.numel() for w in base.values())
+    assert zeros == round(0.3 * total)  # exact count overall ...
+    per_layer = [float((w == 0).float().mean()) for w in base.values()]
+    assert max(per_layer) - min(per_layer) > 0.02  # ... but uneven across layers
+    # one threshold: every pruned magnitude is <= every kept magnitude, across layers
+    pruned = torch.cat([original[n[len(PREFIX):]][w == 0].abs() for n, w in base.items()])
+    kept = torch.cat([w[w != 0].abs() for w in base.values()])
+    assert pruned.max() <= kept.min()
+    adapted = hlp.attach(make_tiny_model(), "salor", r=2, sparsity=0.25)
+    assert all(abs(v["base"] - 0.25) < 1e-3 for v in sparsity_report(adapted.model).values())
+
+
+def test_masks_stay_static_and_zero_through_trainer_training(tmp_path):
+    adapted = hlp.attach(make_tiny_model(), "salor", r=4, sparsity_target="both", adapter_sparsity=0.5)
+    layers = lora_layers(adapted.model)
+    base_before = {n: l.base_layer.weight.detach().clone() for n, l in layers.items()}
+    masks_before = {n: m.clone() for n, _, m in iter_adapter_masks(adapted.model)}
+    factors_before = {n: w.detach().clone() for n, w, _ in iter_adapter_masks(adapted.model)}
+    assert len(masks_before) == 28 and all(abs(float(m.float().mean()) - 0.5) < 0.02 for m in masks_before.values())
+    losses = _train(adapted, tmp_path, lr_scheduler_type="constant", weight_decay=0.1)
+    assert losses[-1] < losses[0]
+    for n, l in layers.items():
+        assert torch.equal(l.base_layer.weight, base_before[n])  # frozen base, bit for bit
+        assert not l.base_layer.weight.requires_grad
+    for n, w, m in iter_adapter_masks(adapted.model):
+        assert torch.equal(m, masks_before[n])  # static schedule: the mask never moves
+        assert (w[~m] == 0).all()  # masked entries exactly zero despite momentum and weight decay
+        assert not torch.equal(w[m], factors_before[n][m])  # the kept entries trained
+
+
+def test_cubic_schedule_ramps_monotonically_to_the_target(tmp_path):
+    assert cubic_sparsity(0, 0.5, 8) == 0 and cubic_sparsity(8, 0.5, 8) == 0.5 and cubic_sparsity(20, 0.5, 8) == 0.5
+    assert cubic_sparsity(4, 0.5, 8) == pytest.approx(0.5 * (1 - 0.5**3))
+    adapted = hlp.attach(make_tiny_model(), "salor", r=4, sparsity_target="adapter", adapter_sparsity=0.6,
+                         adapter_schedule="cubic", adapter_schedule_steps=6)
+    assert all(bool(m.all()) for _, _, m in iter_adapter_masks(adapted.model))  # dense at step 0
+    _train(adapted, tmp_path, steps=10)
+    for _, w, m in iter_adapter_masks(adapted.model):
+        assert int((~m).sum()) == round(0.6 * m.numel())
+        assert (w[~m] == 0).all()
+    report = sparsity_report(adapted.model)
+    assert all(v["base"] == 0 for v in report.values())  # adapter-only: the base stays dense
+
+
+def test_fused_adapters_equal_unfused_outputs(batch):
+    adapted = hlp.attach(make_tiny_model(), "salor", r=4, sparsity_target="both")
+    with torch.no_grad():  # stand-in for training: move every factor off its init
+        g = torch.Generator().manual_seed(0)
+        for n, p in adapted.model.named_parameters():
+            if "lora_" in n:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    adapted.model.eval()
+    from hf_lowrank_salor import apply_adapter_masks
+
+    apply_adapter_masks(adapted.model)
+    ref = logits(adapted.model, batch)
+    unfused = build_inference_model(adapted.model, fuse=False)
+    assert not any(isinstance(m, FusedGroup) for m in unfused.modules())
+    assert rel_err(logits(unfused, batch), ref) <= 1e-5
+    for base_format in ("dense", "csr"):
+        for fuse_base in (False, True):
+            fused = build_inference_model(adapted.model, base_format=base_format, fuse_base=fuse_base)
+            groups = [m for m in fused.modules() if isinstance(m, FusedGroup)]
+            assert len(groups) == 4  # (q, k, v) and (gate, up) in each of 2 layers
+            assert rel_err(logits(fused, batch), ref) <= 1e-5, (base_format, fuse_base)
+            assert all(g._cache is None for g in groups)  # nothing kept alive after a forward
+    with pytest.raises(hlp.IncompatibleError, match="CUDA"):
+        build_inference_model(adapted.model, base_format="2:4")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_bitmap_round_trip_is_bit_exact(dtype):
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(37, 29, generator=g).to(dtype)
+    t[torch.rand(t.shape, generator=g) < 0.5] = 0
+    t[0, :3] = torch.tensor([-0.0, float("nan"), float("-inf")]).to(dtype)
+    bitmap, values = encode(t)
+    out = decode(bitmap, values, t.shape)
+    ints = {2: torch.int16, 4: torch.int32}[t.element_size()]
+    assert out.dtype == dtype and torch.equal(out.view(ints), t.view(ints))  # bit for bit, -0.0 and NaN included
+    assert bitmap.numel() == (t.numel() + 7) // 8 and values.numel() == int(nonzero_bits(t).sum())
+    # at exactly 50%: 1 bit + half the values = 9/16 of bf16, 17/32 of fp32
+    assert encoded_bytes(4096, 2048, 2) / (4096 * 2) == 0.5625
+    assert encoded_bytes(4096, 2048, 4) / (4096 * 4) == pytest.approx(17 / 32)
+
+
+def test_exports_portable_compressed_and_merged(tmp_path, batch):
+    base_dir = tmp_path / "orig"
+    make_tiny_model().save_pretrained(base_dir)
+    adapted = hlp.attach(AutoModelForCausalLM.from_pretrained(base_dir), "salor", r=4, sparsity_target="both",
+                         adapter_sparsity=0.25)
+    losses = _train(adapted, tmp_path, steps=8)
+    assert losses[-1] < losses[0]
+    trained = logits(adapted.model, batch)
+    result = adapted.export(tmp_path / "out", merge=True)
+    out = tmp_path / "out"
+    assert set(result.paths()) == {"adapter", "merged", "base", "compressed"}
+    # portable: the pruned base as a plain checkpoint + a standard LoRA, loaded by plain PEFT
+    plain, config_class = plain_peft_logits(out / "base", out / "adapter", batch, tmp_path)
+    assert config_class == "LoraConfig" and rel_err(plain, trained) <= 1e-5
+    raw = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert raw["hf_lowrank_method"] == "salor" and raw["base_model_name_or_path"] == str((out / "base").resolve())
+    # config round trip
+    loaded_config = hlp.load_config(out / "adapter")
+    assert type(loaded_config) is SalorConfig
+    for field in ("r", "lora_alpha", "sparsity", "sparsity_pattern", "sparsity_target", "adapter_sparsity", "svd"):
+        assert getattr(loaded_config, field) == getattr(adapted.config, field)
+    # merged equals the adapted model
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    assert rel_err(logits(merged, batch), trained) <= 1e-5
+    # compressed: base bit-exact, model output equal, target matrices at 17/32 of fp32
+    restored_base = load_compressed_model(out / "compressed", with_adapter=False).state_dict()
+    pruned = AutoModelForCausalLM.from_pretrained(out / "base").state_dict()
+    assert restored_base.keys() == pruned.keys()
+    assert all(torch.equal(restored_base[k].view(torch.int32), v.view(torch.int32)) for k, v in pruned.items())
+    restored = load_compressed_model(out / "compressed")
+    assert rel_err(logits(restored, batch), trained) <= 1e-5
+    sizes = json.loads((out / "compressed" / "sizes.json").read_text())
+    assert sizes["encoded_tensors"] == 14
+    target = sum(l.base_layer.weight.numel() for l in lora_layers(adapted.model).values())
+    other = sizes["base_dense_bytes"] - 4 * target
+    assert sizes["base_stored_bytes"] - other == target // 8 + 4 * (target // 2)  # 1 bit + fp32 non-zeros
+
+
+def test_bad_input_is_refused_clearly():
+    with pytest.raises(hlp.ConfigError, match=r"sparsity must be a number in \[0, 1\)"):
+        hlp.make_config("salor", sparsity=1.0)
+    with pytest.raises(hlp.ConfigError, match="adapter_sparsity must be"):
+        hlp.make_config("salor", adapter_sparsity=-0.1)
+    with pytest.raises(hlp.ConfigError, match="i.e. sparsity 0.5"):
+        hlp.make_config("salor", sparsity=0.3, sparsity_pattern="2:4")
+    with pytest.raises(hlp.ConfigError, match="sparsity_pattern must be one of"):
+        hlp.make_config("salor", sparsity_pattern="4:8")
+    with pytest.raises(hlp.ConfigError, match="repair_init='svd' approximates"):
+        hlp.make_config("salor", sparsity_target="adapter", repair_init="svd")
+    with pytest.raises(hlp.ConfigError, match="adapter_schedule_steps >= 1"):
+        hlp.make_config("salor", sparsity_target="adapter", adapter_schedule="cubic")
+    odd = make_tiny_model(intermediate_size=130)  # down_proj reads 130 inputs
+    with pytest.raises(hlp.ConfigError, match=r"down_proj has 130 inputs .*not divisible by 4"):
+        hlp.attach(odd, "salor", r=2, sparsity_pattern="2:4")
+    with pytest.raises(hlp.ConfigError, match="larger than the smallest dimension"):
+        hlp.attach(make_tiny_model(), "salor", r=40)
+    adapted = hlp.attach(make_tiny_model(), "salor", r=2)
+    with pytest.raises(hlp.IncompatibleError, match="already carries a PEFT adapter"):
+        hlp.attach(adapted.model, "salor", r=2)
+
+
+def test_cli_set_reaches_every_salor_field(tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from conftest import tiny_llama_config
+    from hf_lowrank_plugins.cli import main
+    from hf_lowrank_plugins.data import default_model_dir
+
+    model_dir = tmp_path / "tiny"
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=len(tokenizer))).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "data.txt"
+    data.write_text("\n".join(f"line {i}: the quick brown fox jumps over the lazy dog" for i in range(120)))
+    out = tmp_path / "run"
+    argv = ["train", "--method", "salor", "--model", str(model_dir), "--dataset", str(data), "--output-dir", str(out),
+            "--max-steps", "3", "--batch-size", "4", "--seq-len", "16", "--lr", "5e-3", "--eval-blocks", "4",
+            "--rank", "4", "--set", "sparsity=0.25", "--set", "sparsity_pattern=global", "--set", "sparsity_target=both",
+            "--set", "adapter_sparsity=0.5", "--set", "svd=fast", "--set", "svd_niter=2", "--set", "fuse=false"]
+    assert main(argv) == 0
+    cfg = json.loads((out / "metrics.json").read_text())["config"]
+    assert (cfg["sparsity"], cfg["sparsity_pattern"], cfg["sparsity_target"], cfg["adapter_sparsity"]) == (0.25, "global", "both", 0.5)
+    assert (cfg["svd"], cfg["svd_niter"], cfg["fuse"], cfg["r"], cfg["hf_lowrank_method"]) == ("fast", 2, False, 4, "salor")
+    assert (out / "compressed" / "base.safetensors").is_file() and (out / "base" / "config.json").is_file()
+    # hf-lowrank merge finds the PRUNED base through the adapter's base_model_name_or_path
+    assert main(["merge", str(out / "adapter"), "--output-dir", str(tmp_path / "remerged")]) == 0
+    ids = torch.randint(0, 100, (1, 12))
+    expected = logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "base"), str(out / "adapter")), ids)
+    assert rel_err(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "remerged"), ids), expected) <= 1e-5
+    bad = tmp_path / "bad"
+    capsys.readouterr()
+    assert main([*argv[:8], str(bad), "--set", "sparsity=1.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sparsity must be a number in [0, 1)" in err[0] and not bad.exists()
+
+
+def test_4bit_sparse_base_keeps_the_pattern(batch):
+    """load_in_4bit: prune + SVD on fp32 W, then NF4 of the pruned base (NF4 has an exact 0)."""
+    pytest.importorskip("bitsandbytes")
+    from hf_lowrank_salor.export import pruned_base_copy
+
+    fp32 = hlp.attach(make_tiny_model(), "salor", r=4)
+    q4 = hlp.attach(make_tiny_model(), "salor", r=4, load_in_4bit=True)
+    assert hlp.is_quantized(q4.model)
+    layers32, layers4 = lora_layers(fp32.model), lora_layers(q4.model)
+    for name, layer in layers32.items():  # the repair was computed from the full-precision residual
+        assert torch.equal(layers4[name].lora_A["default"].weight, layer.lora_A["default"].weight)
+    deq = dict(pruned_base_copy(q4.model).named_modules())
+    for name, layer in layers32.items():
+        pruned = layer.base_layer.weight == 0
+        assert (deq[name[len(PREFIX):]].weight[pruned] == 0).all()  # every pruned entry decodes to exactly 0
+    assert torch.isfinite(logits(q4.model, batch)).all()
