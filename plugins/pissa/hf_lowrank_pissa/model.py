@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from hf_lowrank_lora import attach_lora, residual
+from hf_lowrank_lora import attach_lora, attach_lora_with_factors, residual
 from peft import LoraConfig, PeftModel
 from torch import nn
 
@@ -53,18 +53,8 @@ def _quantize_residual(model: PeftModel, config: LoraConfig, settings: Quantizat
     base = model.unload()  # the base, now holding W_res in full precision
     quantized = quantize_model(base, settings)
     setattr(quantized, residual.RESIDUAL_FLAG, True)
-    # attach plain LoRA layers (no second SVD on NF4 weights), then load the fp32 factors into them
-    init = config.init_lora_weights
-    config.init_lora_weights = True
-    try:
-        restored = attach_lora(quantized, config)
-    finally:
-        config.init_lora_weights = init
-    modules = dict(restored.named_modules())
-    with torch.no_grad():
-        for name, (a0, b0) in factors.items():
-            modules[name].lora_A[adapter].weight.copy_(a0)
-            modules[name].lora_B[adapter].weight.copy_(b0)
+    # plain LoRA layers (no second SVD on NF4 weights) holding the fp32 factors
+    restored = attach_lora_with_factors(quantized, config, factors, adapter)
     residual.store_initial_factors(restored, adapter)
     return restored
 

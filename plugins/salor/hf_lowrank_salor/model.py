@@ -22,7 +22,7 @@ import math
 from collections.abc import Iterator
 
 import torch
-from hf_lowrank_lora import attach_lora
+from hf_lowrank_lora import attach_lora, attach_lora_with_factors
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -152,18 +152,7 @@ def _quantize_sparse_base(
     factors = {n: (l.lora_A[adapter].weight.detach().clone(), l.lora_B[adapter].weight.detach().clone())
                for n, l in lora_layers(model, adapter).items()}
     quantized = quantize_model(model.unload(), settings)
-    init = config.init_lora_weights
-    config.init_lora_weights = True
-    try:
-        restored = attach_lora(quantized, config)
-    finally:
-        config.init_lora_weights = init
-    layers = lora_layers(restored, adapter)
-    with torch.no_grad():
-        for name, (A, B) in factors.items():
-            layers[name].lora_A[adapter].weight.copy_(A)
-            layers[name].lora_B[adapter].weight.copy_(B)
-    return restored
+    return attach_lora_with_factors(quantized, config, factors, adapter)
 
 
 # --------------------------------------------------------------------------- adapter sparsity
