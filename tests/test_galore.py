@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
 from hf_lowrank_plugins import ConfigError, IncompatibleError, attach
 
 galore = pytest.importorskip("hf_lowrank_galore")
+from hf_lowrank_galore.adafactor import GaLoreAdafactor  # noqa: E402
 from hf_lowrank_galore.optimizer import GaLoreAdamW  # noqa: E402
 from hf_lowrank_galore.projector import low_rank_shape, projection_side  # noqa: E402
 
@@ -66,6 +67,46 @@ def test_matches_galore_torch(proj_type):
     for w in ours_w:  # moments are low-rank sized
         side = projection_side(w.shape, proj_type)
         assert tuple(ours.state[w]["exp_avg"].shape) == low_rank_shape(w.shape, 4, side)
+
+
+ADAFACTOR_SETTINGS = {
+    "manual lr, no first moment": dict(lr=1e-2, scale_parameter=False, relative_step=False, weight_decay=0.1),
+    "manual lr, beta1": dict(lr=1e-2, beta1=0.9, scale_parameter=False, relative_step=False),
+    "relative step, parameter scale": dict(lr=None, scale_parameter=True, relative_step=True, warmup_init=True),
+}
+
+
+@pytest.mark.parametrize("proj_type", PROJ_TYPES)
+@pytest.mark.parametrize("setting", list(ADAFACTOR_SETTINGS))
+def test_adafactor_matches_galore_torch(proj_type, setting):
+    """Same gradients -> same weights as galore_torch.GaLoreAdafactor; untargeted tensors as transformers' Adafactor."""
+    reference = pytest.importorskip("galore_torch")
+    from transformers.optimization import Adafactor
+
+    hyper = ADAFACTOR_SETTINGS[setting]
+    g = torch.Generator().manual_seed(0)
+    shapes = [(48, 24), (24, 48)]
+    ours_w = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    ref_w = [torch.nn.Parameter(w.detach().clone()) for w in ours_w]
+    ours_plain = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in [(48, 24), (24,)]]  # matrix + bias
+    ref_plain = [torch.nn.Parameter(w.detach().clone()) for w in ours_plain]
+    gal = dict(rank=4, update_proj_gap=3, scale=0.25, proj_type=proj_type)
+    ours = GaLoreAdafactor([{"params": ours_w, "galore": True, **gal}, {"params": ours_plain}], **hyper)
+    ref = reference.GaLoreAdafactor([{"params": ref_w, **gal}], **hyper)
+    ref_plain_opt = Adafactor(ref_plain, **hyper)
+    for _ in range(8):  # refreshes at steps 0, 3, 6
+        for ws_a, ws_b in ((ours_w, ref_w), (ours_plain, ref_plain)):
+            for a, b in zip(ws_a, ws_b):
+                a.grad = torch.randn(a.shape, generator=g)
+                b.grad = a.grad.clone()
+        ours.step()
+        ref.step()
+        ref_plain_opt.step()
+    for a, b in zip(ours_w + ours_plain, ref_w + ref_plain):
+        assert (a - b).abs().max().item() <= 1e-6
+    for w in ours_w:  # factored second moment of the low-rank gradient: rows + columns of an r-sized matrix
+        m, n = low_rank_shape(w.shape, 4, projection_side(w.shape, proj_type))
+        assert ours.state[w]["exp_avg_sq_row"].numel() + ours.state[w]["exp_avg_sq_col"].numel() == m + n
 
 
 def test_state_dict_round_trip_8bit():
@@ -136,8 +177,28 @@ def test_resume_gives_same_losses(tmp_path, optimizer):
         assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
 
 
+def test_adafactor_through_trainer_resumes_exactly(tmp_path):
+    """optimizer='adafactor' with optim='adafactor': the Trainer's Adafactor settings are kept, loss
+    falls, and resuming from the middle checkpoint reproduces the uninterrupted run."""
+    kw = dict(attach_kw={"update_proj_gap": 3, "optimizer": "adafactor"}, max_steps=10, save_strategy="steps",
+              save_steps=5, optim="adafactor", learning_rate=1e-2, weight_decay=0.01)
+    _, full = _train(tmp_path, "full", **kw)
+    opt = _unwrap(full.optimizer)
+    assert isinstance(opt, GaLoreAdafactor)
+    assert all(g["relative_step"] is False and g["scale_parameter"] is False for g in opt.param_groups)
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.0, 0.01}
+    losses = list(_losses(full).values())
+    assert losses[-1] < losses[0] * 0.8
+    ckpt = tmp_path / "full" / "checkpoint-5"
+    torch.load(ckpt / "optimizer.pt", weights_only=True)
+    _, resumed = _train(tmp_path, "resumed", resume=str(ckpt), **kw)
+    a, b = _losses(full), _losses(resumed)
+    for step in range(6, 11):
+        assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
+
+
 def test_layerwise_matches_and_accumulates(tmp_path):
-    """Layer-wise (GA=1) equals the global optimizer; with GA=2 it trains and target grads are freed."""
+    """Layer-wise (GA=1) equals the global optimizer (AdamW and Adafactor); with GA=2 it trains and target grads are freed."""
     seen = []
 
     class NoTargetGrads(TrainerCallback):
@@ -146,10 +207,11 @@ def test_layerwise_matches_and_accumulates(tmp_path):
                             if isinstance(m, torch.nn.Linear) and "lm_head" not in n))
 
     common = dict(max_steps=6, max_grad_norm=0.0)
-    _, plain = _train(tmp_path, "plain", **common)
-    _, layer = _train(tmp_path, "layer", attach_kw={"layerwise": True}, **common)
-    a, b = _losses(plain), _losses(layer)
-    assert all(abs(a[s] - b[s]) <= 1e-5 for s in a)
+    for optimizer in ("adamw", "adafactor"):
+        _, plain = _train(tmp_path, f"plain-{optimizer}", attach_kw={"optimizer": optimizer}, **common)
+        _, layer = _train(tmp_path, f"layer-{optimizer}", attach_kw={"optimizer": optimizer, "layerwise": True}, **common)
+        a, b = _losses(plain), _losses(layer)
+        assert all(abs(a[s] - b[s]) <= 1e-5 for s in a), optimizer
 
     model = make_tiny_model(0)
     adapted = attach(model, "galore", rank=4, update_proj_gap=5, layerwise=True)

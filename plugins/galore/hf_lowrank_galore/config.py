@@ -8,8 +8,9 @@ from peft import PeftConfig
 
 #: Projection types of galore-torch 1.0. ``std`` projects the smaller side of each weight.
 PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
-#: Optimizers for the low-rank moments: 32-bit AdamW, or bitsandbytes-style blockwise 8-bit AdamW.
-OPTIMIZERS = ("adamw", "adamw8bit")
+#: Optimizers for the low-rank moments: 32-bit AdamW, bitsandbytes-style blockwise 8-bit AdamW, or
+#: Adafactor (factored second moment, transformers' arithmetic).
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
 
 
 @dataclass
@@ -28,8 +29,9 @@ class GaLoreConfig(PeftConfig):
         proj_type: ``std`` | ``reverse_std`` | ``right`` | ``left`` | ``full``.
         target_modules: linear layers whose weights are projected: names, regex or ``"all-linear"``.
         exclude_modules: layers to leave out of ``target_modules``.
-        optimizer: ``adamw`` (32-bit moments) or ``adamw8bit`` (8-bit blockwise moments, needs
-            bitsandbytes).
+        optimizer: ``adamw`` (32-bit moments), ``adamw8bit`` (8-bit blockwise moments, needs
+            bitsandbytes) or ``adafactor`` (factored second moment of the projected gradient; its
+            hyperparameters come from the Trainer's Adafactor when ``optim="adafactor"``).
         layerwise: update each target weight's low-rank gradient from a post-accumulate-grad hook,
             freeing its full gradient at once (lower peak memory; see the README for clipping).
         min_8bit_size: tensors with fewer elements keep 32-bit moments in ``adamw8bit`` mode

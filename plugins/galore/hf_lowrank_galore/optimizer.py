@@ -55,49 +55,17 @@ def _import_bnb_functional() -> Any:
     return bnb_functional
 
 
-class GaLoreAdamW(torch.optim.Optimizer):
-    """AdamW with GaLore projection for groups marked ``galore=True``.
+class GaLoreOptimizer(torch.optim.Optimizer):
+    """What every GaLore optimizer shares: projector refresh, projection and layer-wise mode.
 
-    Args:
-        params: parameters or groups. Per-group keys: ``lr``, ``betas``, ``eps``, ``weight_decay``,
-            ``galore`` (project this group's 2-D weights), ``rank``, ``update_proj_gap``, ``scale``,
-            ``proj_type``.
-        lr, betas, eps, weight_decay: AdamW hyperparameters (defaults for groups that omit them).
-        rank, update_proj_gap, scale, proj_type: GaLore defaults for ``galore`` groups.
-        optim_bits: 32, or 8 for bitsandbytes blockwise 8-bit moments.
-        min_8bit_size: tensors (moments) smaller than this stay 32-bit in 8-bit mode.
-        layerwise: project target gradients in post-accumulate-grad hooks (see module docs).
+    Subclasses implement ``step()`` with their own moment arithmetic on the low-rank gradient that
+    :meth:`_low_rank_grad` returns. Param groups flagged ``galore=True`` carry ``rank``,
+    ``update_proj_gap``, ``scale`` and ``proj_type``.
     """
 
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        rank: int = 128,
-        update_proj_gap: int = 200,
-        scale: float = 0.25,
-        proj_type: str = "std",
-        optim_bits: int = 32,
-        min_8bit_size: int = 4096,
-        layerwise: bool = False,
-    ) -> None:
-        if lr < 0 or eps < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"invalid AdamW hyperparameters lr={lr}, betas={betas}, eps={eps}")
-        if optim_bits not in (8, 32):
-            raise ValueError(f"optim_bits must be 8 or 32, got {optim_bits}")
-        defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, galore=False, rank=rank,
-            update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
-        )
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], defaults: dict, layerwise: bool) -> None:
         super().__init__(params, defaults)
-        self.optim_bits = optim_bits
-        self.min_8bit_size = min_8bit_size
         self.layerwise = layerwise
-        self._bnb = _import_bnb_functional() if optim_bits == 8 else None
-        self._qmaps: dict[tuple[str, torch.device], torch.Tensor] = {}
         self._hooks: list[Any] = []
         for group in self.param_groups:
             if group["galore"]:
@@ -146,14 +114,72 @@ class GaLoreAdamW(torch.optim.Optimizer):
             handle.remove()
         self._hooks.clear()
 
-    # ------------------------------------------------------------------ step
-
     @staticmethod
     def _maybe_refresh(p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, side: str) -> None:
         """Refresh the projector at step 0 and every ``update_proj_gap`` steps (galore-torch's rule)."""
         state.setdefault("step", 0)
         if "proj" not in state or state["step"] % group["update_proj_gap"] == 0:
             state.update(compute_projection(grad, group["rank"], side))
+
+    def _low_rank_grad(self, p: torch.Tensor, group: dict, state: dict, side: str,
+                       dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        """This step's projected gradient of target weight ``p`` (refreshing the projector when due).
+
+        Layer-wise mode hands over (and clears) the accumulator its hooks filled; otherwise
+        ``p.grad`` (cast to ``dtype`` first when given) is projected. None when there is no gradient.
+        """
+        if self.layerwise and _ACCUM_KEY in state:
+            return state.pop(_ACCUM_KEY)
+        if p.grad is None:
+            return None
+        grad = p.grad if dtype is None else p.grad.to(dtype)
+        self._maybe_refresh(p, grad, state, group, side)
+        return project(grad, state, side)
+
+class GaLoreAdamW(GaLoreOptimizer):
+    """AdamW with GaLore projection for groups marked ``galore=True``.
+
+    Args:
+        params: parameters or groups. Per-group keys: ``lr``, ``betas``, ``eps``, ``weight_decay``,
+            ``galore`` (project this group's 2-D weights), ``rank``, ``update_proj_gap``, ``scale``,
+            ``proj_type``.
+        lr, betas, eps, weight_decay: AdamW hyperparameters (defaults for groups that omit them).
+        rank, update_proj_gap, scale, proj_type: GaLore defaults for ``galore`` groups.
+        optim_bits: 32, or 8 for bitsandbytes blockwise 8-bit moments.
+        min_8bit_size: tensors (moments) smaller than this stay 32-bit in 8-bit mode.
+        layerwise: project target gradients in post-accumulate-grad hooks (see module docs).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        rank: int = 128,
+        update_proj_gap: int = 200,
+        scale: float = 0.25,
+        proj_type: str = "std",
+        optim_bits: int = 32,
+        min_8bit_size: int = 4096,
+        layerwise: bool = False,
+    ) -> None:
+        if lr < 0 or eps < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"invalid AdamW hyperparameters lr={lr}, betas={betas}, eps={eps}")
+        if optim_bits not in (8, 32):
+            raise ValueError(f"optim_bits must be 8 or 32, got {optim_bits}")
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, galore=False, rank=rank,
+            update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
+        )
+        self.optim_bits = optim_bits
+        self.min_8bit_size = min_8bit_size
+        self._bnb = _import_bnb_functional() if optim_bits == 8 else None
+        self._qmaps: dict[tuple[str, torch.device], torch.Tensor] = {}
+        super().__init__(params, defaults, layerwise)
+
+    # ------------------------------------------------------------------ step
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -174,12 +200,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         """Low-rank Adam update of one target weight."""
         state = self.state[p]
         side = projection_side(p.shape, group["proj_type"])
-        if self.layerwise and _ACCUM_KEY in state:
-            low = state.pop(_ACCUM_KEY)
-        elif p.grad is not None:
-            self._maybe_refresh(p, p.grad, state, group, side)
-            low = project(p.grad, state, side)
-        else:
+        low = self._low_rank_grad(p, group, state, side)
+        if low is None:
             return  # no gradient this step (e.g. unused layer): leave state untouched, like torch
         lr, wd = group["lr"], group["weight_decay"]
         beta1, beta2 = group["betas"]

@@ -1,8 +1,9 @@
 """Hook implementations of the ``galore`` method.
 
 GaLore trains the full model; what changes is the optimizer. So ``init_adapter`` only validates,
-``wrap_optimizer`` swaps the Trainer's AdamW for :class:`~hf_lowrank_galore.optimizer.GaLoreAdamW`
-with the same hyperparameters and groups, and ``post_train_merge`` writes the fine-tuned model.
+``wrap_optimizer`` swaps the Trainer's optimizer for :class:`~hf_lowrank_galore.optimizer.GaLoreAdamW`
+(or :class:`~hf_lowrank_galore.adafactor.GaLoreAdafactor`) with the same hyperparameters and groups,
+and ``post_train_merge`` writes the fine-tuned model.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from hf_lowrank_plugins import (
     save_merged,
 )
 
+from .adafactor import GaLoreAdafactor
 from .config import GaLoreConfig
-from .optimizer import GaLoreAdamW
+from .optimizer import GaLoreAdamW, GaLoreOptimizer
 
 logger = logging.getLogger(__name__)
 
@@ -76,23 +78,39 @@ def init_adapter(model: nn.Module, config: GaLoreConfig) -> nn.Module:
     return model
 
 
-def _hyperparameters(group: dict, args: Any) -> dict[str, Any]:
-    """lr/betas/eps/decay of one group of the Trainer-built optimizer, ``args`` where it has none."""
+#: transformers' Adafactor hyperparameters and the values the Trainer uses for ``optim="adafactor"``
+#: (manual lr, no relative step or parameter scaling), for Trainer optimizers that are not Adafactor.
+ADAFACTOR_DEFAULTS: dict[str, Any] = {
+    "eps": (1e-30, 1e-3), "clip_threshold": 1.0, "decay_rate": -0.8, "beta1": None,
+    "scale_parameter": False, "relative_step": False, "warmup_init": False,
+}
+
+
+def _hyperparameters(group: dict, args: Any, optimizer: str, built_adafactor: bool) -> dict[str, Any]:
+    """The hyperparameters of one group of the Trainer-built optimizer, ``args`` where it has none.
+
+    For GaLore Adafactor the Adafactor settings are read from the group only when the Trainer built
+    an Adafactor (``built_adafactor``); an AdamW group's ``eps`` means something else.
+    """
+    common = {"lr": group.get("lr", args.learning_rate), "weight_decay": group.get("weight_decay", 0.0)}
+    if optimizer == "adafactor":
+        source = group if built_adafactor else {}
+        return {**common, **{key: source.get(key, default) for key, default in ADAFACTOR_DEFAULTS.items()}}
     return {
-        "lr": group.get("lr", args.learning_rate),
+        **common,
         "betas": tuple(group.get("betas", (args.adam_beta1, args.adam_beta2))),
         "eps": group.get("eps", args.adam_epsilon),
-        "weight_decay": group.get("weight_decay", 0.0),
     }
 
 
 @hookimpl
-def wrap_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, config: GaLoreConfig, args: Any) -> torch.optim.Optimizer:
-    """Replace the Trainer's optimizer by GaLore AdamW with the same groups and hyperparameters.
+def wrap_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, config: GaLoreConfig, args: Any) -> GaLoreOptimizer:
+    """Replace the Trainer's optimizer by GaLore AdamW or Adafactor with the same groups and hyperparameters.
 
     Each group of the Trainer's optimizer (decayed weights / biases and norms) is split into its
-    target weights (``galore=True``) and the rest, keeping the group's lr, betas, eps and weight
-    decay, so the Trainer's scheduler, clipping and checkpointing apply unchanged.
+    target weights (``galore=True``) and the rest, keeping the group's lr, weight decay and (AdamW)
+    betas and eps or (Adafactor) all of Adafactor's settings, so the Trainer's scheduler, clipping
+    and checkpointing apply unchanged.
     """
     optim_name = str(getattr(args.optim, "value", args.optim))
     if optim_name.startswith(("galore", "apollo")):
@@ -102,7 +120,14 @@ def wrap_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, config: G
         )
     if type(optimizer).__name__ == "LayerWiseDummyOptimizer":
         raise ConfigError("the Trainer built a layer-wise optimizer; leave TrainingArguments.optim at adamw_torch")
-    if not optim_name.startswith("adamw"):
+    adafactor = config.optimizer == "adafactor"
+    if adafactor and optim_name != "adafactor":
+        logger.warning(
+            "GaLore Adafactor replaces optim=%s: lr and weight decay are taken over, the rest are the Trainer's "
+            "Adafactor settings (relative_step=False, scale_parameter=False); set optim='adafactor' to silence this",
+            optim_name,
+        )
+    elif not adafactor and not optim_name.startswith("adamw"):
         logger.warning(
             "GaLore replaces optim=%s by AdamW (%s moments); only lr, betas, eps and weight decay are taken over",
             optim_name, "8-bit" if config.optimizer == "adamw8bit" else "32-bit",
@@ -115,7 +140,7 @@ def wrap_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, config: G
     targets = {id(p) for p in target_weights(model, config).values() if p.requires_grad}
     groups: list[dict] = []
     for group in optimizer.param_groups:
-        hyper = _hyperparameters(group, args)
+        hyper = _hyperparameters(group, args, config.optimizer, built_adafactor=optim_name == "adafactor")
         projected = [p for p in group["params"] if id(p) in targets]
         plain = [p for p in group["params"] if id(p) not in targets]
         # Empty groups are kept out; the split is a deterministic function of the model, so a
@@ -132,6 +157,8 @@ def wrap_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, config: G
         raise ConfigError(
             "none of GaLore's target weights is trainable; unfreeze them or change target_modules"
         )
+    if adafactor:
+        return GaLoreAdafactor(groups, layerwise=bool(config.layerwise))
     return GaLoreAdamW(
         groups,
         optim_bits=8 if config.optimizer == "adamw8bit" else 32,
