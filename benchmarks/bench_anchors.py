@@ -4,7 +4,7 @@
         [--batch-size 2] [--seq-len 64] [--rank 16] [--galore-rank 128] [--output FILE]
 
 Anchors: plain PEFT for LoRA, DoRA, PiSSA (exact and fast SVD), LoRA-GA (``preprocess_loraga``)
-and QLoRA; transformers' ``galore_adamw`` / ``galore_adamw_layerwise`` for GaLore; the plain
+and QLoRA; transformers' ``galore_adamw`` / ``galore_adamw_layerwise`` / ``galore_adafactor`` for GaLore; the plain
 Trainer for our built-in ``full``. Variants whose plugin is not installed are skipped with a note.
 What is measured is described in ``harness.py``. Prints a table of ratios ours / anchor (or, with
 ``--ratios-vs VARIANT``, every variant against that one) and writes JSON.
@@ -13,12 +13,16 @@ What is measured is described in ``harness.py``. Prints a table of ratios ours /
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
-from harness import VARIANTS, BenchOptions, add_options, installed_methods, machine, options_from, run_isolated, write_json
+from harness import (
+    VARIANTS, BenchOptions, add_options, figure, installed_methods, machine, options_from, run_isolated, write_json,
+)
 
 #: Figures compared as ratios: result key -> column label.
 RATIO_KEYS = {"median_step_s": "step s", "peak_rss_mib": "peak RSS MiB", "peak_train_rss_mib": "train peak MiB",
@@ -67,7 +71,7 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
             print(f"| {name} | failed: {r['error'][:120]} |" + " |" * (2 * len(RATIO_KEYS) + 1))
             continue
         ratios = r.get("vs_anchor", {})
-        cells = [f"{r[k]:.3g} | {ratios[k]:.2f}" if ratios.get(k) is not None else f"{r[k]:.3g} | " for k in RATIO_KEYS]
+        cells = [f"{figure(r[k])} | {ratios[k]:.2f}" if ratios.get(k) is not None else f"{figure(r[k])} | " for k in RATIO_KEYS]
         print(f"| {name} | " + " | ".join(cells) + f" | {r['trainable_params']:,} | {r['eval_loss']:.4f} |")
 
 
@@ -78,8 +82,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ratios-vs", help="compare every variant against this one instead of its own anchor")
     parser.add_argument("--output", default="benchmarks/results/anchors.json")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per variant")
+    parser.add_argument("--table-from", metavar="JSON", help="print the table of an earlier run's JSON and exit")
     add_options(parser)
     ns = parser.parse_args(argv)
+    if ns.table_from:
+        print_table(json.loads(Path(ns.table_from).read_text())["results"])
+        return
     options = options_from(ns)
     order, skipped = plan(ns.only, installed_methods())
     started_on = machine()

@@ -18,7 +18,7 @@ import shlex
 import sys
 from typing import Any
 
-from harness import BenchOptions, add_options, machine, options_from, run_isolated, write_json
+from harness import BenchOptions, add_options, figure, machine, options_from, run_isolated, write_json
 
 FIGURES = {"median_step_s": "step s", "peak_train_rss_mib": "train peak MiB", "opt_state_mib": "opt state MiB"}
 
@@ -55,7 +55,8 @@ def print_rows(rows: list[dict[str, Any]], axis: str) -> None:
         if "error" in r:
             print(f"| {r['method']} | {r['value']} | failed: {r['error'][:100]} |" + " |" * (2 * len(FIGURES) + 1))
             continue
-        cells = " | ".join(f"{r[k]:.3g} | {r['vs_first'][k]:.2f}" if r["vs_first"][k] is not None else f"{r[k]:.3g} | -" for k in FIGURES)
+        cells = " | ".join(f"{figure(r[k])} | {r['vs_first'][k]:.2f}" if r["vs_first"][k] is not None else f"{figure(r[k])} | -"
+                           for k in FIGURES)
         print(f"| {r['method']} | {r['value']} | {r['model_params']:,} | {r['trainable_params']:,} | {cells} |")
 
 

@@ -83,6 +83,8 @@ VARIANTS: dict[str, Variant] = {
     "ours:galore_layerwise": Variant("hf-lowrank galore, layerwise=True", "hf:galore_adamw_layerwise", "galore"),
     "hf:galore_adamw_layerwise": Variant("transformers optim=galore_adamw_layerwise"),
     "ours:galore_8bit": Variant("hf-lowrank galore, optimizer=adamw8bit", None, "galore"),
+    "ours:galore_adafactor": Variant("hf-lowrank galore, optimizer=adafactor (optim=adafactor)", "hf:galore_adafactor", "galore"),
+    "hf:galore_adafactor": Variant("transformers optim=galore_adafactor"),
     "ours:full": Variant("hf-lowrank full (built-in method)", "full", "full"),
     "full": Variant("plain Trainer, full fine-tuning with its default AdamW"),
 }
@@ -151,14 +153,19 @@ def optimizer_state_bytes(optimizer: Any) -> int:
 
 
 def config_model(width: int, layers: int, vocab_size: int) -> Any:
-    """A SmolLM2-shaped Llama (head dim 64, 3 query heads per KV head, MLP 8/3 x width), random init."""
+    """A SmolLM2-shaped Llama (head dim 64, about 3 query heads per KV head, MLP 8/3 x width), random init.
+
+    The KV head count is the largest divisor of the head count up to a third of it (attention needs
+    the query heads to split evenly over the KV heads): 3 for SmolLM2's 9, 4 for width 1024's 16.
+    """
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     heads = max(1, width // 64)
+    kv_heads = max(d for d in range(1, max(1, heads // 3) + 1) if heads % d == 0)
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=width, intermediate_size=64 * round(width * 8 / 3 / 64),
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 3),
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
         max_position_embeddings=2048, tie_word_embeddings=True,
     )
     torch.manual_seed(0)
@@ -179,6 +186,7 @@ def _ours(name: str, o: BenchOptions) -> tuple[str, dict[str, Any]]:
         "galore": ("galore", galore),
         "galore_layerwise": ("galore", {**galore, "layerwise": True}),
         "galore_8bit": ("galore", {**galore, "optimizer": "adamw8bit"}),
+        "galore_adafactor": ("galore", {**galore, "optimizer": "adafactor"}),
         "full": ("full", {}),
     }[name]
 
@@ -265,6 +273,8 @@ def run_variant(variant: str, o: BenchOptions) -> dict[str, Any]:
         method, fields = _ours(name, o)
         adapted = attach(model, method, **fields)
         model, trainer_kw = adapted.model, adapted.trainer_kwargs()
+        if name == "galore_adafactor":
+            extra_args = {"optim": "adafactor"}  # the Trainer's Adafactor settings, as transformers' galore_adafactor
     elif kind == "peft":
         model = _peft_model(name, model, train, o)
     elif kind == "hf":
@@ -336,6 +346,11 @@ def run_isolated(variant: str, options: BenchOptions, timeout: float | None = No
         tail = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()][-1:]
         return {"variant": variant, "error": " | ".join(tail) or f"exit status {proc.returncode}"}
     return {**json.loads(line[len(RESULT_PREFIX):]), "wall_s": time.perf_counter() - started}
+
+
+def figure(value: float) -> str:
+    """A figure for a table: thousands as whole numbers (1,480), smaller ones to 3 significant digits."""
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
 
 
 def machine() -> dict[str, Any]:

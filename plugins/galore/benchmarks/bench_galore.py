@@ -30,6 +30,8 @@ VARIANTS = {
     "ours_8bit": "ours:galore_8bit",
     "hf_galore_adamw": "hf:galore_adamw",
     "hf_galore_adamw_layerwise": "hf:galore_adamw_layerwise",
+    "ours_adafactor": "ours:galore_adafactor",
+    "hf_galore_adafactor": "hf:galore_adafactor",
 }
 
 

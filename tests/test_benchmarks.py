@@ -1,0 +1,57 @@
+"""The benchmark scripts keep working: variant planning, ratios, and one real ours-vs-anchor pair end to end."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_anchors  # noqa: E402  (needs the path above)
+
+
+def test_plan_puts_each_anchor_after_ours_and_explains_skips():
+    """``--only`` keeps the canonical order; a variant whose plugin is missing is skipped with the
+    install command, and its anchor with it (an anchor alone measures nothing of ours)."""
+    order, skipped = bench_anchors.plan("peft:dora,ours:dora,full,ours:full", {"dora", "full"})
+    assert order == ["ours:dora", "peft:dora", "ours:full", "full"] and skipped == {}
+    order, skipped = bench_anchors.plan("ours:dora,peft:dora", {"full"})
+    assert order == []
+    assert "pip install -e plugins/dora" in skipped["ours:dora"] and "ours:dora" in skipped["peft:dora"]
+    with pytest.raises(SystemExit, match="unknown variant"):
+        bench_anchors.plan("ours:nope", set())
+
+
+def test_ratios_are_ours_over_anchor():
+    """Every ratio key is ours / anchor; anchors and failed runs get none."""
+    keys = list(bench_anchors.RATIO_KEYS)
+    results = {"ours:lora": {k: 3.0 for k in keys}, "peft:lora": {k: 2.0 for k in keys},
+               "ours:dora": {"error": "boom"}, "peft:dora": {k: 1.0 for k in keys}}
+    bench_anchors.add_ratios(results, None)
+    assert results["ours:lora"]["vs_anchor"] == {k: 1.5 for k in keys}
+    assert "vs_anchor" not in results["peft:lora"] and "vs_anchor" not in results["ours:dora"]
+
+
+def test_galore_adafactor_pair_end_to_end(tmp_path, smol_dir, capsys):
+    """Ours and transformers' GaLore Adafactor, each in its own process on a small model: the JSON
+    has both, ours keeps less optimizer state, and the two train to the same eval loss (the same
+    arithmetic)."""
+    pytest.importorskip("hf_lowrank_galore")
+    pytest.importorskip("galore_torch")
+    out = tmp_path / "pair.json"
+    bench_anchors.main(["--only", "ours:galore_adafactor,hf:galore_adafactor", "--width", "64", "--layers", "1",
+                        "--galore-rank", "8", "--steps", "2", "--warmup", "1", "--eval-blocks", "2", "--output", str(out)])
+    results = json.loads(out.read_text())["results"]
+    ours, theirs = results["ours:galore_adafactor"], results["hf:galore_adafactor"]
+    assert "error" not in ours and "error" not in theirs, (ours, theirs)
+    assert ours["trainable_params"] == theirs["trainable_params"]
+    assert ours["opt_state_mib"] < theirs["opt_state_mib"]
+    assert abs(ours["eval_loss"] - theirs["eval_loss"]) <= 1e-4
+    assert ours["vs_anchor"]["opt_state_mib"] == pytest.approx(ours["opt_state_mib"] / theirs["opt_state_mib"])
+    capsys.readouterr()
+    bench_anchors.main(["--table-from", str(out)])
+    table = capsys.readouterr().out
+    assert table.count("\n| ours:galore_adafactor |") == 1 and "| hf:galore_adafactor |" in table
