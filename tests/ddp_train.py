@@ -26,3 +26,7 @@ if dist.get_rank() == 0:
         "moved": float((flat).abs().sum()),
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
     }))
+# Leave together: a rank that exits while the other is still in gloo can abort in teardown
+# ("terminate called without an active exception").
+dist.barrier()
+dist.destroy_process_group()

@@ -44,3 +44,7 @@ result = {"world_size": dist.get_world_size(), "init_difference": spread(snapsho
           "trained_difference": spread(trained), "init_norm": float(snapshot["init"].abs().sum())}
 if dist.get_rank() == 0:
     print(json.dumps(result))
+# Leave together: a rank that exits while the other is still in gloo can abort in teardown
+# ("terminate called without an active exception").
+dist.barrier()
+dist.destroy_process_group()

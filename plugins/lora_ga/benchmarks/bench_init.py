@@ -6,7 +6,8 @@ Each variant runs in a fresh process (peak RSS = resource.getrusage ru_maxrss), 
 * ``lora_step``   two LoRA training steps (AdamW) on the first batch: the memory yardstick (1.1x goal)
 * ``reference``   exact G by plain autograd on the weights, exact SVD: the subspaces to agree with
 * ``peft``        peft.preprocess_loraga + get_peft_model(init_lora_weights="lora_ga")
-* ``ours_*``      this plugin's init_adapter_from_data with each estimator
+* ``ours_*``      this plugin's init_adapter_from_data: ``full`` (default, 4 layer groups), ``full_g1``
+                  (one group: one pass, more memory), ``sketch``
 
 Subspace agreement of a layer = ||P_ref^T Q_est||_F^2 / r (1 = same subspace), for A's row space
 (reference: top-r right singular vectors of G) and B's column space (left vectors r+1..2r),
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ["lora_step", "reference", "peft", "ours_full", "ours_full_g4", "ours_sketch"]
+VARIANTS = ["lora_step", "reference", "peft", "ours_full_g1", "ours_full", "ours_sketch"]
 R = 16
 
 
@@ -118,7 +119,7 @@ def run_variant(variant: str, args: dict) -> dict:
         import hf_lowrank_plugins as hlp
         from hf_lowrank_lora_ga import plugin
 
-        fields = {"ours_full": {"estimator": "full"}, "ours_full_g4": {"estimator": "full", "ga_layer_groups": 4},
+        fields = {"ours_full": {"estimator": "full"}, "ours_full_g1": {"estimator": "full", "ga_layer_groups": 1},
                   "ours_sketch": {"estimator": "sketch"}}[variant]
         adapted = hlp.attach(model, "lora_ga", r=R, ga_batches=len(batches), **fields)
         t0 = time.perf_counter()  # the estimate + init only, as for PEFT (whose attach is the init)
