@@ -296,10 +296,8 @@ def method_result(run: PlannedRun, metrics: dict[str, Any]) -> dict[str, Any]:
         return {**row, "status": "failed", "error": metrics["error"]}
     artifacts = metrics.get("artifact_bytes", {})
     artifact = "adapter" if "adapter" in artifacts else "merged" if "merged" in artifacts else None
-    history = [{"step": 0, "seconds": metrics["init_seconds"], "eval_loss": metrics["eval_loss_before"]}]
-    for entry in metrics["eval_history"]:
-        if entry["step"] > history[-1]["step"]:  # the final evaluate() repeats the last periodic one
-            history.append(entry)
+    before = {"step": 0, "seconds": metrics["init_seconds"], "eval_loss": metrics["eval_loss_before"]}
+    history = [before] + [entry for entry in metrics["eval_history"] if entry["step"] > 0]
     return {
         **row,
         "status": "ok",

@@ -182,11 +182,12 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
 
     exported = adapted.export(output_dir, merge=spec.merge, tokenizer=tokenizer)
     init_seconds = attach_seconds + timer.startup_seconds
-    eval_history = [
-        {"step": e["step"], "eval_loss": e["eval_loss"], "seconds": init_seconds + timer.elapsed(e["step"])}
-        for e in trainer.state.log_history
-        if "eval_loss" in e
-    ]
+    eval_history: list[dict[str, float]] = []
+    for entry in trainer.state.log_history:
+        # One entry per step: the final evaluate() repeats the last periodic evaluation's step.
+        if "eval_loss" in entry and (not eval_history or entry["step"] != eval_history[-1]["step"]):
+            seconds = init_seconds + timer.elapsed(entry["step"])
+            eval_history.append({"step": entry["step"], "eval_loss": entry["eval_loss"], "seconds": seconds})
     metrics = {
         "method": spec.method,
         "model": str(model_dir),

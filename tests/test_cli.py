@@ -54,10 +54,13 @@ def test_train_jsonl_4bit_on_tiny_model(tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "run"
     argv = ["train", "--method", "lora", "--load-in-4bit", "--model", str(tiny_model_dir), "--dataset", str(data),
             "--output-dir", str(out), "--max-steps", "6", "--batch-size", "4", "--seq-len", "16", "--lr", "5e-3",
-            "--eval-blocks", "4", "--set", "lora_dropout=0.0", "--set", "use_rslora=true"]
+            "--eval-blocks", "4", "--eval-every", "3", "--set", "lora_dropout=0.0", "--set", "use_rslora=true"]
     assert main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 6 and metrics["eval_loss_after"] < metrics["eval_loss_before"]
+    # each periodic evaluation once: the final evaluate() at step 6 is not listed again
+    assert [e["step"] for e in metrics["eval_history"]] == [3, 6]
+    assert metrics["eval_history"][-1]["eval_loss"] == metrics["eval_loss_after"]
     assert metrics["config"]["use_rslora"] is True
     assert (out / "adapter" / "adapter_config.json").is_file() and not (out / "merged").exists()
 
