@@ -28,7 +28,14 @@ STUDY = dict(rank=16, alpha=16, batch_size=4, seq_len=64, eval_every=5, eval_blo
 
 def train(method: str, lr: float, steps: int, settings: dict[str, Any], out: Path) -> dict[str, Any]:
     """One training run in a fresh process; its metrics.json content."""
+    from hf_lowrank_plugins import get_registry
+    from hf_lowrank_plugins.compare import common_field_applies
+
     spec = dict(STUDY, method=method, output_dir=str(out), max_steps=steps, lr=lr, settings=settings)
+    config_class = get_registry().get(method).config_class
+    for common in ("rank", "alpha"):  # as compare: only to methods that have the setting (full has none)
+        if not common_field_applies(config_class, common):
+            spec.pop(common)
     code = ("import json, sys\nfrom hf_lowrank_plugins.train import TrainSpec, run_training\n"
             "print('METRICS ' + json.dumps(run_training(TrainSpec(**json.loads(sys.argv[1])))))")
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True)

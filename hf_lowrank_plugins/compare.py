@@ -103,7 +103,7 @@ def learning_rate(method: str, default: float | None, overrides: dict[str, float
     return FALLBACK_LEARNING_RATE, "default: no table entry for this method, so LoRA's rate"
 
 
-def _common_field_applies(method_config: type, common: str) -> bool:
+def common_field_applies(method_config: type, common: str) -> bool:
     """Whether ``--rank``/``--alpha`` maps to a field of this method's config."""
     from .api import COMMON_FIELDS, config_fields
 
@@ -147,8 +147,8 @@ def plan(spec: CompareSpec, registry: Any = None) -> list[PlannedRun]:
         run = dataclasses.replace(
             spec.run, method=name, output_dir=str(Path(spec.output_dir) / name), lr=lr, merge=False,
             settings=dict(spec.settings.get(name, {})), progress_bar=False,
-            rank=spec.run.rank if _common_field_applies(info.config_class, "rank") else None,
-            alpha=spec.run.alpha if _common_field_applies(info.config_class, "alpha") else None,
+            rank=spec.run.rank if common_field_applies(info.config_class, "rank") else None,
+            alpha=spec.run.alpha if common_field_applies(info.config_class, "alpha") else None,
         )
         make_config(info, registry=registry, **run.method_fields())  # unknown --set fields fail now
         runs.append(PlannedRun(name, run, source))

@@ -55,3 +55,26 @@ def test_galore_adafactor_pair_end_to_end(tmp_path, smol_dir, capsys):
     bench_anchors.main(["--table-from", str(out)])
     table = capsys.readouterr().out
     assert table.count("\n| ours:galore_adafactor |") == 1 and "| hf:galore_adafactor |" in table
+
+
+def test_lr_sweep_reuses_finished_runs_and_marks_the_best(tmp_path, monkeypatch):
+    """A widened sweep trains only the new rates; each method's lowest final loss is its best."""
+    import lr_sweep
+
+    trained = []
+
+    def fake_train(method, lr, steps, settings, out):
+        trained.append((method, lr))
+        final = abs(lr - 2e-3)  # best at 2e-3
+        return {"eval_loss_before": 4.0, "eval_history": [{"step": steps, "eval_loss": final}, {"step": steps, "eval_loss": final}],
+                "init_seconds": 0.1, "median_step_seconds": 0.2, "peak_memory_mb": 1.0}
+
+    monkeypatch.setattr(lr_sweep, "train", fake_train)
+    out = tmp_path / "sweep.json"
+    lr_sweep.run_sweep({"lora": [1e-3, 2e-3]}, 10, out)
+    runs = lr_sweep.run_sweep({"lora": [1e-3, 2e-3, 4e-3]}, 10, out)
+    assert trained == [("lora", 1e-3), ("lora", 2e-3), ("lora", 4e-3)]
+    assert [r["lr"] for r in runs if r["best_for_method"]] == [2e-3]
+    assert [list(point) for point in runs[0]["curve"]] == [[0, 4.0], [10, pytest.approx(1e-3)]]  # one point per step
+    lr_sweep.run_sweep({"lora": [1e-3]}, 20, out)  # another budget: nothing reused
+    assert trained[-1] == ("lora", 1e-3) and len(trained) == 4

@@ -1,5 +1,8 @@
 """GaLore AdamW: Adam moments of target weights kept in a low-rank gradient subspace.
 
+:class:`GaLoreOptimizer` holds what every GaLore optimizer shares (projector refresh, projection,
+layer-wise hooks); :class:`GaLoreAdamW` here and ``adafactor.GaLoreAdafactor`` add their moments.
+
 One ``torch.optim.Optimizer`` holds every trainable parameter. Groups flagged ``galore=True``
 contain 2-D target weights: their gradient G is projected to R (rank r) with a projector refreshed
 from an SVD of G at step 0 and every ``update_proj_gap`` steps; Adam runs on R; the normalised
@@ -135,6 +138,7 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         grad = p.grad if dtype is None else p.grad.to(dtype)
         self._maybe_refresh(p, grad, state, group, side)
         return project(grad, state, side)
+
 
 class GaLoreAdamW(GaLoreOptimizer):
     """AdamW with GaLore projection for groups marked ``galore=True``.
