@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any, Callable
 
 import torch
 from transformers.optimization import Adafactor
@@ -73,39 +72,31 @@ class GaLoreAdafactor(GaLoreOptimizer):
         )
         super().__init__(params, defaults, layerwise)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One optimizer step over all groups; ``closure`` re-evaluates the loss if given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state[p]
-                if group["galore"]:
-                    side = projection_side(p.shape, group["proj_type"])
-                    grad = self._low_rank_grad(p, group, state, side, dtype=torch.float32 if p.dtype in _HALF else None)
-                elif p.grad is not None:
-                    grad = p.grad
-                else:
-                    continue
-                if grad is None:
-                    continue  # no gradient this step: state untouched, like transformers' Adafactor
-                if grad.dtype in _HALF:
-                    grad = grad.float()
-                if grad.is_sparse:
-                    raise RuntimeError("Adafactor does not support sparse gradients.")
-                param = p.float() if p.dtype in _HALF else p
-                update, lr = self._update(grad, param, state, group)
-                if group["galore"]:
-                    update = project_back(update, state, side, group["scale"])
-                if group["weight_decay"] != 0:
-                    param.add_(param, alpha=-group["weight_decay"] * lr)
-                param.add_(-update)
-                if param is not p:
-                    p.copy_(param)
-        return loss
+    def _update_param(self, p: torch.Tensor, group: dict) -> None:
+        """Adafactor on the projected gradient for target weights, plain Adafactor for the rest."""
+        if not group["galore"] and p.grad is None:
+            return  # like transformers' Adafactor: no state entry for a parameter without a gradient
+        state = self.state[p]
+        if group["galore"]:
+            side = projection_side(p.shape, group["proj_type"])
+            grad = self._low_rank_grad(p, group, state, side, dtype=torch.float32 if p.dtype in _HALF else None)
+        else:
+            grad = p.grad
+        if grad is None:
+            return  # a target weight without a gradient this step: its state stays as it was
+        if grad.dtype in _HALF:
+            grad = grad.float()
+        if grad.is_sparse:
+            raise RuntimeError("Adafactor does not support sparse gradients.")
+        param = p.float() if p.dtype in _HALF else p
+        update, lr = self._update(grad, param, state, group)
+        if group["galore"]:
+            update = project_back(update, state, side, group["scale"])
+        if group["weight_decay"] != 0:
+            param.add_(param, alpha=-group["weight_decay"] * lr)
+        param.add_(-update)
+        if param is not p:
+            p.copy_(param)
 
     @staticmethod
     def _update(grad: torch.Tensor, param: torch.Tensor, state: dict, group: dict) -> tuple[torch.Tensor, float]:

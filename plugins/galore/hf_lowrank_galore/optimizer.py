@@ -124,6 +124,22 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         if "proj" not in state or state["step"] % group["update_proj_gap"] == 0:
             state.update(compute_projection(grad, group["rank"], side))
 
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimizer step over all groups; ``closure`` re-evaluates the loss if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._update_param(p, group)
+        return loss
+
+    def _update_param(self, p: torch.Tensor, group: dict) -> None:
+        """Update one parameter of ``group`` (GaLore-projected when ``group["galore"]``)."""
+        raise NotImplementedError
+
     def _low_rank_grad(self, p: torch.Tensor, group: dict, state: dict, side: str,
                        dtype: torch.dtype | None = None) -> torch.Tensor | None:
         """This step's projected gradient of target weight ``p`` (refreshing the projector when due).
@@ -185,20 +201,12 @@ class GaLoreAdamW(GaLoreOptimizer):
 
     # ------------------------------------------------------------------ step
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One optimizer step over all groups; ``closure`` re-evaluates the loss if given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if group["galore"]:
-                    self._galore_step(p, group)
-                elif p.grad is not None:
-                    self._adamw_step(p, p.grad, group)
-        return loss
+    def _update_param(self, p: torch.Tensor, group: dict) -> None:
+        """Low-rank Adam for target weights, plain AdamW for the rest."""
+        if group["galore"]:
+            self._galore_step(p, group)
+        elif p.grad is not None:
+            self._adamw_step(p, p.grad, group)
 
     def _galore_step(self, p: torch.Tensor, group: dict) -> None:
         """Low-rank Adam update of one target weight."""
