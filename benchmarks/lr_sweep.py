@@ -16,34 +16,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 #: The method study's settings (README), shared by every run of a sweep.
-STUDY = dict(rank=16, alpha=16, batch_size=4, seq_len=64, eval_every=5, eval_blocks=16, seed=0, progress_bar=False)
+STUDY = dict(rank=16, alpha=16, batch_size=4, seq_len=64, eval_every=5, eval_blocks=16, seed=0)
 
 
 def train(method: str, lr: float, steps: int, settings: dict[str, Any], out: Path) -> dict[str, Any]:
-    """One training run in a fresh process; its metrics.json content."""
-    from hf_lowrank_plugins import get_registry
-    from hf_lowrank_plugins.compare import common_field_applies
+    """One training run in a fresh process, exactly as ``hf-lowrank compare`` runs a method; its metrics."""
+    from hf_lowrank_plugins.compare import CompareSpec, plan, run_method
+    from hf_lowrank_plugins.train import TrainSpec
 
-    spec = dict(STUDY, method=method, output_dir=str(out), max_steps=steps, lr=lr, settings=settings)
-    config_class = get_registry().get(method).config_class
-    for common in ("rank", "alpha"):  # as compare: only to methods that have the setting (full has none)
-        if not common_field_applies(config_class, common):
-            spec.pop(common)
-    code = ("import json, sys\nfrom hf_lowrank_plugins.train import TrainSpec, run_training\n"
-            "print('METRICS ' + json.dumps(run_training(TrainSpec(**json.loads(sys.argv[1])))))")
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True)
-    line = [x for x in proc.stdout.splitlines() if x.startswith("METRICS ")]
-    if proc.returncode or not line:
-        print(proc.stderr[-3000:], file=sys.stderr)
-        raise SystemExit(f"{method} lr={lr} failed")
-    return json.loads(line[-1][len("METRICS "):])
+    # compare's planner validates the settings and passes rank/alpha only to methods that have them
+    (run,) = plan(CompareSpec(methods=[method], run=TrainSpec(method=method, max_steps=steps, **STUDY),
+                              output_dir=str(out), lr=lr, settings={method: settings}))
+    metrics = run_method(run, f"{method} lr={lr:g}", log=lambda line: print(line, file=sys.stderr, flush=True))
+    if "error" in metrics:
+        raise SystemExit(f"{method} lr={lr:g} failed: {metrics['error']}")
+    return metrics
 
 
 def curve(metrics: dict[str, Any]) -> list[tuple[int, float]]:
@@ -114,16 +107,9 @@ def main() -> None:
     for item in ns.sweep:
         method, _, rates = item.partition("=")
         sweep[method.strip()] = [float(x) for x in rates.split(",") if x.strip()]
-    settings: dict[str, dict[str, Any]] = {}
-    for item in ns.set:
-        target, _, value = item.partition("=")
-        method, _, key = target.partition(".")
-        try:
-            parsed: Any = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
-        settings.setdefault(method, {})[key] = parsed
-    runs = run_sweep(sweep, ns.steps, Path(ns.output), settings, ns.fresh)
+    from hf_lowrank_plugins.cli import parse_scoped_set  # compare's --set syntax and value parsing
+
+    runs = run_sweep(sweep, ns.steps, Path(ns.output), parse_scoped_set(ns.set), ns.fresh)
     print_curves(runs)
     for method in sweep:
         best = next(r for r in runs if r["method"] == method and r["best_for_method"])

@@ -405,6 +405,19 @@ def render_markdown(comparison: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _save_figure(fig: Any, path: Path, note: str | None) -> Path:
+    """Title ``fig`` with ``note`` (if any), write it to ``path`` as PNG atomically, close it."""
+    import matplotlib.pyplot as plt
+
+    if note:
+        fig.suptitle(note, fontsize=9, color="tab:red")
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
 def write_plots(comparison: dict[str, Any], out_dir: Path) -> list[Path]:
     """``loss_curves.png`` (eval loss vs step and vs seconds) and ``cost.png`` (peak memory, step time).
 
@@ -429,13 +442,7 @@ def write_plots(comparison: dict[str, Any], out_dir: Path) -> list[Path]:
     for ax in (by_step, by_time):
         ax.grid(alpha=0.3)
         ax.legend()
-    if note:
-        fig.suptitle(note, fontsize=9, color="tab:red")
-    fig.tight_layout()
-    with atomic_file(out_dir / "loss_curves.png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    written.append(out_dir / "loss_curves.png")
+    written.append(_save_figure(fig, out_dir / "loss_curves.png", note))
 
     fig, (mem, step) = plt.subplots(1, 2, figsize=(11, 4.2))
     names = [r["method"] for r in ok]
@@ -446,13 +453,7 @@ def write_plots(comparison: dict[str, Any], out_dir: Path) -> list[Path]:
     for ax in (mem, step):
         ax.tick_params(axis="x", rotation=30)
         ax.grid(axis="y", alpha=0.3)
-    if note:
-        fig.suptitle(note, fontsize=9, color="tab:red")
-    fig.tight_layout()
-    with atomic_file(out_dir / "cost.png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    written.append(out_dir / "cost.png")
+    written.append(_save_figure(fig, out_dir / "cost.png", note))
     return written
 
 
