@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml) constraints.txt Ma
 demo: $(STAMP)
 	$(BIN)/hf-lowrank list
 	$(BIN)/hf-lowrank train --method lora --rank 16 --max-steps 40 --batch-size 4 --seq-len 64 \
-		--lr 1e-3 --merge --output-dir runs/demo
+		--lr 1e-3 --merge --output-dir runs/demo --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/lr_sweep.py --sweep lora=1e-3,2e-3,4e-3 --sweep full=1e-4,2e-4 \
         [--steps 80] [--output benchmarks/results/lr_sweep.json] [--fresh]
 
-Every run is ``hf_lowrank_plugins.train.run_training`` (what ``hf-lowrank train`` runs) with the
+Every run is ``hf_lowrank_plugins.app.train.run_training`` (what ``hf-lowrank train`` runs) with the
 settings of the README's method study: SmolLM2-135M-Instruct and the packaged text, rank 16 and
 alpha 16 on all linear layers, batch 4 x 64 tokens, linear decay, the same seed and data order,
 evaluation every 5 steps on 16 held-out blocks. ``--set METHOD.KEY=VALUE`` passes a config field
@@ -27,8 +27,8 @@ STUDY = dict(rank=16, alpha=16, batch_size=4, seq_len=64, eval_every=5, eval_blo
 
 def train(method: str, lr: float, steps: int, settings: dict[str, Any], out: Path) -> dict[str, Any]:
     """One training run in a fresh process, exactly as ``hf-lowrank compare`` runs a method; its metrics."""
-    from hf_lowrank_plugins.compare import CompareSpec, plan, run_method
-    from hf_lowrank_plugins.train import TrainSpec
+    from hf_lowrank_plugins.app.compare import CompareSpec, plan, run_method
+    from hf_lowrank_plugins.app.train import TrainSpec
 
     # compare's planner validates the settings and passes rank/alpha only to methods that have them
     (run,) = plan(CompareSpec(methods=[method], run=TrainSpec(method=method, max_steps=steps, **STUDY),
@@ -107,7 +107,7 @@ def main() -> None:
     for item in ns.sweep:
         method, _, rates = item.partition("=")
         sweep[method.strip()] = [float(x) for x in rates.split(",") if x.strip()]
-    from hf_lowrank_plugins.cli import parse_scoped_set  # compare's --set syntax and value parsing
+    from hf_lowrank_plugins.app.cli import parse_scoped_set  # compare's --set syntax and value parsing
 
     runs = run_sweep(sweep, ns.steps, Path(ns.output), parse_scoped_set(ns.set), ns.fresh)
     print_curves(runs)

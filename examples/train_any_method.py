@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 from hf_lowrank_plugins import attach
-from hf_lowrank_plugins.data import default_model_dir, load_blocks
+from hf_lowrank_plugins.app.data import default_model_dir, load_blocks
 
 METHOD = sys.argv[1] if len(sys.argv) > 1 else "lora"
 

@@ -24,6 +24,7 @@ from .callback import LowRankCallback
 from .errors import ConfigError, IncompatibleError, LowRankError
 from .export import default_export, is_quantized
 from .optim import build_default_optimizer
+from .outputs import OutputSet
 from .registry import MethodInfo, Registry, get_registry
 from .types import ExportResult, QuantizationSettings
 
@@ -130,23 +131,44 @@ class Adapted:
         optimizer._hf_lowrank_factory = True  # lets the callback check the factory was used
         return optimizer
 
-    def export(
-        self, output_dir: str | Path, merge: bool = False, tokenizer: Any = None
-    ) -> ExportResult:
-        """Write the deliverables (``adapter/``, and ``merged/`` when ``merge``) via ``post_train_merge``.
+    def write_deliverables(self, directory: str | Path, merge: bool = False, tokenizer: Any = None,
+                           final_dir: str | Path | None = None) -> ExportResult:
+        """Write the deliverables into ``directory`` via ``post_train_merge``, with no output-folder checks.
 
-        Under multi-process training only the main process writes; the others return an empty result.
+        Meant for a stage folder of an :class:`~hf_lowrank_plugins.outputs.OutputSet` that also
+        holds other files of the run (the CLI's ``metrics.json``), to be moved to ``final_dir``;
+        :meth:`export` is the safe call.
+        """
+        directory = Path(directory)
+        result = self.registry.call_method_hook(
+            self.method, "post_train_merge", model=self.model, config=self.config,
+            output_dir=directory, merge=merge, tokenizer=tokenizer, final_dir=Path(final_dir or directory),
+        )
+        return result if result is not None else default_export(self.model, directory, merge, tokenizer, self.registry)
+
+    def export(
+        self, output_dir: str | Path, merge: bool = False, tokenizer: Any = None, overwrite: bool = False
+    ) -> ExportResult:
+        """Write the deliverables (``adapter/``, and ``merged/`` when ``merge``) as one complete set.
+
+        ``output_dir`` must be new, empty, or (with ``overwrite=True``) an earlier output of this
+        tool; anything else raises :class:`~hf_lowrank_plugins.outputs.OutputFolderError` and is
+        left untouched. The deliverables are staged and moved in together, with a manifest written
+        last (see :mod:`~hf_lowrank_plugins.outputs`). Under multi-process training only the main
+        process writes; the others return an empty result.
         """
         from accelerate import PartialState
 
         if not PartialState().is_main_process:
             return ExportResult()
         output_dir = Path(output_dir)
-        result = self.registry.call_method_hook(
-            self.method, "post_train_merge", model=self.model, config=self.config,
-            output_dir=output_dir, merge=merge, tokenizer=tokenizer,
-        )
-        return result if result is not None else default_export(self.model, output_dir, merge, tokenizer, self.registry)
+        base = getattr(self.model, "name_or_path", None) or getattr(getattr(self.model, "config", None), "_name_or_path", None)
+        inputs = {"base model": base} if base and Path(base).is_dir() else {}
+        with OutputSet(output_dir, command="export", inputs=inputs, overwrite=overwrite) as outputs:
+            result = self.write_deliverables(outputs.stage, merge=merge, tokenizer=tokenizer, final_dir=output_dir)
+            stage = outputs.stage
+            outputs.commit(info={"method": self.method.name})
+        return result.relocated(stage, output_dir)
 
 
 def attach(

@@ -57,6 +57,16 @@ def merged_copy(model: nn.Module, registry: Registry | None = None, in_place: bo
     return work
 
 
+def write_merged(model: nn.Module, directory: str | Path, tokenizer: Any = None, registry: Registry | None = None,
+                 in_place: bool = False) -> Path:
+    """Write the merged checkpoint's files into the existing folder ``directory`` (not atomic on its own)."""
+    merged = merged_copy(model, registry=registry, in_place=in_place)
+    merged.save_pretrained(directory, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return Path(directory)
+
+
 def save_merged(
     model: nn.Module,
     directory: str | Path,
@@ -64,13 +74,10 @@ def save_merged(
     registry: Registry | None = None,
     in_place: bool = False,
 ) -> Path:
-    """Write a plain transformers checkpoint (plus ``tokenizer`` if given) with adapters merged in."""
+    """Write a plain transformers checkpoint (plus ``tokenizer`` if given) with adapters merged in, atomically."""
     directory = Path(directory)
-    merged = merged_copy(model, registry=registry, in_place=in_place)
     with atomic_directory(directory) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        write_merged(model, tmp, tokenizer=tokenizer, registry=registry, in_place=in_place)
     return directory
 
 

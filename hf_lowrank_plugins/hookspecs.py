@@ -136,6 +136,7 @@ def post_train_merge(
     output_dir: Path,
     merge: bool,
     tokenizer: Any,
+    final_dir: Path,
 ) -> ExportResult | None:
     """Turn the trained model into its deliverables under ``output_dir``.
 
@@ -145,4 +146,8 @@ def post_train_merge(
     with the tokenizer, when one is given). Write each directory atomically, e.g. with
     :func:`~hf_lowrank_plugins.io.atomic_directory`. Return ``None`` to use the core's default,
     which is right for any PEFT adapter whose weights are relative to the original base.
+
+    ``output_dir`` is usually a hidden staging folder that the core moves to ``final_dir`` once
+    every deliverable exists (see :mod:`~hf_lowrank_plugins.outputs`): a path written *into* a
+    deliverable (an adapter naming a sibling base folder) must use ``final_dir``.
     """

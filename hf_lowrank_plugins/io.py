@@ -13,13 +13,18 @@ from typing import Any
 
 
 @contextmanager
-def atomic_directory(final: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a fresh temporary directory next to ``final``; on success it replaces ``final``.
+def atomic_directory(final: str | os.PathLike[str], replace: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory next to ``final``; on success it becomes ``final``.
 
-    On an exception the temporary directory is removed and ``final`` is left as it was. The swap is
-    two renames on the same file system, so a reader never sees a half-written directory.
+    On an exception the temporary directory is removed and ``final`` is left as it was. A
+    non-empty ``final`` is refused (``FileExistsError``) unless ``replace`` is true: whole output
+    sets are replaced by :class:`~hf_lowrank_plugins.outputs.OutputSet`, which knows what is ours;
+    this helper does not. The swap is renames on one file system, so a reader never sees a
+    half-written directory.
     """
     final = Path(final)
+    if not replace and final.exists() and (not final.is_dir() or any(final.iterdir())):
+        raise FileExistsError(f"{final} already exists and is not empty; refusing to replace it")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:

@@ -47,3 +47,16 @@ class ExportResult:
         """All written directories by role, as strings (for JSON)."""
         out = {"adapter": self.adapter_dir, "merged": self.merged_dir, **self.extra}
         return {k: str(v) for k, v in out.items() if v is not None}
+
+    def relocated(self, old_root: Path, new_root: Path) -> ExportResult:
+        """The same result with every path under ``old_root`` moved to ``new_root`` (after a staged write)."""
+
+        def move(path: Path | None) -> Path | None:
+            if path is None:
+                return None
+            path = Path(path)
+            return new_root / path.relative_to(old_root) if path.is_relative_to(old_root) else path
+
+        return ExportResult(adapter_dir=move(self.adapter_dir), merged_dir=move(self.merged_dir),
+                            extra={k: move(v) for k, v in self.extra.items()},  # type: ignore[misc]
+                            notes=list(self.notes))

@@ -46,7 +46,7 @@ class TokenDataset(torch.utils.data.Dataset):
 @pytest.fixture(scope="session")
 def smol_dir():
     """The real SmolLM2-135M-Instruct checkpoint (converted once from the packaged GGUF file)."""
-    from hf_lowrank_plugins.data import default_model_dir
+    from hf_lowrank_plugins.app.data import default_model_dir
 
     return default_model_dir()
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from hf_lowrank_plugins.cli import main, parse_set
+from hf_lowrank_plugins.app.cli import main, parse_set
 
 
 def _fails_cleanly(capsys, argv, pattern, out_dir):
@@ -70,7 +70,7 @@ def test_end_to_end_on_real_smollm2(tmp_path, smol_dir):
     """The real command on the real 135M model and the packaged text; then `merge` reproduces merged/."""
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "hf_lowrank_plugins.cli", "train", "--method", "lora", "--max-steps", "4",
+        [sys.executable, "-m", "hf_lowrank_plugins.app.cli", "train", "--method", "lora", "--max-steps", "4",
          "--batch-size", "2", "--seq-len", "32", "--lr", "2e-3", "--eval-blocks", "4", "--merge", "--output-dir", str(out)],
         capture_output=True, text=True, timeout=600,
     )
@@ -124,3 +124,27 @@ def test_method_options_reach_the_saved_config(tmp_path, tiny_model_dir, text_fi
     assert {k: saved[k] for k in expected} == expected
     adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["lora_dropout"] == saved["lora_dropout"]
+
+
+def test_resumed_run_reports_the_whole_run_and_checks_the_checkpoint(tmp_path, tiny_model_dir, text_file, capsys):
+    """metrics.json after a resume equals the uninterrupted run's; a checkpoint of another run is refused."""
+    def argv(out, *extra):
+        return ["train", "--method", "lora", "--model", str(tiny_model_dir), "--dataset", str(text_file), "--output-dir",
+                str(out), "--max-steps", "6", "--batch-size", "2", "--seq-len", "16", "--eval-blocks", "2", "--rank", "2",
+                "--lr", "5e-3", "--save-steps", "3", *extra]
+
+    assert main(argv(tmp_path / "whole")) == 0
+    checkpoint = tmp_path / "whole" / "checkpoints" / "checkpoint-3"
+    assert main(argv(tmp_path / "resumed", "--resume-from-checkpoint", str(checkpoint))) == 0
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    resumed = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert resumed["resumed_from_step"] == 3 and whole["resumed_from_step"] is None
+    assert resumed["train_loss"] == pytest.approx(whole["train_loss"], abs=1e-5)
+    assert resumed["eval_loss_after"] == pytest.approx(whole["eval_loss_after"], abs=1e-5)
+    assert len(resumed["step_seconds"]) == len(whole["step_seconds"]) == 6
+    capsys.readouterr()
+    for extra, differs in ((["--rank", "4"], "r 2 there, 4 here"), (["--method", "dora"], "method 'lora' there, 'dora' here")):
+        assert main(argv(tmp_path / "other", "--resume-from-checkpoint", str(checkpoint), *extra)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "was written by another run" in err[0] and differs in err[0], err
+    assert not (tmp_path / "other").exists()

@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hf_lowrank_plugins as hlp
-from hf_lowrank_plugins import compare
-from hf_lowrank_plugins.cli import main, parse_lr, parse_scoped_set
+from hf_lowrank_plugins.app import compare
+from hf_lowrank_plugins.app.cli import main, parse_lr, parse_scoped_set
 
 
 def _tiny_run_args(model_dir, data, out) -> list[str]:
@@ -137,7 +137,7 @@ def test_comparison_without_matplotlib_still_writes_json_and_md(tmp_path, monkey
                  "eval_loss_before": 3.0, "eval_loss_after": 1.5, "train_seconds": 5.0, "steps": 4,
                  "eval_history": [{"step": 4, "seconds": 2.5, "eval_loss": 1.5}], "artifact_bytes": {"merged": 8000}},
     }
-    monkeypatch.setattr(compare, "run_method", lambda run, label, log, timeout=None: dict(canned[run.method], wall_seconds=1.0))
+    monkeypatch.setattr(compare, "run_method", lambda run, label, log, timeout=None, **kw: dict(canned[run.method], wall_seconds=1.0))
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     spec = compare.CompareSpec(methods=["full", "lora"], run=compare.TrainSpec(method=""), output_dir=str(tmp_path))
     lines: list[str] = []

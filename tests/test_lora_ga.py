@@ -280,8 +280,8 @@ def test_runtime_errors_name_the_fix(tmp_path):
 
 
 def test_cli_set_reaches_the_config(tmp_path):
-    from hf_lowrank_plugins.cli import main
-    from hf_lowrank_plugins.data import default_model_dir
+    from hf_lowrank_plugins.app.cli import main
+    from hf_lowrank_plugins.app.data import default_model_dir
     from transformers import AutoTokenizer
 
     from conftest import tiny_llama_config

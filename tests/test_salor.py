@@ -83,7 +83,7 @@ def test_eckart_young_bound_on_real_smollm2_layers():
     """||E - E_r||_F^2 <= (1 - r/min(d,k)) ||E||_F^2 for E = W - prune_50%(W) of real SmolLM2-135M layers."""
     from safetensors import safe_open
 
-    from hf_lowrank_plugins.data import default_model_dir
+    from hf_lowrank_plugins.app.data import default_model_dir
 
     path = next(default_model_dir().glob("*.safetensors"))
     names = [f"model.layers.{i}.{p}.weight" for i in (0, 29) for p in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")]
@@ -257,8 +257,8 @@ def test_cli_set_reaches_every_salor_field(tmp_path, capsys):
     from transformers import AutoTokenizer
 
     from conftest import tiny_llama_config
-    from hf_lowrank_plugins.cli import main
-    from hf_lowrank_plugins.data import default_model_dir
+    from hf_lowrank_plugins.app.cli import main
+    from hf_lowrank_plugins.app.data import default_model_dir
 
     model_dir = tmp_path / "tiny"
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir())

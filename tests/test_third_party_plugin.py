@@ -45,7 +45,7 @@ def installed_loraplus(tmp_path_factory):
 
 def test_example_plugin_is_discovered_listed_and_trains(installed_loraplus, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(installed_loraplus), str(ROOT / "tests")])}
-    listed = subprocess.run([sys.executable, "-m", "hf_lowrank_plugins.cli", "list", "--json"], env=env,
+    listed = subprocess.run([sys.executable, "-m", "hf_lowrank_plugins.app.cli", "list", "--json"], env=env,
                             capture_output=True, text=True, check=True)
     names = {m["name"] for m in json.loads(listed.stdout)["methods"]}
     assert {"lora", "qlora", "loraplus"} <= names
@@ -58,5 +58,5 @@ def test_example_plugin_is_discovered_listed_and_trains(installed_loraplus, tmp_
 
 
 def test_not_installed_without_the_package():
-    listed = subprocess.run([sys.executable, "-m", "hf_lowrank_plugins.cli", "list", "--json"], capture_output=True, text=True, check=True)
+    listed = subprocess.run([sys.executable, "-m", "hf_lowrank_plugins.app.cli", "list", "--json"], capture_output=True, text=True, check=True)
     assert "loraplus" not in {m["name"] for m in json.loads(listed.stdout)["methods"]}

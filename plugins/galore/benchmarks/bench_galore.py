@@ -39,7 +39,7 @@ def main() -> None:
     """Translate this script's flags to ``bench_anchors.py`` and run it."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
-    parser.add_argument("--model", default=None, help="model dir (default: hf_lowrank_plugins.data.default_model_dir())")
+    parser.add_argument("--model", default=None, help="model dir (default: hf_lowrank_plugins.app.data.default_model_dir())")
     parser.add_argument("--steps", type=int, default=6, help="total steps, warm-up included")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=2)

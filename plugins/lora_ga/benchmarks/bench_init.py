@@ -32,7 +32,7 @@ def _setup(args):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_lowrank_plugins.data import default_model_dir, load_blocks
+    from hf_lowrank_plugins.app.data import default_model_dir, load_blocks
 
     torch.manual_seed(0)
     model_dir = default_model_dir()

@@ -1,6 +1,6 @@
 """Quality study on SmolLM2-135M + the packaged KJV text: dense LoRA vs SALOR and its ablations.
 
-Every variant is one ``hf_lowrank_plugins.train.run_training`` call (the code path of
+Every variant is one ``hf_lowrank_plugins.app.train.run_training`` call (the code path of
 ``hf-lowrank train``) in a fresh process, with the same data, seed, rank, alpha, steps, batch and
 learning rate. Figures that need no training come from the runs' ``eval_loss_before``:
 
@@ -37,7 +37,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 
 CHILD = """
 import json, sys
-from hf_lowrank_plugins.train import TrainSpec, run_training
+from hf_lowrank_plugins.app.train import TrainSpec, run_training
 run_training(TrainSpec(**json.loads(sys.argv[1])))
 """
 KEYS = ("eval_loss_before", "eval_loss_after", "eval_history", "train_loss", "train_seconds", "init_seconds",

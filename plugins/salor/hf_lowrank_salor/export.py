@@ -175,14 +175,20 @@ def directory_bytes(directory: str | Path, pattern: str = "*.safetensors") -> in
     return sum(f.stat().st_size for f in Path(directory).glob(pattern))
 
 
-def export_salor(model: nn.Module, output_dir: str | Path, merge: bool, tokenizer: Any = None) -> ExportResult:
-    """All deliverables (see the module docstring) under ``output_dir``; sizes go to the notes."""
+def export_salor(
+    model: nn.Module, output_dir: str | Path, merge: bool, tokenizer: Any = None, final_dir: str | Path | None = None
+) -> ExportResult:
+    """All deliverables (see the module docstring) under ``output_dir``; sizes go to the notes.
+
+    ``final_dir`` is where ``output_dir``'s contents will live (a staged export is moved there):
+    the adapter names ``final_dir/base`` as its base.
+    """
     output_dir = Path(output_dir)
     result = ExportResult()
     base = pruned_base_copy(model)
     base_dir = save_pruned_base(model, output_dir / "base", tokenizer=tokenizer, base=base)
     result.extra["base"] = base_dir
-    result.adapter_dir = save_salor_adapter(model, output_dir / "adapter", base_dir=base_dir)
+    result.adapter_dir = save_salor_adapter(model, output_dir / "adapter", base_dir=Path(final_dir or output_dir) / "base")
     sizes = save_compressed_model(model, output_dir / "compressed", tokenizer=tokenizer, adapter_dir=result.adapter_dir, base=base)
     del base
     result.extra["compressed"] = output_dir / "compressed"

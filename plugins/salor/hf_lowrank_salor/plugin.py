@@ -50,7 +50,9 @@ def wrap_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, config: P
 
 
 @hookimpl
-def post_train_merge(model: nn.Module, config: PeftConfig, output_dir: Path, merge: bool, tokenizer: Any) -> ExportResult:
+def post_train_merge(
+    model: nn.Module, config: PeftConfig, output_dir: Path, merge: bool, tokenizer: Any, final_dir: Path
+) -> ExportResult:
     """``base/`` (pruned plain checkpoint), ``adapter/`` (standard LoRA on base/), ``compressed/``
-    (bitmap base + adapter) and, with ``merge``, ``merged/``."""
-    return export_salor(model, output_dir, merge, tokenizer)
+    (bitmap base + adapter) and, with ``merge``, ``merged/``; the adapter names ``final_dir/base``."""
+    return export_salor(model, output_dir, merge, tokenizer, final_dir=final_dir)

@@ -1,7 +1,7 @@
 """``hf-lowrank compare``: train several methods on the same model, data, budget and seed, side by side.
 
 Each method trains in a fresh Python process (this module's worker entry point, which runs
-:func:`~hf_lowrank_plugins.train.run_training`), so its peak memory is its own and a crash cannot
+:func:`~hf_lowrank_plugins.app.train.run_training`), so its peak memory is its own and a crash cannot
 take the other methods down. The parent reads each run's ``metrics.json`` and writes
 ``comparison.json``, ``comparison.md`` (figures and ratios to the reference method, LoRA by
 default), ``loss_curves.png`` and ``cost.png``, each atomically; json and md are rewritten after
@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import threading
@@ -26,8 +27,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, LowRankError
-from .io import atomic_file, write_json_atomic, write_text_atomic
+from ..errors import ConfigError, LowRankError
+from ..io import write_json_atomic, write_text_atomic
+from ..outputs import OutputSet
 from .train import TrainSpec
 
 #: Learning rate per method when ``--lr`` does not name one, with the reason (shown in comparison.md).
@@ -58,7 +60,7 @@ RATIO_FIELDS = {
     "artifact_bytes": "artifact MB",
 }
 PROGRESS_PREFIX = "@hf-lowrank-progress "
-WORKER_MODULE = "hf_lowrank_plugins.compare"
+WORKER_MODULE = "hf_lowrank_plugins.app.compare"
 
 
 @dataclasses.dataclass
@@ -80,6 +82,7 @@ class CompareSpec:
     settings: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     reference: str | None = None
     timeout: float | None = None
+    overwrite: bool = False
 
 
 @dataclasses.dataclass
@@ -105,7 +108,7 @@ def learning_rate(method: str, default: float | None, overrides: dict[str, float
 
 def common_field_applies(method_config: type, common: str) -> bool:
     """Whether ``--rank``/``--alpha`` maps to a field of this method's config."""
-    from .api import COMMON_FIELDS, config_fields
+    from ..api import COMMON_FIELDS, config_fields
 
     return any(name in config_fields(method_config) for name in COMMON_FIELDS[common])
 
@@ -123,8 +126,8 @@ def plan(spec: CompareSpec, registry: Any = None) -> list[PlannedRun]:
     Raises :class:`~hf_lowrank_plugins.errors.LowRankError` (unknown method, option for a method
     not compared, unknown config field, missing model or dataset) before anything is written.
     """
-    from .api import make_config
-    from .registry import get_registry
+    from ..api import make_config
+    from ..registry import get_registry
 
     registry = registry or get_registry()
     requested = default_methods(list(registry.methods)) if spec.methods is None else spec.methods
@@ -195,19 +198,19 @@ class ProgressReporter:
 
 
 def worker_main(argv: list[str]) -> int:
-    """Child process: run one method from a JSON :class:`TrainSpec`; on failure write ``error.json``."""
+    """Child process: run one method from a JSON :class:`TrainSpec`; on failure write the error file ``argv[1]``."""
     from transformers.utils import logging as hf_logging
 
     from .train import run_training
 
-    spec = TrainSpec(**json.loads(argv[0]))
+    spec, error_file = TrainSpec(**json.loads(argv[0])), Path(argv[1])
     hf_logging.disable_progress_bar()
     try:
         reporter = ProgressReporter(every=max(1, spec.max_steps // 10))
         run_training(spec, callbacks=[reporter.callback()])
     except BaseException as exc:
         message = str(exc) if isinstance(exc, LowRankError) else f"{type(exc).__name__}: {exc}"
-        write_json_atomic(Path(spec.output_dir) / "error.json", {"error": message, "traceback": traceback.format_exc()})
+        write_json_atomic(error_file, {"error": message, "traceback": traceback.format_exc()})
         traceback.print_exc()
         return 1
     return 0
@@ -227,31 +230,35 @@ def _format_seconds(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-def _failure_message(out_dir: Path, returncode: int, timed_out: float | None) -> str:
-    """Why a worker failed: its error.json, else the last line of its log, else its exit status."""
+def _failure_message(error_file: Path, log: Path, returncode: int, timed_out: float | None) -> str:
+    """Why a worker failed: its error file, else the last line of its log, else its exit status."""
     if timed_out is not None:
         return f"timed out after {_format_seconds(timed_out)} (raise --timeout)"
-    error_file = out_dir / "error.json"
     if error_file.is_file():
         return json.loads(error_file.read_text())["error"]
     status = f"killed by signal {-returncode}" if returncode < 0 else f"exit status {returncode}"
     if returncode == -9:
         status += " (out of memory?)"
-    log = out_dir / "train.log"
     lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()] if log.is_file() else []
     return f"{status}: {lines[-1].strip()}" if lines else status
 
 
-def run_method(run: PlannedRun, label: str, log: Callable[[str], None], timeout: float | None = None) -> dict[str, Any]:
-    """Train one method in a fresh process and return its metrics, or ``{"error": ...}`` if it failed."""
+def run_method(run: PlannedRun, label: str, log: Callable[[str], None], timeout: float | None = None,
+               logs_dir: Path | None = None) -> dict[str, Any]:
+    """Train one method in a fresh process and return its metrics, or ``{"error": ...}`` if it failed.
+
+    The worker's log and error file go to ``logs_dir`` (default: beside the method's output folder,
+    which the worker claims as a new output set of its own).
+    """
     out_dir = Path(run.spec.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.json", "error.json"):  # a previous comparison's results must not be read back
-        (out_dir / stale).unlink(missing_ok=True)
+    logs_dir = logs_dir or out_dir.parent / "logs"
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    log_path, error_file = logs_dir / f"{run.method}.log", logs_dir / f"{run.method}.error.json"
+    error_file.unlink(missing_ok=True)  # a previous comparison's error must not be read back
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", WORKER_MODULE, json.dumps(dataclasses.asdict(run.spec))]
+    cmd = [sys.executable, "-m", WORKER_MODULE, json.dumps(dataclasses.asdict(run.spec)), str(error_file)]
     started = time.perf_counter()
-    with open(out_dir / "train.log", "w") as log_file:
+    with open(log_path, "w") as log_file:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True, env=env)
         timer = threading.Timer(timeout, proc.kill) if timeout else None
         if timer:
@@ -276,7 +283,7 @@ def run_method(run: PlannedRun, label: str, log: Callable[[str], None], timeout:
     if returncode == 0 and metrics_file.is_file():
         return {**json.loads(metrics_file.read_text()), "wall_seconds": wall}
     timed_out = timeout if timeout and wall >= timeout and returncode != 0 else None
-    return {"error": _failure_message(out_dir, returncode, timed_out), "wall_seconds": wall}
+    return {"error": _failure_message(error_file, log_path, returncode, timed_out), "wall_seconds": wall}
 
 
 def _progress_text(event: dict[str, Any]) -> str:
@@ -405,58 +412,6 @@ def render_markdown(comparison: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _save_figure(fig: Any, path: Path, note: str | None) -> Path:
-    """Title ``fig`` with ``note`` (if any), write it to ``path`` as PNG atomically, close it."""
-    import matplotlib.pyplot as plt
-
-    if note:
-        fig.suptitle(note, fontsize=9, color="tab:red")
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
-
-
-def write_plots(comparison: dict[str, Any], out_dir: Path) -> list[Path]:
-    """``loss_curves.png`` (eval loss vs step and vs seconds) and ``cost.png`` (peak memory, step time).
-
-    Raises ``ImportError`` when matplotlib is missing; the caller reports it and goes on.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: never needs a display
-    import matplotlib.pyplot as plt
-
-    ok = [r for r in comparison["results"] if r["status"] == "ok"]
-    failed = [r["method"] for r in comparison["results"] if r["status"] != "ok"]
-    note = f"failed (see comparison.md): {', '.join(failed)}" if failed else None
-    written = []
-    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for row in ok:
-        hist = row["eval_history"]
-        by_step.plot([e["step"] for e in hist], [e["eval_loss"] for e in hist], marker="o", label=row["method"])
-        by_time.plot([e["seconds"] for e in hist], [e["eval_loss"] for e in hist], marker="o", label=row["method"])
-    by_step.set(xlabel="step", ylabel="eval loss", title="Eval loss by step")
-    by_time.set(xlabel="seconds (init + training steps, evaluation excluded)", ylabel="eval loss", title="Eval loss by time")
-    for ax in (by_step, by_time):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    written.append(_save_figure(fig, out_dir / "loss_curves.png", note))
-
-    fig, (mem, step) = plt.subplots(1, 2, figsize=(11, 4.2))
-    names = [r["method"] for r in ok]
-    mem.bar(names, [r["peak_memory_mb"] for r in ok], color="tab:blue")
-    mem.set(ylabel="MB", title="Peak memory")
-    step.bar(names, [r["median_step_seconds"] or 0.0 for r in ok], color="tab:orange")
-    step.set(ylabel="seconds", title="Median step time")
-    for ax in (mem, step):
-        ax.tick_params(axis="x", rotation=30)
-        ax.grid(axis="y", alpha=0.3)
-    written.append(_save_figure(fig, out_dir / "cost.png", note))
-    return written
-
-
 def write_reports(comparison: dict[str, Any], out_dir: Path) -> None:
     """Write ``comparison.json`` and ``comparison.md`` atomically."""
     write_json_atomic(out_dir / "comparison.json", comparison)
@@ -471,32 +426,44 @@ def run_comparison(spec: CompareSpec, registry: Any = None, log: Callable[[str],
     """
     runs = plan(spec, registry)
     out_dir = Path(spec.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    outputs = OutputSet(out_dir, command="compare", overwrite=spec.overwrite,
+                        inputs={"model": spec.run.model, "dataset": spec.run.dataset})
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
-    for i, run in enumerate(runs, 1):
-        label = f"[{i}/{len(runs)}] {run.method}"
-        log(f"{label}: training (lr {format_lr(run.spec.lr)}, {run.spec.max_steps} steps) -> {run.spec.output_dir}")
-        row = method_result(run, run_method(run, label, log, spec.timeout))
-        rows.append(row)
-        if row["status"] == "ok":
-            log(f"{label}: done in {_format_seconds(row['wall_seconds'])}: eval loss {row['eval_loss_before']:.4f} -> "
-                f"{row['eval_loss']:.4f}, median step {row['median_step_seconds']:.3f}s, peak {row['peak_memory_mb']:.0f} MB")
-        else:
-            log(f"{label}: FAILED after {_format_seconds(row['wall_seconds'])}: {row['error']}")
-        elapsed = time.perf_counter() - started
-        failed = sum(r["status"] != "ok" for r in rows)
-        left = f", about {_format_seconds(elapsed / i * (len(runs) - i))} left" if i < len(runs) else ""
-        log(f"overall: {i}/{len(runs)} methods done ({failed} failed) in {_format_seconds(elapsed)}{left}")
-        comparison = build_comparison(spec, runs, rows)
-        write_reports(comparison, out_dir)
-    try:
-        written = write_plots(comparison, out_dir)
-        log(f"wrote {', '.join(str(p) for p in written)}")
-    except ImportError:
-        comparison["notes"] = ["Plots skipped: matplotlib is not installed (pip install 'hf-lowrank-plugins[plots]')."]
-        log("plots skipped: matplotlib is not installed (pip install 'hf-lowrank-plugins[plots]'); json and md written")
-        write_reports(comparison, out_dir)
+    written: list[str] = ["logs"]
+    with outputs:
+        for i, run in enumerate(runs, 1):
+            label = f"[{i}/{len(runs)}] {run.method}"
+            # The comparison folder is ours (claimed above), so a method folder of an earlier comparison
+            # in it is replaced; each worker then claims its folder as a new set of its own.
+            shutil.rmtree(run.spec.output_dir, ignore_errors=True)
+            log(f"{label}: training (lr {format_lr(run.spec.lr)}, {run.spec.max_steps} steps) -> {run.spec.output_dir}")
+            row = method_result(run, run_method(run, label, log, spec.timeout, logs_dir=out_dir / "logs"))
+            rows.append(row)
+            written.append(run.method)
+            if row["status"] == "ok":
+                log(f"{label}: done in {_format_seconds(row['wall_seconds'])}: eval loss {row['eval_loss_before']:.4f} -> "
+                    f"{row['eval_loss']:.4f}, median step {row['median_step_seconds']:.3f}s, peak {row['peak_memory_mb']:.0f} MB")
+            else:
+                log(f"{label}: FAILED after {_format_seconds(row['wall_seconds'])}: {row['error']}")
+            elapsed = time.perf_counter() - started
+            failed = sum(r["status"] != "ok" for r in rows)
+            left = f", about {_format_seconds(elapsed / i * (len(runs) - i))} left" if i < len(runs) else ""
+            log(f"overall: {i}/{len(runs)} methods done ({failed} failed) in {_format_seconds(elapsed)}{left}")
+            comparison = build_comparison(spec, runs, rows)
+            write_reports(comparison, out_dir)  # after every method: an interrupted comparison keeps what finished
+        try:
+            from .plots import write_plots
+
+            plots = write_plots(comparison, out_dir)
+            written += [p.name for p in plots]
+            log(f"wrote {', '.join(str(p) for p in plots)}")
+        except ImportError:
+            comparison["notes"] = ["Plots skipped: matplotlib is not installed (pip install 'hf-lowrank-plugins[plots]')."]
+            log("plots skipped: matplotlib is not installed (pip install 'hf-lowrank-plugins[plots]'); json and md written")
+            write_reports(comparison, out_dir)
+        outputs.commit(in_place=[*written, "comparison.json", "comparison.md"],
+                       info={"methods": [r.method for r in runs]})
     log(f"wrote {out_dir / 'comparison.json'} and {out_dir / 'comparison.md'}")
     return comparison
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import LowRankError
+from ..errors import LowRankError
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
@@ -63,7 +63,7 @@ def parse_lr(text: str | None) -> tuple[float | None, dict[str, float]]:
 
 
 def _cmd_list(ns: argparse.Namespace) -> int:
-    from .registry import get_registry
+    from ..registry import get_registry
 
     registry = get_registry()
     if ns.json:
@@ -87,7 +87,7 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     spec = TrainSpec(
         method=ns.method, output_dir=ns.output_dir or f"runs/{ns.method}", lr=ns.lr, load_in_4bit=ns.load_in_4bit,
         merge=ns.merge, save_steps=ns.save_steps, resume_from_checkpoint=ns.resume_from_checkpoint,
-        settings=parse_set(ns.set), **_run_options(ns),
+        overwrite=ns.overwrite, settings=parse_set(ns.set), **_run_options(ns),
     )
     metrics = run_training(spec)
     print(
@@ -107,6 +107,7 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
     spec = CompareSpec(
         methods=methods, run=TrainSpec(method="", **_run_options(ns)), output_dir=ns.output_dir, lr=default_lr,
         lr_overrides=lr_overrides, settings=parse_scoped_set(ns.set), reference=ns.reference, timeout=ns.timeout,
+        overwrite=ns.overwrite,
     )
     comparison = run_comparison(spec, log=lambda line: print(line, flush=True))
     # a failing method is a row of the comparison, not a failed command; only "nothing trained" is
@@ -117,18 +118,25 @@ def _cmd_merge(ns: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .api import load_adapter, read_adapter_config
-    from .export import save_merged
+    from ..api import load_adapter, read_adapter_config
+    from ..export import write_merged
+    from ..outputs import OutputSet
 
     raw = read_adapter_config(ns.adapter_dir)
     base = ns.base or raw.get("base_model_name_or_path")
     if not base or not Path(base).exists():
         raise LowRankError(f"base model not found ({base!r}); pass --base DIR")
+    outputs = OutputSet(ns.output_dir, command="merge", overwrite=ns.overwrite,
+                        inputs={"adapter": ns.adapter_dir, "base model": base})
+    outputs.check()
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     adapted = load_adapter(model, ns.adapter_dir)
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    out = save_merged(adapted.model, ns.output_dir, tokenizer=tokenizer, in_place=True)
-    print(f"merged {ns.adapter_dir} into {base}: wrote {out}")
+    has_tokenizer = any((Path(base) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = AutoTokenizer.from_pretrained(base) if has_tokenizer else None
+    with outputs:
+        write_merged(adapted.model, outputs.stage, tokenizer=tokenizer, in_place=True)
+        outputs.commit(info={"adapter": str(ns.adapter_dir), "base": str(base)})
+    print(f"merged {ns.adapter_dir} into {base}: wrote {ns.output_dir}")
     return 0
 
 
@@ -155,6 +163,8 @@ def _add_run_options(p: argparse.ArgumentParser, eval_every: int | None = None) 
     p.add_argument("--eval-every", type=int, default=eval_every, help="evaluate every K steps")
     p.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks for evaluation")
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier output of hf-lowrank in --output-dir (never anything else)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter_dir")
     p.add_argument("--base", help="base model directory (default: the adapter's base_model_name_or_path)")
     p.add_argument("--output-dir", required=True)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier output of hf-lowrank in --output-dir (never anything else)")
     p.set_defaults(func=_cmd_merge)
     return parser
 

