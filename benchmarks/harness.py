@@ -240,9 +240,8 @@ def _load(variant: str, o: BenchOptions, tokenizer: Any) -> Any:
         model.save_pretrained(source)
     load_kw: dict[str, Any] = {"dtype": torch.float32}
     if variant.endswith(":qlora"):  # both sides load straight in 4-bit: the path for models that do not fit in fp32
-        from hf_lowrank_qlora import bnb_config
-
         from hf_lowrank_plugins import QuantizationSettings
+        from hf_lowrank_plugins.quantization import bnb_config
 
         load_kw["quantization_config"] = bnb_config(QuantizationSettings(compute_dtype=torch.float32))
     return AutoModelForCausalLM.from_pretrained(source, **load_kw)

@@ -11,57 +11,65 @@ Switching the method is changing ``"lora"``; the other lines stay.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import PeftConfig, PeftModel, TaskType
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import TrainingArguments
 
-from .callback import LowRankCallback
+from .callback import LowRankCallback, TrainerHooksGuard
 from .errors import ConfigError, IncompatibleError, LowRankError
-from .export import default_export, is_quantized
+from .export import METHOD_SETTINGS_FILE, default_export
+from .method import MethodInfo, config_fields
 from .optim import build_default_optimizer
 from .outputs import OutputSet
-from .registry import MethodInfo, Registry, get_registry
+from .quantization import is_quantized, quantize_model
+from .registry import Registry, get_registry
 from .types import ExportResult, QuantizationSettings
 
-#: Common CLI flags and the config field each maps to, first existing field wins.
-COMMON_FIELDS = {"rank": ("r", "rank"), "alpha": ("lora_alpha", "alpha")}
-
-
-def config_fields(config_class: type[PeftConfig]) -> dict[str, dataclasses.Field]:
-    """The settable fields of a method's config class."""
-    return {f.name: f for f in dataclasses.fields(config_class) if f.init}
+#: Set on a base model by :func:`attach`: (method, trains an adapter); a second attach is refused
+#: while the first method's layers are on the model or the first method trains the weights themselves.
+ATTACHED_FLAG = "_hf_lowrank_attached"
 
 
 def make_config(method: str | MethodInfo, registry: Registry | None = None, **fields: Any) -> PeftConfig:
     """Build the config of ``method`` from keyword fields, rejecting unknown ones with the valid list.
 
-    ``rank=`` and ``alpha=`` are accepted for any method and mapped to its own field name
-    (``r``/``lora_alpha`` for the LoRA family, ``rank`` for GaLore).
+    Aliases the method declares (``rank=``/``alpha=`` for the LoRA family, ``rank=`` for GaLore) are
+    mapped to its own field names; the same setting given under both names is an error.
     """
     registry = registry or get_registry()
     info = method if isinstance(method, MethodInfo) else registry.get(method)
     valid = config_fields(info.config_class)
-    for common, candidates in COMMON_FIELDS.items():
-        if common in fields and common not in valid:
-            target = next((c for c in candidates if c in valid), None)
-            if target is None:
-                raise ConfigError(f"method '{info.name}' has no {common} setting")
-            fields[target] = fields.pop(common)
+    for alias in [a for a in ("rank", "alpha") if a in fields and a not in valid and a not in info.aliases]:
+        raise ConfigError(f"method '{info.name}' has no {alias} setting (its options: {', '.join(sorted(valid))})")
+    for alias, target in info.aliases.items():
+        if alias in fields and alias != target:
+            if target in fields:
+                raise ConfigError(
+                    f"{alias} and {target} set the same option of method '{info.name}' ({fields[alias]!r} vs "
+                    f"{fields[target]!r}); give it once (--{alias} or --set {target}=...)"
+                )
+            fields[target] = fields.pop(alias)
     unknown = sorted(set(fields) - set(valid))
     if unknown:
+        close = {u: difflib.get_close_matches(u, list(valid), n=1) for u in unknown}
+        hints = "".join(f" Did you mean '{c[0]}' for '{u}'?" for u, c in close.items() if c)
         raise ConfigError(
-            f"unknown option(s) {', '.join(unknown)} for method '{info.name}' ({info.config_class.__name__}); "
-            f"valid options: {', '.join(sorted(valid))}"
+            f"unknown option(s) {', '.join(unknown)} for method '{info.name}' ({info.config_class.__name__}).{hints} "
+            f"`hf-lowrank list --method {info.name}` shows every option with its help"
         )
     try:
         return info.config_class(**fields)
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"invalid configuration for method '{info.name}': {exc}") from exc
+        raise ConfigError(f"invalid configuration for method '{info.name}': {' '.join(str(exc).split())}") from exc
 
 
 def infer_task_type(model: nn.Module) -> str | None:
@@ -97,6 +105,8 @@ class Adapted:
     registry: Registry
     training_args: TrainingArguments | None = None
     _callback: LowRankCallback | None = dataclasses.field(default=None, repr=False)
+    #: refuses a training step before the callback ran, for methods that need their Trainer hooks
+    guard: TrainerHooksGuard | None = None
 
     @property
     def callback(self) -> LowRankCallback:
@@ -105,9 +115,20 @@ class Adapted:
             self._callback = LowRankCallback(self)
         return self._callback
 
-    def trainer_kwargs(self) -> dict[str, Any]:
-        """``callbacks`` and ``optimizer_cls_and_kwargs`` for ``Trainer(**...)``; the same for every method."""
-        return {"callbacks": [self.callback], "optimizer_cls_and_kwargs": (self.optimizer_factory, {})}
+    def trainer_kwargs(self, args: TrainingArguments | None = None) -> dict[str, Any]:
+        """What to pass to ``Trainer(...)`` for this method; the same for every method.
+
+        Without ``args``: ``callbacks`` and ``optimizer_cls_and_kwargs``, so the Trainer builds its
+        optimizer through :meth:`optimizer_factory` when it creates one (the Trainer's own slot).
+        With ``args`` (the ``TrainingArguments`` or TRL config the Trainer gets): the optimizer is
+        built now and passed as ``optimizers=(optimizer, None)``, which every Trainer subclass
+        accepts, also those without ``optimizer_cls_and_kwargs`` (TRL's ``DPOTrainer``); the
+        Trainer still builds the scheduler, clips, checkpoints and resumes it.
+        """
+        if args is None:
+            return {"callbacks": [self.callback], "optimizer_cls_and_kwargs": (self.optimizer_factory, {})}
+        self.training_args = args
+        return {"callbacks": [self.callback], "optimizers": (self._build_optimizer(self.model), None)}
 
     def optimizer_factory(self) -> Any:
         """Factory for ``Trainer(optimizer_cls_and_kwargs=(adapted.optimizer_factory, {}))``.
@@ -131,6 +152,20 @@ class Adapted:
         optimizer._hf_lowrank_factory = True  # lets the callback check the factory was used
         return optimizer
 
+    def initialise_from_data(self, dataloader: Any, args: TrainingArguments | None = None) -> bool:
+        """Run the method's data-dependent initialisation (``init_adapter_from_data``) by hand.
+
+        The Trainer does this at ``on_train_begin`` through :attr:`callback`; call it yourself in a
+        training loop of your own. Returns whether the method initialised anything.
+        """
+        if self.guard is not None:
+            self.guard.active = True
+        result = self.registry.call_method_hook(
+            self.method, "init_adapter_from_data", model=self.model, config=self.config,
+            train_dataloader=dataloader, args=args or self.training_args,
+        )
+        return bool(result)
+
     def write_deliverables(self, directory: str | Path, merge: bool = False, tokenizer: Any = None,
                            final_dir: str | Path | None = None) -> ExportResult:
         """Write the deliverables into ``directory`` via ``post_train_merge``, with no output-folder checks.
@@ -144,7 +179,7 @@ class Adapted:
             self.method, "post_train_merge", model=self.model, config=self.config,
             output_dir=directory, merge=merge, tokenizer=tokenizer, final_dir=Path(final_dir or directory),
         )
-        return result if result is not None else default_export(self.model, directory, merge, tokenizer, self.registry)
+        return result if result is not None else default_export(self.model, directory, merge, tokenizer)
 
     def export(
         self, output_dir: str | Path, merge: bool = False, tokenizer: Any = None, overwrite: bool = False
@@ -185,7 +220,7 @@ def attach(
     Args:
         model: any transformers model (causal LM, sequence classification, ...).
         method: a method name from ``hf-lowrank list``, or an instance of a method's config class.
-        load_in_4bit: quantize the frozen base to 4-bit NF4 first (needs hf-lowrank-qlora).
+        load_in_4bit: quantize the frozen base to 4-bit NF4 first (needs the ``quantization`` extra).
         quantization: override the quantization settings (default: the QLoRA recipe).
         registry: the plugin registry to use (default: the installed plugins).
         **fields: config fields when ``method`` is a name (``r=16``, ``target_modules=[...]``).
@@ -208,65 +243,144 @@ def attach(
             "the model already carries a PEFT adapter; attach methods to the base model "
             "(model.unload() or load the base again), or load a saved adapter with load_adapter()"
         )
+    earlier = getattr(model, ATTACHED_FLAG, None)
+    carries_adapter = any(isinstance(m, BaseTunerLayer) for m in model.modules())
+    if earlier is not None and (carries_adapter or not earlier[1]):
+        # PEFT injects its layers into the base object in place, and full-weight methods train it
+        # directly: a second attach would train on top of (or together with) the first method
+        raise IncompatibleError(
+            f"method '{earlier[0]}' is already attached to this model object, so method '{info.name}' would train "
+            "on top of it; load the base model again and attach one method to it"
+        )
 
     wants_4bit = load_in_4bit or info.requires_quantized_base
     if (wants_4bit or is_quantized(model)) and not info.supports_quantized_base:
-        raise IncompatibleError(
-            f"method '{info.name}' cannot train on a quantized (4-bit) base: it updates the base weights "
-            "themselves. Load the model in 16/32-bit, or pick an adapter method such as lora or dora."
-        )
+        raise IncompatibleError(f"method '{info.name}' cannot train on a quantized (4-bit) base: {info.no_quantized_base}")
     deferred: QuantizationSettings | None = None
-    if wants_4bit and not is_quantized(model) and info.quantizes_base_after_init:
-        deferred = quantization or QuantizationSettings.from_config(config)
-    elif wants_4bit and not is_quantized(model):
+    if wants_4bit and not is_quantized(model):
         settings = quantization or QuantizationSettings.from_config(config)
-        quantized = registry.pm.hook.quantize_base(model=model, settings=settings)
-        if quantized is None:
-            raise IncompatibleError(
-                "a 4-bit base was requested but no installed plugin quantizes models; "
-                "install hf-lowrank-qlora (pip install -e plugins/qlora)"
-            )
-        model = quantized
+        if info.quantizes_base_after_init:
+            deferred = settings  # the method sees full precision first and quantizes its own base
+        else:
+            model = quantize_model(model, settings)
 
     adapted_model = registry.call_method_hook(info, "init_adapter", model=model, config=config, quantization=deferred)
     if adapted_model is None:
         raise LowRankError(f"plugin '{info.plugin_name}' declared method '{info.name}' but did not attach it")
-    return Adapted(model=adapted_model, config=config, method=info, registry=registry)
+    setattr(model, ATTACHED_FLAG, (info.name, info.trains_adapter))
+    adapted = Adapted(model=adapted_model, config=config, method=info, registry=registry)
+    trainable = next((p for p in adapted_model.parameters() if p.requires_grad), None)
+    if info.needs_trainer_hooks and trainable is not None:
+        adapted.guard = TrainerHooksGuard(info.name, sorted(info.hooks & {"wrap_optimizer", "init_adapter_from_data"}))
+        trainable.register_post_accumulate_grad_hook(adapted.guard)  # fires in the first training backward
+    return adapted
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
-    """The raw ``adapter_config.json`` of a saved adapter, with a clear error if it is missing."""
+    """The raw ``adapter_config.json`` of a saved adapter, with a clear error if it is missing or unreadable."""
     path = Path(adapter_dir) / "adapter_config.json"
     if not path.is_file():
         raise LowRankError(f"{adapter_dir} is not a saved adapter: {path.name} not found")
-    return json.loads(path.read_text())
+    try:
+        raw = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise LowRankError(f"{path} is not valid JSON ({exc}); the adapter is corrupt, export it again") from None
+    if not isinstance(raw, dict):
+        raise LowRankError(f"{path} does not hold a JSON object; the adapter is corrupt, export it again")
+    return raw
+
+
+def read_method_settings(adapter_dir: str | Path) -> dict[str, Any] | None:
+    """Our method's name and settings saved beside a PEFT adapter (:data:`METHOD_SETTINGS_FILE`), if any."""
+    path = Path(adapter_dir) / METHOD_SETTINGS_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise LowRankError(f"{path} is not valid JSON ({exc}); the adapter is corrupt, export it again") from None
+    return data if isinstance(data, dict) else None
 
 
 def load_config(adapter_dir: str | Path, registry: Registry | None = None) -> PeftConfig:
     """Load a saved adapter's config as our method's class when its plugin is installed.
 
-    Falls back to PEFT's own class (e.g. ``LoraConfig``) for adapters written without our package.
+    The method and its settings come from :data:`METHOD_SETTINGS_FILE` (``adapter_config.json``
+    holds only what PEFT's own config class accepts, so plain PEFT loads it silently). Adapters
+    written without our package come back as PEFT's own class (e.g. ``LoraConfig``).
     """
     registry = registry or get_registry()
     raw = read_adapter_config(adapter_dir)
-    name = raw.get("hf_lowrank_method")
+    ours = read_method_settings(adapter_dir) or {}
+    name = ours.get("method") or raw.get("hf_lowrank_method")  # the key older adapters carried
     if name and name in registry.methods:
         # PeftConfig.from_pretrained maps peft_type LORA back to LoraConfig; build our class directly
         config_class = registry.methods[name].config_class
         valid = config_fields(config_class)
-        return config_class(**{k: v for k, v in raw.items() if k in valid})
-    return PeftConfig.from_pretrained(str(adapter_dir))
+        settings = {**raw, **ours.get("settings", {})}
+        return config_class(**{k: v for k, v in settings.items() if k in valid})
+    try:
+        return PeftConfig.from_pretrained(str(adapter_dir))
+    except Exception as exc:
+        raise LowRankError(f"{adapter_dir}: PEFT cannot read this adapter's config ({type(exc).__name__}: {exc})") from None
+
+
+def check_adapter_fits(base_model: nn.Module, adapter_dir: str | Path) -> None:
+    """Raise :class:`IncompatibleError` unless every adapted layer of ``adapter_dir`` exists in
+    ``base_model`` with the shape the adapter was trained for, naming the first layer that differs."""
+    from safetensors import safe_open
+
+    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    if not weights.is_file():
+        return  # a .bin adapter: PEFT's own error will tell
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception as exc:
+        raise LowRankError(f"{weights} is not a readable safetensors file ({exc}); export the adapter again") from None
+    modules = dict(base_model.named_modules())
+    base_name = type(base_model).__name__
+    for key, shape in shapes.items():
+        for part, axis in ((".lora_A.", 1), (".lora_B.", 0)):
+            if part not in key:
+                continue
+            path = key.split(part)[0].removeprefix("base_model.model.")
+            module = modules.get(path)
+            if module is None:
+                raise IncompatibleError(
+                    f"adapter {adapter_dir} adapts layer '{path}', which {base_name} does not have: it was trained "
+                    "on another base model; load the base it names in adapter_config.json (base_model_name_or_path)"
+                )
+            weight = getattr(module, "weight", None)
+            dims = _layer_dims(module)
+            if weight is not None and dims is not None and shape[axis] != dims[axis]:
+                side = "input" if axis == 1 else "output"
+                raise IncompatibleError(
+                    f"adapter {adapter_dir} was trained for a base whose '{path}' has {side} size {shape[axis]}, but this "
+                    f"{base_name} has {dims[axis]}: another base model; load the one the adapter names"
+                )
+
+
+def _layer_dims(module: nn.Module) -> tuple[int, int] | None:
+    """(out, in) of a linear-like layer (``nn.Linear``, GPT-2 ``Conv1D``, 4-bit), else ``None``."""
+    if hasattr(module, "out_features") and hasattr(module, "in_features"):
+        return int(module.out_features), int(module.in_features)
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
+        rows, cols = module.weight.shape  # stored (in, out)
+        return int(cols), int(rows)
+    return None
 
 
 def load_adapter(
     base_model: nn.Module, adapter_dir: str | Path, is_trainable: bool = False, registry: Registry | None = None
 ) -> Adapted:
-    """Load a saved adapter onto ``base_model``; the config comes back as the method's own class."""
+    """Load a saved adapter onto ``base_model``; the config comes back as the method's own class.
+
+    A base of another architecture or size is refused before loading, naming the layer that differs.
+    """
     registry = registry or get_registry()
     config = load_config(adapter_dir, registry)
-    try:
-        info = registry.method_for_config(config)
-    except LowRankError:
-        info = registry.get("lora")
+    info = registry.method_for_config(config)
+    check_adapter_fits(base_model, adapter_dir)
     model = PeftModel.from_pretrained(base_model, str(adapter_dir), config=config, is_trainable=is_trainable)
     return Adapted(model=model, config=config, method=info, registry=registry)

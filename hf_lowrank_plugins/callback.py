@@ -24,6 +24,31 @@ def _unwrap_optimizer(optimizer: Any) -> Any:
     return optimizer
 
 
+class TrainerHooksGuard:
+    """Gradient hook of methods that need their Trainer hooks: refuses a training step without them.
+
+    Without the callback (and the optimizer factory) a Trainer would silently train something else:
+    GaLore as plain AdamW, LoRA-GA without its initialisation, SALOR without its schedule. Hung on
+    one trainable parameter (``register_post_accumulate_grad_hook``), it runs in the backward of the
+    first training step; the callback sets :attr:`active` at ``on_train_begin`` (and
+    :meth:`~hf_lowrank_plugins.Adapted.initialise_from_data` in loops of your own). Forwards alone
+    (evaluation, LoRA-GA's frozen gradient estimate) never trigger it. Plain data, no reference to
+    the registry, so models stay deep-copyable.
+    """
+
+    def __init__(self, method: str, needs: list[str]) -> None:
+        self.method, self.needs, self.active = method, needs, False
+
+    def __call__(self, param: Any) -> None:
+        """Raise :class:`LowRankError` when a gradient arrives before the callback started."""
+        if not self.active:
+            raise LowRankError(
+                f"method '{self.method}' needs its Trainer hooks ({' and '.join(self.needs)}), but this training step "
+                "runs without them: build the Trainer with Trainer(..., **adapted.trainer_kwargs()) (Trainer "
+                "subclasses without optimizer_cls_and_kwargs: **adapted.trainer_kwargs(args))"
+            )
+
+
 class LowRankCallback(TrainerCallback):
     """Runs the method's Trainer-time hooks; obtain it as ``adapted.callback``."""
 
@@ -51,6 +76,8 @@ class LowRankCallback(TrainerCallback):
                 "optimizer_cls_and_kwargs=(adapted.optimizer_factory, {}) (DeepSpeed-configured optimizers "
                 "cannot be replaced)."
             )
+        if self.adapted.guard is not None:
+            self.adapted.guard.active = True
         if state.global_step > 0:  # resumed: the checkpoint already holds the initialised state
             return
         self.adapted.registry.call_method_hook(

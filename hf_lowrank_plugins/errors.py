@@ -27,3 +27,10 @@ class TargetError(ConfigError):
 
 class IncompatibleError(LowRankError, ValueError):
     """Two things that cannot be combined (e.g. a 4-bit base with full fine-tuning)."""
+
+
+class PluginError(LowRankError):
+    """A plugin that is broken: fails to load, implements an unknown hook, or fails inside a hook.
+
+    Not the user's input: the CLI reports it as one line naming the plugin and the hook, and exits 1.
+    """

@@ -7,60 +7,81 @@ conversion step (e.g. PiSSA rewriting its adapter relative to the original weigh
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
-from peft import PeftModel
+from peft import PeftConfig, PeftModel
 from torch import nn
 
 from .errors import IncompatibleError
 from .io import atomic_directory
-from .registry import Registry, get_registry
+from .quantization import dequantize_model, is_quantized
 from .types import ExportResult
 
 
-def is_quantized(model: nn.Module) -> bool:
-    """True when any layer of ``model`` (also inside a PEFT wrapper) holds packed low-bit weights."""
-    return any(type(m).__name__ in ("Linear4bit", "Linear8bitLt", "Params4bit") for m in model.modules()) or bool(
-        getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
-    )
+#: Beside ``adapter_config.json``: our method's name and every setting PEFT's own class does not know.
+METHOD_SETTINGS_FILE = "hf_lowrank_method.json"
+
+
+def peft_config_class(config: PeftConfig) -> type[PeftConfig]:
+    """The PEFT class a method's config extends (``LoraConfig`` for the LoRA family): what plain PEFT loads."""
+    return next(c for c in type(config).__mro__ if c.__module__.startswith("peft.") and issubclass(c, PeftConfig))
+
+
+def split_adapter_config(directory: str | Path, config: PeftConfig) -> None:
+    """Keep only PEFT's own fields in ``directory/adapter_config.json``; move ours to :data:`METHOD_SETTINGS_FILE`.
+
+    Plain PEFT then loads the adapter without "unexpected keyword arguments" warnings, and
+    :func:`~hf_lowrank_plugins.load_config` still rebuilds the method's own config class.
+    """
+    path = Path(directory) / "adapter_config.json"
+    raw = json.loads(path.read_text())
+    accepted = {f.name for f in dataclasses.fields(peft_config_class(config))}
+    ours = {k: v for k, v in raw.items() if k not in accepted}
+    method = getattr(config, "hf_lowrank_method", None)
+    path.write_text(json.dumps({k: v for k, v in raw.items() if k in accepted}, indent=2, sort_keys=True) + "\n")
+    if method:
+        ours.pop("hf_lowrank_method", None)
+        settings = {"tool": "hf-lowrank-plugins", "method": method, "config_class": type(config).__qualname__,
+                    "settings": ours}
+        (Path(directory) / METHOD_SETTINGS_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def save_adapter(model: PeftModel, directory: str | Path) -> Path:
-    """Write ``model``'s adapter in PEFT format (``adapter_config.json`` + safetensors), atomically."""
+    """Write ``model``'s adapter in PEFT format (``adapter_config.json`` + safetensors), atomically.
+
+    ``adapter_config.json`` holds only what PEFT's own config class accepts (see
+    :func:`split_adapter_config`).
+    """
     directory = Path(directory)
     if not isinstance(model, PeftModel):
         raise IncompatibleError(f"{type(model).__name__} carries no PEFT adapter to save; use save_merged instead")
     with atomic_directory(directory) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        split_adapter_config(tmp, model.peft_config[model.active_adapter])
     return directory
 
 
-def merged_copy(model: nn.Module, registry: Registry | None = None, in_place: bool = False) -> nn.Module:
+def merged_copy(model: nn.Module, in_place: bool = False) -> nn.Module:
     """A plain full-precision transformers model equal to ``model`` with its adapters merged.
 
-    A quantized base is first dequantized through the ``dequantize_base`` hook, so the merge is
-    done in 16/32-bit (rounding the merged weights back to 4 bits would lose the adapter's update).
+    A quantized base is first dequantized (:func:`~hf_lowrank_plugins.quantization.dequantize_model`),
+    so the merge is done in 16/32-bit (rounding the merged weights back to 4 bits would lose the
+    adapter's update).
     """
-    registry = registry or get_registry()
     work = model if in_place else copy.deepcopy(model)
     if is_quantized(work):
-        dequantized = registry.pm.hook.dequantize_base(model=work)
-        if dequantized is None:
-            raise IncompatibleError(
-                "the model has a 4-bit base but no installed plugin can dequantize it; "
-                "install hf-lowrank-qlora (pip install -e plugins/qlora)"
-            )
-        work = dequantized
+        work = dequantize_model(work)
     if isinstance(work, PeftModel):
         work = work.merge_and_unload(safe_merge=True)
     return work
 
 
-def write_merged(model: nn.Module, directory: str | Path, tokenizer: Any = None, registry: Registry | None = None,
-                 in_place: bool = False) -> Path:
+def write_merged(model: nn.Module, directory: str | Path, tokenizer: Any = None, in_place: bool = False) -> Path:
     """Write the merged checkpoint's files into the existing folder ``directory`` (not atomic on its own)."""
-    merged = merged_copy(model, registry=registry, in_place=in_place)
+    merged = merged_copy(model, in_place=in_place)
     merged.save_pretrained(directory, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
@@ -71,24 +92,21 @@ def save_merged(
     model: nn.Module,
     directory: str | Path,
     tokenizer: Any = None,
-    registry: Registry | None = None,
     in_place: bool = False,
 ) -> Path:
     """Write a plain transformers checkpoint (plus ``tokenizer`` if given) with adapters merged in, atomically."""
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
-        write_merged(model, tmp, tokenizer=tokenizer, registry=registry, in_place=in_place)
+        write_merged(model, tmp, tokenizer=tokenizer, in_place=in_place)
     return directory
 
 
-def default_export(
-    model: nn.Module, output_dir: str | Path, merge: bool, tokenizer: Any = None, registry: Registry | None = None
-) -> ExportResult:
+def default_export(model: nn.Module, output_dir: str | Path, merge: bool, tokenizer: Any = None) -> ExportResult:
     """``output_dir/adapter`` for a PEFT model, ``output_dir/merged`` when ``merge`` (or no adapter)."""
     output_dir = Path(output_dir)
     result = ExportResult()
     if isinstance(model, PeftModel):
         result.adapter_dir = save_adapter(model, output_dir / "adapter")
     if merge or not isinstance(model, PeftModel):
-        result.merged_dir = save_merged(model, output_dir / "merged", tokenizer=tokenizer, registry=registry)
+        result.merged_dir = save_merged(model, output_dir / "merged", tokenizer=tokenizer)
     return result

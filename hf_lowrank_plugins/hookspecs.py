@@ -11,15 +11,20 @@ them with every *other* method plugin left out, so an implementation never has t
 config is its own. Plugins that declare no method (observers, wrappers) are still called, which is
 how a third party can wrap every method at once.
 
-*Service hooks* (``describe_methods``, ``quantize_base``, ``dequantize_base``) are called on all
-plugins; the first non-``None`` answer wins where marked ``firstresult``.
+``describe_methods`` is called on every plugin when the registry loads it. 4-bit bases are not a
+hook: the core's quantization service (:mod:`hf_lowrank_plugins.quantization`) serves every method.
 
 Life cycle, in call order::
 
-    attach(model, "name")          describe_methods -> [quantize_base] -> init_adapter
+    registry load                   describe_methods (then check_pending: unknown hooks fail the plugin)
+    attach(model, "name")          [quantize the base] -> init_adapter
     Trainer(...) / trainer.train()  wrap_optimizer (inside Trainer.create_optimizer)
     on_train_begin                  init_adapter_from_data (fresh runs only, never on resume)
-    adapted.export(dir)             post_train_merge (-> dequantize_base when merging a 4-bit base)
+    adapted.export(dir)             post_train_merge (a 4-bit base is dequantized before merging)
+
+Which method hooks a plugin implements is read from pluggy, not declared: implementing
+``wrap_optimizer`` or ``init_adapter_from_data`` means the method cannot run without its Trainer
+hooks, and a training step without them is refused.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ if TYPE_CHECKING:
     from torch.utils.data import DataLoader
     from transformers import TrainingArguments
 
-    from .registry import MethodInfo
+    from .method import MethodInfo
     from .types import ExportResult, QuantizationSettings
 
 PROJECT_NAME = "hf_lowrank_plugins"
@@ -52,27 +57,6 @@ def describe_methods() -> list[MethodInfo]:
     :class:`~hf_lowrank_plugins.registry.MethodInfo`; a plugin that provides no method (an observer
     or wrapper) simply does not implement this hook. Method names are unique across plugins: a
     second plugin claiming a taken name is reported as failed and left out.
-    """
-
-
-@hookspec(firstresult=True)
-def quantize_base(model: torch.nn.Module, settings: QuantizationSettings) -> torch.nn.Module | None:
-    """Quantize the frozen base of ``model`` (e.g. to 4-bit NF4) before any adapter is attached.
-
-    Called by :func:`~hf_lowrank_plugins.attach` when the user asks for a quantized base
-    (``load_in_4bit=True``) or the method requires one, and only when the model is not quantized
-    already. The answer is the model to continue with (it may be a new object). The first plugin
-    that answers wins; with no answering plugin the core raises an error saying which
-    distribution to install.
-    """
-
-
-@hookspec(firstresult=True)
-def dequantize_base(model: torch.nn.Module) -> torch.nn.Module | None:
-    """Replace quantized base layers of ``model`` by full-precision ones, in place or not.
-
-    Called before merging adapters into a quantized base, so the merge happens in 16/32-bit
-    instead of being rounded back to 4 bits. Return the model to continue with.
     """
 
 

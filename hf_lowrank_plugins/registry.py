@@ -1,162 +1,217 @@
 """Plugin discovery and method lookup, on top of a pluggy ``PluginManager``.
 
-Plugins are found through the ``hf_lowrank_plugins`` entry-point group. Each entry point is loaded
-on its own, so a plugin that fails to import is recorded with its error (``hf-lowrank list`` shows
-it) and the others still load. Environment switches:
+Plugins are found through the ``hf_lowrank_plugins`` entry-point group; the built-in ones
+(:data:`BUILTIN_PLUGINS`, the ``full`` baseline) are a list of module names loaded the same way,
+as pytest loads its own. Plugins cannot hurt each other:
+
+* Each plugin is imported on its own; anything it raises, ``SystemExit`` included, is recorded
+  with its error (``hf-lowrank list`` shows it) and the others still load.
+* After registering, ``check_pending()`` runs: a misspelled hook (``init_adaptor``) is a load
+  failure, not a silently ignored function.
+* Two distributions using one entry-point name both load (the second under ``name@distribution``)
+  and the clash is reported. Two plugins claiming one *method* name are both kept, but that method
+  cannot run until one is blocked: :meth:`Registry.get` names both distributions and the switch.
+* Hook results are checked (``init_adapter`` returns a module, ``wrap_optimizer`` an optimizer),
+  and a hook that raises something other than our own errors is reported as one line naming the
+  plugin and the hook (:class:`~hf_lowrank_plugins.errors.PluginError`).
+
+Environment switches:
 
 ``HF_LOWRANK_DISABLE_PLUGIN_AUTOLOAD=1``
     load no entry points (register plugins by hand with :meth:`Registry.register`); the built-in
-    ``full`` method (:mod:`.full`) is registered regardless.
+    plugins are registered regardless.
 ``HF_LOWRANK_BLOCK_PLUGINS=name1,name2``
-    skip the named entry points (e.g. a broken third-party plugin).
+    skip the named entry points; a name may be an entry-point name, a distribution name, or
+    ``distribution:entry-point`` to pick one of two clashing entry points.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from importlib.metadata import entry_points
 from typing import Any
 
 import pluggy
+import torch
 from peft import PeftConfig
+from torch import nn
 
 from . import hookspecs
-from .errors import UnknownMethodError
+from .errors import ConfigError, LowRankError, PluginError, UnknownMethodError
+from .method import METHOD_HOOKS, MethodInfo
+from .types import ExportResult
 
 ENTRY_POINT_GROUP = "hf_lowrank_plugins"
 ENV_DISABLE_AUTOLOAD = "HF_LOWRANK_DISABLE_PLUGIN_AUTOLOAD"
 ENV_BLOCK = "HF_LOWRANK_BLOCK_PLUGINS"
+#: Plugins of the core itself: (registered name, module), loaded like any entry point.
+BUILTIN_PLUGINS = (("full", "hf_lowrank_plugins.builtin.full"),)
+CORE_DISTRIBUTION = "hf-lowrank-plugins"
 
-METHOD_HOOKS = ("init_adapter", "init_adapter_from_data", "wrap_optimizer", "post_train_merge")
+
+def _core_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(CORE_DISTRIBUTION)
+    except PackageNotFoundError:  # pragma: no cover - a source tree without install
+        return "0"
 
 
-@dataclass(frozen=True)
-class MethodInfo:
-    """What a plugin declares about one method (returned from ``describe_methods``).
-
-    Attributes:
-        name: the method name users type (``lora``, ``dora``, ...).
-        config_class: its ``peft.PeftConfig`` subclass; ``config_class()`` must give sane defaults.
-        summary: one line for ``hf-lowrank list``.
-        supports_quantized_base: whether it can train on top of a 4-bit base.
-        requires_quantized_base: whether the core must quantize the base before ``init_adapter``.
-        quantizes_base_after_init: whether the method quantizes the base itself: for a 4-bit run
-            the core then skips ``quantize_base`` and passes the settings to ``init_adapter``
-            (QPiSSA must see full-precision W for its SVD and quantize only the residual).
-        wraps_optimizer: whether it implements ``wrap_optimizer``; the callback then checks that
-            the Trainer really used the core's optimizer factory, and says how to fix it if not.
-        trains_adapter: whether the result is a PEFT adapter (``False`` for full-weight methods).
-        plugin_name, distribution, version: filled in by the registry.
-    """
-
-    name: str
-    config_class: type[PeftConfig]
-    summary: str = ""
-    supports_quantized_base: bool = True
-    requires_quantized_base: bool = False
-    quantizes_base_after_init: bool = False
-    wraps_optimizer: bool = False
-    trains_adapter: bool = True
-    plugin_name: str = ""
-    distribution: str = ""
-    version: str = ""
-
-    def as_dict(self) -> dict[str, Any]:
-        """A JSON-friendly description (used by ``hf-lowrank list --json``)."""
-        return {
-            "name": self.name,
-            "summary": self.summary,
-            "distribution": self.distribution,
-            "version": self.version,
-            "config_class": f"{self.config_class.__module__}.{self.config_class.__qualname__}",
-            "supports_quantized_base": self.supports_quantized_base,
-            "wraps_optimizer": self.wraps_optimizer,
-            "trains_adapter": self.trains_adapter,
-        }
+#: What each checked hook must return when it answers (``None`` always means "not mine").
+_RESULT_TYPES: dict[str, tuple[type, ...]] = {
+    "init_adapter": (nn.Module,),
+    "wrap_optimizer": (torch.optim.Optimizer,),
+    "post_train_merge": (ExportResult,),
+    "init_adapter_from_data": (bool,),
+}
 
 
 class Registry:
     """The set of installed plugins and the methods they provide.
 
     Use :func:`get_registry` for the process-wide instance; tests build their own.
+
+    Attributes:
+        failed: plugin name -> why it did not load (import error, bad hook, bad declaration).
+        conflicts: method name -> the plugins that all claim it (such a method cannot run).
+        clashes: entry-point name -> the distributions that all use it (all loaded, renamed).
     """
 
     def __init__(self, autoload: bool | None = None, blocked: Iterable[str] | None = None) -> None:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self.pm.add_hookspecs(hookspecs)
         self.failed: dict[str, str] = {}
+        self.conflicts: dict[str, list[MethodInfo]] = {}
+        self.clashes: dict[str, list[str]] = {}
         self._dist_of: dict[str, tuple[str, str]] = {}
         self._methods: dict[str, MethodInfo] | None = None
         if blocked is None:
             blocked = [b.strip() for b in os.environ.get(ENV_BLOCK, "").split(",") if b.strip()]
         self.blocked = set(blocked)
         for name in self.blocked:
-            self.pm.set_blocked(name)
-        # Built-in methods register whatever the autoload switch says, as pytest's built-in plugins do,
-        # so the `full` baseline always exists; blocking it by name still works.
-        from . import __version__, full
-
-        self.register(full, name=full.NAME, distribution=("hf-lowrank-plugins", __version__))
+            self.pm.set_blocked(name)  # also refuses plugins registered by hand under that name
+        for name, module in BUILTIN_PLUGINS:
+            if name not in self.blocked:
+                self._load(name, lambda module=module: importlib.import_module(module), (CORE_DISTRIBUTION, _core_version()))
         if autoload is None:
             autoload = os.environ.get(ENV_DISABLE_AUTOLOAD, "").lower() not in ("1", "true", "yes")
         if autoload:
             self.load_entry_points()
 
+    # ------------------------------------------------------------------ loading
+
     def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
         """Load and register every entry point of ``group``, recording failures instead of raising."""
+        seen: dict[str, str] = {name: CORE_DISTRIBUTION for name, _ in BUILTIN_PLUGINS}
         for ep in entry_points(group=group):
-            if ep.name in self.blocked or self.pm.has_plugin(ep.name) or ep.name in self.failed:
-                continue
             dist = (ep.dist.name, ep.dist.version) if ep.dist is not None else ("", "")
-            try:
-                self.register(ep.load(), name=ep.name, distribution=dist)
-            except Exception as exc:  # a broken plugin must not take the others down
-                self.failed[ep.name] = f"{type(exc).__name__}: {exc}"
+            if {ep.name, dist[0], f"{dist[0]}:{ep.name}"} & self.blocked:
+                continue
+            name = ep.name
+            if name in seen:
+                if seen[name] == dist[0]:
+                    continue  # the same distribution seen twice on sys.path
+                self.clashes.setdefault(ep.name, [seen[ep.name]]).append(dist[0])
+                name = f"{ep.name}@{dist[0]}"
+            seen[name] = dist[0]
+            if self.pm.has_plugin(name) or name in self.failed:
+                continue
+            self._load(name, ep.load, dist)
+
+    def _load(self, name: str, load: Any, distribution: tuple[str, str]) -> None:
+        try:
+            plugin = load()
+        except (Exception, SystemExit) as exc:  # a broken plugin must not take the others (or the process) down
+            self.failed[name] = f"{type(exc).__name__} on import: {exc}"
+            return
+        try:
+            self.register(plugin, name=name, distribution=distribution)
+        except LowRankError as exc:
+            self.failed[name] = str(exc)
 
     def register(self, plugin: object, name: str | None = None, distribution: tuple[str, str] = ("", "")) -> None:
-        """Register a plugin object (usually a module of ``@hookimpl`` functions)."""
-        name = self.pm.register(plugin, name=name)
+        """Register a plugin object (usually a module of ``@hookimpl`` functions).
+
+        Raises :class:`PluginError` (and leaves the plugin out) when it implements a hook that
+        does not exist or declares its methods wrongly.
+        """
+        try:
+            name = self.pm.register(plugin, name=name)
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"plugin '{name}' is invalid: {exc}") from None
         if name is None:  # blocked
             return
         self._dist_of[name] = distribution
-        self._methods = None
         try:
-            self._collect_methods()
-        except Exception:
+            self.pm.check_pending()
+            self._declared_methods(name)
+        except (pluggy.PluginValidationError, PluginError) as exc:
             self.pm.unregister(name=name)
-            self._methods = None
-            raise
+            self._dist_of.pop(name, None)
+            message = str(exc)
+            if isinstance(exc, pluggy.PluginValidationError):
+                message = f"plugin '{name}' implements a hook that does not exist: {exc} (see hf_lowrank_plugins.hookspecs)"
+            raise PluginError(message) from None
+        self._methods = None
+
+    def _declared_methods(self, plugin_name: str) -> list[MethodInfo]:
+        """What ``plugin_name``'s ``describe_methods`` returns, checked, with the derived fields filled in."""
+        plugin = self.pm.get_plugin(plugin_name)
+        impls = [i for i in self.pm.hook.describe_methods.get_hookimpls() if i.plugin is plugin]
+        if not impls:
+            return []
+        try:
+            declared = impls[0].function()
+        except (Exception, SystemExit) as exc:
+            raise PluginError(f"plugin '{plugin_name}' failed in describe_methods: {type(exc).__name__}: {exc}") from None
+        if not isinstance(declared, (list, tuple)) or not all(isinstance(i, MethodInfo) for i in declared):
+            raise PluginError(f"plugin '{plugin_name}': describe_methods must return a list of MethodInfo, got {declared!r}")
+        hooks = frozenset(h for h in METHOD_HOOKS
+                          if any(i.plugin is plugin for i in getattr(self.pm.hook, h).get_hookimpls()))
+        dist, version = self._dist_of.get(plugin_name, ("", ""))
+        out = []
+        for info in declared:
+            if not (isinstance(info.config_class, type) and issubclass(info.config_class, PeftConfig)):
+                raise PluginError(f"plugin '{plugin_name}': method '{info.name}' needs a peft.PeftConfig subclass as config_class")
+            out.append(replace(info, plugin_name=plugin_name, distribution=dist, version=version, hooks=hooks))
+        return out
 
     def _collect_methods(self) -> dict[str, MethodInfo]:
-        methods: dict[str, MethodInfo] = {}
-        for impl in self.pm.hook.describe_methods.get_hookimpls():
-            plugin_name = self.pm.get_name(impl.plugin)
-            dist, version = self._dist_of.get(plugin_name, ("", ""))
-            for info in impl.function():
-                if info.name in methods and methods[info.name].plugin_name != plugin_name:
-                    raise ValueError(
-                        f"method '{info.name}' is provided by both plugin '{methods[info.name].plugin_name}' "
-                        f"and plugin '{plugin_name}'; block one with {ENV_BLOCK}"
-                    )
-                methods[info.name] = replace(info, plugin_name=plugin_name, distribution=dist, version=version)
-        self._methods = dict(sorted(methods.items()))
+        by_name: dict[str, list[MethodInfo]] = {}
+        for plugin_name, _ in self.pm.list_name_plugin():
+            for info in self._declared_methods(plugin_name):
+                by_name.setdefault(info.name, []).append(info)
+        self.conflicts = {name: infos for name, infos in by_name.items() if len(infos) > 1}
+        self._methods = {name: infos[0] for name, infos in sorted(by_name.items()) if len(infos) == 1}
         return self._methods
+
+    # ------------------------------------------------------------------ lookup
 
     @property
     def methods(self) -> dict[str, MethodInfo]:
-        """Installed methods by name, sorted."""
+        """Installed methods by name, sorted (methods claimed by two plugins are in :attr:`conflicts`)."""
         return self._methods if self._methods is not None else self._collect_methods()
 
     def get(self, name: str) -> MethodInfo:
         """The method called ``name``; raises :class:`UnknownMethodError` listing what is installed."""
         key = name.strip().lower().replace("-", "_")
-        if key in self.methods:
-            return self.methods[key]
-        installed = ", ".join(self.methods) or "none"
-        hint = difflib.get_close_matches(key, list(self.methods), n=1)
+        methods = self.methods
+        if key in methods:
+            return methods[key]
+        if key in self.conflicts:
+            claimers = " and ".join(f"plugin '{i.plugin_name}' ({i.distribution or 'registered by hand'})"
+                                    for i in self.conflicts[key])
+            raise ConfigError(
+                f"method '{key}' is provided by both {claimers}; block one with "
+                f"{ENV_BLOCK}={self.conflicts[key][-1].plugin_name} (or uninstall it)"
+            )
+        installed = ", ".join(methods) or "none"
+        hint = difflib.get_close_matches(key, list(methods), n=1)
         maybe = f" Did you mean '{hint[0]}'?" if hint else ""
         broken = f" Plugins that failed to load: {', '.join(f'{k} ({v})' for k, v in self.failed.items())}." if self.failed else ""
         raise UnknownMethodError(
@@ -164,6 +219,10 @@ class Registry:
             f"Install one with `pip install hf-lowrank-{key.replace('_', '-')}` (or `pip install -e plugins/{key}` "
             "in this repository); `hf-lowrank list` shows what is installed."
         )
+
+    def reference(self) -> MethodInfo | None:
+        """The method other methods are compared against by default (the one declaring ``reference``)."""
+        return next((m for m in self.methods.values() if m.reference), None)
 
     def method_for_config(self, config: PeftConfig) -> MethodInfo:
         """The method whose config class is exactly ``type(config)``, or the one it names."""
@@ -173,18 +232,44 @@ class Registry:
         name = getattr(config, "hf_lowrank_method", None)
         if name:
             return self.get(name)
+        peft_type = str(getattr(getattr(config, "peft_type", None), "value", getattr(config, "peft_type", "")))
+        for info in self.methods.values():
+            if info.plain_peft_type is not None and info.plain_peft_type == peft_type:
+                return info
         raise UnknownMethodError(
             f"no installed method uses config class {type(config).__name__}; installed methods: "
             f"{', '.join(f'{m.name} ({m.config_class.__name__})' for m in self.methods.values())}"
         )
 
+    # ------------------------------------------------------------------ calling
+
     def call_method_hook(self, method: MethodInfo, hook_name: str, **kwargs: Any) -> Any:
-        """Call a method hook with every other method's plugin left out (see :mod:`.hookspecs`)."""
+        """Call a method hook with every other method's plugin left out (see :mod:`.hookspecs`).
+
+        The answer is checked against the hook's contract; an exception other than our own
+        (:class:`LowRankError`) becomes a :class:`PluginError` naming the plugin and the hook.
+        """
         if hook_name not in METHOD_HOOKS:
             raise ValueError(f"{hook_name} is not a method hook; method hooks are {METHOD_HOOKS}")
-        others = {m.plugin_name for m in self.methods.values()} - {method.plugin_name}
+        owners = {m.plugin_name for m in self.methods.values()} | {i.plugin_name for c in self.conflicts.values() for i in c}
+        others = owners - {method.plugin_name}
         caller = self.pm.subset_hook_caller(hook_name, remove_plugins=[self.pm.get_plugin(n) for n in others])
-        return caller(**kwargs)
+        try:
+            result = caller(**kwargs)
+        except LowRankError:
+            raise
+        except Exception as exc:
+            raise PluginError(
+                f"plugin '{method.plugin_name}' ({method.distribution or 'registered by hand'}) failed in "
+                f"{hook_name} for method '{method.name}': {type(exc).__name__}: {exc}"
+            ) from exc
+        expected = _RESULT_TYPES.get(hook_name)
+        if result is not None and expected is not None and not isinstance(result, expected):
+            raise PluginError(
+                f"plugin '{method.plugin_name}': {hook_name} for method '{method.name}' returned "
+                f"{type(result).__name__}, expected {' or '.join(t.__name__ for t in expected)} (or None)"
+            )
+        return result
 
 
 _registry: Registry | None = None

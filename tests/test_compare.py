@@ -33,7 +33,7 @@ def test_compare_trains_each_method_in_its_own_process_and_reports_a_failure(tmp
     lora, dora, full = rows["lora"], rows["dora"], rows["full"]
     assert dora["status"] == "failed" and "use rank r <= 32" in dora["error"]
     assert lora["status"] == full["status"] == "ok"
-    assert (lora["lr"], full["lr"], dora["lr"]) == (5e-3, 1e-4, compare.DEFAULT_LEARNING_RATES["dora"][0])
+    assert (lora["lr"], full["lr"], dora["lr"]) == (5e-3, 1e-4, hlp.get_registry().get("dora").default_lr)
     assert all(v == pytest.approx(1.0) for v in lora["ratios"].values())
     for key in compare.RATIO_FIELDS:
         assert full["ratios"][key] == pytest.approx(full[key] / lora[key])
@@ -119,12 +119,16 @@ def test_option_parsing_and_defaults():
     assert parse_lr(None) == (None, {})
     assert parse_scoped_set(["pissa.svd=fast", "galore.rank=64", "pissa.target_modules=q_proj,v_proj"]) == {
         "pissa": {"svd": "fast", "target_modules": ["q_proj", "v_proj"]}, "galore": {"rank": 64}}
-    assert compare.learning_rate("full", None, {})[0] == 2e-5
-    assert compare.learning_rate("full", 1e-3, {"full": 5e-5}) == (5e-5, "--lr full=...")
-    assert compare.learning_rate("lora", 1e-3, {"full": 5e-5}) == (1e-3, "--lr")
-    assert compare.learning_rate("someones_method", None, {}) == (compare.FALLBACK_LEARNING_RATE,
-                                                                  "default: no table entry for this method, so LoRA's rate")
-    assert compare.default_methods(["dora", "full", "galore", "lora", "thirdparty"]) == ["lora", "dora", "galore", "thirdparty", "full"]
+    registry = hlp.get_registry()
+    full, lora = registry.get("full"), registry.get("lora")
+    assert compare.learning_rate(full, None, {})[0] == 2e-5  # declared by the plugin, with its reason
+    assert compare.learning_rate(full, 1e-3, {"full": 5e-5}) == (5e-5, "--lr full=...")
+    assert compare.learning_rate(lora, 1e-3, {"full": 5e-5}) == (1e-3, "--lr")
+    someones = hlp.MethodInfo(name="someones_method", config_class=lora.config_class)
+    assert compare.learning_rate(someones, None, {}, reference=lora) == (
+        2e-4, "default: its plugin declares none, so the reference method lora's")
+    order = compare.default_methods(registry)
+    assert order[0] == "lora" and order[-1] == "full" and set(order) == set(registry.methods)
 
 
 def test_comparison_without_matplotlib_still_writes_json_and_md(tmp_path, monkeypatch):

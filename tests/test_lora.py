@@ -58,7 +58,9 @@ def test_trainer_loss_goes_down_and_merge_is_exact(tiny_model, batch, token_data
     reloaded = hlp.load_adapter(make_tiny_model(), result.adapter_dir)
     assert type(reloaded.config).__name__ == "LoraMethodConfig" and reloaded.method.name == "lora"
     assert (logits(reloaded.model, batch) - trained).abs().max() <= 1e-6
-    assert json.loads((result.adapter_dir / "adapter_config.json").read_text())["hf_lowrank_method"] == "lora"
+    # adapter_config.json holds only LoraConfig's fields (plain PEFT loads it silently); ours sit beside it
+    assert "hf_lowrank_method" not in json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert json.loads((result.adapter_dir / "hf_lowrank_method.json").read_text())["method"] == "lora"
 
 
 

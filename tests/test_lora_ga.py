@@ -84,8 +84,7 @@ def test_init_matches_the_exact_gradient_reference_and_keeps_the_output(batch, d
     for scale in SCALES:
         adapted = hlp.attach(copy.deepcopy(base), "lora_ga", r=4, estimator="full", svd="exact", direction=direction,
                              scale=scale, ga_batches=3)
-        assert ga_plugin.init_adapter_from_data(model=adapted.model, config=adapted.config, train_dataloader=batches,
-                                                args=None)
+        assert adapted.initialise_from_data(batches)
         for name, layer in lora_layers(adapted.model).items():
             A_ref, B_ref = _official(G[_short(name)], 4, s, direction, scale, W0[_short(name)])
             A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
@@ -119,7 +118,7 @@ def test_peft_variant_equals_peft_lora_ga_init(batch, direction):
         peft_model = get_peft_model(peft_model, cfg)
         adapted = hlp.attach(copy.deepcopy(base), "lora_ga", r=16, estimator="full", svd="exact", variant="peft",
                              direction=direction, scale=scale, ga_batches=3)
-        ga_plugin.init_adapter_from_data(model=adapted.model, config=adapted.config, train_dataloader=batches, args=None)
+        adapted.initialise_from_data(batches)
         theirs = dict(peft_model.named_modules())
         for name, layer in lora_layers(adapted.model).items():
             other = theirs[name]
@@ -231,7 +230,8 @@ def test_portable_export_merged_checkpoint_and_config_round_trip(tmp_path, batch
     trained = logits(adapted.model, batch)
     result = adapted.export(tmp_path / "out", merge=True)
     cfg = json.loads((result.adapter_dir / "adapter_config.json").read_text())
-    assert cfg["r"] == 8 and cfg["hf_lowrank_method"] == "lora" and cfg["init_lora_weights"] is True
+    assert cfg["r"] == 8 and cfg["init_lora_weights"] is True and "hf_lowrank_method" not in cfg
+    assert json.loads((result.adapter_dir / "hf_lowrank_method.json").read_text())["method"] == "lora"
     from safetensors.torch import load_file
 
     assert not any("lora_ga" in k for k in load_file(result.adapter_dir / "adapter_model.safetensors"))
@@ -267,16 +267,15 @@ def test_runtime_errors_name_the_fix(tmp_path):
     adapted = hlp.attach(make_tiny_model(), "lora_ga", r=4)
     empty = torch.utils.data.DataLoader(TokenDataset(n=0), batch_size=4)
     with pytest.raises(hlp.LowRankError, match="no batches"):
-        ga_plugin.init_adapter_from_data(model=adapted.model, config=adapted.config, train_dataloader=empty, args=None)
+        adapted.initialise_from_data(empty)
     no_labels = [{"input_ids": TokenDataset().x[:4]}]
     with pytest.raises(hlp.LowRankError, match="must carry labels"):
-        ga_plugin.init_adapter_from_data(model=adapted.model, config=adapted.config, train_dataloader=no_labels, args=None)
+        adapted.initialise_from_data(no_labels)
     assert all(not h for m in adapted.model.modules() for h in (m._forward_hooks, m._forward_pre_hooks))
     assert all(p.requires_grad == ("lora_" in n) for n, p in adapted.model.named_parameters())
     too_big = hlp.attach(make_tiny_model(), "lora_ga", r=4, ga_batch_size=16)
     with pytest.raises(hlp.ConfigError, match="ga_batch_size 16 exceeds"):
-        ga_plugin.init_adapter_from_data(model=too_big.model, config=too_big.config,
-                                         train_dataloader=torch.utils.data.DataLoader(TokenDataset(), batch_size=8), args=None)
+        too_big.initialise_from_data(torch.utils.data.DataLoader(TokenDataset(), batch_size=8))
 
 
 def test_cli_set_reaches_the_config(tmp_path):

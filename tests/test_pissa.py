@@ -85,7 +85,7 @@ def test_trains_and_exports_a_plain_lora_on_the_original_weights(batch, token_da
     result = adapted.export(tmp_path / "out", merge=True)
     cfg = json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert cfg["r"] == 8 and cfg["lora_alpha"] == 8 and cfg["init_lora_weights"] is True
-    assert cfg["hf_lowrank_method"] == "lora"
+    assert json.loads((result.adapter_dir / "hf_lowrank_method.json").read_text())["method"] == "lora"
     plain, config_class = plain_peft_logits(base_dir, result.adapter_dir, batch, tmp_path)
     assert config_class == "LoraConfig"
     assert rel_err(plain, trained) <= 1e-5

@@ -50,27 +50,28 @@ def test_qlora_trains_and_merges_into_a_full_precision_checkpoint(batch, token_d
     assert torch.equal(logits(adapted.model, batch), trained)
 
 
-def test_method_that_cannot_use_a_4bit_base_says_so(tiny_model):
-    import hf_lowrank_qlora.plugin as qlora_plugin
+def test_method_that_cannot_use_a_4bit_base_states_why(tiny_model):
     from hf_lowrank_lora import LoraMethodConfig
 
     class FullWeights:
         @hlp.hookimpl
         def describe_methods(self):
             cfg = type("FullCfg", (LoraMethodConfig,), {})
-            return [hlp.MethodInfo(name="fullweights", config_class=cfg, supports_quantized_base=False, trains_adapter=False)]
+            return [hlp.MethodInfo(name="fullweights", config_class=cfg, trains_adapter=False,
+                                   no_quantized_base="it rewrites W itself")]
 
     reg = hlp.Registry(autoload=False)
-    reg.register(qlora_plugin, name="qlora")
     reg.register(FullWeights(), name="fullweights")
-    with pytest.raises(hlp.IncompatibleError, match="cannot train on a quantized .4-bit. base"):
+    with pytest.raises(hlp.IncompatibleError, match=r"cannot train on a quantized \(4-bit\) base: it rewrites W itself"):
         hlp.attach(tiny_model, "fullweights", load_in_4bit=True, registry=reg)
+    assert reg.get("fullweights").as_dict()["supports_quantized_base"] is False
 
 
-def test_4bit_without_a_quantizing_plugin_says_what_to_install(tiny_model):
+def test_4bit_is_a_core_service_any_method_gets(tiny_model, batch):
+    """No qlora plugin installed: lora on a 4-bit base still works (the core quantizes)."""
     import hf_lowrank_lora.plugin as lora_plugin
 
     reg = hlp.Registry(autoload=False)
     reg.register(lora_plugin, name="lora")
-    with pytest.raises(hlp.IncompatibleError, match="install hf-lowrank-qlora"):
-        hlp.attach(tiny_model, "lora", load_in_4bit=True, registry=reg)
+    adapted = hlp.attach(tiny_model, "lora", load_in_4bit=True, r=2, registry=reg)
+    assert _linear4bit_count(adapted.model) == 14 and hlp.is_quantized(adapted.model)

@@ -57,20 +57,28 @@ def test_broken_plugin_is_reported_and_others_still_load(monkeypatch):
         reg.get("nothing")
 
 
-def test_two_plugins_claiming_one_name_are_refused():
+def test_two_plugins_claiming_one_name_never_run_silently(monkeypatch):
     import hf_lowrank_lora.plugin as lora_plugin
+    from hf_lowrank_lora import LoraMethodConfig
 
     reg = Registry(autoload=False)
-    reg.register(lora_plugin, name="lora")
+    reg.register(lora_plugin, name="lora", distribution=("hf-lowrank-lora", "0.1.0"))
 
     class Impostor:
         @hlp.hookimpl
         def describe_methods(self):
-            return [hlp.MethodInfo(name="lora", config_class=hlp.MethodInfo)]
+            return [hlp.MethodInfo(name="lora", config_class=LoraMethodConfig)]
 
-    with pytest.raises(ValueError, match="provided by both"):
-        reg.register(Impostor(), name="impostor")
-    assert reg.methods["lora"].plugin_name == "lora"
+    reg.register(Impostor(), name="impostor", distribution=("evil-lora", "9.9"))
+    assert "lora" not in reg.methods and [i.plugin_name for i in reg.conflicts["lora"]] == ["lora", "impostor"]
+    with pytest.raises(hlp.ConfigError, match=r"both plugin 'lora' \(hf-lowrank-lora\) and plugin 'impostor' "
+                                              r"\(evil-lora\); block one with HF_LOWRANK_BLOCK_PLUGINS=impostor"):
+        reg.get("lora")
+    monkeypatch.setenv(ENV_BLOCK, "impostor")
+    blocked = Registry(autoload=False, blocked=["impostor"])
+    blocked.register(lora_plugin, name="lora")
+    blocked.register(Impostor(), name="impostor")
+    assert blocked.get("lora").plugin_name == "lora"
 
 
 def test_method_hooks_reach_only_the_owning_plugin(tiny_model):
@@ -82,7 +90,9 @@ def test_method_hooks_reach_only_the_owning_plugin(tiny_model):
     class Other:
         @hlp.hookimpl
         def describe_methods(self):
-            return [hlp.MethodInfo(name="other", config_class=type("OtherConfig", (hlp.MethodInfo,), {}))]
+            from hf_lowrank_lora import LoraMethodConfig
+
+            return [hlp.MethodInfo(name="other", config_class=type("OtherConfig", (LoraMethodConfig,), {}))]
 
         @hlp.hookimpl
         def init_adapter(self, model, config):
@@ -99,5 +109,7 @@ def test_method_hooks_reach_only_the_owning_plugin(tiny_model):
 def test_make_config_rejects_unknown_fields_and_maps_rank():
     cfg = hlp.make_config("lora", rank=4, alpha=8)
     assert cfg.r == 4 and cfg.lora_alpha == 8
-    with pytest.raises(hlp.ConfigError, match="unknown option.*lora_alfa.*valid options"):
+    with pytest.raises(hlp.ConfigError, match="unknown option.*lora_alfa.*Did you mean 'lora_alpha'"):
         hlp.make_config("lora", lora_alfa=3)
+    with pytest.raises(hlp.ConfigError, match="rank and r set the same option"):
+        hlp.make_config("lora", rank=4, r=8)

@@ -207,7 +207,8 @@ def test_exports_portable_compressed_and_merged(tmp_path, batch):
     plain, config_class = plain_peft_logits(out / "base", out / "adapter", batch, tmp_path)
     assert config_class == "LoraConfig" and rel_err(plain, trained) <= 1e-5
     raw = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert raw["hf_lowrank_method"] == "salor" and raw["base_model_name_or_path"] == str((out / "base").resolve())
+    assert raw["base_model_name_or_path"] == str((out / "base").resolve()) and "sparsity" not in raw
+    assert json.loads((out / "adapter" / "hf_lowrank_method.json").read_text())["settings"]["sparsity_target"] == "both"
     # config round trip
     loaded_config = hlp.load_config(out / "adapter")
     assert type(loaded_config) is SalorConfig

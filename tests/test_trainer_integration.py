@@ -82,11 +82,15 @@ def test_optimizer_method_without_the_factory_says_what_is_missing(tmp_path):
 
         @hlp.hookimpl
         def describe_methods(self):
-            return [hlp.MethodInfo(name="wrapping", config_class=self.cfg, wraps_optimizer=True)]
+            return [hlp.MethodInfo(name="wrapping", config_class=self.cfg)]
 
         @hlp.hookimpl
         def init_adapter(self, model, config):
             return lora_plugin.init_adapter(model, config)
+
+        @hlp.hookimpl
+        def wrap_optimizer(self, model, optimizer, config, args):  # implementing it is the declaration
+            return None
 
     reg = hlp.Registry(autoload=False)
     reg.register(Wrapping(), name="wrapping")

@@ -6,12 +6,13 @@ Bad input exits with status 2 and one line on stderr (no traceback) and writes n
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import LowRankError
+from ..errors import LowRankError, PluginError
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
@@ -63,17 +64,46 @@ def parse_lr(text: str | None) -> tuple[float | None, dict[str, float]]:
 
 
 def _cmd_list(ns: argparse.Namespace) -> int:
+    from ..method import describe_fields
     from ..registry import get_registry
 
     registry = get_registry()
+    if ns.method:
+        info = registry.get(ns.method)
+        fields = describe_fields(info.config_class)
+        if ns.json:
+            print(json.dumps({**info.as_dict(), "fields": [dataclasses.asdict(f) for f in fields]}, indent=2, default=str))
+            return 0
+        print(f"{info.name} ({info.distribution} {info.version}): {info.summary}")
+        aliases = ", ".join(f"--{a} -> {t}" for a, t in info.aliases.items() if a != t) or "none"
+        quantized = "yes" if info.supports_quantized_base else f"no: {info.no_quantized_base}"
+        lr = info.default_lr if info.default_lr is not None else "the reference method's"
+        print(f"default learning rate: {lr}; 4-bit base: {quantized}; aliases: {aliases}")
+        print(f"\noptions (--set KEY=VALUE; {info.config_class.__name__}):")
+        for f in fields:
+            allowed = f" [{f.allowed}]" if f.allowed else ""
+            print(f"  {f.name} = {f.default!r} ({f.type}){allowed}")
+            if f.help:  # the first sentence; --json has all of it
+                first = f.help.split(". ")[0].rstrip(".")
+                print(f"      {first[:157] + '...' if len(first) > 160 else first}")
+        return 0
     if ns.json:
-        print(json.dumps({"methods": [m.as_dict() for m in registry.methods.values()], "failed": registry.failed}, indent=2))
+        print(json.dumps({"methods": [m.as_dict() for m in registry.methods.values()], "failed": registry.failed,
+                          "conflicts": {k: [i.as_dict() for i in v] for k, v in registry.conflicts.items()},
+                          "entry_point_clashes": registry.clashes}, indent=2))
         return 0
     rows = [(m.name, m.version, m.distribution, m.config_class.__name__, m.summary) for m in registry.methods.values()]
     header = ("method", "version", "distribution", "config", "summary")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
     for row in [header, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4])
+    for name, infos in registry.conflicts.items():
+        claimers = " and ".join(f"{i.distribution or i.plugin_name} (plugin '{i.plugin_name}')" for i in infos)
+        print(f"method '{name}' is claimed by {claimers}: it cannot run until one is blocked "
+              f"(HF_LOWRANK_BLOCK_PLUGINS={infos[-1].plugin_name})", file=sys.stderr)
+    for name, dists in registry.clashes.items():
+        print(f"entry point '{name}' is declared by {' and '.join(dists)}; both were loaded, the second as "
+              f"'{name}@{dists[-1]}'", file=sys.stderr)
     for name, error in registry.failed.items():
         print(f"failed to load plugin '{name}': {error}", file=sys.stderr)
     if not rows:
@@ -172,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-lowrank", description="Low-rank fine-tuning methods for transformers.Trainer")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("list", help="installed methods")
+    p = sub.add_parser("list", help="installed methods, or one method's options")
+    p.add_argument("--method", help="show this method's options with their help and defaults")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_list)
 
@@ -223,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # weight-loading bars; the Trainer's own progress bar stays
     try:
         return ns.func(ns)
+    except PluginError as exc:  # a broken plugin, not the user's input
+        print(f"hf-lowrank: error: {exc}", file=sys.stderr)
+        return 1
     except LowRankError as exc:
         print(f"hf-lowrank: error: {exc}", file=sys.stderr)
         return 2

@@ -27,29 +27,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..api import make_config
 from ..errors import ConfigError, LowRankError
+from ..method import MethodInfo
+from ..registry import Registry, get_registry
 from ..io import write_json_atomic, write_text_atomic
 from ..outputs import OutputSet
 from .train import TrainSpec
 
 #: Learning rate per method when ``--lr`` does not name one, with the reason (shown in comparison.md).
-DEFAULT_LEARNING_RATES: dict[str, tuple[float, str]] = {
-    "lora": (2e-4, "B starts at zero and the update is scaled by alpha/r, so adapters need about 10x full "
-                   "fine-tuning's rate; 2e-4 is the usual LoRA rate (QLoRA paper, PEFT examples)"),
-    "qlora": (2e-4, "as LoRA; the QLoRA paper trains 7B-13B models at 2e-4"),
-    "dora": (2e-4, "as LoRA: the DoRA paper keeps LoRA's hyperparameters"),
-    "pissa": (2e-5, "the adapter holds W's principal singular components, so a step moves the weights about as "
-                    "much as full fine-tuning's; the PiSSA paper trains at the full fine-tuning rate (2e-5)"),
-    "lora_ga": (2e-5, "the initialisation aligns the first adapter step with full fine-tuning's gradient step, "
-                      "so it is tuned at full-fine-tuning-like rates, like PiSSA"),
-    "galore": (1e-4, "trains the full weights but multiplies each update by scale (0.25 by default), "
-                     "so about 4x the full fine-tuning rate gives full fine-tuning's step size"),
-    "full": (2e-5, "every pretrained weight moves: larger rates undo pretraining; 2e-5 is the usual SFT rate "
-                   "(TRL's SFTConfig default)"),
-}
-#: For methods with no table entry (new or third-party plugins): LoRA's rate, the most common kind.
-FALLBACK_LEARNING_RATE = 2e-4
-REFERENCE_METHOD = "lora"
 #: Figures compared as ratios to the reference method (key in a method's result -> label).
 RATIO_FIELDS = {
     "trainable_params": "trainable params",
@@ -92,32 +78,34 @@ class PlannedRun:
     method: str
     spec: TrainSpec
     lr_source: str
+    reference: bool = False
 
 
-def learning_rate(method: str, default: float | None, overrides: dict[str, float]) -> tuple[float, str]:
-    """The learning rate for ``method`` and its source: ``--lr method=X``, then ``--lr X``, then the table."""
-    if method in overrides:
-        return overrides[method], f"--lr {method}=..."
+#: When neither the method nor the reference method declares a learning rate.
+FALLBACK_LEARNING_RATE = 2e-4
+
+
+def learning_rate(info: MethodInfo, default: float | None, overrides: dict[str, float],
+                  reference: MethodInfo | None = None) -> tuple[float, str]:
+    """The learning rate for a method and its source: ``--lr method=X``, then ``--lr X``, then what the
+    method's plugin declares, then the reference method's rate."""
+    if info.name in overrides:
+        return overrides[info.name], f"--lr {info.name}=..."
     if default is not None:
         return default, "--lr"
-    if method in DEFAULT_LEARNING_RATES:
-        lr, reason = DEFAULT_LEARNING_RATES[method]
-        return lr, f"default: {reason}"
-    return FALLBACK_LEARNING_RATE, "default: no table entry for this method, so LoRA's rate"
+    if info.default_lr is not None:
+        return info.default_lr, f"default: {info.lr_reason or 'declared by its plugin'}"
+    if reference is not None and reference.default_lr is not None:
+        return reference.default_lr, f"default: its plugin declares none, so the reference method {reference.name}'s"
+    return FALLBACK_LEARNING_RATE, "default: neither this method nor the reference declares a rate"
 
 
-def common_field_applies(method_config: type, common: str) -> bool:
-    """Whether ``--rank``/``--alpha`` maps to a field of this method's config."""
-    from ..api import COMMON_FIELDS, config_fields
-
-    return any(name in config_fields(method_config) for name in COMMON_FIELDS[common])
-
-
-def default_methods(installed: list[str]) -> list[str]:
-    """Every installed method, the reference (LoRA) first and the ``full`` baseline last."""
-    first = [REFERENCE_METHOD] if REFERENCE_METHOD in installed else []
-    last = ["full"] if "full" in installed else []
-    return first + [m for m in installed if m not in first + last] + last
+def default_methods(registry: Registry) -> list[str]:
+    """Every installed method: the reference first, then the others by name, baselines (``full``) last."""
+    methods = registry.methods.values()
+    first = [m.name for m in methods if m.reference]
+    last = [m.name for m in methods if m.baseline and not m.reference]
+    return first + [m.name for m in methods if m.name not in first + last] + last
 
 
 def plan(spec: CompareSpec, registry: Any = None) -> list[PlannedRun]:
@@ -126,11 +114,8 @@ def plan(spec: CompareSpec, registry: Any = None) -> list[PlannedRun]:
     Raises :class:`~hf_lowrank_plugins.errors.LowRankError` (unknown method, option for a method
     not compared, unknown config field, missing model or dataset) before anything is written.
     """
-    from ..api import make_config
-    from ..registry import get_registry
-
     registry = registry or get_registry()
-    requested = default_methods(list(registry.methods)) if spec.methods is None else spec.methods
+    requested = default_methods(registry) if spec.methods is None else spec.methods
     if not requested:
         raise ConfigError("no methods to compare: pass --methods lora,full (see `hf-lowrank list`)")
     names = list(dict.fromkeys(registry.get(m).name for m in requested))  # normalised, duplicates dropped
@@ -143,25 +128,28 @@ def plan(spec: CompareSpec, registry: Any = None) -> list[PlannedRun]:
     for path, what in ((spec.run.model, "model"), (spec.run.dataset, "dataset")):
         if path is not None and not Path(path).exists():
             raise LowRankError(f"{what} not found: {path}")
+    OutputSet(spec.output_dir, command="compare", overwrite=spec.overwrite,
+              inputs={"model": spec.run.model, "dataset": spec.run.dataset}).check()
+    declared = registry.reference()
+    reference = spec.reference or (declared.name if declared is not None and declared.name in names else names[0])
     runs = []
     for name in names:
         info = registry.get(name)
-        lr, source = learning_rate(name, spec.lr, spec.lr_overrides)
+        lr, source = learning_rate(info, spec.lr, spec.lr_overrides, declared)
         run = dataclasses.replace(
             spec.run, method=name, output_dir=str(Path(spec.output_dir) / name), lr=lr, merge=False,
             settings=dict(spec.settings.get(name, {})), progress_bar=False,
-            rank=spec.run.rank if common_field_applies(info.config_class, "rank") else None,
-            alpha=spec.run.alpha if common_field_applies(info.config_class, "alpha") else None,
+            rank=spec.run.rank if "rank" in info.aliases else None,
+            alpha=spec.run.alpha if "alpha" in info.aliases else None,
         )
         make_config(info, registry=registry, **run.method_fields())  # unknown --set fields fail now
-        runs.append(PlannedRun(name, run, source))
+        runs.append(PlannedRun(name, run, source, reference=name == reference))
     return runs
 
 
 def reference_method(spec: CompareSpec, runs: list[PlannedRun]) -> str:
-    """The method ratios are taken against: ``--reference``, else LoRA when compared, else the first."""
-    names = [r.method for r in runs]
-    return spec.reference or (REFERENCE_METHOD if REFERENCE_METHOD in names else names[0])
+    """The method ratios are taken against: ``--reference``, else the declared reference when compared, else the first."""
+    return next(r.method for r in runs if r.reference)
 
 
 # ---------------------------------------------------------------- worker (one method, fresh process)

@@ -9,9 +9,9 @@ scheduler is created after this, so it scales both groups alike.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from hf_lowrank_lora import LoraMethodConfig, attach_lora
+from hf_lowrank_lora import LORA_ALIASES, LoraMethodConfig, attach_lora
 
 from hf_lowrank_plugins import MethodInfo, hookimpl
 
@@ -20,14 +20,16 @@ from hf_lowrank_plugins import MethodInfo, hookimpl
 class LoraPlusConfig(LoraMethodConfig):
     """LoRA settings plus the learning-rate ratio of B to A (the paper suggests 16)."""
 
-    loraplus_lr_ratio: float = 16.0
+    loraplus_lr_ratio: float = field(default=16.0, metadata={"help": "learning rate of B / learning rate of A",
+                                                             "min_exclusive": 0})
     hf_lowrank_method: str = "loraplus"
 
 
 @hookimpl
 def describe_methods() -> list[MethodInfo]:
-    """Declare ``loraplus``."""
-    return [MethodInfo(name="loraplus", config_class=LoraPlusConfig, summary="LoRA+: B learns faster than A", wraps_optimizer=True)]
+    """Declare ``loraplus``; the core sees the ``wrap_optimizer`` below, so it knows the optimizer matters."""
+    return [MethodInfo(name="loraplus", config_class=LoraPlusConfig, summary="LoRA+: B learns faster than A",
+                       aliases=LORA_ALIASES)]
 
 
 @hookimpl

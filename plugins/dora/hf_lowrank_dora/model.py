@@ -13,24 +13,20 @@ from peft.tuners.lora.dora import DoraLinearLayer
 from torch import nn
 
 from hf_lowrank_plugins import ConfigError, IncompatibleError, is_quantized
+from hf_lowrank_plugins.quantization import prepare_for_training
 
 
 def attach_dora(model: nn.Module, config: LoraConfig) -> PeftModel:
     """Wrap ``model`` with PEFT's DoRA layers (``use_dora=True``), after LoRA's target and rank checks.
 
     A model that arrives already in 4-bit (loaded by the user with a ``BitsAndBytesConfig``) gets the
-    same k-bit preparation as ``load_in_4bit=True`` when hf-lowrank-qlora is installed, so it
-    trains on the exact dequantize-then-matmul path.
+    same k-bit preparation as ``load_in_4bit=True``, so it trains on the exact
+    dequantize-then-matmul path.
     """
     if not getattr(config, "use_dora", False):
         raise ConfigError("DoRA needs use_dora=True in its config; for plain LoRA use method 'lora'")
     if is_quantized(model):
-        try:
-            from hf_lowrank_qlora.quantize import prepare_for_training
-        except ImportError:  # quantized by the user without our qlora plugin: PEFT still works
-            pass
-        else:
-            model = prepare_for_training(model)
+        model = prepare_for_training(model)
     return attach_lora(model, config)
 
 

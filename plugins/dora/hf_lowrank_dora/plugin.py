@@ -5,6 +5,8 @@ from __future__ import annotations
 from peft import PeftConfig
 from torch import nn
 
+from hf_lowrank_lora import LORA_ALIASES
+
 from hf_lowrank_plugins import MethodInfo, hookimpl
 
 from .config import DoraConfig
@@ -19,7 +21,9 @@ def describe_methods() -> list[MethodInfo]:
             name="dora",
             config_class=DoraConfig,
             summary="DoRA: magnitude m times direction (W + s*B@A)/||.||, norm detached (PEFT use_dora)",
-            supports_quantized_base=True,
+            default_lr=2e-4,
+            lr_reason="as LoRA: the DoRA paper keeps LoRA's hyperparameters",
+            aliases=LORA_ALIASES,
         )
     ]
 

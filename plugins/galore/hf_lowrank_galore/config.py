@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from peft import PeftConfig
+
+from hf_lowrank_plugins import validate_config
 
 #: Projection types of galore-torch 1.0. ``std`` projects the smaller side of each weight.
 PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
@@ -38,30 +41,27 @@ class GaLoreConfig(PeftConfig):
             (bitsandbytes' default).
     """
 
-    rank: int = 128
-    update_proj_gap: int = 200
-    scale: float = 0.25
-    proj_type: str = "std"
-    target_modules: list[str] | str | None = field(default="all-linear")
-    exclude_modules: list[str] | str | None = None
-    optimizer: str = "adamw"
-    layerwise: bool = False
-    min_8bit_size: int = 4096
+    rank: int = field(default=128, metadata={"help": "rank of the gradient projection", "min": 1})
+    update_proj_gap: int = field(default=200, metadata={"help": "steps between two SVD refreshes of the projector", "min": 1})
+    scale: float = field(default=0.25, metadata={"help": "factor on the projected-back update (the paper's alpha)",
+                                                 "min_exclusive": 0})
+    proj_type: Literal["std", "reverse_std", "right", "left", "full"] = field(default="std", metadata={
+        "help": "which side of each weight is projected (std: the smaller one)"})
+    target_modules: list[str] | str | None = field(default="all-linear", metadata={
+        "help": "linear layers whose weights are projected: names, regex or 'all-linear'"})
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "layers to leave out of target_modules"})
+    optimizer: Literal["adamw", "adamw8bit", "adafactor"] = field(default="adamw", metadata={
+        "help": "moments: adamw (32-bit), adamw8bit (bitsandbytes blockwise), adafactor (factored second moment)"})
+    layerwise: bool = field(default=False, metadata={
+        "help": "update each target weight from a post-accumulate-grad hook (lower peak memory)"})
+    min_8bit_size: int = field(default=4096, metadata={
+        "help": "adamw8bit: tensors with fewer elements keep 32-bit moments", "min": 1})
     hf_lowrank_method: str = "galore"
 
     def __post_init__(self) -> None:
-        """Reject settings that cannot work, naming the valid values."""
+        """Reject settings that cannot work, naming the field and the valid values."""
         # PeftConfig.__post_init__ only exists in some peft versions; call it when present.
         parent = getattr(super(), "__post_init__", None)
         if callable(parent):
             parent()
-        if self.proj_type not in PROJ_TYPES:
-            raise ValueError(f"proj_type must be one of {', '.join(PROJ_TYPES)}, got {self.proj_type!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if int(self.update_proj_gap) < 1:
-            raise ValueError(f"update_proj_gap must be >= 1, got {self.update_proj_gap}")
-        if not float(self.scale) > 0:
-            raise ValueError(f"scale must be > 0, got {self.scale}")
-        if int(self.rank) < 1:
-            raise ValueError(f"rank must be a positive integer, got {self.rank}")
+        validate_config(self)

@@ -41,8 +41,12 @@ def describe_methods() -> list[MethodInfo]:
             name="galore",
             config_class=GaLoreConfig,
             summary="GaLore: full fine-tuning with Adam moments in a low-rank gradient subspace (SVD every T steps)",
-            supports_quantized_base=False,
-            wraps_optimizer=True,
+            default_lr=1e-4,
+            lr_reason="trains the full weights but multiplies each update by scale (0.25 by default), "
+                      "so about 4x the full fine-tuning rate gives full fine-tuning's step size",
+            aliases={"rank": "rank"},
+            no_quantized_base="GaLore updates the full-precision weights themselves; a 4-bit base cannot hold "
+                              "its updates (use qlora, or load the model in 16/32-bit)",
             trains_adapter=False,
         )
     ]

@@ -1,7 +1,9 @@
 """LoRA for hf-lowrank-plugins: ``attach(model, "lora", r=16)``."""
 
-from .config import LoraMethodConfig
-from .model import attach_lora, attach_lora_with_factors
+from importlib.metadata import version
 
-__all__ = ["LoraMethodConfig", "attach_lora", "attach_lora_with_factors"]
-__version__ = "0.1.0"
+from .config import LORA_ALIASES, LoraMethodConfig, peft_meta
+from .model import attach_lora
+
+__all__ = ["LORA_ALIASES", "LoraMethodConfig", "attach_lora", "peft_meta"]
+__version__ = version("hf-lowrank-lora")  # the version lives in pyproject.toml only

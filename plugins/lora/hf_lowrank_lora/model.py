@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
@@ -18,27 +17,3 @@ def attach_lora(model: nn.Module, config: LoraConfig) -> PeftModel:
     targets = find_target_modules(model, config.target_modules, config.exclude_modules)
     check_rank(targets, config.r, what="rank r")
     return get_peft_model(model, config)
-
-
-def attach_lora_with_factors(
-    model: nn.Module, config: LoraConfig, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], adapter: str = "default"
-) -> PeftModel:
-    """Attach plain LoRA layers for ``config`` to ``model`` and load given (A, B) factors into them.
-
-    Used when a method rebuilds its base (e.g. quantizes a residual or pruned base to NF4) and puts
-    the factors it computed at full precision back on top: the config's own initialisation (an SVD)
-    must not run again on the new base, so it is switched to PEFT's default for the attach.
-    ``factors`` maps LoRA layer names (as in ``named_modules()`` of the result) to (A, B).
-    """
-    init = config.init_lora_weights
-    config.init_lora_weights = True
-    try:
-        restored = attach_lora(model, config)
-    finally:
-        config.init_lora_weights = init
-    modules = dict(restored.named_modules())
-    with torch.no_grad():
-        for name, (a, b) in factors.items():
-            modules[name].lora_A[adapter].weight.copy_(a)
-            modules[name].lora_B[adapter].weight.copy_(b)
-    return restored

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from hf_lowrank_plugins import IncompatibleError, LowRankError, atomic_directory
+from hf_lowrank_plugins.export import split_adapter_config
 
 from .config import LoraMethodConfig
 
@@ -135,5 +136,6 @@ def save_portable_adapter(model: PeftModel, directory: str | Path, adapter: str 
     state = converted_lora_state_dict(model, adapter)
     with atomic_directory(directory) as tmp:
         config.save_pretrained(str(tmp))
+        split_adapter_config(tmp, config)
         save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
     return directory

@@ -117,13 +117,12 @@ def run_variant(variant: str, args: dict) -> dict:
         model = get_peft_model(model, cfg)
     else:
         import hf_lowrank_plugins as hlp
-        from hf_lowrank_lora_ga import plugin
 
         fields = {"ours_full": {"estimator": "full"}, "ours_full_g1": {"estimator": "full", "ga_layer_groups": 1},
                   "ours_sketch": {"estimator": "sketch"}}[variant]
         adapted = hlp.attach(model, "lora_ga", r=R, ga_batches=len(batches), **fields)
         t0 = time.perf_counter()  # the estimate + init only, as for PEFT (whose attach is the init)
-        plugin.init_adapter_from_data(model=adapted.model, config=adapted.config, train_dataloader=batches, args=None)
+        adapted.initialise_from_data(batches)
         model = adapted.model
     result["seconds"] = time.perf_counter() - t0
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

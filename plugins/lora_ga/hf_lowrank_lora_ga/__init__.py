@@ -4,9 +4,11 @@ The gradient estimate runs inside the Trainer (``init_adapter_from_data`` at tra
 Trainer's own training batches; see :mod:`.gradient` for how it stays at LoRA's memory.
 """
 
+from importlib.metadata import version
+
 from .config import LoraGaConfig
 from .gradient import GradientFactors, estimate_gradient_factors
 from .init import lora_ga_factors
 
 __all__ = ["GradientFactors", "LoraGaConfig", "estimate_gradient_factors", "lora_ga_factors"]
-__version__ = "0.1.0"
+__version__ = version("hf-lowrank-lora-ga")  # the version lives in pyproject.toml only

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from hf_lowrank_lora import LoraMethodConfig
+from hf_lowrank_lora import LoraMethodConfig, peft_meta
 
 from hf_lowrank_plugins import ConfigError
 
@@ -60,20 +60,29 @@ class LoraGaConfig(LoraMethodConfig):
     the data-dependent initialisation at train begin. ``use_dora=True`` is refused.
     """
 
-    lora_alpha: int | float = field(default=16)
-    use_rslora: bool = field(default=True)
-    ga_batches: int = 8
-    ga_batch_size: int | None = None
-    estimator: Literal["full", "sketch"] = "full"
-    sketch_rank: int | None = None
-    ga_layer_groups: int = 4
-    svd: Literal["randomized", "exact"] = "randomized"
-    svd_niter: int = 4
-    direction: Literal["ArB2r", "A2rBr", "ArBr", "random"] = "ArB2r"
-    scale: Literal["stable", "gd", "unit", "weight_svd"] = "stable"
-    stable_gamma: float = 16
-    variant: Literal["official", "peft"] = "official"
-    ga_seed: int = 0
+    lora_alpha: int | float = field(default=16, metadata=peft_meta("lora_alpha", help="LoRA alpha; with rsLoRA s = alpha / sqrt(r)"))
+    use_rslora: bool = field(default=True, metadata=peft_meta("use_rslora", help="s = alpha / sqrt(r), as in the paper"))
+    ga_batches: int = field(default=8, metadata={"help": "batches the train-start gradient is averaged over", "min": 1})
+    ga_batch_size: int | None = field(default=None, metadata={
+        "help": "examples per estimate batch; None: the Trainer's batches as they come (smaller: less memory)", "min": 1})
+    estimator: Literal["full", "sketch"] = field(default="full", metadata={
+        "help": "full: exact fp32 accumulator per target (by layer group); sketch: one-pass randomized sketch"})
+    sketch_rank: int | None = field(default=None, metadata={"help": "rank k of the sketch; None: min(4r, m, n)", "min": 1})
+    ga_layer_groups: int = field(default=4, metadata={
+        "help": "full estimator: passes over the cached batches, one layer group each (4: within 1.1x a LoRA step's peak)",
+        "min": 1})
+    svd: Literal["randomized", "exact"] = field(default="randomized", metadata={
+        "help": "SVD of the gradient: seeded torch.svd_lowrank (q = 4r) or torch.linalg.svd"})
+    svd_niter: int = field(default=4, metadata={"help": "subspace iterations of the randomized SVD", "min": 1})
+    direction: Literal["ArB2r", "A2rBr", "ArBr", "random"] = field(default="ArB2r", metadata={
+        "help": "which of the top-2r gradient directions go to A and B (ArB2r: the paper's)"})
+    scale: Literal["stable", "gd", "unit", "weight_svd"] = field(default="stable", metadata={
+        "help": "scaling of A and B (stable: d_out**0.25 / sqrt(stable_gamma), the paper's)"})
+    stable_gamma: float = field(default=16, metadata={"help": "gamma of the stable scale", "min_exclusive": 0})
+    variant: Literal["official", "peft"] = field(default="official", metadata={
+        "help": "official: the official code's formulas; peft: PEFT 0.21's init_lora_weights='lora_ga'"})
+    ga_seed: int = field(default=0, metadata={
+        "help": "seed of the sketch, the randomized SVD, the random direction and the estimate's dropout", "min": 0})
     hf_lowrank_method: str = "lora_ga"
 
     def __post_init__(self) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hf_lowrank_lora import attach_lora, residual
+from hf_lowrank_lora import LORA_ALIASES, attach_lora, residual
 from peft import PeftConfig, PeftModel
 from torch import nn
 
@@ -29,30 +29,28 @@ from .resume import add_checkpoint_buffers, checkpoint_buffers_hidden, record_in
 
 logger = logging.getLogger(__name__)
 ADAPTER = "default"
+NO_4BIT_REASON = (
+    "LoRA-GA on a 4-bit base (QLoRA-GA) is not supported yet: the residual W - s*B@A would have to be "
+    "re-quantized after the train-start gradient estimate. Load the model in 16/32-bit without load_in_4bit, "
+    "or use method 'pissa' with quantize_residual=True (QPiSSA) or 'qlora'"
+)
 
 
 @hookimpl
 def describe_methods() -> list[MethodInfo]:
-    """Declare ``lora_ga``. It claims 4-bit support only to refuse it with its own message
-    (the core would otherwise quantize the base before ``init_adapter``)."""
+    """Declare ``lora_ga``; the core refuses a 4-bit base with :data:`NO_4BIT_REASON`."""
     return [
         MethodInfo(
             name="lora_ga",
             config_class=LoraGaConfig,
             summary="LoRA-GA: A, B from the SVD of the train-start gradient, base W - s*B@A; streaming estimate",
-            supports_quantized_base=True,
-            quantizes_base_after_init=True,
+            default_lr=2e-5,
+            lr_reason="the initialisation aligns the first adapter step with full fine-tuning's gradient step, "
+                      "so it is tuned at full-fine-tuning-like rates, like PiSSA",
+            aliases=LORA_ALIASES,
+            no_quantized_base=NO_4BIT_REASON,
         )
     ]
-
-
-def _refuse_4bit(model: nn.Module, quantization: QuantizationSettings | None) -> None:
-    if quantization is not None or is_quantized(model):
-        raise IncompatibleError(
-            "LoRA-GA on a 4-bit base (QLoRA-GA) is not supported yet: the residual W - s*B@A would have to be "
-            "re-quantized after the train-start gradient estimate. Load the model in 16/32-bit without "
-            "load_in_4bit, or use method 'pissa' with quantize_residual=True (QPiSSA) or 'qlora'."
-        )
 
 
 def _check_ranks(model: PeftModel) -> None:
@@ -69,9 +67,8 @@ def _check_ranks(model: PeftModel) -> None:
 
 
 @hookimpl
-def init_adapter(model: nn.Module, config: PeftConfig, quantization: QuantizationSettings | None) -> nn.Module:
+def init_adapter(model: nn.Module, config: PeftConfig) -> nn.Module:
     """Attach PEFT LoRA layers with B = 0 (output equals the base); the gradient init runs at train begin."""
-    _refuse_4bit(model, quantization)
     residual.check_clean_base(model, "LoRA-GA")
     peft_model = attach_lora(model, config)
     _check_ranks(peft_model)

@@ -6,7 +6,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
-from hf_lowrank_lora import LoraMethodConfig
+from hf_lowrank_lora import LoraMethodConfig, peft_meta
 
 from hf_lowrank_plugins import ConfigError
 
@@ -22,7 +22,7 @@ class PissaConfig(LoraMethodConfig):
         svd_seed: seed of the fast SVD's random projection, so that attaching again (resume, other
             DDP ranks, reproducing a run) gives bit-identical A, B and W_res.
         quantize_residual: QPiSSA. Run the SVD on the full-precision model, then quantize W_res to
-            4-bit NF4 (needs hf-lowrank-qlora). ``attach(..., load_in_4bit=True)`` does the same
+            4-bit NF4 (needs the ``quantization`` extra of the core). ``attach(..., load_in_4bit=True)`` does the same
             (the core leaves quantization to this method so the SVD sees full-precision W); this
             field keeps the choice in the saved config and on the CLI (``--set quantize_residual=true``).
         lora_alpha: defaults to ``r`` (the official recipe uses r = alpha), so s = 1.
@@ -31,24 +31,25 @@ class PissaConfig(LoraMethodConfig):
     (``"pissa"`` or ``"pissa_niter_N"``) and must not be set by hand.
     """
 
-    lora_alpha: int | None = field(default=None)
-    lora_dropout: float = field(default=0.0)
-    svd: Literal["exact", "fast"] = "exact"
-    svd_niter: int = 16
-    svd_seed: int = 0
-    quantize_residual: bool = False
-    bnb_4bit_quant_type: str = "nf4"
-    bnb_4bit_use_double_quant: bool = True
-    bnb_4bit_compute_dtype: str = "auto"
+    lora_alpha: int | float | None = field(
+        default=None, metadata=peft_meta("lora_alpha", help="LoRA alpha; default r (s = 1, the official recipe)"))
+    lora_dropout: float = field(default=0.0, metadata=peft_meta("lora_dropout"))
+    svd: Literal["exact", "fast"] = field(default="exact", metadata={
+        "help": "exact: torch.linalg.svd; fast: seeded randomized torch.svd_lowrank (seconds instead of minutes on 7B)"})
+    svd_niter: int = field(default=16, metadata={"help": "subspace iterations of the fast SVD", "min": 1})
+    svd_seed: int = field(default=0, metadata={
+        "help": "seed of the fast SVD's projection: attaching again gives bit-identical A, B and W_res", "min": 0})
+    quantize_residual: bool = field(default=False, metadata={
+        "help": "QPiSSA: SVD in fp32, then W_res in 4-bit NF4 (the same as load_in_4bit=True)"})
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = field(default="nf4", metadata={"help": "4-bit data type of W_res"})
+    bnb_4bit_use_double_quant: bool = field(default=True, metadata={"help": "quantize the quantization constants too"})
+    bnb_4bit_compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
+        "help": "dtype 4-bit matmuls dequantize to; auto: bfloat16 on a GPU, float32 on CPU"})
     hf_lowrank_method: str = "pissa"
 
     def __post_init__(self) -> None:
         if self.lora_alpha is None:
             self.lora_alpha = self.r
-        if self.svd not in ("exact", "fast"):
-            raise ConfigError(f"svd must be 'exact' or 'fast', got {self.svd!r}")
-        if self.svd == "fast" and self.svd_niter < 1:
-            raise ConfigError(f"svd_niter must be >= 1 for the fast SVD, got {self.svd_niter}")
         if self.use_dora:
             # the rank-2r conversion to a plain LoRA on W is exact only without DoRA's magnitude
             raise ConfigError("PiSSA cannot be combined with use_dora=True here; use method 'dora' or 'pissa', not both")

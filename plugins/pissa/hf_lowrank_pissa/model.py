@@ -6,11 +6,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from hf_lowrank_lora import attach_lora, attach_lora_with_factors, residual
+from functools import partial
+
+from hf_lowrank_lora import attach_lora, residual
 from peft import LoraConfig, PeftModel
 from torch import nn
 
 from hf_lowrank_plugins import IncompatibleError, QuantizationSettings, is_quantized
+from hf_lowrank_plugins.quantization import quantize_model, requantize_under_adapter
 
 def check_clean_base(model: nn.Module) -> None:
     """Raise :class:`IncompatibleError` unless ``model`` is an untouched full-precision base.
@@ -40,21 +43,10 @@ def seeded(seed: int, model: nn.Module) -> Iterator[None]:
         yield
 
 
-def _quantize_residual(model: PeftModel, config: LoraConfig, settings: QuantizationSettings, adapter: str) -> PeftModel:
+def _quantize_residual(model: PeftModel, settings: QuantizationSettings, adapter: str) -> PeftModel:
     """QPiSSA: replace W_res by NF4(W_res) and put the same initial A0, B0 back on top."""
-    try:
-        from hf_lowrank_qlora import quantize_model
-    except ImportError as exc:
-        raise IncompatibleError(
-            "quantize_residual=True needs hf-lowrank-qlora (pip install hf-lowrank-pissa[qpissa], "
-            "or pip install -e plugins/qlora in this repository)"
-        ) from exc
-    factors = residual.initial_factors(model, adapter)
-    base = model.unload()  # the base, now holding W_res in full precision
-    quantized = quantize_model(base, settings)
-    setattr(quantized, residual.RESIDUAL_FLAG, True)
-    # plain LoRA layers (no second SVD on NF4 weights) holding the fp32 factors
-    restored = attach_lora_with_factors(quantized, config, factors, adapter)
+    restored = requantize_under_adapter(model, partial(quantize_model, settings=settings))
+    setattr(restored.get_base_model(), residual.RESIDUAL_FLAG, True)
     residual.store_initial_factors(restored, adapter)
     return restored
 
@@ -80,5 +72,5 @@ def attach_pissa(
     if quantization is None and getattr(config, "quantize_residual", False):
         quantization = QuantizationSettings.from_config(config)
     if quantization is not None:
-        peft_model = _quantize_residual(peft_model, config, quantization, adapter)
+        peft_model = _quantize_residual(peft_model, quantization, adapter)
     return peft_model

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from hf_lowrank_lora import LORA_ALIASES
 from hf_lowrank_lora.residual import save_portable_adapter
 from peft import PeftConfig
 from torch import nn
@@ -25,7 +26,10 @@ def describe_methods() -> list[MethodInfo]:
             name="pissa",
             config_class=PissaConfig,
             summary="PiSSA: A, B from the top-r SVD of W, base W - s*B@A; exports a rank-2r LoRA on W",
-            supports_quantized_base=True,
+            default_lr=2e-5,
+            lr_reason="the adapter holds W's principal singular components, so a step moves the weights about as "
+                      "much as full fine-tuning's; the PiSSA paper trains at the full fine-tuning rate (2e-5)",
+            aliases=LORA_ALIASES,
             quantizes_base_after_init=True,
         )
     ]

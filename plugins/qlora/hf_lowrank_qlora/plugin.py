@@ -1,41 +1,34 @@
-"""Hook implementations: the ``qlora`` method, and 4-bit quantization for every adapter method."""
+"""Hook implementations of the ``qlora`` method: LoRA on the core's 4-bit NF4 base."""
 
 from __future__ import annotations
 
-from hf_lowrank_lora import attach_lora
+from hf_lowrank_lora import LORA_ALIASES, attach_lora
+from peft import PeftConfig
+from torch import nn
 
 from hf_lowrank_plugins import MethodInfo, hookimpl
+from hf_lowrank_plugins.quantization import prepare_for_training
 
 from .config import QLoraConfig
-from .quantize import dequantize_model, prepare_for_training, quantize_model
 
 
 @hookimpl
 def describe_methods() -> list[MethodInfo]:
-    """Declare ``qlora``: the core quantizes the base (``quantize_base``) before ``init_adapter``."""
+    """Declare ``qlora``: the core quantizes the base before ``init_adapter`` (``requires_quantized_base``)."""
     return [
         MethodInfo(
             name="qlora",
             config_class=QLoraConfig,
             summary="QLoRA: LoRA on a frozen 4-bit NF4 base with double quantization (bitsandbytes)",
+            default_lr=2e-4,
+            lr_reason="as LoRA; the QLoRA paper trains 7B-13B models at 2e-4",
+            aliases=LORA_ALIASES,
             requires_quantized_base=True,
         )
     ]
 
 
 @hookimpl
-def init_adapter(model, config):
+def init_adapter(model: nn.Module, config: PeftConfig) -> nn.Module:
     """LoRA layers on the (already quantized) base; PEFT dispatches to its bitsandbytes LoRA layers."""
     return attach_lora(prepare_for_training(model), config)
-
-
-@hookimpl
-def quantize_base(model, settings):
-    """Serve ``load_in_4bit`` for any method (QDoRA, QPiSSA, ...)."""
-    return quantize_model(model, settings)
-
-
-@hookimpl
-def dequantize_base(model):
-    """Serve merging into a 16/32-bit checkpoint from a 4-bit base."""
-    return dequantize_model(model)

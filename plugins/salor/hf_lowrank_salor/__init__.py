@@ -5,6 +5,8 @@ residual; optional sparse LoRA factors; bitmap-compressed and portable exports; 
 module.
 """
 
+from importlib.metadata import version
+
 from .bitmap import decode, encode, load_compressed, save_compressed
 from .config import SalorConfig
 from .export import export_salor, load_compressed_model, save_compressed_model, save_pruned_base
@@ -18,4 +20,4 @@ __all__ = [
     "magnitude_mask", "save_compressed", "save_compressed_model", "save_pruned_base", "semi_structured_mask",
     "sparsity_report", "svd_repair", "truncation_error",
 ]
-__version__ = "0.1.0"
+__version__ = version("hf-lowrank-salor")  # the version lives in pyproject.toml only

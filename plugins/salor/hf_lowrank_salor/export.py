@@ -28,12 +28,13 @@ from hf_lowrank_plugins import (
     ExportResult,
     IncompatibleError,
     atomic_directory,
-    get_registry,
     is_quantized,
     save_adapter,
     save_merged,
     write_json_atomic,
 )
+
+from hf_lowrank_plugins.quantization import dequantize_model
 
 from .bitmap import load_compressed, save_compressed
 from .model import apply_adapter_masks
@@ -44,15 +45,12 @@ COMPRESSED_FILE = "base.safetensors"
 def pruned_base_copy(model: nn.Module) -> PreTrainedModel:
     """A copy of the frozen (pruned) base of ``model`` without adapters, in full precision.
 
-    A 4-bit base is dequantized through the core's ``dequantize_base`` hook (NF4's zero decodes to
-    exactly 0, so the sparsity pattern is kept).
+    A 4-bit base is dequantized by the core's quantization service (NF4's zero decodes to exactly 0,
+    so the sparsity pattern is kept).
     """
     work = copy.deepcopy(model)
     if is_quantized(work):
-        dequantized = get_registry().pm.hook.dequantize_base(model=work)
-        if dequantized is None:
-            raise IncompatibleError("the base is 4-bit but no installed plugin dequantizes it; install hf-lowrank-qlora")
-        work = dequantized
+        work = dequantize_model(work)
     if isinstance(work, PeftModel):
         work = work.unload()
     return work

@@ -22,13 +22,16 @@ import math
 from collections.abc import Iterator
 
 import torch
-from hf_lowrank_lora import attach_lora, attach_lora_with_factors
+from functools import partial
+
+from hf_lowrank_lora import attach_lora
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from hf_lowrank_plugins import IncompatibleError, QuantizationSettings, is_quantized
+from hf_lowrank_plugins.quantization import quantize_model, requantize_under_adapter
 
 from .config import SalorConfig
 from .prune import base_masks, magnitude_mask
@@ -128,31 +131,19 @@ def attach_salor(
     if quantization is None and config.quantize_base:
         quantization = QuantizationSettings.from_config(config)
     if quantization is not None:
-        peft_model = _quantize_sparse_base(peft_model, config, quantization, adapter)
+        peft_model = _quantize_sparse_base(peft_model, quantization)
     if config.sparse_adapter:
         init_adapter_masks(peft_model, config, adapter)
     return peft_model
 
 
-def _quantize_sparse_base(
-    model: PeftModel, config: SalorConfig, settings: QuantizationSettings, adapter: str
-) -> PeftModel:
+def _quantize_sparse_base(model: PeftModel, settings: QuantizationSettings) -> PeftModel:
     """NF4 for the pruned base, with the same (full-precision) A, B put back on top.
 
     NF4's code book contains an exact 0, so pruned entries dequantize to exactly 0 and the sparsity
     pattern survives; the kept weights carry the usual NF4 rounding.
     """
-    try:
-        from hf_lowrank_qlora import quantize_model
-    except ImportError as exc:
-        raise IncompatibleError(
-            "a 4-bit sparse base needs hf-lowrank-qlora (pip install hf-lowrank-salor[quantized], or "
-            "pip install -e plugins/qlora in this repository)"
-        ) from exc
-    factors = {n: (l.lora_A[adapter].weight.detach().clone(), l.lora_B[adapter].weight.detach().clone())
-               for n, l in lora_layers(model, adapter).items()}
-    quantized = quantize_model(model.unload(), settings)
-    return attach_lora_with_factors(quantized, config, factors, adapter)
+    return requantize_under_adapter(model, partial(quantize_model, settings=settings))
 
 
 # --------------------------------------------------------------------------- adapter sparsity

@@ -10,6 +10,8 @@ from peft import PeftConfig
 from torch import nn
 from transformers import TrainingArguments
 
+from hf_lowrank_lora import LORA_ALIASES
+
 from hf_lowrank_plugins import ExportResult, MethodInfo, QuantizationSettings, hookimpl
 
 from .config import SalorConfig
@@ -27,8 +29,9 @@ def describe_methods() -> list[MethodInfo]:
             name="salor",
             config_class=SalorConfig,
             summary="SALOR: magnitude-pruned frozen base (unstructured/global/2:4) + LoRA = rank-r SVD of the pruning residual",
-            supports_quantized_base=True,
+            aliases=LORA_ALIASES,
             quantizes_base_after_init=True,
+            identity_at_init=False,
         )
     ]
 

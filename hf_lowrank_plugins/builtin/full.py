@@ -2,8 +2,9 @@
 
 Every parameter trains with the optimizer the Trainer builds from its arguments (AdamW by default);
 nothing is attached or wrapped. It lives in the core, not in a plugin distribution, so that
-``hf-lowrank compare`` always has a baseline; :class:`~hf_lowrank_plugins.registry.Registry`
-registers this module itself, like pytest registers its built-in plugins.
+``hf-lowrank compare`` always has a baseline; it is listed in
+:data:`~hf_lowrank_plugins.registry.BUILTIN_PLUGINS` and loaded like any other plugin, as pytest
+loads its built-in plugins.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from typing import Any
 from peft import PeftConfig
 from torch import nn
 
-from .export import save_merged
-from .hookspecs import hookimpl
-from .registry import MethodInfo
-from .types import ExportResult
+from ..export import save_merged
+from ..hookspecs import hookimpl
+from ..method import MethodInfo
+from ..types import ExportResult
 
 NAME = "full"
 
@@ -43,8 +44,12 @@ def describe_methods() -> list[MethodInfo]:
             name=NAME,
             config_class=FullFineTuneConfig,
             summary="full fine-tuning with the Trainer's default optimizer (built-in baseline)",
-            supports_quantized_base=False,
+            default_lr=2e-5,
+            lr_reason="every pretrained weight moves: larger rates undo pretraining; 2e-5 is the usual SFT rate "
+                      "(TRL's SFTConfig default)",
+            no_quantized_base="full fine-tuning updates the base weights themselves, which a 4-bit base cannot hold",
             trains_adapter=False,
+            baseline=True,
         )
     ]
 

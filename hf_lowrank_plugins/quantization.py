@@ -1,0 +1,152 @@
+"""The quantization service: 4-bit NF4 bases for every method (needs the ``quantization`` extra).
+
+One place quantizes, dequantizes and re-quantizes; methods call it, none owns it:
+
+* :func:`quantize_model` turns the linear layers of an in-memory model into bitsandbytes
+  ``Linear4bit`` one layer at a time (extra memory: one layer, not a copy of the model), through
+  transformers' own quantizer so the result is what ``from_pretrained(...,
+  quantization_config=bnb_config(...))`` gives: ``hf_quantizer``, ``is_loaded_in_4bit`` and all
+  that PEFT and the Trainer check. Loading a checkpoint in 4-bit directly (:func:`bnb_config`)
+  is the cheaper path when the weights are the checkpoint's.
+* :func:`dequantize_model` replaces them by full-precision layers holding ``deq(Q(W))`` (merging
+  into a 4-bit base must not round the merged weights back to 4 bits).
+* :func:`requantize_under_adapter` swaps the base of an adapted model (quantize a residual or a
+  pruned base computed in full precision, or dequantize before a merge) and puts the same adapter
+  state back on top: "unload, convert, re-attach" written once.
+
+bitsandbytes is imported only when a function needs it, so the core imports without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from torch import nn
+from transformers import BitsAndBytesConfig, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from .errors import IncompatibleError
+from .types import QuantizationSettings
+
+#: Layer classes of bitsandbytes, recognised by name so bitsandbytes stays optional.
+QUANTIZED_LAYERS = ("Linear4bit", "Linear8bitLt")
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """True when any layer of ``model`` (also inside a PEFT wrapper) holds packed low-bit weights."""
+    return any(type(m).__name__ in (*QUANTIZED_LAYERS, "Params4bit") for m in model.modules()) or bool(
+        getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    )
+
+
+def _require_bitsandbytes() -> None:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise IncompatibleError(
+            "a 4-bit base needs bitsandbytes: pip install 'hf-lowrank-plugins[quantization]'"
+        ) from exc
+
+
+def bnb_config(settings: QuantizationSettings) -> BitsAndBytesConfig:
+    """The ``BitsAndBytesConfig`` for ``settings``: pass it to ``from_pretrained`` to load straight in 4-bit."""
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=settings.quant_type,
+        bnb_4bit_use_double_quant=settings.double_quant,
+        bnb_4bit_compute_dtype=settings.compute_dtype,
+        llm_int8_skip_modules=list(settings.skip_modules) or None,
+    )
+
+
+def quantize_model(model: nn.Module, settings: QuantizationSettings) -> PreTrainedModel:
+    """``model`` with its linear layers in 4-bit, in place (output head, task heads, norms stay full
+    precision), prepared for k-bit training (non-quantized parameters frozen and in fp32).
+
+    Each layer's weight is quantized where it lies and the full-precision tensor released before
+    the next, so the extra memory is one layer's. GPT-2's ``Conv1D`` weights are transposed first,
+    exactly as transformers does when loading a checkpoint in 4-bit.
+    """
+    if not isinstance(model, PreTrainedModel):
+        raise IncompatibleError(f"4-bit quantization needs a transformers PreTrainedModel, got {type(model).__name__}")
+    if is_quantized(model):
+        return prepare_for_training(model)
+    _require_bitsandbytes()
+    import bitsandbytes as bnb
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    device = next(model.parameters()).device
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    originals = {name: (module.weight, module.bias) for name, module in model.named_modules()
+                 if type(module) is nn.Linear or isinstance(module, Conv1D)}
+    quantizer = AutoHfQuantizer.from_config(bnb_config(settings), pre_quantized=False)
+    quantizer.preprocess_model(model=model, dtype=dtype, device_map={"": str(device)}, checkpoint_files=None,
+                               use_kernels=False)  # replaces the layers by empty (meta) Linear4bit ones
+    for name, module in model.named_modules():
+        if not isinstance(module, bnb.nn.Linear4bit) or name not in originals:
+            continue
+        weight, bias = originals.pop(name)
+        value = weight.detach().t() if issubclass(module.source_cls, Conv1D) else weight.detach()
+        # The meta Params4bit carries quant_type, blocksize, double quantization; .to(device) quantizes.
+        module.weight = bnb.nn.Params4bit(value.contiguous(), requires_grad=False, **module.weight.__dict__).to(device)
+        module.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        module._is_hf_initialized = True
+        del weight, bias, value
+    # layers the quantizer left alone (heads, skipped modules) were never replaced: their weights stay
+    model.hf_quantizer = quantizer
+    quantizer.postprocess_model(model)
+    return prepare_for_training(model)
+
+
+def prepare_for_training(model: PreTrainedModel) -> PreTrainedModel:
+    """PEFT's k-bit preparation, once. Gradient checkpointing is left to ``TrainingArguments``."""
+    for module in model.modules():
+        # bitsandbytes' CPU backend repacks a Linear4bit's weight in place for an AVX512-BF16 kernel at
+        # its first eval-mode forward and then computes in bf16 (1.7e-3 off deq(W) @ x in our test),
+        # also for the training steps after an evaluation. Keep the exact dequantize-then-matmul path.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    if not getattr(model, "_hf_lowrank_kbit_prepared", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model._hf_lowrank_kbit_prepared = True
+    return model
+
+
+def requantize_under_adapter(model: PeftModel, convert: Callable[[nn.Module], nn.Module]) -> PeftModel:
+    """Take the adapter off ``model``, ``convert`` its base, and put the same adapter state back on top.
+
+    ``convert`` is :func:`dequantize_model` (merge in full precision) or a partial of
+    :func:`quantize_model` (QPiSSA's residual, SALOR's pruned base). The adapter is re-attached with
+    PEFT's default initialisation, which the saved state then overwrites: a data-dependent init
+    (an SVD) must not run again on the new base.
+    """
+    name = model.active_adapter
+    config = model.peft_config[name]
+    state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
+    base = convert(model.unload())
+    init = config.init_lora_weights
+    config.init_lora_weights = True
+    try:
+        restored = get_peft_model(base, config, adapter_name=name)
+    finally:
+        config.init_lora_weights = init
+    set_peft_model_state_dict(restored, state, adapter_name=name)
+    return restored
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace 4-bit base layers by full-precision layers holding ``deq(Q(W))``; adapters are kept.
+
+    For a ``PeftModel`` the adapter is taken off, the base dequantized, and the same adapter put
+    back, so PEFT's own merge (LoRA, DoRA, ...) then runs in 16/32-bit.
+    """
+    if isinstance(model, PeftModel):
+        return requantize_under_adapter(model, dequantize_model)
+    if getattr(model, "hf_quantizer", None) is None:
+        raise IncompatibleError("cannot dequantize a model that was not quantized through transformers/bitsandbytes")
+    dtype = next((p.dtype for p in model.parameters() if p.dtype in (torch.float32, torch.bfloat16, torch.float16)),
+                 torch.float32)
+    return model.dequantize(dtype=dtype)

