@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from harness import (
-    VARIANTS, BenchOptions, add_options, figure, installed_methods, machine, options_from, run_isolated, write_json,
+    VARIANTS,
+    add_options,
+    figure,
+    installed_methods,
+    machine,
+    options_from,
+    run_isolated,
+    write_json,
 )
 
 #: Figures compared as ratios: result key -> column label.

@@ -20,7 +20,6 @@ from .io import atomic_directory
 from .quantization import dequantize_model, is_quantized
 from .types import ExportResult
 
-
 #: Beside ``adapter_config.json``: our method's name and every setting PEFT's own class does not know.
 METHOD_SETTINGS_FILE = "hf_lowrank_method.json"
 

@@ -20,6 +20,7 @@ bitsandbytes is imported only when a function needs it, so the core imports with
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
@@ -29,6 +30,7 @@ from transformers import BitsAndBytesConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from .errors import IncompatibleError
+from .targets import task_heads
 from .types import QuantizationSettings
 
 #: Layer classes of bitsandbytes, recognised by name so bitsandbytes stays optional.
@@ -82,7 +84,10 @@ def quantize_model(model: nn.Module, settings: QuantizationSettings) -> PreTrain
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     originals = {name: (module.weight, module.bias) for name, module in model.named_modules()
                  if type(module) is nn.Linear or isinstance(module, Conv1D)}
-    quantizer = AutoHfQuantizer.from_config(bnb_config(settings), pre_quantized=False)
+    # Heads stay full precision: a classifier's head trains in full (modules_to_save), and naming any
+    # skip list turns off transformers' own default skip of the output embedding, so name both.
+    skip = tuple(dict.fromkeys([*settings.skip_modules, *task_heads(model)]))
+    quantizer = AutoHfQuantizer.from_config(bnb_config(replace(settings, skip_modules=skip)), pre_quantized=False)
     quantizer.preprocess_model(model=model, dtype=dtype, device_map={"": str(device)}, checkpoint_files=None,
                                use_kernels=False)  # replaces the layers by empty (meta) Linear4bit ones
     for name, module in model.named_modules():
@@ -149,4 +154,14 @@ def dequantize_model(model: nn.Module) -> nn.Module:
         raise IncompatibleError("cannot dequantize a model that was not quantized through transformers/bitsandbytes")
     dtype = next((p.dtype for p in model.parameters() if p.dtype in (torch.float32, torch.bfloat16, torch.float16)),
                  torch.float32)
-    return model.dequantize(dtype=dtype)
+    transposed = [name for name, m in model.named_modules() if issubclass(getattr(m, "source_cls", nn.Module), Conv1D)]
+    model = model.dequantize(dtype=dtype)
+    for name in transposed:  # transformers gives back nn.Linear; GPT-2's checkpoint layout is Conv1D's (in, out)
+        linear = model.get_submodule(name)
+        conv = Conv1D(linear.out_features, linear.in_features).to(device=linear.weight.device, dtype=linear.weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(linear.weight.t())
+            if linear.bias is not None:
+                conv.bias.copy_(linear.bias)
+        model.set_submodule(name, conv)
+    return model

@@ -2,7 +2,9 @@
 
 Matching follows PEFT exactly (we call its matcher): a list matches module names or dotted
 suffixes, a string is a regular expression that must match the whole name, and ``"all-linear"``
-means every linear layer except the output head.
+means every linear layer (``nn.Linear``, GPT-2's ``Conv1D``, their 4-bit stand-ins) except the
+model's heads: the output embedding of a language model and the task head of a classifier or
+question-answering model, which PEFT trains in full through ``modules_to_save`` instead.
 """
 
 from __future__ import annotations
@@ -12,23 +14,49 @@ from collections.abc import Iterable
 from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .errors import ConfigError, TargetError
 
 ALL_LINEAR = "all-linear"
+#: Task heads of PEFT's classification and QA models (trained in full via ``modules_to_save``).
+TASK_HEAD_NAMES = ("classifier", "score", "qa_outputs")
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    """True for ``nn.Linear`` and quantized stand-ins (bitsandbytes ``Linear4bit``/``Linear8bitLt``).
+    """True for ``nn.Linear``, GPT-2's ``Conv1D`` and quantized stand-ins (bitsandbytes ``Linear4bit``/``Linear8bitLt``).
 
     Quantized classes are recognised by name so that bitsandbytes stays an optional dependency.
     """
-    return isinstance(module, nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+    return isinstance(module, (nn.Linear, Conv1D)) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
+def is_transposed(module: nn.Module) -> bool:
+    """True for layers storing their weight as (in, out), GPT-2's ``Conv1D`` (PEFT's ``fan_in_fan_out``)."""
+    return isinstance(module, Conv1D)
 
 
 def layer_shape(module: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of a linear-like layer, also when its weight is packed 4-bit."""
+    """(out_features, in_features) of a linear-like layer, also for ``Conv1D`` and packed 4-bit weights."""
+    if isinstance(module, Conv1D):
+        rows, cols = module.weight.shape  # stored (in, out)
+        return int(cols), int(rows)
     return int(module.out_features), int(module.in_features)
+
+
+def task_heads(model: nn.Module) -> dict[str, nn.Module]:
+    """The heads of ``model`` that are not adapted: the output embedding, and a classifier's task head.
+
+    A head is the module the model's ``get_output_embeddings()`` returns, or a direct child named
+    like PEFT's task heads (``classifier``, ``score``, ``qa_outputs``); heads are trained in full
+    (``modules_to_save``) or frozen, never adapted or quantized.
+    """
+    heads = {id(m) for m in _output_heads(model)}
+    for name in TASK_HEAD_NAMES:
+        child = getattr(model, name, None)
+        if isinstance(child, nn.Module):
+            heads.add(id(child))
+    return {name: m for name, m in model.named_modules() if name and id(m) in heads}
 
 
 def find_target_modules(
@@ -45,8 +73,8 @@ def find_target_modules(
     linear = {name: m for name, m in model.named_modules() if name and is_linear_like(m)}
     wants_all = target_modules == ALL_LINEAR or (not isinstance(target_modules, str) and ALL_LINEAR in target_modules)
     if wants_all:
-        heads = {id(m) for m in _output_heads(model)}
-        chosen = {name: m for name, m in linear.items() if id(m) not in heads}
+        heads = task_heads(model)
+        chosen = {name: m for name, m in linear.items() if name not in heads}
     else:
         targets = target_modules if isinstance(target_modules, str) else list(target_modules)
         matcher = LoraConfig(target_modules=targets)

@@ -5,10 +5,10 @@ import sys
 
 import torch
 import torch.distributed as dist
-from conftest import TokenDataset, make_tiny_model, training_args
 from transformers import Trainer
 
 import hf_lowrank_plugins as hlp
+from hf_lowrank_plugins.testing.helpers import TokenDataset, make_tiny_model, training_args
 
 method, out = sys.argv[1], sys.argv[2]
 adapted = hlp.attach(make_tiny_model(), method, rank=4)

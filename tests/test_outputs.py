@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_tiny_model
 
 import hf_lowrank_plugins as hlp
 from hf_lowrank_plugins.app.cli import main
@@ -24,6 +23,7 @@ from hf_lowrank_plugins.outputs import (
     read_manifest,
     verify_manifest,
 )
+from hf_lowrank_plugins.testing.helpers import make_tiny_model
 
 
 def tree(root: Path) -> dict[str, str]:

@@ -9,12 +9,12 @@ import types
 from dataclasses import dataclass
 
 import pytest
-from conftest import TokenDataset, make_tiny_model, training_args
 from transformers import Trainer
 
 import hf_lowrank_plugins as hlp
 from hf_lowrank_plugins import registry as registry_module
 from hf_lowrank_plugins.app.cli import main
+from hf_lowrank_plugins.testing.helpers import TokenDataset, make_tiny_model, training_args
 
 
 @dataclass

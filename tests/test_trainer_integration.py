@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TokenDataset, make_tiny_model, training_args
 from transformers import Trainer
 
 import hf_lowrank_plugins as hlp
+from hf_lowrank_plugins.testing.helpers import TokenDataset, make_tiny_model, training_args
 
 
 def _losses(trainer):

@@ -96,7 +96,7 @@ def _cmd_list(ns: argparse.Namespace) -> int:
     header = ("method", "version", "distribution", "config", "summary")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
     for row in [header, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4])
+        print("  ".join(str(c).ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
     for name, infos in registry.conflicts.items():
         claimers = " and ".join(f"{i.distribution or i.plugin_name} (plugin '{i.plugin_name}')" for i in infos)
         print(f"method '{name}' is claimed by {claimers}: it cannot run until one is blocked "

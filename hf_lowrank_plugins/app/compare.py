@@ -29,10 +29,10 @@ from typing import Any
 
 from ..api import make_config
 from ..errors import ConfigError, LowRankError
-from ..method import MethodInfo
-from ..registry import Registry, get_registry
 from ..io import write_json_atomic, write_text_atomic
+from ..method import MethodInfo
 from ..outputs import OutputSet
+from ..registry import Registry, get_registry
 from .train import TrainSpec
 
 #: Learning rate per method when ``--lr`` does not name one, with the reason (shown in comparison.md).

@@ -131,7 +131,7 @@ class StepTimer(TrainerCallback):
 
     def elapsed(self, global_step: int) -> float:
         """Training seconds this run spent up to and including ``global_step`` (evaluation excluded)."""
-        return sum(t for s, t in zip(self._global_steps, self.step_seconds) if s <= global_step)
+        return sum(t for s, t in zip(self._global_steps, self.step_seconds, strict=True) if s <= global_step)
 
 
 class RunRecorder(TrainerCallback):

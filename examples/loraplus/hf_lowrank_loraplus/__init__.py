@@ -12,7 +12,6 @@ import inspect
 from dataclasses import dataclass, field
 
 from hf_lowrank_lora import LORA_ALIASES, LoraMethodConfig, attach_lora
-
 from hf_lowrank_plugins import MethodInfo, hookimpl
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from hf_lowrank_lora import LoraMethodConfig
 from peft import LoraConfig
 
+from hf_lowrank_lora import LoraMethodConfig
 from hf_lowrank_plugins import ConfigError
 
 

@@ -6,12 +6,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Literal
 
-from hf_lowrank_lora import attach_lora
 from peft import LoraConfig, PeftModel
 from peft.helpers import DoraCaching
 from peft.tuners.lora.dora import DoraLinearLayer
 from torch import nn
 
+from hf_lowrank_lora import attach_lora
 from hf_lowrank_plugins import ConfigError, IncompatibleError, is_quantized
 from hf_lowrank_plugins.quantization import prepare_for_training
 

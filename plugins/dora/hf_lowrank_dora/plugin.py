@@ -6,7 +6,6 @@ from peft import PeftConfig
 from torch import nn
 
 from hf_lowrank_lora import LORA_ALIASES
-
 from hf_lowrank_plugins import MethodInfo, hookimpl
 
 from .config import DoraConfig

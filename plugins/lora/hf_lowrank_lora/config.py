@@ -47,4 +47,11 @@ class LoraMethodConfig(LoraConfig):
 
     def __post_init__(self) -> None:
         validate_config(self, limits=self.FIELD_LIMITS, skip=self.UNCHECKED_FIELDS)
+        self.check()
         super().__post_init__()
+
+    def check(self) -> None:
+        """Method-specific checks, run after every field's type and range was checked; extend in subclasses.
+
+        Raise :class:`~hf_lowrank_plugins.ConfigError` naming the setting and the fix.
+        """

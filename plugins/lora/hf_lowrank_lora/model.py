@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+import re
+
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from hf_lowrank_plugins import check_rank, find_target_modules
+from hf_lowrank_plugins.targets import ALL_LINEAR, is_linear_like, is_transposed, task_heads
 
 
 def attach_lora(model: nn.Module, config: LoraConfig) -> PeftModel:
     """Wrap ``model`` with PEFT LoRA layers for ``config``; fails early on no match or too large a rank.
 
-    Every LoRA-family method (DoRA, PiSSA, LoRA-GA, QLoRA) goes through here, so PEFT's layers,
-    dispatch on quantized bases, saving and merging are reused rather than re-implemented.
+    Every LoRA-family method (DoRA, PiSSA, LoRA-GA, QLoRA, SALOR) goes through here, so PEFT's
+    layers, dispatch on quantized bases, saving and merging are reused rather than re-implemented.
+    Two things are settled before PEFT sees the config, so the saved config says what was trained:
+    ``fan_in_fan_out`` is set when the targets store their weights transposed (GPT-2's ``Conv1D``;
+    PEFT would flip it with a warning), and with ``all-linear`` a classifier's or QA model's task
+    head is excluded (PEFT trains it in full through ``modules_to_save``).
     """
     targets = find_target_modules(model, config.target_modules, config.exclude_modules)
     check_rank(targets, config.r, what="rank r")
+    if any(is_transposed(m) for m in targets.values()):
+        config.fan_in_fan_out = True
+    if config.target_modules == ALL_LINEAR:
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        heads = sorted(n for n, m in task_heads(model).items() if m is not output and is_linear_like(m))
+        if heads and isinstance(config.exclude_modules, str):  # a regular expression: extend it, keep its meaning
+            config.exclude_modules = "|".join([f"(?:{config.exclude_modules})", *map(re.escape, heads)])
+        elif heads:
+            config.exclude_modules = sorted(set(config.exclude_modules or []) | set(heads))
     return get_peft_model(model, config)

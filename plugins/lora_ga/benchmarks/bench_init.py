@@ -39,7 +39,7 @@ def _setup(args):
     tok = AutoTokenizer.from_pretrained(model_dir)
     train, _ = load_blocks(None, tok, args["seq_len"], max_blocks=args["batches"] * args["batch_size"] + 2, eval_blocks=1)
     loader = torch.utils.data.DataLoader(train, batch_size=args["batch_size"], shuffle=False)
-    batches = [b for _, b in zip(range(args["batches"]), loader)]
+    batches = [b for _, b in zip(range(args["batches"]), loader, strict=False)]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     return model, batches
 

@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from hf_lowrank_lora import LoraMethodConfig, peft_meta
-
 from hf_lowrank_plugins import ConfigError
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
@@ -86,11 +85,10 @@ class LoraGaConfig(LoraMethodConfig):
     hf_lowrank_method: str = "lora_ga"
 
     def __post_init__(self) -> None:
-        self.validate_lora_ga()
         self.init_lora_weights = True
         super().__post_init__()
 
-    def validate_lora_ga(self) -> None:
+    def check(self) -> None:
         """Raise :class:`ConfigError` naming the fix for any setting LoRA-GA cannot use."""
         choices = {"direction": DIRECTIONS, "scale": SCALES, "estimator": ESTIMATORS, "svd": SVDS, "variant": VARIANTS}
         for name, allowed in choices.items():

@@ -280,7 +280,7 @@ def _groups(names: list[str], layers: dict[str, LoraLayer], n_groups: int) -> li
     """Split ``names`` (in model order) into ``n_groups`` contiguous groups of about equal m*n."""
     sizes = [math.prod(layer_dims(layers[n])) for n in names]
     target, groups, current, acc = sum(sizes) / n_groups, [], [], 0.0
-    for name, size in zip(names, sizes):
+    for name, size in zip(names, sizes, strict=False):
         current.append(name)
         acc += size
         if acc >= target * (len(groups) + 1) and len(groups) < n_groups - 1:
@@ -321,7 +321,7 @@ def estimate_gradient_factors(
             accs: dict[str, _Accumulator] = {}
             for n in names:
                 m, d = layer_dims(layers[n])
-                k, l = sketch_sizes(m, d, ranks[n], config.sketch_rank)
+                k, l = sketch_sizes(m, d, ranks[n], config.sketch_rank)  # noqa: E741 - the sketch sizes of Tropp et al.
                 accs[n] = SketchAccumulator(tests.get(d, k, "omega"), tests.get(l, m, "psi"))
             _run_pass(model, layers, accs, batches, config.ga_seed, args, device)
             for n in names:

@@ -7,18 +7,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hf_lowrank_lora import LORA_ALIASES, attach_lora, residual
 from peft import PeftConfig, PeftModel
 from torch import nn
 
+from hf_lowrank_lora import LORA_ALIASES, attach_lora, residual
 from hf_lowrank_plugins import (
     ConfigError,
     ExportResult,
     IncompatibleError,
     MethodInfo,
-    QuantizationSettings,
     hookimpl,
-    is_quantized,
     save_merged,
 )
 

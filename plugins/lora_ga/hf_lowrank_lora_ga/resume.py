@@ -19,10 +19,11 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from hf_lowrank_lora import residual
 from peft import PeftModel
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.lora import LoraLayer
+
+from hf_lowrank_lora import residual
 
 from .gradient import lora_layers
 from .init import subtract_factors

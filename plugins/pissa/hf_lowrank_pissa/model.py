@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-
-import torch
 from functools import partial
 
-from hf_lowrank_lora import attach_lora, residual
+import torch
 from peft import LoraConfig, PeftModel
 from torch import nn
 
+from hf_lowrank_lora import attach_lora, residual
 from hf_lowrank_plugins import IncompatibleError, QuantizationSettings, is_quantized
 from hf_lowrank_plugins.quantization import quantize_model, requantize_under_adapter
+
 
 def check_clean_base(model: nn.Module) -> None:
     """Raise :class:`IncompatibleError` unless ``model`` is an untouched full-precision base.

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from hf_lowrank_lora import LORA_ALIASES
-from hf_lowrank_lora.residual import save_portable_adapter
 from peft import PeftConfig
 from torch import nn
 
+from hf_lowrank_lora import LORA_ALIASES
+from hf_lowrank_lora.residual import save_portable_adapter
 from hf_lowrank_plugins import ExportResult, MethodInfo, QuantizationSettings, hookimpl, is_quantized, save_merged
 
 from .config import PissaConfig

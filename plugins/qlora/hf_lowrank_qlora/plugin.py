@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from hf_lowrank_lora import LORA_ALIASES, attach_lora
 from peft import PeftConfig
 from torch import nn
 
+from hf_lowrank_lora import LORA_ALIASES, attach_lora
 from hf_lowrank_plugins import MethodInfo, hookimpl
 from hf_lowrank_plugins.quantization import prepare_for_training
 

@@ -42,7 +42,7 @@ def main() -> None:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
             adapted = hlp.attach(model, "salor", r=16, sparsity_pattern=pattern, svd="fast")
             base = pruned_base_copy(adapted.model)
-            target = sum(l.base_layer.weight.numel() for n, l in adapted.model.named_modules() if hasattr(l, "lora_A"))
+            target = sum(m.base_layer.weight.numel() for _, m in adapted.model.named_modules() if hasattr(m, "lora_A"))
             for dtype in (torch.float32, torch.bfloat16):
                 name = f"{pattern}_{str(dtype).removeprefix('torch.')}"
                 started = time.perf_counter()

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from hf_lowrank_lora import LoraMethodConfig, peft_meta
-
 from hf_lowrank_plugins import ConfigError
 
 PATTERNS = ("unstructured", "global", "2:4")

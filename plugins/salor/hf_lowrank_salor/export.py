@@ -33,7 +33,6 @@ from hf_lowrank_plugins import (
     save_merged,
     write_json_atomic,
 )
-
 from hf_lowrank_plugins.quantization import dequantize_model
 
 from .bitmap import load_compressed, save_compressed

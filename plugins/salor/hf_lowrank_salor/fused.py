@@ -128,7 +128,7 @@ class FusedGroup(nn.Module):
             ys = [base_matmul(x2d, w) for w in self.weights]
         z = x2d @ self.A_cat.t() if self.A_cat is not None else None
         outs = []
-        for y, bias, adapter in zip(ys, self.biases, self.adapters):
+        for y, bias, adapter in zip(ys, self.biases, self.adapters, strict=False):
             if bias is not None:
                 y = y + bias
             if adapter is not None:
@@ -212,9 +212,9 @@ def build_inference_model(
             for members in groups:
                 names = [f"{parent_name}.{m}" if parent_name else m for m in members]
                 linears = [modules.get(n) for n in names]
-                if not all(isinstance(l, nn.Linear) for l in linears) or not any(n in factors for n in names):
+                if not all(isinstance(lin, nn.Linear) for lin in linears) or not any(n in factors for n in names):
                     continue
-                group = FusedGroup([l.weight for l in linears], [l.bias for l in linears],
+                group = FusedGroup([lin.weight for lin in linears], [lin.bias for lin in linears],
                                    [factors.get(n) for n in names], base_format=base_format, fuse_base=fuse_base)
                 for i, member in enumerate(members):
                     setattr(parent, member, FusedMember(group, i))

@@ -20,16 +20,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-
-import torch
 from functools import partial
 
-from hf_lowrank_lora import attach_lora
+import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from hf_lowrank_lora import attach_lora
 from hf_lowrank_plugins import IncompatibleError, QuantizationSettings, is_quantized
 from hf_lowrank_plugins.quantization import quantize_model, requantize_under_adapter
 
@@ -96,6 +95,12 @@ def check_clean_base(model: nn.Module) -> None:
         )
 
 
+def _oriented(layer: LoraLayer) -> torch.Tensor:
+    """The layer's base weight as (out x in): a transposed view for ``fan_in_fan_out`` (``Conv1D``) layers."""
+    weight = layer.base_layer.weight
+    return weight.t() if getattr(layer, "fan_in_fan_out", False) else weight
+
+
 def attach_salor(
     model: nn.Module,
     config: SalorConfig,
@@ -112,13 +117,15 @@ def attach_salor(
     layers = lora_layers(peft_model, adapter)
     niter = config.svd_niter if config.svd == "fast" else None
     if config.prunes_base:
-        weights = {n: layer.base_layer.weight for n, layer in layers.items()}
+        # Masks and SVD work on W in LoRA orientation (out x in): a view of GPT-2's transposed Conv1D
+        # weights, so 2:4 groups run along the inputs and B @ A has W's shape for every layer type.
+        weights = {n: _oriented(layer) for n, layer in layers.items()}
         masks = base_masks(weights, config.sparsity, config.sparsity_pattern)
         # fork_rng: a seeded randomized SVD gives the same factors on every attach (resume, DDP ranks)
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.svd_seed)
             for name, layer in layers.items():
-                weight = layer.base_layer.weight
+                weight = weights[name]
                 dense = weight.detach().float()
                 # torch.where, not weight * mask: a product leaves -0.0 where a negative weight was cut
                 pruned = torch.where(masks[name], dense, torch.zeros((), dtype=dense.dtype))

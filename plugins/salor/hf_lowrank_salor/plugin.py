@@ -11,7 +11,6 @@ from torch import nn
 from transformers import TrainingArguments
 
 from hf_lowrank_lora import LORA_ALIASES
-
 from hf_lowrank_plugins import ExportResult, MethodInfo, QuantizationSettings, hookimpl
 
 from .config import SalorConfig

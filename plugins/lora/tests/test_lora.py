@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from conftest import plain_peft_logits, logits, make_tiny_model, rel_err, training_args
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, Trainer
 
 import hf_lowrank_plugins as hlp
+from hf_lowrank_plugins.testing.helpers import logits, make_tiny_model, plain_peft_logits, rel_err, training_args
 
 
 def test_identity_at_init(tiny_model, batch):
@@ -81,7 +81,7 @@ def test_plain_peft_loads_our_adapter_without_our_package(tiny_model, batch, tok
 def test_sequence_classification_model(batch):
     from transformers import LlamaForSequenceClassification
 
-    from conftest import tiny_llama_config
+    from hf_lowrank_plugins.testing.helpers import tiny_llama_config
 
     torch.manual_seed(0)
     model = LlamaForSequenceClassification(tiny_llama_config(num_labels=3, pad_token_id=0)).eval()
@@ -98,7 +98,7 @@ def test_no_module_matched_names_the_existing_layers(tiny_model):
 
 
 def test_rank_too_large(tiny_model):
-    with pytest.raises(hlp.ConfigError, match="rank r 65 is larger .*k_proj \(32x64\); use rank r <= 32"):
+    with pytest.raises(hlp.ConfigError, match=r"rank r 65 is larger .*k_proj \(32x64\); use rank r <= 32"):
         hlp.attach(tiny_model, "lora", r=65)
 
 

@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from conftest import plain_peft_logits, logits, make_tiny_model, rel_err, training_args
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, Trainer
 
 import hf_lowrank_plugins as hlp
+from hf_lowrank_plugins.testing.helpers import logits, make_tiny_model, plain_peft_logits, rel_err, training_args
 
 
 def _train(adapted, tmp_path, dataset, **kw):

@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-from conftest import TokenDataset, logits, make_tiny_model, training_args
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
 
 from hf_lowrank_plugins import ConfigError, IncompatibleError, attach
+from hf_lowrank_plugins.testing.helpers import TokenDataset, logits, make_tiny_model, training_args
 
 galore = pytest.importorskip("hf_lowrank_galore")
 from hf_lowrank_galore.adafactor import GaLoreAdafactor  # noqa: E402
@@ -56,13 +56,13 @@ def test_matches_galore_torch(proj_type):
     ref = reference.GaLoreAdamW([{"params": ref_w, **gal}], no_deprecation_warning=True, **hyper)
     for _ in range(8):  # refreshes at steps 0, 3, 6
         grads = [torch.randn(s, generator=g) for s in shapes]
-        for w, gr in zip(ours_w, grads):
+        for w, gr in zip(ours_w, grads, strict=False):
             w.grad = gr.clone()
-        for w, gr in zip(ref_w, grads):
+        for w, gr in zip(ref_w, grads, strict=False):
             w.grad = gr.clone()
         ours.step()
         ref.step()
-    for a, b in zip(ours_w, ref_w):
+    for a, b in zip(ours_w, ref_w, strict=False):
         assert (a - b).abs().max().item() <= 1e-6
     for w in ours_w:  # moments are low-rank sized
         side = projection_side(w.shape, proj_type)
@@ -96,13 +96,13 @@ def test_adafactor_matches_galore_torch(proj_type, setting):
     ref_plain_opt = Adafactor(ref_plain, **hyper)
     for _ in range(8):  # refreshes at steps 0, 3, 6
         for ws_a, ws_b in ((ours_w, ref_w), (ours_plain, ref_plain)):
-            for a, b in zip(ws_a, ws_b):
+            for a, b in zip(ws_a, ws_b, strict=False):
                 a.grad = torch.randn(a.shape, generator=g)
                 b.grad = a.grad.clone()
         ours.step()
         ref.step()
         ref_plain_opt.step()
-    for a, b in zip(ours_w + ours_plain, ref_w + ref_plain):
+    for a, b in zip(ours_w + ours_plain, ref_w + ref_plain, strict=False):
         assert (a - b).abs().max().item() <= 1e-6
     for w in ours_w:  # factored second moment of the low-rank gradient: rows + columns of an r-sized matrix
         m, n = low_rank_shape(w.shape, 4, projection_side(w.shape, proj_type))

@@ -9,11 +9,11 @@ import sys
 
 import torch
 import torch.distributed as dist
-from conftest import TokenDataset, make_tiny_model, training_args
-from hf_lowrank_lora.residual import initial_factors
 from transformers import Trainer, TrainerCallback
 
 import hf_lowrank_plugins as hlp
+from hf_lowrank_lora.residual import initial_factors
+from hf_lowrank_plugins.testing.helpers import TokenDataset, make_tiny_model, training_args
 
 out = sys.argv[1]
 adapted = hlp.attach(make_tiny_model(), "lora_ga", r=4, ga_batches=2, estimator=sys.argv[2])

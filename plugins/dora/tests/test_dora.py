@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import logits, make_tiny_model, rel_err, training_args
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Trainer
 
 import hf_lowrank_plugins as hlp
+from hf_lowrank_plugins.testing.helpers import logits, make_tiny_model, rel_err, training_args
 
 
 def _train(adapted, tmp_path, dataset, **kw):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import logits, make_tiny_model, rel_err, training_args
 from transformers import AutoModelForCausalLM, Trainer
 
 import hf_lowrank_plugins as hlp
+from hf_lowrank_plugins.testing.helpers import logits, make_tiny_model, rel_err, training_args
 
 pytest.importorskip("bitsandbytes")
 

@@ -1,0 +1,30 @@
+"""The conformance kit: the contract every method meets, as tests a plugin author reuses.
+
+Subclass :class:`MethodConformance` in your plugin's tests (see :mod:`.conformance`); the pieces
+(:mod:`.models` for tiny models of several architectures, :mod:`.contract` for the checks) work on
+their own too. Needs ``pytest`` (the ``test`` extra); nothing here is imported by the library.
+"""
+
+from .conformance import CHECKS, MethodConformance
+from .contract import (
+    IDENTITY_TOL,
+    MERGE_TOL,
+    PLAIN_PEFT_TOL,
+    RESUME_TOL,
+    TrainedRun,
+    identity_error,
+    merged_output,
+    plain_peft_output,
+    reloaded_output,
+    resumed_losses,
+    train_run,
+    training_arguments,
+)
+from .models import BERT_CLS, GPT2, LLAMA, MODEL_CASES, T5, ModelCase, TokenDataset, output, rel_err
+
+__all__ = [
+    "BERT_CLS", "CHECKS", "GPT2", "IDENTITY_TOL", "LLAMA", "MERGE_TOL", "MODEL_CASES", "MethodConformance",
+    "ModelCase", "PLAIN_PEFT_TOL", "RESUME_TOL", "T5", "TokenDataset", "TrainedRun", "identity_error",
+    "merged_output", "output", "plain_peft_output", "rel_err", "reloaded_output", "resumed_losses", "train_run",
+    "training_arguments",
+]
