@@ -32,8 +32,13 @@ from harness import (
 )
 
 #: Figures compared as ratios: result key -> column label.
-RATIO_KEYS = {"median_step_s": "step s", "peak_rss_mib": "peak RSS MiB", "peak_train_rss_mib": "train peak MiB",
-              "opt_state_mib": "opt state MiB", "init_s": "init s"}
+RATIO_KEYS = {
+    "median_step_s": "step s",
+    "peak_rss_mib": "peak RSS MiB",
+    "peak_train_rss_mib": "train peak MiB",
+    "opt_state_mib": "opt state MiB",
+    "init_s": "init s",
+}
 
 
 def plan(only: str | None, installed: set[str]) -> tuple[list[str], dict[str, str]]:
@@ -49,8 +54,11 @@ def plan(only: str | None, installed: set[str]) -> tuple[list[str], dict[str, st
         if unknown:
             sys.exit(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
         order = [v for v in order if v in wanted]
-    skipped = {n: f"method '{VARIANTS[n].needs_method}' is not installed (pip install -e plugins/{VARIANTS[n].needs_method})"
-               for n in order if VARIANTS[n].needs_method and VARIANTS[n].needs_method not in installed}
+    skipped = {
+        n: f"method '{VARIANTS[n].needs_method}' is not installed (pip install -e plugins/{VARIANTS[n].needs_method})"
+        for n in order
+        if VARIANTS[n].needs_method and VARIANTS[n].needs_method not in installed
+    }
     still_anchoring = {VARIANTS[n].anchor for n in order if n not in skipped}
     for name in list(skipped):  # an anchor alone measures nothing of ours
         anchor = VARIANTS[name].anchor
@@ -71,14 +79,21 @@ def add_ratios(results: dict[str, dict[str, Any]], versus: str | None) -> None:
 
 def print_table(results: dict[str, dict[str, Any]]) -> None:
     """A markdown table: each figure with its ratio to the anchor."""
-    print("| variant | " + " | ".join(f"{label} | x anchor" for label in RATIO_KEYS.values()) + " | trainable | eval loss |")
+    print(
+        "| variant | "
+        + " | ".join(f"{label} | x anchor" for label in RATIO_KEYS.values())
+        + " | trainable | eval loss |"
+    )
     print("|---|" + "---|---|" * len(RATIO_KEYS) + "---|---|")
     for name, r in results.items():
         if "error" in r:
             print(f"| {name} | failed: {r['error'][:120]} |" + " |" * (2 * len(RATIO_KEYS) + 1))
             continue
         ratios = r.get("vs_anchor", {})
-        cells = [f"{figure(r[k])} | {ratios[k]:.2f}" if ratios.get(k) is not None else f"{figure(r[k])} | " for k in RATIO_KEYS]
+        cells = [
+            f"{figure(r[k])} | {ratios[k]:.2f}" if ratios.get(k) is not None else f"{figure(r[k])} | "
+            for k in RATIO_KEYS
+        ]
         print(f"| {name} | " + " | ".join(cells) + f" | {r['trainable_params']:,} | {r['eval_loss']:.4f} |")
 
 
@@ -106,15 +121,26 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{i}/{len(order)}] {variant}: {state} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
     add_ratios(results, ns.ratios_vs)
 
-    model = f"width {options.width} x {options.layers} layers (from config)" if options.width else options.model or "SmolLM2-135M"
-    print(f"\n{model}, batch {options.batch_size} x {options.seq_len} tokens, rank {options.rank} (GaLore {options.galore_rank}), "
-          f"median of {options.steps} steps after {options.warmup} warm-up\n")
+    model = (
+        f"width {options.width} x {options.layers} layers (from config)"
+        if options.width
+        else options.model or "SmolLM2-135M"
+    )
+    print(
+        f"\n{model}, batch {options.batch_size} x {options.seq_len} tokens, rank {options.rank} (GaLore {options.galore_rank}), "
+        f"median of {options.steps} steps after {options.warmup} warm-up\n"
+    )
     print_table(results)
     for name, reason in skipped.items():
         print(f"skipped {name}: {reason}")
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
-    document = {"command": command, "settings": {**vars(ns)}, "machine": {**started_on, "load_average_end": machine()["load_average"]},
-                "results": results, "skipped": skipped}
+    document = {
+        "command": command,
+        "settings": {**vars(ns)},
+        "machine": {**started_on, "load_average_end": machine()["load_average"]},
+        "results": results,
+        "skipped": skipped,
+    }
     print(f"\nwrote {write_json(ns.output, document)}")
 
 

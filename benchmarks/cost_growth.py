@@ -49,14 +49,20 @@ def sweep(methods: list[str], points: list[tuple[str, int]], make: Any, timeout:
 
 def print_rows(rows: list[dict[str, Any]], axis: str) -> None:
     """A markdown table of one sweep."""
-    print(f"| method | {axis} | model params | trainable | " + " | ".join(f"{v} | x first" for v in FIGURES.values()) + " |")
+    print(
+        f"| method | {axis} | model params | trainable | "
+        + " | ".join(f"{v} | x first" for v in FIGURES.values())
+        + " |"
+    )
     print("|---|---|---|---|" + "---|---|" * len(FIGURES))
     for r in rows:
         if "error" in r:
             print(f"| {r['method']} | {r['value']} | failed: {r['error'][:100]} |" + " |" * (2 * len(FIGURES) + 1))
             continue
-        cells = " | ".join(f"{figure(r[k])} | {r['vs_first'][k]:.2f}" if r["vs_first"][k] is not None else f"{figure(r[k])} | -"
-                           for k in FIGURES)
+        cells = " | ".join(
+            f"{figure(r[k])} | {r['vs_first'][k]:.2f}" if r["vs_first"][k] is not None else f"{figure(r[k])} | -"
+            for k in FIGURES
+        )
         print(f"| {r['method']} | {r['value']} | {r['model_params']:,} | {r['trainable_params']:,} | {cells} |")
 
 
@@ -85,14 +91,21 @@ def main() -> None:
 
     widths = sweep(methods, [("width", w) for w in _ints(ns.widths)], at_width, ns.timeout)
     ranks = sweep(methods, [("rank", r) for r in _ints(ns.ranks)], at_rank, ns.timeout)
-    print(f"\n{base.layers} layers, batch {base.batch_size} x {base.seq_len} tokens, median of {base.steps} steps after "
-          f"{base.warmup} warm-up; width sweep at rank {base.rank} (GaLore {base.galore_rank})\n")
+    print(
+        f"\n{base.layers} layers, batch {base.batch_size} x {base.seq_len} tokens, median of {base.steps} steps after "
+        f"{base.warmup} warm-up; width sweep at rank {base.rank} (GaLore {base.galore_rank})\n"
+    )
     print_rows(widths, "width")
     print(f"\nrank sweep at width {ns.rank_width}\n")
     print_rows(ranks, "rank")
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    document = {"command": command, "settings": vars(ns), "machine": {**started_on, "load_average_end": machine()["load_average"]},
-                "width_sweep": widths, "rank_sweep": ranks}
+    document = {
+        "command": command,
+        "settings": vars(ns),
+        "machine": {**started_on, "load_average_end": machine()["load_average"]},
+        "width_sweep": widths,
+        "rank_sweep": ranks,
+    }
     print(f"\nwrote {write_json(ns.output, document)}")
 
 

@@ -83,7 +83,9 @@ VARIANTS: dict[str, Variant] = {
     "ours:galore_layerwise": Variant("hf-lowrank galore, layerwise=True", "hf:galore_adamw_layerwise", "galore"),
     "hf:galore_adamw_layerwise": Variant("transformers optim=galore_adamw_layerwise"),
     "ours:galore_8bit": Variant("hf-lowrank galore, optimizer=adamw8bit", None, "galore"),
-    "ours:galore_adafactor": Variant("hf-lowrank galore, optimizer=adafactor (optim=adafactor)", "hf:galore_adafactor", "galore"),
+    "ours:galore_adafactor": Variant(
+        "hf-lowrank galore, optimizer=adafactor (optim=adafactor)", "hf:galore_adafactor", "galore"
+    ),
     "hf:galore_adafactor": Variant("transformers optim=galore_adafactor"),
     "ours:full": Variant("hf-lowrank full (built-in method)", "full", "full"),
     "full": Variant("plain Trainer, full fine-tuning with its default AdamW"),
@@ -164,9 +166,14 @@ def config_model(width: int, layers: int, vocab_size: int) -> Any:
     heads = max(1, width // 64)
     kv_heads = max(d for d in range(1, max(1, heads // 3) + 1) if heads % d == 0)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=width, intermediate_size=64 * round(width * 8 / 3 / 64),
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=2048, tie_word_embeddings=True,
+        vocab_size=vocab_size,
+        hidden_size=width,
+        intermediate_size=64 * round(width * 8 / 3 / 64),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
     )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -260,8 +267,9 @@ def run_variant(variant: str, o: BenchOptions) -> dict[str, Any]:
         torch.set_num_threads(o.threads)
     tokenizer = AutoTokenizer.from_pretrained(o.model if o.model and o.width is None else default_model_dir())
     total = o.steps + o.warmup
-    train, held_out = load_blocks(None, tokenizer, o.seq_len, max_blocks=total * o.batch_size + o.eval_blocks,
-                                  eval_blocks=o.eval_blocks)
+    train, held_out = load_blocks(
+        None, tokenizer, o.seq_len, max_blocks=total * o.batch_size + o.eval_blocks, eval_blocks=o.eval_blocks
+    )
     started = time.perf_counter()
     model = _load(variant, o, tokenizer)
     loaded = time.perf_counter()
@@ -277,27 +285,41 @@ def run_variant(variant: str, o: BenchOptions) -> dict[str, Any]:
     elif kind == "peft":
         model = _peft_model(name, model, train, o)
     elif kind == "hf":
-        extra_args = {"optim": name, "optim_target_modules": HF_GALORE_TARGETS,
-                      "optim_args": f"rank={o.galore_rank},update_proj_gap={o.update_proj_gap},scale={o.scale}"}
+        extra_args = {
+            "optim": name,
+            "optim_target_modules": HF_GALORE_TARGETS,
+            "optim_args": f"rank={o.galore_rank},update_proj_gap={o.update_proj_gap},scale={o.scale}",
+        }
     attach_s = time.perf_counter() - loaded
     rss_setup = rss_kib("VmHWM")
 
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
-            output_dir=tmp, max_steps=total, per_device_train_batch_size=o.batch_size,
-            per_device_eval_batch_size=o.batch_size, learning_rate=o.lr, lr_scheduler_type=o.lr_scheduler,
-            logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, seed=0, **extra_args,
+            output_dir=tmp,
+            max_steps=total,
+            per_device_train_batch_size=o.batch_size,
+            per_device_eval_batch_size=o.batch_size,
+            learning_rate=o.lr,
+            lr_scheduler_type=o.lr_scheduler,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+            seed=0,
+            **extra_args,
         )
         callbacks = [timer, *trainer_kw.pop("callbacks", [])]  # timer first: its startup covers data-dependent init
-        trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=held_out, callbacks=callbacks, **trainer_kw)
+        trainer = Trainer(
+            model=model, args=args, train_dataset=train, eval_dataset=held_out, callbacks=callbacks, **trainer_kw
+        )
         rss_before = rss_kib("VmRSS")
         reset = reset_peak_rss()
         trainer.train()
         peak_train = rss_kib("VmHWM")
         state_bytes = optimizer_state_bytes(trainer.optimizer)
         eval_loss = trainer.evaluate()["eval_loss"]
-    measured = timer.step_seconds[o.warmup:] or timer.step_seconds
+    measured = timer.step_seconds[o.warmup :] or timer.step_seconds
     result = {
         "variant": variant,
         "description": VARIANTS[variant].description,
@@ -344,7 +366,7 @@ def run_isolated(variant: str, options: BenchOptions, timeout: float | None = No
     if proc.returncode != 0 or line is None:
         tail = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()][-1:]
         return {"variant": variant, "error": " | ".join(tail) or f"exit status {proc.returncode}"}
-    return {**json.loads(line[len(RESULT_PREFIX):]), "wall_s": time.perf_counter() - started}
+    return {**json.loads(line[len(RESULT_PREFIX) :]), "wall_s": time.perf_counter() - started}
 
 
 def figure(value: float) -> str:
@@ -356,11 +378,17 @@ def machine() -> dict[str, Any]:
     """The machine the figures came from: CPU model and count, load, versions, GPU if any."""
     import torch
 
-    info: dict[str, Any] = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    info: dict[str, Any] = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), None)
+        info["cpu_model"] = next(
+            (ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), None
+        )
     except (OSError, subprocess.SubprocessError):
         info["cpu_model"] = None
     if torch.cuda.is_available():

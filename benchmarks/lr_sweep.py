@@ -31,8 +31,15 @@ def train(method: str, lr: float, steps: int, settings: dict[str, Any], out: Pat
     from hf_lowrank_plugins.app.train import TrainSpec
 
     # compare's planner validates the settings and passes rank/alpha only to methods that have them
-    (run,) = plan(CompareSpec(methods=[method], run=TrainSpec(method=method, max_steps=steps, **STUDY),
-                              output_dir=str(out), lr=lr, settings={method: settings}))
+    (run,) = plan(
+        CompareSpec(
+            methods=[method],
+            run=TrainSpec(method=method, max_steps=steps, **STUDY),
+            output_dir=str(out),
+            lr=lr,
+            settings={method: settings},
+        )
+    )
     metrics = run_method(run, f"{method} lr={lr:g}", log=lambda line: print(line, file=sys.stderr, flush=True))
     if "error" in metrics:
         raise SystemExit(f"{method} lr={lr:g} failed: {metrics['error']}")
@@ -46,8 +53,13 @@ def curve(metrics: dict[str, Any]) -> list[tuple[int, float]]:
     return sorted(points.items())
 
 
-def run_sweep(sweep: dict[str, list[float]], steps: int, output: Path, settings: dict[str, dict[str, Any]] | None = None,
-              fresh: bool = False) -> list[dict[str, Any]]:
+def run_sweep(
+    sweep: dict[str, list[float]],
+    steps: int,
+    output: Path,
+    settings: dict[str, dict[str, Any]] | None = None,
+    fresh: bool = False,
+) -> list[dict[str, Any]]:
     """Train every (method, lr) not already in ``output`` with the same steps and settings; return all runs.
 
     Each run: method, lr, settings, curve, init/step seconds, peak memory, and ``best_for_method``.
@@ -57,7 +69,9 @@ def run_sweep(sweep: dict[str, list[float]], steps: int, output: Path, settings:
     if output.exists() and not fresh:
         earlier = json.loads(output.read_text())
         if earlier.get("steps") == steps:
-            previous = {(r["method"], r["lr"], json.dumps(r.get("settings", {}), sort_keys=True)): r for r in earlier["runs"]}
+            previous = {
+                (r["method"], r["lr"], json.dumps(r.get("settings", {}), sort_keys=True)): r for r in earlier["runs"]
+            }
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for method, rates in sweep.items():
@@ -69,10 +83,20 @@ def run_sweep(sweep: dict[str, list[float]], steps: int, output: Path, settings:
                     print(f"{method} lr={lr:g}: reused from {output.name}", file=sys.stderr, flush=True)
                     continue
                 m = train(method, lr, steps, fields, Path(tmp) / f"{method}-{lr:g}")
-                runs.append({"method": method, "lr": lr, "settings": fields, "curve": curve(m),
-                             "init_seconds": m["init_seconds"], "median_step_seconds": m.get("median_step_seconds"),
-                             "peak_memory_mb": m["peak_memory_mb"]})
-                print(f"{method} lr={lr:g}: final eval loss {runs[-1]['curve'][-1][1]:.4f}", file=sys.stderr, flush=True)
+                runs.append(
+                    {
+                        "method": method,
+                        "lr": lr,
+                        "settings": fields,
+                        "curve": curve(m),
+                        "init_seconds": m["init_seconds"],
+                        "median_step_seconds": m.get("median_step_seconds"),
+                        "peak_memory_mb": m["peak_memory_mb"],
+                    }
+                )
+                print(
+                    f"{method} lr={lr:g}: final eval loss {runs[-1]['curve'][-1][1]:.4f}", file=sys.stderr, flush=True
+                )
     for method in sweep:
         best = min((r for r in runs if r["method"] == method), key=lambda r: r["curve"][-1][1])
         for r in runs:

@@ -1,7 +1,7 @@
 """Fine-tune any installed method with a plain transformers.Trainer: change METHOD, nothing else.
 
-    python examples/train_any_method.py lora
-    python examples/train_any_method.py qlora
+python examples/train_any_method.py lora
+python examples/train_any_method.py qlora
 """
 
 import sys
@@ -21,7 +21,9 @@ train, held_out = load_blocks(None, tokenizer, seq_len=64, max_blocks=96, eval_b
 
 adapted = attach(model, METHOD, rank=8)  # the one line that names the method
 args = TrainingArguments("runs/example", max_steps=20, per_device_train_batch_size=4, learning_rate=1e-3, report_to=[])
-trainer = Trainer(model=adapted.model, args=args, train_dataset=train, eval_dataset=held_out, **adapted.trainer_kwargs())
+trainer = Trainer(
+    model=adapted.model, args=args, train_dataset=train, eval_dataset=held_out, **adapted.trainer_kwargs()
+)
 print("eval loss before:", trainer.evaluate()["eval_loss"])
 trainer.train()
 print("eval loss after: ", trainer.evaluate()["eval_loss"])

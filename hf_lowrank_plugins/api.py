@@ -161,13 +161,18 @@ class Adapted:
         if self.guard is not None:
             self.guard.active = True
         result = self.registry.call_method_hook(
-            self.method, "init_adapter_from_data", model=self.model, config=self.config,
-            train_dataloader=dataloader, args=args or self.training_args,
+            self.method,
+            "init_adapter_from_data",
+            model=self.model,
+            config=self.config,
+            train_dataloader=dataloader,
+            args=args or self.training_args,
         )
         return bool(result)
 
-    def write_deliverables(self, directory: str | Path, merge: bool = False, tokenizer: Any = None,
-                           final_dir: str | Path | None = None) -> ExportResult:
+    def write_deliverables(
+        self, directory: str | Path, merge: bool = False, tokenizer: Any = None, final_dir: str | Path | None = None
+    ) -> ExportResult:
         """Write the deliverables into ``directory`` via ``post_train_merge``, with no output-folder checks.
 
         Meant for a stage folder of an :class:`~hf_lowrank_plugins.outputs.OutputSet` that also
@@ -176,8 +181,14 @@ class Adapted:
         """
         directory = Path(directory)
         result = self.registry.call_method_hook(
-            self.method, "post_train_merge", model=self.model, config=self.config,
-            output_dir=directory, merge=merge, tokenizer=tokenizer, final_dir=Path(final_dir or directory),
+            self.method,
+            "post_train_merge",
+            model=self.model,
+            config=self.config,
+            output_dir=directory,
+            merge=merge,
+            tokenizer=tokenizer,
+            final_dir=Path(final_dir or directory),
         )
         return result if result is not None else default_export(self.model, directory, merge, tokenizer)
 
@@ -197,7 +208,9 @@ class Adapted:
         if not PartialState().is_main_process:
             return ExportResult()
         output_dir = Path(output_dir)
-        base = getattr(self.model, "name_or_path", None) or getattr(getattr(self.model, "config", None), "_name_or_path", None)
+        base = getattr(self.model, "name_or_path", None) or getattr(
+            getattr(self.model, "config", None), "_name_or_path", None
+        )
         inputs = {"base model": base} if base and Path(base).is_dir() else {}
         with OutputSet(output_dir, command="export", inputs=inputs, overwrite=overwrite) as outputs:
             result = self.write_deliverables(outputs.stage, merge=merge, tokenizer=tokenizer, final_dir=output_dir)
@@ -255,7 +268,9 @@ def attach(
 
     wants_4bit = load_in_4bit or info.requires_quantized_base
     if (wants_4bit or is_quantized(model)) and not info.supports_quantized_base:
-        raise IncompatibleError(f"method '{info.name}' cannot train on a quantized (4-bit) base: {info.no_quantized_base}")
+        raise IncompatibleError(
+            f"method '{info.name}' cannot train on a quantized (4-bit) base: {info.no_quantized_base}"
+        )
     deferred: QuantizationSettings | None = None
     if wants_4bit and not is_quantized(model):
         settings = quantization or QuantizationSettings.from_config(config)
@@ -322,7 +337,9 @@ def load_config(adapter_dir: str | Path, registry: Registry | None = None) -> Pe
     try:
         return PeftConfig.from_pretrained(str(adapter_dir))
     except Exception as exc:
-        raise LowRankError(f"{adapter_dir}: PEFT cannot read this adapter's config ({type(exc).__name__}: {exc})") from None
+        raise LowRankError(
+            f"{adapter_dir}: PEFT cannot read this adapter's config ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def check_adapter_fits(base_model: nn.Module, adapter_dir: str | Path) -> None:

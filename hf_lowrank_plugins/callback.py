@@ -65,7 +65,9 @@ class LowRankCallback(TrainerCallback):
                 f"'{self.adapted.method.name}'; pass model=adapted.model"
             )
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         """Check the optimizer came from our factory, then run data-dependent init on fresh runs."""
         info = self.adapted.method
         optimizer = _unwrap_optimizer(kwargs.get("optimizer"))

@@ -43,9 +43,15 @@ def split_adapter_config(directory: str | Path, config: PeftConfig) -> None:
     path.write_text(json.dumps({k: v for k, v in raw.items() if k in accepted}, indent=2, sort_keys=True) + "\n")
     if method:
         ours.pop("hf_lowrank_method", None)
-        settings = {"tool": "hf-lowrank-plugins", "method": method, "config_class": type(config).__qualname__,
-                    "settings": ours}
-        (Path(directory) / METHOD_SETTINGS_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True, default=str) + "\n")
+        settings = {
+            "tool": "hf-lowrank-plugins",
+            "method": method,
+            "config_class": type(config).__qualname__,
+            "settings": ours,
+        }
+        (Path(directory) / METHOD_SETTINGS_FILE).write_text(
+            json.dumps(settings, indent=2, sort_keys=True, default=str) + "\n"
+        )
 
 
 def save_adapter(model: PeftModel, directory: str | Path) -> Path:

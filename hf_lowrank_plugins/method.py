@@ -147,7 +147,11 @@ def _type_text(annotation: Any) -> str:
         return " | ".join(parts + (["None"] if type(None) in args else []))
     if origin is not None:
         inner = ", ".join(_type_text(a) for a in args if a is not Ellipsis)
-        return f"{getattr(origin, '__name__', str(origin))}[{inner}]" if inner else getattr(origin, "__name__", str(origin))
+        return (
+            f"{getattr(origin, '__name__', str(origin))}[{inner}]"
+            if inner
+            else getattr(origin, "__name__", str(origin))
+        )
     return getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
 
 
@@ -163,8 +167,20 @@ def _allowed(meta: Mapping[str, Any]) -> str:
     parts = []
     if "choices" in meta:
         parts.append("one of " + ", ".join(map(str, meta["choices"])))
-    lo = ("> " + str(meta["min_exclusive"])) if "min_exclusive" in meta else (">= " + str(meta["min"])) if "min" in meta else ""
-    hi = ("< " + str(meta["max_exclusive"])) if "max_exclusive" in meta else ("<= " + str(meta["max"])) if "max" in meta else ""
+    lo = (
+        ("> " + str(meta["min_exclusive"]))
+        if "min_exclusive" in meta
+        else (">= " + str(meta["min"]))
+        if "min" in meta
+        else ""
+    )
+    hi = (
+        ("< " + str(meta["max_exclusive"]))
+        if "max_exclusive" in meta
+        else ("<= " + str(meta["max"]))
+        if "max" in meta
+        else ""
+    )
     parts += [p for p in (lo, hi) if p]
     return ", ".join(parts)
 
@@ -213,7 +229,8 @@ def _matches(value: Any, annotation: Any) -> bool:
         container = origin or annotation
         args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
         return isinstance(value, (list, tuple, set, frozenset) if container is not str else str) and (
-            not args or all(_matches(v, args[0]) for v in value))
+            not args or all(_matches(v, args[0]) for v in value)
+        )
     if origin is dict or annotation is dict:
         return isinstance(value, dict)
     if isinstance(annotation, type):
@@ -260,7 +277,9 @@ def validate_config(
             expected = _type_text(annotation)
             if "'" in expected:  # a Literal: name the choices
                 expected = "one of " + expected.replace(" | ", ", ")
-            raise ConfigError(f"{name} must be {expected}, got {value!r} ({type(value).__name__}; {type(config).__name__})")
+            raise ConfigError(
+                f"{name} must be {expected}, got {value!r} ({type(value).__name__}; {type(config).__name__})"
+            )
         problem = _range_problem(value, meta)
         if problem:
             raise ConfigError(f"{name} {problem}, got {value!r} ({type(config).__name__})")

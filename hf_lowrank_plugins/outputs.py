@@ -128,8 +128,11 @@ def _resolved(path: str | os.PathLike[str]) -> Path:
     return Path(path).expanduser().resolve()
 
 
-def check_inputs_apart(output: str | os.PathLike[str], inputs: Mapping[str, str | os.PathLike[str] | None],
-                       allowed_inside: Iterable[str | os.PathLike[str]] = ()) -> None:
+def check_inputs_apart(
+    output: str | os.PathLike[str],
+    inputs: Mapping[str, str | os.PathLike[str] | None],
+    allowed_inside: Iterable[str | os.PathLike[str]] = (),
+) -> None:
     """Raise :class:`OutputFolderError` when ``output`` is an input, lies inside one, or holds one.
 
     ``inputs`` maps a role (``"base model"``, ``"adapter"``, ...) to a path (``None`` entries are
@@ -216,8 +219,13 @@ class OutputSet:
         if not entries:
             return "new"
         manifest, marker = read_manifest(self.path), _read_marker(self.path)
-        if marker is not None and marker.get("status") == "running" and marker.get("host") == socket.gethostname() \
-                and marker.get("pid") != os.getpid() and _pid_alive(int(marker.get("pid", -1))):
+        if (
+            marker is not None
+            and marker.get("status") == "running"
+            and marker.get("host") == socket.gethostname()
+            and marker.get("pid") != os.getpid()
+            and _pid_alive(int(marker.get("pid", -1)))
+        ):
             raise OutputFolderError(
                 f"another hf-lowrank {marker.get('command', 'run')} (pid {marker['pid']}) is writing to {self.path}; "
                 "wait for it or choose another --output-dir"
@@ -261,7 +269,9 @@ class OutputSet:
             self._previous = sorted(set(old_marker.get("previous", [])) | present)
         if state == "complete":
             manifest = read_manifest(self.path) or {}
-            self._previous = sorted({rel.split("/", 1)[0] for rel in manifest.get("files", {})} | set(manifest.get("entries", [])))
+            self._previous = sorted(
+                {rel.split("/", 1)[0] for rel in manifest.get("files", {})} | set(manifest.get("entries", []))
+            )
         self._write_marker("running")
         if state == "complete":
             (self.path / MANIFEST_NAME).unlink()  # the old set stops being complete from here on
@@ -272,10 +282,19 @@ class OutputSet:
         return self
 
     def _write_marker(self, status: str) -> None:
-        write_json_atomic(self.path / MARKER_NAME, {
-            "tool": TOOL, "version": _version(), "command": self.command, "status": status, "pid": os.getpid(),
-            "host": socket.gethostname(), "started": _now(), "previous": self._previous,
-        })
+        write_json_atomic(
+            self.path / MARKER_NAME,
+            {
+                "tool": TOOL,
+                "version": _version(),
+                "command": self.command,
+                "status": status,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": _now(),
+                "previous": self._previous,
+            },
+        )
 
     @property
     def stage(self) -> Path:
@@ -314,9 +333,19 @@ class OutputSet:
         for name in entries:
             root = self.path / name
             for path in sorted([root] if root.is_file() else (p for p in root.rglob("*") if p.is_file())):
-                files[path.relative_to(self.path).as_posix()] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-        manifest = {"tool": TOOL, "version": _version(), "command": self.command, "created": _now(),
-                    "entries": entries, "files": files, **({"info": dict(info)} if info else {})}
+                files[path.relative_to(self.path).as_posix()] = {
+                    "bytes": path.stat().st_size,
+                    "sha256": sha256_file(path),
+                }
+        manifest = {
+            "tool": TOOL,
+            "version": _version(),
+            "command": self.command,
+            "created": _now(),
+            "entries": entries,
+            "files": files,
+            **({"info": dict(info)} if info else {}),
+        }
         write_json_atomic(self.path / MANIFEST_NAME, manifest)
         shutil.rmtree(trash, ignore_errors=True)
         if self._stage is not None:
@@ -351,7 +380,9 @@ class OutputSet:
     def __enter__(self) -> OutputSet:
         return self.open()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.abort()  # a no-op after commit(); otherwise the set was never completed
 
 

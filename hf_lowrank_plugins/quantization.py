@@ -82,14 +82,18 @@ def quantize_model(model: nn.Module, settings: QuantizationSettings) -> PreTrain
 
     device = next(model.parameters()).device
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    originals = {name: (module.weight, module.bias) for name, module in model.named_modules()
-                 if type(module) is nn.Linear or isinstance(module, Conv1D)}
+    originals = {
+        name: (module.weight, module.bias)
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear or isinstance(module, Conv1D)
+    }
     # Heads stay full precision: a classifier's head trains in full (modules_to_save), and naming any
     # skip list turns off transformers' own default skip of the output embedding, so name both.
     skip = tuple(dict.fromkeys([*settings.skip_modules, *task_heads(model)]))
     quantizer = AutoHfQuantizer.from_config(bnb_config(replace(settings, skip_modules=skip)), pre_quantized=False)
-    quantizer.preprocess_model(model=model, dtype=dtype, device_map={"": str(device)}, checkpoint_files=None,
-                               use_kernels=False)  # replaces the layers by empty (meta) Linear4bit ones
+    quantizer.preprocess_model(
+        model=model, dtype=dtype, device_map={"": str(device)}, checkpoint_files=None, use_kernels=False
+    )  # replaces the layers by empty (meta) Linear4bit ones
     for name, module in model.named_modules():
         if not isinstance(module, bnb.nn.Linear4bit) or name not in originals:
             continue
@@ -152,13 +156,17 @@ def dequantize_model(model: nn.Module) -> nn.Module:
         return requantize_under_adapter(model, dequantize_model)
     if getattr(model, "hf_quantizer", None) is None:
         raise IncompatibleError("cannot dequantize a model that was not quantized through transformers/bitsandbytes")
-    dtype = next((p.dtype for p in model.parameters() if p.dtype in (torch.float32, torch.bfloat16, torch.float16)),
-                 torch.float32)
+    dtype = next(
+        (p.dtype for p in model.parameters() if p.dtype in (torch.float32, torch.bfloat16, torch.float16)),
+        torch.float32,
+    )
     transposed = [name for name, m in model.named_modules() if issubclass(getattr(m, "source_cls", nn.Module), Conv1D)]
     model = model.dequantize(dtype=dtype)
     for name in transposed:  # transformers gives back nn.Linear; GPT-2's checkpoint layout is Conv1D's (in, out)
         linear = model.get_submodule(name)
-        conv = Conv1D(linear.out_features, linear.in_features).to(device=linear.weight.device, dtype=linear.weight.dtype)
+        conv = Conv1D(linear.out_features, linear.in_features).to(
+            device=linear.weight.device, dtype=linear.weight.dtype
+        )
         with torch.no_grad():
             conv.weight.copy_(linear.weight.t())
             if linear.bias is not None:

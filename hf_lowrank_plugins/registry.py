@@ -97,7 +97,9 @@ class Registry:
             self.pm.set_blocked(name)  # also refuses plugins registered by hand under that name
         for name, module in BUILTIN_PLUGINS:
             if name not in self.blocked:
-                self._load(name, lambda module=module: importlib.import_module(module), (CORE_DISTRIBUTION, _core_version()))
+                self._load(
+                    name, lambda module=module: importlib.import_module(module), (CORE_DISTRIBUTION, _core_version())
+                )
         if autoload is None:
             autoload = os.environ.get(ENV_DISABLE_AUTOLOAD, "").lower() not in ("1", "true", "yes")
         if autoload:
@@ -155,7 +157,9 @@ class Registry:
             self._dist_of.pop(name, None)
             message = str(exc)
             if isinstance(exc, pluggy.PluginValidationError):
-                message = f"plugin '{name}' implements a hook that does not exist: {exc} (see hf_lowrank_plugins.hookspecs)"
+                message = (
+                    f"plugin '{name}' implements a hook that does not exist: {exc} (see hf_lowrank_plugins.hookspecs)"
+                )
             raise PluginError(message) from None
         self._methods = None
 
@@ -168,16 +172,23 @@ class Registry:
         try:
             declared = impls[0].function()
         except (Exception, SystemExit) as exc:
-            raise PluginError(f"plugin '{plugin_name}' failed in describe_methods: {type(exc).__name__}: {exc}") from None
+            raise PluginError(
+                f"plugin '{plugin_name}' failed in describe_methods: {type(exc).__name__}: {exc}"
+            ) from None
         if not isinstance(declared, (list, tuple)) or not all(isinstance(i, MethodInfo) for i in declared):
-            raise PluginError(f"plugin '{plugin_name}': describe_methods must return a list of MethodInfo, got {declared!r}")
-        hooks = frozenset(h for h in METHOD_HOOKS
-                          if any(i.plugin is plugin for i in getattr(self.pm.hook, h).get_hookimpls()))
+            raise PluginError(
+                f"plugin '{plugin_name}': describe_methods must return a list of MethodInfo, got {declared!r}"
+            )
+        hooks = frozenset(
+            h for h in METHOD_HOOKS if any(i.plugin is plugin for i in getattr(self.pm.hook, h).get_hookimpls())
+        )
         dist, version = self._dist_of.get(plugin_name, ("", ""))
         out = []
         for info in declared:
             if not (isinstance(info.config_class, type) and issubclass(info.config_class, PeftConfig)):
-                raise PluginError(f"plugin '{plugin_name}': method '{info.name}' needs a peft.PeftConfig subclass as config_class")
+                raise PluginError(
+                    f"plugin '{plugin_name}': method '{info.name}' needs a peft.PeftConfig subclass as config_class"
+                )
             out.append(replace(info, plugin_name=plugin_name, distribution=dist, version=version, hooks=hooks))
         return out
 
@@ -204,8 +215,9 @@ class Registry:
         if key in methods:
             return methods[key]
         if key in self.conflicts:
-            claimers = " and ".join(f"plugin '{i.plugin_name}' ({i.distribution or 'registered by hand'})"
-                                    for i in self.conflicts[key])
+            claimers = " and ".join(
+                f"plugin '{i.plugin_name}' ({i.distribution or 'registered by hand'})" for i in self.conflicts[key]
+            )
             raise ConfigError(
                 f"method '{key}' is provided by both {claimers}; block one with "
                 f"{ENV_BLOCK}={self.conflicts[key][-1].plugin_name} (or uninstall it)"
@@ -213,7 +225,11 @@ class Registry:
         installed = ", ".join(methods) or "none"
         hint = difflib.get_close_matches(key, list(methods), n=1)
         maybe = f" Did you mean '{hint[0]}'?" if hint else ""
-        broken = f" Plugins that failed to load: {', '.join(f'{k} ({v})' for k, v in self.failed.items())}." if self.failed else ""
+        broken = (
+            f" Plugins that failed to load: {', '.join(f'{k} ({v})' for k, v in self.failed.items())}."
+            if self.failed
+            else ""
+        )
         raise UnknownMethodError(
             f"unknown method '{name}'.{maybe} Installed methods: {installed}.{broken} "
             f"Install one with `pip install hf-lowrank-{key.replace('_', '-')}` (or `pip install -e plugins/{key}` "
@@ -251,7 +267,9 @@ class Registry:
         """
         if hook_name not in METHOD_HOOKS:
             raise ValueError(f"{hook_name} is not a method hook; method hooks are {METHOD_HOOKS}")
-        owners = {m.plugin_name for m in self.methods.values()} | {i.plugin_name for c in self.conflicts.values() for i in c}
+        owners = {m.plugin_name for m in self.methods.values()} | {
+            i.plugin_name for c in self.conflicts.values() for i in c
+        }
         others = owners - {method.plugin_name}
         caller = self.pm.subset_hook_caller(hook_name, remove_plugins=[self.pm.get_plugin(n) for n in others])
         try:

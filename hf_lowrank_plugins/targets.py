@@ -80,7 +80,9 @@ def find_target_modules(
         matcher = LoraConfig(target_modules=targets)
         chosen = {name: m for name, m in linear.items() if check_target_module_exists(matcher, name)}
     if exclude_modules:
-        excluder = LoraConfig(target_modules=exclude_modules if isinstance(exclude_modules, str) else list(exclude_modules))
+        excluder = LoraConfig(
+            target_modules=exclude_modules if isinstance(exclude_modules, str) else list(exclude_modules)
+        )
         chosen = {name: m for name, m in chosen.items() if not check_target_module_exists(excluder, name)}
     if not chosen:
         available = sorted({name.rsplit(".", 1)[-1] for name in linear})

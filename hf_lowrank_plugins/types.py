@@ -57,6 +57,9 @@ class ExportResult:
             path = Path(path)
             return new_root / path.relative_to(old_root) if path.is_relative_to(old_root) else path
 
-        return ExportResult(adapter_dir=move(self.adapter_dir), merged_dir=move(self.merged_dir),
-                            extra={k: move(v) for k, v in self.extra.items()},  # type: ignore[misc]
-                            notes=list(self.notes))
+        return ExportResult(
+            adapter_dir=move(self.adapter_dir),
+            merged_dir=move(self.merged_dir),
+            extra={k: move(v) for k, v in self.extra.items()},  # type: ignore[misc]
+            notes=list(self.notes),
+        )

@@ -20,12 +20,16 @@ gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
 dist.all_gather(gathered, flat)
 adapted.export(f"{out}/export")
 if dist.get_rank() == 0:
-    print(json.dumps({
-        "world_size": dist.get_world_size(),
-        "max_rank_difference": max(float((g - gathered[0]).abs().max()) for g in gathered),
-        "moved": float((flat).abs().sum()),
-        "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
-    }))
+    print(
+        json.dumps(
+            {
+                "world_size": dist.get_world_size(),
+                "max_rank_difference": max(float((g - gathered[0]).abs().max()) for g in gathered),
+                "moved": float((flat).abs().sum()),
+                "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+            }
+        )
+    )
 # Leave together: a rank that exits while the other is still in gloo can abort in teardown
 # ("terminate called without an active exception").
 dist.barrier()

@@ -28,8 +28,12 @@ def test_plan_puts_each_anchor_after_ours_and_explains_skips():
 def test_ratios_are_ours_over_anchor():
     """Every ratio key is ours / anchor; anchors and failed runs get none."""
     keys = list(bench_anchors.RATIO_KEYS)
-    results = {"ours:lora": {k: 3.0 for k in keys}, "peft:lora": {k: 2.0 for k in keys},
-               "ours:dora": {"error": "boom"}, "peft:dora": {k: 1.0 for k in keys}}
+    results = {
+        "ours:lora": {k: 3.0 for k in keys},
+        "peft:lora": {k: 2.0 for k in keys},
+        "ours:dora": {"error": "boom"},
+        "peft:dora": {k: 1.0 for k in keys},
+    }
     bench_anchors.add_ratios(results, None)
     assert results["ours:lora"]["vs_anchor"] == {k: 1.5 for k in keys}
     assert "vs_anchor" not in results["peft:lora"] and "vs_anchor" not in results["ours:dora"]
@@ -42,8 +46,26 @@ def test_galore_adafactor_pair_end_to_end(tmp_path, smol_dir, capsys):
     pytest.importorskip("hf_lowrank_galore")
     pytest.importorskip("galore_torch")
     out = tmp_path / "pair.json"
-    bench_anchors.main(["--only", "ours:galore_adafactor,hf:galore_adafactor", "--width", "64", "--layers", "1",
-                        "--galore-rank", "8", "--steps", "2", "--warmup", "1", "--eval-blocks", "2", "--output", str(out)])
+    bench_anchors.main(
+        [
+            "--only",
+            "ours:galore_adafactor,hf:galore_adafactor",
+            "--width",
+            "64",
+            "--layers",
+            "1",
+            "--galore-rank",
+            "8",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--eval-blocks",
+            "2",
+            "--output",
+            str(out),
+        ]
+    )
     results = json.loads(out.read_text())["results"]
     ours, theirs = results["ours:galore_adafactor"], results["hf:galore_adafactor"]
     assert "error" not in ours and "error" not in theirs, (ours, theirs)
@@ -66,8 +88,13 @@ def test_lr_sweep_reuses_finished_runs_and_marks_the_best(tmp_path, monkeypatch)
     def fake_train(method, lr, steps, settings, out):
         trained.append((method, lr))
         final = abs(lr - 2e-3)  # best at 2e-3
-        return {"eval_loss_before": 4.0, "eval_history": [{"step": steps, "eval_loss": final}, {"step": steps, "eval_loss": final}],
-                "init_seconds": 0.1, "median_step_seconds": 0.2, "peak_memory_mb": 1.0}
+        return {
+            "eval_loss_before": 4.0,
+            "eval_history": [{"step": steps, "eval_loss": final}, {"step": steps, "eval_loss": final}],
+            "init_seconds": 0.1,
+            "median_step_seconds": 0.2,
+            "peak_memory_mb": 1.0,
+        }
 
     monkeypatch.setattr(lr_sweep, "train", fake_train)
     out = tmp_path / "sweep.json"

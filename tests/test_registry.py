@@ -71,8 +71,11 @@ def test_two_plugins_claiming_one_name_never_run_silently(monkeypatch):
 
     reg.register(Impostor(), name="impostor", distribution=("evil-lora", "9.9"))
     assert "lora" not in reg.methods and [i.plugin_name for i in reg.conflicts["lora"]] == ["lora", "impostor"]
-    with pytest.raises(hlp.ConfigError, match=r"both plugin 'lora' \(hf-lowrank-lora\) and plugin 'impostor' "
-                                              r"\(evil-lora\); block one with HF_LOWRANK_BLOCK_PLUGINS=impostor"):
+    with pytest.raises(
+        hlp.ConfigError,
+        match=r"both plugin 'lora' \(hf-lowrank-lora\) and plugin 'impostor' "
+        r"\(evil-lora\); block one with HF_LOWRANK_BLOCK_PLUGINS=impostor",
+    ):
         reg.get("lora")
     monkeypatch.setenv(ENV_BLOCK, "impostor")
     blocked = Registry(autoload=False, blocked=["impostor"])

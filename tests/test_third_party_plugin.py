@@ -36,21 +36,39 @@ print(json.dumps({"distribution": info.distribution, "version": info.version, "l
 def installed_loraplus(tmp_path_factory):
     target = tmp_path_factory.mktemp("site")
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target),
-         str(ROOT / "examples" / "loraplus")],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(ROOT / "examples" / "loraplus"),
+        ],
+        check=True,
+        capture_output=True,
     )
     return target
 
 
 def test_example_plugin_is_discovered_listed_and_trains(installed_loraplus, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(installed_loraplus), str(ROOT / "tests")])}
-    listed = subprocess.run([sys.executable, "-m", "hf_lowrank_plugins.app.cli", "list", "--json"], env=env,
-                            capture_output=True, text=True, check=True)
+    listed = subprocess.run(
+        [sys.executable, "-m", "hf_lowrank_plugins.app.cli", "list", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     names = {m["name"] for m in json.loads(listed.stdout)["methods"]}
     assert {"lora", "qlora", "loraplus"} <= names
 
-    proc = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path)], env=env, capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, str(tmp_path)], env=env, capture_output=True, text=True, check=True
+    )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["distribution"] == "hf-lowrank-loraplus" and result["version"] == "0.1.0"
     assert result["lr_b"] == pytest.approx(16 * result["lr_a"])  # same schedule point, 16x for B
@@ -58,5 +76,10 @@ def test_example_plugin_is_discovered_listed_and_trains(installed_loraplus, tmp_
 
 
 def test_not_installed_without_the_package():
-    listed = subprocess.run([sys.executable, "-m", "hf_lowrank_plugins.app.cli", "list", "--json"], capture_output=True, text=True, check=True)
+    listed = subprocess.run(
+        [sys.executable, "-m", "hf_lowrank_plugins.app.cli", "list", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "loraplus" not in {m["name"] for m in json.loads(listed.stdout)["methods"]}

@@ -24,11 +24,27 @@ METHODS = {
 
 def _run(tmp_path, name, resume=None, method="lora", **kw):
     adapted = hlp.attach(make_tiny_model(), method, r=4, **METHODS[method])
-    args = training_args(tmp_path / name, gradient_accumulation_steps=2, per_device_train_batch_size=4,
-                         eval_strategy="steps", eval_steps=4, save_strategy="steps", save_steps=4,
-                         weight_decay=0.01, adam_beta2=0.99, lr_scheduler_type="cosine", warmup_steps=2, **kw)
-    trainer = Trainer(model=adapted.model, args=args, train_dataset=TokenDataset(), eval_dataset=TokenDataset(16),
-                      **adapted.trainer_kwargs())
+    args = training_args(
+        tmp_path / name,
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=4,
+        eval_strategy="steps",
+        eval_steps=4,
+        save_strategy="steps",
+        save_steps=4,
+        weight_decay=0.01,
+        adam_beta2=0.99,
+        lr_scheduler_type="cosine",
+        warmup_steps=2,
+        **kw,
+    )
+    trainer = Trainer(
+        model=adapted.model,
+        args=args,
+        train_dataset=TokenDataset(),
+        eval_dataset=TokenDataset(16),
+        **adapted.trainer_kwargs(),
+    )
     trainer.train(resume_from_checkpoint=resume)
     return trainer, adapted
 
@@ -70,7 +86,12 @@ def test_bf16_mixed_precision_trains(tmp_path, method):
 def test_trainer_given_another_model_is_refused(tmp_path):
     adapted = hlp.attach(make_tiny_model(), "lora", r=2)
     with pytest.raises(hlp.LowRankError, match="pass model=adapted.model"):
-        Trainer(model=make_tiny_model(), args=training_args(tmp_path), train_dataset=TokenDataset(), **adapted.trainer_kwargs())
+        Trainer(
+            model=make_tiny_model(),
+            args=training_args(tmp_path),
+            train_dataset=TokenDataset(),
+            **adapted.trainer_kwargs(),
+        )
 
 
 def test_optimizer_method_without_the_factory_says_what_is_missing(tmp_path):
@@ -95,8 +116,12 @@ def test_optimizer_method_without_the_factory_says_what_is_missing(tmp_path):
     reg = hlp.Registry(autoload=False)
     reg.register(Wrapping(), name="wrapping")
     adapted = hlp.attach(make_tiny_model(), "wrapping", r=2, registry=reg)
-    trainer = Trainer(model=adapted.model, args=training_args(tmp_path, max_steps=1), train_dataset=TokenDataset(),
-                      callbacks=[adapted.callback])  # optimizer factory forgotten
+    trainer = Trainer(
+        model=adapted.model,
+        args=training_args(tmp_path, max_steps=1),
+        train_dataset=TokenDataset(),
+        callbacks=[adapted.callback],
+    )  # optimizer factory forgotten
     with pytest.raises(hlp.LowRankError, match=r"replaces the optimizer.*adapted.trainer_kwargs\(\)"):
         trainer.train()
 
@@ -128,5 +153,7 @@ def test_data_dependent_init_runs_once_and_not_on_resume(tmp_path):
     for resume in (None, str(tmp_path / "checkpoint-2")):
         adapted = hlp.attach(make_tiny_model(), "datainit", r=2, registry=reg)
         args = training_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
-        Trainer(model=adapted.model, args=args, train_dataset=TokenDataset(), **adapted.trainer_kwargs()).train(resume_from_checkpoint=resume)
+        Trainer(model=adapted.model, args=args, train_dataset=TokenDataset(), **adapted.trainer_kwargs()).train(
+            resume_from_checkpoint=resume
+        )
     assert seen == [torch.Size([8, 16])]

@@ -55,7 +55,9 @@ def parse_lr(text: str | None) -> tuple[float | None, dict[str, float]]:
         try:
             lr = float(value)
         except ValueError:
-            raise LowRankError(f"malformed --lr {text!r}: expected a number or METHOD=NUMBER pairs, e.g. --lr lora=1e-3,full=5e-5") from None
+            raise LowRankError(
+                f"malformed --lr {text!r}: expected a number or METHOD=NUMBER pairs, e.g. --lr lora=1e-3,full=5e-5"
+            ) from None
         if sep:
             per_method[name.strip().lower().replace("-", "_")] = lr
         else:
@@ -72,7 +74,9 @@ def _cmd_list(ns: argparse.Namespace) -> int:
         info = registry.get(ns.method)
         fields = describe_fields(info.config_class)
         if ns.json:
-            print(json.dumps({**info.as_dict(), "fields": [dataclasses.asdict(f) for f in fields]}, indent=2, default=str))
+            print(
+                json.dumps({**info.as_dict(), "fields": [dataclasses.asdict(f) for f in fields]}, indent=2, default=str)
+            )
             return 0
         print(f"{info.name} ({info.distribution} {info.version}): {info.summary}")
         aliases = ", ".join(f"--{a} -> {t}" for a, t in info.aliases.items() if a != t) or "none"
@@ -88,9 +92,17 @@ def _cmd_list(ns: argparse.Namespace) -> int:
                 print(f"      {first[:157] + '...' if len(first) > 160 else first}")
         return 0
     if ns.json:
-        print(json.dumps({"methods": [m.as_dict() for m in registry.methods.values()], "failed": registry.failed,
-                          "conflicts": {k: [i.as_dict() for i in v] for k, v in registry.conflicts.items()},
-                          "entry_point_clashes": registry.clashes}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "methods": [m.as_dict() for m in registry.methods.values()],
+                    "failed": registry.failed,
+                    "conflicts": {k: [i.as_dict() for i in v] for k, v in registry.conflicts.items()},
+                    "entry_point_clashes": registry.clashes,
+                },
+                indent=2,
+            )
+        )
         return 0
     rows = [(m.name, m.version, m.distribution, m.config_class.__name__, m.summary) for m in registry.methods.values()]
     header = ("method", "version", "distribution", "config", "summary")
@@ -99,11 +111,17 @@ def _cmd_list(ns: argparse.Namespace) -> int:
         print("  ".join(str(c).ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
     for name, infos in registry.conflicts.items():
         claimers = " and ".join(f"{i.distribution or i.plugin_name} (plugin '{i.plugin_name}')" for i in infos)
-        print(f"method '{name}' is claimed by {claimers}: it cannot run until one is blocked "
-              f"(HF_LOWRANK_BLOCK_PLUGINS={infos[-1].plugin_name})", file=sys.stderr)
+        print(
+            f"method '{name}' is claimed by {claimers}: it cannot run until one is blocked "
+            f"(HF_LOWRANK_BLOCK_PLUGINS={infos[-1].plugin_name})",
+            file=sys.stderr,
+        )
     for name, dists in registry.clashes.items():
-        print(f"entry point '{name}' is declared by {' and '.join(dists)}; both were loaded, the second as "
-              f"'{name}@{dists[-1]}'", file=sys.stderr)
+        print(
+            f"entry point '{name}' is declared by {' and '.join(dists)}; both were loaded, the second as "
+            f"'{name}@{dists[-1]}'",
+            file=sys.stderr,
+        )
     for name, error in registry.failed.items():
         print(f"failed to load plugin '{name}': {error}", file=sys.stderr)
     if not rows:
@@ -115,9 +133,16 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     from .train import TrainSpec, run_training
 
     spec = TrainSpec(
-        method=ns.method, output_dir=ns.output_dir or f"runs/{ns.method}", lr=ns.lr, load_in_4bit=ns.load_in_4bit,
-        merge=ns.merge, save_steps=ns.save_steps, resume_from_checkpoint=ns.resume_from_checkpoint,
-        overwrite=ns.overwrite, settings=parse_set(ns.set), **_run_options(ns),
+        method=ns.method,
+        output_dir=ns.output_dir or f"runs/{ns.method}",
+        lr=ns.lr,
+        load_in_4bit=ns.load_in_4bit,
+        merge=ns.merge,
+        save_steps=ns.save_steps,
+        resume_from_checkpoint=ns.resume_from_checkpoint,
+        overwrite=ns.overwrite,
+        settings=parse_set(ns.set),
+        **_run_options(ns),
     )
     metrics = run_training(spec)
     print(
@@ -135,8 +160,14 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
     default_lr, lr_overrides = parse_lr(ns.lr)
     methods = [m.strip() for m in ns.methods.split(",") if m.strip()] if ns.methods else None  # None: all installed
     spec = CompareSpec(
-        methods=methods, run=TrainSpec(method="", **_run_options(ns)), output_dir=ns.output_dir, lr=default_lr,
-        lr_overrides=lr_overrides, settings=parse_scoped_set(ns.set), reference=ns.reference, timeout=ns.timeout,
+        methods=methods,
+        run=TrainSpec(method="", **_run_options(ns)),
+        output_dir=ns.output_dir,
+        lr=default_lr,
+        lr_overrides=lr_overrides,
+        settings=parse_scoped_set(ns.set),
+        reference=ns.reference,
+        timeout=ns.timeout,
         overwrite=ns.overwrite,
     )
     comparison = run_comparison(spec, log=lambda line: print(line, flush=True))
@@ -156,8 +187,9 @@ def _cmd_merge(ns: argparse.Namespace) -> int:
     base = ns.base or raw.get("base_model_name_or_path")
     if not base or not Path(base).exists():
         raise LowRankError(f"base model not found ({base!r}); pass --base DIR")
-    outputs = OutputSet(ns.output_dir, command="merge", overwrite=ns.overwrite,
-                        inputs={"adapter": ns.adapter_dir, "base model": base})
+    outputs = OutputSet(
+        ns.output_dir, command="merge", overwrite=ns.overwrite, inputs={"adapter": ns.adapter_dir, "base model": base}
+    )
     outputs.check()
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     adapted = load_adapter(model, ns.adapter_dir)
@@ -171,8 +203,20 @@ def _cmd_merge(ns: argparse.Namespace) -> int:
 
 
 #: Options shared by `train` and `compare` (TrainSpec field names), added by _add_run_options.
-RUN_OPTIONS = ("model", "dataset", "max_steps", "rank", "alpha", "batch_size", "seq_len", "grad_accum", "seed",
-               "eval_every", "eval_blocks", "bf16")
+RUN_OPTIONS = (
+    "model",
+    "dataset",
+    "max_steps",
+    "rank",
+    "alpha",
+    "batch_size",
+    "seq_len",
+    "grad_accum",
+    "seed",
+    "eval_every",
+    "eval_blocks",
+    "bf16",
+)
 
 
 def _run_options(ns: argparse.Namespace) -> dict[str, Any]:
@@ -182,7 +226,9 @@ def _run_options(ns: argparse.Namespace) -> dict[str, Any]:
 def _add_run_options(p: argparse.ArgumentParser, eval_every: int | None = None) -> None:
     """The model, data and budget options of a training run (see RUN_OPTIONS)."""
     p.add_argument("--model", help="transformers checkpoint directory (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dataset", help=".txt, .jsonl with a 'text' field, or a saved datasets directory (default: KJV text)")
+    p.add_argument(
+        "--dataset", help=".txt, .jsonl with a 'text' field, or a saved datasets directory (default: KJV text)"
+    )
     p.add_argument("--max-steps", type=int, default=30)
     p.add_argument("--rank", type=int, help="adapter/projection rank (the method's r or rank)")
     p.add_argument("--alpha", type=float, help="LoRA alpha")
@@ -193,13 +239,18 @@ def _add_run_options(p: argparse.ArgumentParser, eval_every: int | None = None) 
     p.add_argument("--eval-every", type=int, default=eval_every, help="evaluate every K steps")
     p.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks for evaluation")
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier output of hf-lowrank in --output-dir (never anything else)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier output of hf-lowrank in --output-dir (never anything else)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``hf-lowrank`` argument parser."""
-    parser = argparse.ArgumentParser(prog="hf-lowrank", description="Low-rank fine-tuning methods for transformers.Trainer")
+    parser = argparse.ArgumentParser(
+        prog="hf-lowrank", description="Low-rank fine-tuning methods for transformers.Trainer"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="installed methods, or one method's options")
@@ -212,36 +263,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="default: runs/METHOD")
     _add_run_options(p)
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
-    p.add_argument("--load-in-4bit", action="store_true", help="quantize the frozen base to NF4 (needs hf-lowrank-qlora)")
+    p.add_argument(
+        "--load-in-4bit", action="store_true", help="quantize the frozen base to NF4 (needs hf-lowrank-qlora)"
+    )
     p.add_argument("--merge", action="store_true", help="also write OUTPUT/merged, a plain transformers checkpoint")
     p.add_argument("--save-steps", type=int, help="write a checkpoint every N steps")
     p.add_argument("--resume-from-checkpoint", help="checkpoint directory to resume from")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other field of the method's config")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="any other field of the method's config"
+    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
-        "compare", help="train several methods on the same model, data, budget and seed; write a comparison",
+        "compare",
+        help="train several methods on the same model, data, budget and seed; write a comparison",
         description="Each method trains in a fresh process on the same model, data, steps and seed. Writes "
-                    "OUTPUT/comparison.json, comparison.md, loss_curves.png, cost.png and OUTPUT/<method>/.",
+        "OUTPUT/comparison.json, comparison.md, loss_curves.png, cost.png and OUTPUT/<method>/.",
     )
-    p.add_argument("--methods", help="comma-separated names from `hf-lowrank list` (default: every installed method; "
-                                     "`full` is plain full fine-tuning)")
+    p.add_argument(
+        "--methods",
+        help="comma-separated names from `hf-lowrank list` (default: every installed method; "
+        "`full` is plain full fine-tuning)",
+    )
     p.add_argument("--output-dir", default="runs/compare")
     _add_run_options(p, eval_every=10)
-    p.add_argument("--lr", help="learning rate: X for all methods, METHOD=X,... per method, or both (2e-4,full=5e-5); "
-                                "methods not named use the default table (see comparison.md for each reason)")
-    p.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
-                   help="a config field of one method, e.g. --set pissa.svd=fast --set galore.rank=64")
-    p.add_argument("--reference", help="the method ratios are taken against (default: lora when compared, else the first)")
-    p.add_argument("--timeout", type=float, help="seconds after which one method's run is stopped and reported as failed")
+    p.add_argument(
+        "--lr",
+        help="learning rate: X for all methods, METHOD=X,... per method, or both (2e-4,full=5e-5); "
+        "methods not named use the default table (see comparison.md for each reason)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=VALUE",
+        help="a config field of one method, e.g. --set pissa.svd=fast --set galore.rank=64",
+    )
+    p.add_argument(
+        "--reference", help="the method ratios are taken against (default: lora when compared, else the first)"
+    )
+    p.add_argument(
+        "--timeout", type=float, help="seconds after which one method's run is stopped and reported as failed"
+    )
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("merge", help="merge a saved adapter into its base and write a plain checkpoint")
     p.add_argument("adapter_dir")
     p.add_argument("--base", help="base model directory (default: the adapter's base_model_name_or_path)")
     p.add_argument("--output-dir", required=True)
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier output of hf-lowrank in --output-dir (never anything else)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier output of hf-lowrank in --output-dir (never anything else)",
+    )
     p.set_defaults(func=_cmd_merge)
     return parser
 

@@ -85,8 +85,9 @@ class PlannedRun:
 FALLBACK_LEARNING_RATE = 2e-4
 
 
-def learning_rate(info: MethodInfo, default: float | None, overrides: dict[str, float],
-                  reference: MethodInfo | None = None) -> tuple[float, str]:
+def learning_rate(
+    info: MethodInfo, default: float | None, overrides: dict[str, float], reference: MethodInfo | None = None
+) -> tuple[float, str]:
     """The learning rate for a method and its source: ``--lr method=X``, then ``--lr X``, then what the
     method's plugin declares, then the reference method's rate."""
     if info.name in overrides:
@@ -122,14 +123,20 @@ def plan(spec: CompareSpec, registry: Any = None) -> list[PlannedRun]:
     for option, scoped in (("--lr", spec.lr_overrides), ("--set", spec.settings)):
         strays = sorted(set(scoped) - set(names))
         if strays:
-            raise ConfigError(f"{option} names method(s) not being compared: {', '.join(strays)} (compared: {', '.join(names)})")
+            raise ConfigError(
+                f"{option} names method(s) not being compared: {', '.join(strays)} (compared: {', '.join(names)})"
+            )
     if spec.reference is not None and spec.reference not in names:
         raise ConfigError(f"reference method '{spec.reference}' is not among the compared methods ({', '.join(names)})")
     for path, what in ((spec.run.model, "model"), (spec.run.dataset, "dataset")):
         if path is not None and not Path(path).exists():
             raise LowRankError(f"{what} not found: {path}")
-    OutputSet(spec.output_dir, command="compare", overwrite=spec.overwrite,
-              inputs={"model": spec.run.model, "dataset": spec.run.dataset}).check()
+    OutputSet(
+        spec.output_dir,
+        command="compare",
+        overwrite=spec.overwrite,
+        inputs={"model": spec.run.model, "dataset": spec.run.dataset},
+    ).check()
     declared = registry.reference()
     reference = spec.reference or (declared.name if declared is not None and declared.name in names else names[0])
     runs = []
@@ -137,8 +144,13 @@ def plan(spec: CompareSpec, registry: Any = None) -> list[PlannedRun]:
         info = registry.get(name)
         lr, source = learning_rate(info, spec.lr, spec.lr_overrides, declared)
         run = dataclasses.replace(
-            spec.run, method=name, output_dir=str(Path(spec.output_dir) / name), lr=lr, merge=False,
-            settings=dict(spec.settings.get(name, {})), progress_bar=False,
+            spec.run,
+            method=name,
+            output_dir=str(Path(spec.output_dir) / name),
+            lr=lr,
+            merge=False,
+            settings=dict(spec.settings.get(name, {})),
+            progress_bar=False,
             rank=spec.run.rank if "rank" in info.aliases else None,
             alpha=spec.run.alpha if "alpha" in info.aliases else None,
         )
@@ -180,7 +192,9 @@ class ProgressReporter:
                 # run_training evaluates before training (max_steps still 0) and again after the last step
                 if "eval_loss" in logs and state.global_step != reporter.last_eval_step:
                     reporter.last_eval_step = state.global_step
-                    reporter._emit(event="eval", step=state.global_step, max_steps=state.max_steps, eval_loss=logs["eval_loss"])
+                    reporter._emit(
+                        event="eval", step=state.global_step, max_steps=state.max_steps, eval_loss=logs["eval_loss"]
+                    )
 
         return _Callback()
 
@@ -231,8 +245,9 @@ def _failure_message(error_file: Path, log: Path, returncode: int, timed_out: fl
     return f"{status}: {lines[-1].strip()}" if lines else status
 
 
-def run_method(run: PlannedRun, label: str, log: Callable[[str], None], timeout: float | None = None,
-               logs_dir: Path | None = None) -> dict[str, Any]:
+def run_method(
+    run: PlannedRun, label: str, log: Callable[[str], None], timeout: float | None = None, logs_dir: Path | None = None
+) -> dict[str, Any]:
     """Train one method in a fresh process and return its metrics, or ``{"error": ...}`` if it failed.
 
     The worker's log and error file go to ``logs_dir`` (default: beside the method's output folder,
@@ -255,7 +270,7 @@ def run_method(run: PlannedRun, label: str, log: Callable[[str], None], timeout:
             assert proc.stdout is not None
             for line in proc.stdout:
                 if line.startswith(PROGRESS_PREFIX):
-                    log(f"{label}: {_progress_text(json.loads(line[len(PROGRESS_PREFIX):]))}")
+                    log(f"{label}: {_progress_text(json.loads(line[len(PROGRESS_PREFIX) :]))}")
                 else:
                     log_file.write(line)
             returncode = proc.wait()
@@ -285,8 +300,13 @@ def _progress_text(event: dict[str, Any]) -> str:
 
 def method_result(run: PlannedRun, metrics: dict[str, Any]) -> dict[str, Any]:
     """One row of the comparison from a run's ``metrics.json`` (or its error)."""
-    row: dict[str, Any] = {"method": run.method, "lr": run.spec.lr, "lr_source": run.lr_source,
-                           "settings": run.spec.settings, "wall_seconds": metrics.get("wall_seconds")}
+    row: dict[str, Any] = {
+        "method": run.method,
+        "lr": run.spec.lr,
+        "lr_source": run.lr_source,
+        "settings": run.spec.settings,
+        "wall_seconds": metrics.get("wall_seconds"),
+    }
     if "error" in metrics:
         return {**row, "status": "failed", "error": metrics["error"]}
     artifacts = metrics.get("artifact_bytes", {})
@@ -318,7 +338,8 @@ def add_ratios(rows: list[dict[str, Any]], reference: str) -> None:
         if row["status"] != "ok":
             continue
         row["ratios"] = {
-            key: row[key] / ref[key] if ref and row.get(key) is not None and ref.get(key) else None for key in RATIO_FIELDS
+            key: row[key] / ref[key] if ref and row.get(key) is not None and ref.get(key) else None
+            for key in RATIO_FIELDS
         }
 
 
@@ -326,8 +347,13 @@ def machine_description() -> dict[str, Any]:
     """Where the figures were measured (they mean little without it)."""
     import torch
 
-    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "torch": torch.__version__, "cpu_count": os.cpu_count(), "processor": platform.processor()}
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "processor": platform.processor(),
+    }
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name(0)
     return info
@@ -337,10 +363,28 @@ def build_comparison(spec: CompareSpec, runs: list[PlannedRun], rows: list[dict[
     """The ``comparison.json`` document: shared settings, machine, and one row per method run so far."""
     reference = reference_method(spec, runs)
     add_ratios(rows, reference)
-    shared = {k: v for k, v in dataclasses.asdict(spec.run).items()
-              if k not in ("method", "output_dir", "lr", "settings", "merge", "progress_bar", "resume_from_checkpoint", "save_steps")}
-    return {"reference": reference, "shared_settings": shared, "methods_planned": [r.method for r in runs],
-            "machine": machine_description(), "results": rows}
+    shared = {
+        k: v
+        for k, v in dataclasses.asdict(spec.run).items()
+        if k
+        not in (
+            "method",
+            "output_dir",
+            "lr",
+            "settings",
+            "merge",
+            "progress_bar",
+            "resume_from_checkpoint",
+            "save_steps",
+        )
+    }
+    return {
+        "reference": reference,
+        "shared_settings": shared,
+        "methods_planned": [r.method for r in runs],
+        "machine": machine_description(),
+        "results": rows,
+    }
 
 
 def _cell(row: dict[str, Any], key: str) -> str:
@@ -366,31 +410,47 @@ def render_markdown(comparison: dict[str, Any]) -> str:
     s, rows, ref = comparison["shared_settings"], comparison["results"], comparison["reference"]
     m = comparison["machine"]
     lines = [
-        "# Method comparison", "",
+        "# Method comparison",
+        "",
         f"Model `{s['model'] or 'SmolLM2-135M-Instruct (embedded)'}`, data `{s['dataset'] or 'KJV (embedded)'}`; "
         f"{s['max_steps']} steps of {s['batch_size']} x {s['seq_len']} tokens (grad accum {s['grad_accum']}), seed {s['seed']}, "
         f"rank {s['rank'] if s['rank'] is not None else 'per-method default'}; eval every {s['eval_every'] or '-'} steps on "
-        f"{s['eval_blocks']} held-out blocks. Each method ran in a fresh process. Ratios `(1.00x)` are to **{ref}**.", "",
+        f"{s['eval_blocks']} held-out blocks. Each method ran in a fresh process. Ratios `(1.00x)` are to **{ref}**.",
+        "",
         f"Machine: {m['platform']}, {m['cpu_count']} CPUs{', ' + m['cuda_device'] if 'cuda_device' in m else ''}, "
         f"torch {m['torch']}. Peak memory is the process's peak RSS (CPU) or CUDA allocator peak (GPU); init s is "
-        "attach() plus data-dependent initialisation; median step s excludes 2 warm-up steps and evaluation.", "",
+        "attach() plus data-dependent initialisation; median step s excludes 2 warm-up steps and evaluation.",
+        "",
         "| method | lr | " + " | ".join(RATIO_FIELDS.values()) + " |",
         "|---|---|" + "---|" * len(RATIO_FIELDS),
     ]
     for row in rows:
         if row["status"] != "ok":
             error = " ".join(str(row["error"]).split()).replace("|", "\\|")
-            lines.append(f"| {row['method']} | {format_lr(row['lr'])} | failed: {error} |" + " |" * (len(RATIO_FIELDS) - 1))
+            lines.append(
+                f"| {row['method']} | {format_lr(row['lr'])} | failed: {error} |" + " |" * (len(RATIO_FIELDS) - 1)
+            )
             continue
-        lines.append(f"| {row['method']} | {format_lr(row['lr'])} | " + " | ".join(_cell(row, k) for k in RATIO_FIELDS) + " |")
+        lines.append(
+            f"| {row['method']} | {format_lr(row['lr'])} | " + " | ".join(_cell(row, k) for k in RATIO_FIELDS) + " |"
+        )
     ok = [r for r in rows if r["status"] == "ok"]
     steps = sorted({e["step"] for r in ok for e in r["eval_history"]})
     if ok:
-        lines += ["", "## Eval loss by step", "", "| method | " + " | ".join(f"step {st}" for st in steps) + " |",
-                  "|---|" + "---|" * len(steps)]
+        lines += [
+            "",
+            "## Eval loss by step",
+            "",
+            "| method | " + " | ".join(f"step {st}" for st in steps) + " |",
+            "|---|" + "---|" * len(steps),
+        ]
         for row in ok:
             by_step = {e["step"]: e["eval_loss"] for e in row["eval_history"]}
-            lines.append(f"| {row['method']} | " + " | ".join(f"{by_step[st]:.4f}" if st in by_step else "-" for st in steps) + " |")
+            lines.append(
+                f"| {row['method']} | "
+                + " | ".join(f"{by_step[st]:.4f}" if st in by_step else "-" for st in steps)
+                + " |"
+            )
     lines += ["", "## Learning rates and settings", ""]
     for row in rows:
         extra = f"; settings {json.dumps(row['settings'])}" if row["settings"] else ""
@@ -414,8 +474,12 @@ def run_comparison(spec: CompareSpec, registry: Any = None, log: Callable[[str],
     """
     runs = plan(spec, registry)
     out_dir = Path(spec.output_dir)
-    outputs = OutputSet(out_dir, command="compare", overwrite=spec.overwrite,
-                        inputs={"model": spec.run.model, "dataset": spec.run.dataset})
+    outputs = OutputSet(
+        out_dir,
+        command="compare",
+        overwrite=spec.overwrite,
+        inputs={"model": spec.run.model, "dataset": spec.run.dataset},
+    )
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
     written: list[str] = ["logs"]
@@ -430,8 +494,10 @@ def run_comparison(spec: CompareSpec, registry: Any = None, log: Callable[[str],
             rows.append(row)
             written.append(run.method)
             if row["status"] == "ok":
-                log(f"{label}: done in {_format_seconds(row['wall_seconds'])}: eval loss {row['eval_loss_before']:.4f} -> "
-                    f"{row['eval_loss']:.4f}, median step {row['median_step_seconds']:.3f}s, peak {row['peak_memory_mb']:.0f} MB")
+                log(
+                    f"{label}: done in {_format_seconds(row['wall_seconds'])}: eval loss {row['eval_loss_before']:.4f} -> "
+                    f"{row['eval_loss']:.4f}, median step {row['median_step_seconds']:.3f}s, peak {row['peak_memory_mb']:.0f} MB"
+                )
             else:
                 log(f"{label}: FAILED after {_format_seconds(row['wall_seconds'])}: {row['error']}")
             elapsed = time.perf_counter() - started
@@ -447,11 +513,16 @@ def run_comparison(spec: CompareSpec, registry: Any = None, log: Callable[[str],
             written += [p.name for p in plots]
             log(f"wrote {', '.join(str(p) for p in plots)}")
         except ImportError:
-            comparison["notes"] = ["Plots skipped: matplotlib is not installed (pip install 'hf-lowrank-plugins[plots]')."]
-            log("plots skipped: matplotlib is not installed (pip install 'hf-lowrank-plugins[plots]'); json and md written")
+            comparison["notes"] = [
+                "Plots skipped: matplotlib is not installed (pip install 'hf-lowrank-plugins[plots]')."
+            ]
+            log(
+                "plots skipped: matplotlib is not installed (pip install 'hf-lowrank-plugins[plots]'); json and md written"
+            )
             write_reports(comparison, out_dir)
-        outputs.commit(in_place=[*written, "comparison.json", "comparison.md"],
-                       info={"methods": [r.method for r in runs]})
+        outputs.commit(
+            in_place=[*written, "comparison.json", "comparison.md"], info={"methods": [r.method for r in runs]}
+        )
     log(f"wrote {out_dir / 'comparison.json'} and {out_dir / 'comparison.md'}")
     return comparison
 

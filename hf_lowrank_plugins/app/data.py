@@ -116,7 +116,9 @@ def _texts_from_source(path: Path) -> list[str] | Any:
         return texts
     if path.suffix in (".txt", ".text", ".md"):
         return [p for p in path.read_text(encoding="utf-8").split("\n") if p.strip()]
-    raise LowRankError(f"unsupported dataset {path}: use a .txt file, a .jsonl file with a 'text' field, or a saved datasets directory")
+    raise LowRankError(
+        f"unsupported dataset {path}: use a .txt file, a .jsonl file with a 'text' field, or a saved datasets directory"
+    )
 
 
 def load_blocks(

@@ -44,7 +44,9 @@ def write_plots(comparison: dict[str, Any], out_dir: Path) -> list[Path]:
         by_step.plot([e["step"] for e in hist], [e["eval_loss"] for e in hist], marker="o", label=row["method"])
         by_time.plot([e["seconds"] for e in hist], [e["eval_loss"] for e in hist], marker="o", label=row["method"])
     by_step.set(xlabel="step", ylabel="eval loss", title="Eval loss by step")
-    by_time.set(xlabel="seconds (init + training steps, evaluation excluded)", ylabel="eval loss", title="Eval loss by time")
+    by_time.set(
+        xlabel="seconds (init + training steps, evaluation excluded)", ylabel="eval loss", title="Eval loss by time"
+    )
     for ax in (by_step, by_time):
         ax.grid(alpha=0.3)
         ax.legend()

@@ -155,8 +155,12 @@ class RunRecorder(TrainerCallback):
         """Write the run record into the checkpoint the Trainer just saved."""
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if folder.is_dir() and args.should_save:
-            record = {**self.identity, **self.init_seconds, "steps": self.timer._global_steps,
-                      "step_seconds": self.timer.step_seconds}
+            record = {
+                **self.identity,
+                **self.init_seconds,
+                "steps": self.timer._global_steps,
+                "step_seconds": self.timer.step_seconds,
+            }
             (folder / RUN_RECORD).write_text(json.dumps(record, indent=2))
 
 
@@ -177,7 +181,9 @@ def check_checkpoint(path: str, identity: dict[str, Any]) -> dict[str, Any]:
     """
     folder = Path(path)
     if not folder.is_dir():
-        raise LowRankError(f"--resume-from-checkpoint {path}: no such folder; pass a checkpoint-N folder of an earlier run")
+        raise LowRankError(
+            f"--resume-from-checkpoint {path}: no such folder; pass a checkpoint-N folder of an earlier run"
+        )
     if not (folder / "trainer_state.json").is_file():
         raise LowRankError(
             f"--resume-from-checkpoint {path} is not a Trainer checkpoint (no trainer_state.json); "
@@ -188,11 +194,16 @@ def check_checkpoint(path: str, identity: dict[str, Any]) -> dict[str, Any]:
     except FileNotFoundError:
         return {}
     except ValueError as exc:
-        raise LowRankError(f"--resume-from-checkpoint {path}: {RUN_RECORD} is corrupt ({exc}); pick another checkpoint") from None
+        raise LowRankError(
+            f"--resume-from-checkpoint {path}: {RUN_RECORD} is corrupt ({exc}); pick another checkpoint"
+        ) from None
     theirs = {"method": record.get("method"), **record.get("settings", {})}
     ours = {"method": identity["method"], **identity["settings"]}
-    differs = [f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in sorted(set(theirs) | set(ours))
-               if _normalised(theirs.get(k)) != _normalised(ours.get(k))]
+    differs = [
+        f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here"
+        for k in sorted(set(theirs) | set(ours))
+        if _normalised(theirs.get(k)) != _normalised(ours.get(k))
+    ]
     if differs:
         raise LowRankError(
             f"checkpoint {path} was written by another run ({'; '.join(differs)}); resume with the same "
@@ -205,7 +216,9 @@ def _normalised(value: Any) -> Any:
     return sorted(value) if isinstance(value, (list, set, tuple)) else value
 
 
-def whole_run_train_loss(log_history: list[dict[str, Any]], resumed_from: int, resumed_loss: float, steps: int) -> float:
+def whole_run_train_loss(
+    log_history: list[dict[str, Any]], resumed_from: int, resumed_loss: float, steps: int
+) -> float:
     """Mean training loss over all ``steps``, also after a resume at step ``resumed_from``.
 
     The Trainer's ``training_loss`` covers only the steps run by this ``train()`` call; the
@@ -233,17 +246,22 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
     if spec.max_steps < 1 or spec.batch_size < 1 or spec.seq_len < 2:
         raise LowRankError("--max-steps and --batch-size must be >= 1 and --seq-len >= 2")
     model_dir = Path(spec.model) if spec.model is not None else default_model_dir()
-    outputs = OutputSet(spec.output_dir, command="train", overwrite=spec.overwrite,
-                        inputs={"base model": model_dir, "dataset": spec.dataset},
-                        resume_from=spec.resume_from_checkpoint)
+    outputs = OutputSet(
+        spec.output_dir,
+        command="train",
+        overwrite=spec.overwrite,
+        inputs={"base model": model_dir, "dataset": spec.dataset},
+        resume_from=spec.resume_from_checkpoint,
+    )
     outputs.check()  # before loading anything: a folder we may not write fails in a second
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     needed = spec.max_steps * spec.batch_size * spec.grad_accum
-    train_ds, eval_ds = load_blocks(spec.dataset, tokenizer, spec.seq_len, max_blocks=needed + spec.eval_blocks,
-                                    eval_blocks=spec.eval_blocks)
+    train_ds, eval_ds = load_blocks(
+        spec.dataset, tokenizer, spec.seq_len, max_blocks=needed + spec.eval_blocks, eval_blocks=spec.eval_blocks
+    )
     set_seed(spec.seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     started = time.perf_counter()
@@ -274,8 +292,10 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
         )
         timer = StepTimer()
         timer.restore(record.get("steps", []), record.get("step_seconds", []))
-        init_seconds = {"attach_seconds": record.get("attach_seconds", attach_seconds),
-                        "startup_seconds": record.get("startup_seconds", 0.0)}
+        init_seconds = {
+            "attach_seconds": record.get("attach_seconds", attach_seconds),
+            "startup_seconds": record.get("startup_seconds", 0.0),
+        }
         recorder = RunRecorder(identity, timer, init_seconds)
         trainer = Trainer(
             model=adapted.model,
@@ -292,7 +312,9 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
             init_seconds["startup_seconds"] = timer.startup_seconds
         eval_after = trainer.evaluate()["eval_loss"]
 
-        exported = adapted.write_deliverables(outputs.stage, merge=spec.merge, tokenizer=tokenizer, final_dir=outputs.path)
+        exported = adapted.write_deliverables(
+            outputs.stage, merge=spec.merge, tokenizer=tokenizer, final_dir=outputs.path
+        )
         init = init_seconds["attach_seconds"] + init_seconds["startup_seconds"]
         eval_history: list[dict[str, float]] = []
         for entry in trainer.state.log_history:
@@ -319,7 +341,11 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
             "lr": spec.lr,
             "peak_memory_mb": peak_memory_mb(),
             "trainable_params": count_trainable(adapted.model),
-            "config": {k: v for k, v in adapted.config.to_dict().items() if isinstance(v, (int, float, str, bool, list, type(None)))},
+            "config": {
+                k: v
+                for k, v in adapted.config.to_dict().items()
+                if isinstance(v, (int, float, str, bool, list, type(None)))
+            },
             "outputs": final.paths(),
             "artifact_bytes": {role: directory_bytes(path) for role, path in exported.paths().items()},
         }

@@ -46,7 +46,7 @@ def describe_methods() -> list[MethodInfo]:
             summary="full fine-tuning with the Trainer's default optimizer (built-in baseline)",
             default_lr=2e-5,
             lr_reason="every pretrained weight moves: larger rates undo pretraining; 2e-5 is the usual SFT rate "
-                      "(TRL's SFTConfig default)",
+            "(TRL's SFTConfig default)",
             no_quantized_base="full fine-tuning updates the base weights themselves, which a 4-bit base cannot hold",
             trains_adapter=False,
             baseline=True,
@@ -76,5 +76,7 @@ def post_train_merge(
     merged_dir = save_merged(model, Path(output_dir) / "merged", tokenizer=tokenizer, in_place=True)
     result = ExportResult(merged_dir=merged_dir)
     if not merge:
-        result.notes.append("full fine-tuning trains the weights themselves: wrote the checkpoint to merged/ (no adapter)")
+        result.notes.append(
+            "full fine-tuning trains the weights themselves: wrote the checkpoint to merged/ (no adapter)"
+        )
     return result

@@ -87,7 +87,9 @@ class MethodConformance:
         """The output right after ``attach`` equals the base's (where the method declares it)."""
         if not self._info().identity_at_init:
             pytest.skip(f"method '{self.method}' declares identity_at_init=False")
-        assert contract.identity_error(case, self.method, dict(self.settings), self.load_in_4bit) <= contract.IDENTITY_TOL
+        assert (
+            contract.identity_error(case, self.method, dict(self.settings), self.load_in_4bit) <= contract.IDENTITY_TOL
+        )
 
     def test_merged_equals_adapted(self, case: ModelCase, tmp_path_factory: pytest.TempPathFactory) -> None:
         """``merged/`` loaded by plain transformers reproduces the trained model."""
@@ -116,7 +118,7 @@ class MethodConformance:
         run = self._run(case, tmp_path_factory)
         resumed = contract.resumed_losses(run)
         assert len(resumed) == len(run.losses) == contract.STEPS
-        assert resumed[contract.SAVE_AT:] == pytest.approx(run.losses[contract.SAVE_AT:], abs=contract.RESUME_TOL)
+        assert resumed[contract.SAVE_AT :] == pytest.approx(run.losses[contract.SAVE_AT :], abs=contract.RESUME_TOL)
 
     def test_optimizer_state(self, case: ModelCase, tmp_path_factory: pytest.TempPathFactory) -> None:
         """The checkpointed optimizer state loads with ``weights_only=True`` (no pickled objects)."""

@@ -74,28 +74,49 @@ def training_arguments(output_dir: Path, **overrides: Any) -> Any:
     from transformers import TrainingArguments
 
     kw: dict[str, Any] = dict(
-        output_dir=str(output_dir), max_steps=STEPS, per_device_train_batch_size=4, learning_rate=5e-3,
-        lr_scheduler_type="cosine", weight_decay=0.01, logging_steps=1, save_strategy="steps", save_steps=SAVE_AT,
-        report_to=[], use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0,
+        output_dir=str(output_dir),
+        max_steps=STEPS,
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        lr_scheduler_type="cosine",
+        weight_decay=0.01,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=SAVE_AT,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
     )
     kw.update(overrides)
     return TrainingArguments(**kw)
 
 
-def _train(case: ModelCase, base_dir: Path, method: str, settings: dict[str, Any], load_in_4bit: bool, out: Path,
-           resume: Path | None = None) -> tuple[Adapted, list[float]]:
+def _train(
+    case: ModelCase,
+    base_dir: Path,
+    method: str,
+    settings: dict[str, Any],
+    load_in_4bit: bool,
+    out: Path,
+    resume: Path | None = None,
+) -> tuple[Adapted, list[float]]:
     from transformers import Trainer
 
     adapted = attach(load_base(case, base_dir), method, load_in_4bit=load_in_4bit, **settings)
-    trainer = Trainer(model=adapted.model, args=training_arguments(out), train_dataset=case.dataset(),
-                      **adapted.trainer_kwargs())
+    trainer = Trainer(
+        model=adapted.model, args=training_arguments(out), train_dataset=case.dataset(), **adapted.trainer_kwargs()
+    )
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     adapted.model.eval()
     return adapted, losses
 
 
-def train_run(case: ModelCase, method: str, settings: dict[str, Any], work_dir: Path, load_in_4bit: bool = False) -> TrainedRun:
+def train_run(
+    case: ModelCase, method: str, settings: dict[str, Any], work_dir: Path, load_in_4bit: bool = False
+) -> TrainedRun:
     """Save the case's base, attach ``method``, train 4 steps with a checkpoint at 2, export with ``merge=True``."""
     base_dir = work_dir / "base"
     case.build().save_pretrained(base_dir)
@@ -103,13 +124,22 @@ def train_run(case: ModelCase, method: str, settings: dict[str, Any], work_dir: 
     batch = case.batch()
     trained = output(adapted.model, batch)
     exported = adapted.export(work_dir / "export", merge=True)
-    return TrainedRun(case, method, settings, load_in_4bit, base_dir, work_dir, adapted, losses, trained, exported, batch)
+    return TrainedRun(
+        case, method, settings, load_in_4bit, base_dir, work_dir, adapted, losses, trained, exported, batch
+    )
 
 
 def resumed_losses(run: TrainedRun) -> list[float]:
     """The losses of a fresh attach resumed from the run's halfway checkpoint (the whole log history)."""
-    _, losses = _train(run.case, run.base_dir, run.method, run.settings, run.load_in_4bit, run.work_dir / "resumed",
-                       resume=run.checkpoint)
+    _, losses = _train(
+        run.case,
+        run.base_dir,
+        run.method,
+        run.settings,
+        run.load_in_4bit,
+        run.work_dir / "resumed",
+        resume=run.checkpoint,
+    )
     return losses
 
 
@@ -203,8 +233,14 @@ class PlainPeftProcess:
         """Send one load request and return the process's answer."""
         if cls._proc is None or cls._proc.poll() is not None:
             env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-            cls._proc = subprocess.Popen([sys.executable, "-c", PLAIN_PEFT_SERVER], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+            cls._proc = subprocess.Popen(
+                [sys.executable, "-c", PLAIN_PEFT_SERVER],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+                env=env,
+            )
             atexit.register(cls._proc.kill)
         assert cls._proc.stdin is not None and cls._proc.stdout is not None
         cls._proc.stdin.write(json.dumps(request) + "\n")
@@ -220,12 +256,17 @@ def plain_peft_output(run: TrainedRun) -> tuple[torch.Tensor, dict[str, Any]]:
     assert run.exported.adapter_dir is not None
     batch_path, out_path = run.work_dir / "plain_batch.pt", run.work_dir / "plain_out.pt"
     torch.save(run.batch, batch_path)
-    answer = PlainPeftProcess.ask({
-        "base": str(adapter_base_dir(run.exported.adapter_dir)), "adapter": str(run.exported.adapter_dir),
-        "cls": run.case.auto_class, "batch": str(batch_path), "out": str(out_path),
-        "four_bit": bool(run.load_in_4bit or run.adapted.method.requires_quantized_base),
-        "heads": list(task_heads(run.case.build())),
-    })
+    answer = PlainPeftProcess.ask(
+        {
+            "base": str(adapter_base_dir(run.exported.adapter_dir)),
+            "adapter": str(run.exported.adapter_dir),
+            "cls": run.case.auto_class,
+            "batch": str(batch_path),
+            "out": str(out_path),
+            "four_bit": bool(run.load_in_4bit or run.adapted.method.requires_quantized_base),
+            "heads": list(task_heads(run.case.build())),
+        }
+    )
     assert "error" not in answer, answer["error"]
     assert answer["imported"] == [], f"the plain-PEFT process imported {answer['imported']}"
     return torch.load(out_path), answer

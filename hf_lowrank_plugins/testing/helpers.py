@@ -15,16 +15,31 @@ import torch
 
 from .models import VOCAB, TokenDataset, rel_err
 
-__all__ = ["VOCAB", "TokenDataset", "logits", "make_tiny_model", "plain_peft_logits", "rel_err", "tiny_llama_config",
-           "training_args"]
+__all__ = [
+    "VOCAB",
+    "TokenDataset",
+    "logits",
+    "make_tiny_model",
+    "plain_peft_logits",
+    "rel_err",
+    "tiny_llama_config",
+    "training_args",
+]
 
 
 def tiny_llama_config(**overrides: Any) -> Any:
     """A 2-layer Llama config (64 wide) small enough to train in milliseconds."""
     from transformers import LlamaConfig
 
-    cfg: dict[str, Any] = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg: dict[str, Any] = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     cfg.update(overrides)
     return LlamaConfig(**cfg)
 
@@ -47,9 +62,18 @@ def training_args(output_dir: str | Path, **overrides: Any) -> Any:
     """Small, quiet, deterministic ``TrainingArguments`` (12 steps of 8, lr 5e-3, CPU, no saving)."""
     from transformers import TrainingArguments
 
-    kw: dict[str, Any] = dict(output_dir=str(output_dir), max_steps=12, per_device_train_batch_size=8,
-                              learning_rate=5e-3, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                              disable_tqdm=True, seed=0)
+    kw: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        max_steps=12,
+        per_device_train_batch_size=8,
+        learning_rate=5e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
     kw.update(overrides)
     return TrainingArguments(**kw)
 
@@ -68,14 +92,24 @@ print(type(model.peft_config["default"]).__name__)
 """
 
 
-def plain_peft_logits(base_dir: str | Path, adapter_dir: str | Path, batch: torch.Tensor,
-                      tmp_path: Path) -> tuple[torch.Tensor, str]:
+def plain_peft_logits(
+    base_dir: str | Path, adapter_dir: str | Path, batch: torch.Tensor, tmp_path: Path
+) -> tuple[torch.Tensor, str]:
     """Logits of ``adapter_dir`` on the causal LM ``base_dir`` loaded by plain PEFT in a process that
     never imports this package, and the config class name PEFT used."""
     torch.save(batch, tmp_path / "batch.pt")
     proc = subprocess.run(
-        [sys.executable, "-c", PLAIN_PEFT_SCRIPT, str(base_dir), str(adapter_dir), str(tmp_path / "batch.pt"),
-         str(tmp_path / "out.pt")],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-c",
+            PLAIN_PEFT_SCRIPT,
+            str(base_dir),
+            str(adapter_dir),
+            str(tmp_path / "batch.pt"),
+            str(tmp_path / "out.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return torch.load(tmp_path / "out.pt"), proc.stdout.strip().splitlines()[-1]

@@ -19,16 +19,20 @@ from hf_lowrank_plugins import MethodInfo, hookimpl
 class LoraPlusConfig(LoraMethodConfig):
     """LoRA settings plus the learning-rate ratio of B to A (the paper suggests 16)."""
 
-    loraplus_lr_ratio: float = field(default=16.0, metadata={"help": "learning rate of B / learning rate of A",
-                                                             "min_exclusive": 0})
+    loraplus_lr_ratio: float = field(
+        default=16.0, metadata={"help": "learning rate of B / learning rate of A", "min_exclusive": 0}
+    )
     hf_lowrank_method: str = "loraplus"
 
 
 @hookimpl
 def describe_methods() -> list[MethodInfo]:
     """Declare ``loraplus``; the core sees the ``wrap_optimizer`` below, so it knows the optimizer matters."""
-    return [MethodInfo(name="loraplus", config_class=LoraPlusConfig, summary="LoRA+: B learns faster than A",
-                       aliases=LORA_ALIASES)]
+    return [
+        MethodInfo(
+            name="loraplus", config_class=LoraPlusConfig, summary="LoRA+: B learns faster than A", aliases=LORA_ALIASES
+        )
+    ]
 
 
 @hookimpl

@@ -66,14 +66,20 @@ def main() -> None:
     for shape in args.shapes.split(","):
         b, t = map(int, shape.split("x"))
         x = torch.randn(b, t, args.in_features)
-        row = {"shape": shape, "base": median_ms(base, x, args.repeats), "lora": median_ms(lora, x, args.repeats),
-               "dora": median_ms(dora, x, args.repeats)}
+        row = {
+            "shape": shape,
+            "base": median_ms(base, x, args.repeats),
+            "lora": median_ms(lora, x, args.repeats),
+            "dora": median_ms(dora, x, args.repeats),
+        }
         with fast_inference(dora, mode="cache") as m:
             row["dora_cached"] = median_ms(m, x, args.repeats)
         with fast_inference(dora, mode="merge") as m:
             row["dora_merged"] = median_ms(m, x, args.repeats)
         rows.append(row)
-        print(f"{shape:>15} {row['base']:>8.3f} {row['lora']:>8.3f} {row['dora']:>8.3f} {row['dora_cached']:>12.3f} {row['dora_merged']:>12.3f}")
+        print(
+            f"{shape:>15} {row['base']:>8.3f} {row['lora']:>8.3f} {row['dora']:>8.3f} {row['dora_cached']:>12.3f} {row['dora_merged']:>12.3f}"
+        )
     Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -12,8 +12,12 @@ from hf_lowrank_plugins.testing.helpers import logits, make_tiny_model, rel_err,
 
 
 def _train(adapted, tmp_path, dataset, **kw):
-    trainer = Trainer(model=adapted.model, args=training_args(tmp_path / "run", **kw), train_dataset=dataset,
-                      **adapted.trainer_kwargs())
+    trainer = Trainer(
+        model=adapted.model,
+        args=training_args(tmp_path / "run", **kw),
+        train_dataset=dataset,
+        **adapted.trainer_kwargs(),
+    )
     trainer.train()
     return [e["loss"] for e in trainer.state.log_history if "loss" in e]
 

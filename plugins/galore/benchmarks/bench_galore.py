@@ -38,8 +38,12 @@ VARIANTS = {
 def main() -> None:
     """Translate this script's flags to ``bench_anchors.py`` and run it."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
-    parser.add_argument("--model", default=None, help="model dir (default: hf_lowrank_plugins.app.data.default_model_dir())")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS)
+    )
+    parser.add_argument(
+        "--model", default=None, help="model dir (default: hf_lowrank_plugins.app.data.default_model_dir())"
+    )
     parser.add_argument("--steps", type=int, default=6, help="total steps, warm-up included")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=2)
@@ -56,11 +60,34 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     argv = [
-        "--only", ",".join(VARIANTS[v] for v in opts.variants.split(",")), "--ratios-vs", "full",
-        "--steps", str(max(1, opts.steps - opts.warmup)), "--warmup", str(opts.warmup), "--batch-size", str(opts.batch),
-        "--seq-len", str(opts.seq_len), "--eval-blocks", str(opts.eval_blocks), "--lr", str(opts.lr),
-        "--lr-scheduler", "constant", "--galore-rank", str(opts.rank), "--update-proj-gap", str(opts.update_proj_gap),
-        "--scale", str(opts.scale), "--threads", str(opts.threads), "--output", opts.out,
+        "--only",
+        ",".join(VARIANTS[v] for v in opts.variants.split(",")),
+        "--ratios-vs",
+        "full",
+        "--steps",
+        str(max(1, opts.steps - opts.warmup)),
+        "--warmup",
+        str(opts.warmup),
+        "--batch-size",
+        str(opts.batch),
+        "--seq-len",
+        str(opts.seq_len),
+        "--eval-blocks",
+        str(opts.eval_blocks),
+        "--lr",
+        str(opts.lr),
+        "--lr-scheduler",
+        "constant",
+        "--galore-rank",
+        str(opts.rank),
+        "--update-proj-gap",
+        str(opts.update_proj_gap),
+        "--scale",
+        str(opts.scale),
+        "--threads",
+        str(opts.threads),
+        "--output",
+        opts.out,
     ] + (["--model", opts.model] if opts.model else [])
     bench_anchors.main(argv)
 

@@ -65,9 +65,19 @@ class GaLoreAdafactor(GaLoreOptimizer):
         if warmup_init and not relative_step:
             raise ValueError("Adafactor: warmup_init=True needs relative_step=True")
         defaults = dict(
-            lr=lr, eps=tuple(eps), clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
-            weight_decay=weight_decay, scale_parameter=scale_parameter, relative_step=relative_step,
-            warmup_init=warmup_init, galore=False, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
+            lr=lr,
+            eps=tuple(eps),
+            clip_threshold=clip_threshold,
+            decay_rate=decay_rate,
+            beta1=beta1,
+            weight_decay=weight_decay,
+            scale_parameter=scale_parameter,
+            relative_step=relative_step,
+            warmup_init=warmup_init,
+            galore=False,
+            rank=rank,
+            update_proj_gap=update_proj_gap,
+            scale=scale,
             proj_type=proj_type,
         )
         super().__init__(params, defaults, layerwise)

@@ -42,20 +42,35 @@ class GaLoreConfig(PeftConfig):
     """
 
     rank: int = field(default=128, metadata={"help": "rank of the gradient projection", "min": 1})
-    update_proj_gap: int = field(default=200, metadata={"help": "steps between two SVD refreshes of the projector", "min": 1})
-    scale: float = field(default=0.25, metadata={"help": "factor on the projected-back update (the paper's alpha)",
-                                                 "min_exclusive": 0})
-    proj_type: Literal["std", "reverse_std", "right", "left", "full"] = field(default="std", metadata={
-        "help": "which side of each weight is projected (std: the smaller one)"})
-    target_modules: list[str] | str | None = field(default="all-linear", metadata={
-        "help": "linear layers whose weights are projected: names, regex or 'all-linear'"})
-    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "layers to leave out of target_modules"})
-    optimizer: Literal["adamw", "adamw8bit", "adafactor"] = field(default="adamw", metadata={
-        "help": "moments: adamw (32-bit), adamw8bit (bitsandbytes blockwise), adafactor (factored second moment)"})
-    layerwise: bool = field(default=False, metadata={
-        "help": "update each target weight from a post-accumulate-grad hook (lower peak memory)"})
-    min_8bit_size: int = field(default=4096, metadata={
-        "help": "adamw8bit: tensors with fewer elements keep 32-bit moments", "min": 1})
+    update_proj_gap: int = field(
+        default=200, metadata={"help": "steps between two SVD refreshes of the projector", "min": 1}
+    )
+    scale: float = field(
+        default=0.25, metadata={"help": "factor on the projected-back update (the paper's alpha)", "min_exclusive": 0}
+    )
+    proj_type: Literal["std", "reverse_std", "right", "left", "full"] = field(
+        default="std", metadata={"help": "which side of each weight is projected (std: the smaller one)"}
+    )
+    target_modules: list[str] | str | None = field(
+        default="all-linear",
+        metadata={"help": "linear layers whose weights are projected: names, regex or 'all-linear'"},
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "layers to leave out of target_modules"}
+    )
+    optimizer: Literal["adamw", "adamw8bit", "adafactor"] = field(
+        default="adamw",
+        metadata={
+            "help": "moments: adamw (32-bit), adamw8bit (bitsandbytes blockwise), adafactor (factored second moment)"
+        },
+    )
+    layerwise: bool = field(
+        default=False,
+        metadata={"help": "update each target weight from a post-accumulate-grad hook (lower peak memory)"},
+    )
+    min_8bit_size: int = field(
+        default=4096, metadata={"help": "adamw8bit: tensors with fewer elements keep 32-bit moments", "min": 1}
+    )
     hf_lowrank_method: str = "galore"
 
     def __post_init__(self) -> None:

@@ -140,8 +140,9 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         """Update one parameter of ``group`` (GaLore-projected when ``group["galore"]``)."""
         raise NotImplementedError
 
-    def _low_rank_grad(self, p: torch.Tensor, group: dict, state: dict, side: str,
-                       dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    def _low_rank_grad(
+        self, p: torch.Tensor, group: dict, state: dict, side: str, dtype: torch.dtype | None = None
+    ) -> torch.Tensor | None:
         """This step's projected gradient of target weight ``p`` (refreshing the projector when due).
 
         Layer-wise mode hands over (and clears) the accumulator its hooks filled; otherwise
@@ -190,8 +191,15 @@ class GaLoreAdamW(GaLoreOptimizer):
         if optim_bits not in (8, 32):
             raise ValueError(f"optim_bits must be 8 or 32, got {optim_bits}")
         defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, galore=False, rank=rank,
-            update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            galore=False,
+            rank=rank,
+            update_proj_gap=update_proj_gap,
+            scale=scale,
+            proj_type=proj_type,
         )
         self.optim_bits = optim_bits
         self.min_8bit_size = min_8bit_size
@@ -275,8 +283,9 @@ class GaLoreAdamW(GaLoreOptimizer):
             self._qmaps[key] = self._bnb.create_dynamic_map(signed=signed).to(device)
         return self._qmaps[key]
 
-    def _bnb_update(self, grad: torch.Tensor, target: torch.Tensor, state: dict, beta1: float, beta2: float,
-                    eps: float, lr: float) -> None:
+    def _bnb_update(
+        self, grad: torch.Tensor, target: torch.Tensor, state: dict, beta1: float, beta2: float, eps: float, lr: float
+    ) -> None:
         """One bitsandbytes blockwise 8-bit Adam step on ``target`` (weight decay handled by caller)."""
         if "state1" not in state:
             blocks = math.ceil(grad.numel() / _BNB_BLOCKSIZE)
@@ -286,9 +295,23 @@ class GaLoreAdamW(GaLoreOptimizer):
             state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=grad.device)
         state["step"] += 1
         self._bnb.optimizer_update_8bit_blockwise(
-            "adam", grad, target, state["state1"], state["state2"], beta1, beta2, 0.0, 0.0, eps,
-            state["step"], lr, self._qmap(True, grad.device), self._qmap(False, grad.device),
-            state["absmax1"], state["absmax2"], weight_decay=0.0,
+            "adam",
+            grad,
+            target,
+            state["state1"],
+            state["state2"],
+            beta1,
+            beta2,
+            0.0,
+            0.0,
+            eps,
+            state["step"],
+            lr,
+            self._qmap(True, grad.device),
+            self._qmap(False, grad.device),
+            state["absmax1"],
+            state["absmax2"],
+            weight_decay=0.0,
         )
 
     # ------------------------------------------------------------------ checkpoints

@@ -43,10 +43,10 @@ def describe_methods() -> list[MethodInfo]:
             summary="GaLore: full fine-tuning with Adam moments in a low-rank gradient subspace (SVD every T steps)",
             default_lr=1e-4,
             lr_reason="trains the full weights but multiplies each update by scale (0.25 by default), "
-                      "so about 4x the full fine-tuning rate gives full fine-tuning's step size",
+            "so about 4x the full fine-tuning rate gives full fine-tuning's step size",
             aliases={"rank": "rank"},
             no_quantized_base="GaLore updates the full-precision weights themselves; a 4-bit base cannot hold "
-                              "its updates (use qlora, or load the model in 16/32-bit)",
+            "its updates (use qlora, or load the model in 16/32-bit)",
             trains_adapter=False,
         )
     ]
@@ -85,8 +85,13 @@ def init_adapter(model: nn.Module, config: GaLoreConfig) -> nn.Module:
 #: transformers' Adafactor hyperparameters and the values the Trainer uses for ``optim="adafactor"``
 #: (manual lr, no relative step or parameter scaling), for Trainer optimizers that are not Adafactor.
 ADAFACTOR_DEFAULTS: dict[str, Any] = {
-    "eps": (1e-30, 1e-3), "clip_threshold": 1.0, "decay_rate": -0.8, "beta1": None,
-    "scale_parameter": False, "relative_step": False, "warmup_init": False,
+    "eps": (1e-30, 1e-3),
+    "clip_threshold": 1.0,
+    "decay_rate": -0.8,
+    "beta1": None,
+    "scale_parameter": False,
+    "relative_step": False,
+    "warmup_init": False,
 }
 
 
@@ -108,7 +113,9 @@ def _hyperparameters(group: dict, args: Any, optimizer: str, built_adafactor: bo
 
 
 @hookimpl
-def wrap_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, config: GaLoreConfig, args: Any) -> GaLoreOptimizer:
+def wrap_optimizer(
+    model: nn.Module, optimizer: torch.optim.Optimizer, config: GaLoreConfig, args: Any
+) -> GaLoreOptimizer:
     """Replace the Trainer's optimizer by GaLore AdamW or Adafactor with the same groups and hyperparameters.
 
     Each group of the Trainer's optimizer (decayed weights / biases and norms) is split into its
@@ -134,7 +141,8 @@ def wrap_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, config: G
     elif not adafactor and not optim_name.startswith("adamw"):
         logger.warning(
             "GaLore replaces optim=%s by AdamW (%s moments); only lr, betas, eps and weight decay are taken over",
-            optim_name, "8-bit" if config.optimizer == "adamw8bit" else "32-bit",
+            optim_name,
+            "8-bit" if config.optimizer == "adamw8bit" else "32-bit",
         )
     if config.layerwise and getattr(args, "world_size", 1) > 1:
         raise IncompatibleError(
@@ -152,15 +160,19 @@ def wrap_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, config: G
         if plain:
             groups.append({"params": plain, **hyper, "galore": False})
         if projected:
-            groups.append({
-                "params": projected, **hyper, "galore": True, "rank": int(config.rank),
-                "update_proj_gap": int(config.update_proj_gap), "scale": float(config.scale),
-                "proj_type": config.proj_type,
-            })
+            groups.append(
+                {
+                    "params": projected,
+                    **hyper,
+                    "galore": True,
+                    "rank": int(config.rank),
+                    "update_proj_gap": int(config.update_proj_gap),
+                    "scale": float(config.scale),
+                    "proj_type": config.proj_type,
+                }
+            )
     if not any(g["galore"] for g in groups):
-        raise ConfigError(
-            "none of GaLore's target weights is trainable; unfreeze them or change target_modules"
-        )
+        raise ConfigError("none of GaLore's target weights is trainable; unfreeze them or change target_modules")
     if adafactor:
         return GaLoreAdafactor(groups, layerwise=bool(config.layerwise))
     return GaLoreAdamW(
@@ -172,7 +184,9 @@ def wrap_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, config: G
 
 
 @hookimpl
-def post_train_merge(model: nn.Module, config: GaLoreConfig, output_dir: Path, merge: bool, tokenizer: Any) -> ExportResult:
+def post_train_merge(
+    model: nn.Module, config: GaLoreConfig, output_dir: Path, merge: bool, tokenizer: Any
+) -> ExportResult:
     """Write the fine-tuned model as a plain checkpoint at ``output_dir/merged`` (there is no adapter).
 
     The weights themselves were trained, so ``merge`` changes nothing: the full checkpoint is the
@@ -181,5 +195,7 @@ def post_train_merge(model: nn.Module, config: GaLoreConfig, output_dir: Path, m
     merged_dir = save_merged(model, Path(output_dir) / "merged", tokenizer=tokenizer, in_place=True)
     result = ExportResult(merged_dir=merged_dir)
     if not merge:
-        result.notes.append("galore trains the full weights: wrote the full checkpoint to merged/ (there is no adapter)")
+        result.notes.append(
+            "galore trains the full weights: wrote the full checkpoint to merged/ (there is no adapter)"
+        )
     return result

@@ -118,8 +118,9 @@ def test_state_dict_round_trip_8bit():
 
     def make(w):
         p = torch.nn.Parameter(w.clone())
-        return p, GaLoreAdamW([{"params": [p], "galore": True, "rank": 16, "update_proj_gap": 2}], lr=1e-2,
-                              optim_bits=8, min_8bit_size=64)
+        return p, GaLoreAdamW(
+            [{"params": [p], "galore": True, "rank": 16, "update_proj_gap": 2}], lr=1e-2, optim_bits=8, min_8bit_size=64
+        )
 
     p1, o1 = make(w0)
     for gr in grads[:2]:
@@ -143,10 +144,14 @@ def test_trainer_trains_with_low_rank_state(tmp_path):
     adapted, trainer = _train(tmp_path, weight_decay=0.01, adam_beta2=0.95, adam_epsilon=1e-7)
     losses = list(_losses(trainer).values())
     assert losses[-1] < losses[0] * 0.8
-    assert all(math.isfinite(h["grad_norm"]) and h["grad_norm"] > 0 for h in trainer.state.log_history if "grad_norm" in h)
+    assert all(
+        math.isfinite(h["grad_norm"]) and h["grad_norm"] > 0 for h in trainer.state.log_history if "grad_norm" in h
+    )
     opt = _unwrap(trainer.optimizer)
     assert isinstance(opt, GaLoreAdamW)
-    targets = [m.weight for n, m in adapted.model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    targets = [
+        m.weight for n, m in adapted.model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n
+    ]
     assert len(targets) == 14
     galore_params = {id(p) for g in opt.param_groups if g["galore"] for p in g["params"]}
     assert galore_params == {id(p) for p in targets}
@@ -164,8 +169,12 @@ def test_resume_gives_same_losses(tmp_path, optimizer):
     """Resume from the middle checkpoint = uninterrupted run; optimizer.pt loads with weights_only."""
     if optimizer == "adamw8bit":
         pytest.importorskip("bitsandbytes")
-    kw = dict(attach_kw={"update_proj_gap": 3, "optimizer": optimizer, "min_8bit_size": 256},
-              max_steps=10, save_strategy="steps", save_steps=5)
+    kw = dict(
+        attach_kw={"update_proj_gap": 3, "optimizer": optimizer, "min_8bit_size": 256},
+        max_steps=10,
+        save_strategy="steps",
+        save_steps=5,
+    )
     _, full = _train(tmp_path, "full", **kw)
     ckpt = tmp_path / "full" / "checkpoint-5"
     state = torch.load(ckpt / "optimizer.pt", weights_only=True)
@@ -180,8 +189,15 @@ def test_resume_gives_same_losses(tmp_path, optimizer):
 def test_adafactor_through_trainer_resumes_exactly(tmp_path):
     """optimizer='adafactor' with optim='adafactor': the Trainer's Adafactor settings are kept, loss
     falls, and resuming from the middle checkpoint reproduces the uninterrupted run."""
-    kw = dict(attach_kw={"update_proj_gap": 3, "optimizer": "adafactor"}, max_steps=10, save_strategy="steps",
-              save_steps=5, optim="adafactor", learning_rate=1e-2, weight_decay=0.01)
+    kw = dict(
+        attach_kw={"update_proj_gap": 3, "optimizer": "adafactor"},
+        max_steps=10,
+        save_strategy="steps",
+        save_steps=5,
+        optim="adafactor",
+        learning_rate=1e-2,
+        weight_decay=0.01,
+    )
     _, full = _train(tmp_path, "full", **kw)
     opt = _unwrap(full.optimizer)
     assert isinstance(opt, GaLoreAdafactor)
@@ -203,21 +219,33 @@ def test_layerwise_matches_and_accumulates(tmp_path):
 
     class NoTargetGrads(TrainerCallback):
         def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
-            seen.append(all(m.weight.grad is None for n, m in model.named_modules()
-                            if isinstance(m, torch.nn.Linear) and "lm_head" not in n))
+            seen.append(
+                all(
+                    m.weight.grad is None
+                    for n, m in model.named_modules()
+                    if isinstance(m, torch.nn.Linear) and "lm_head" not in n
+                )
+            )
 
     common = dict(max_steps=6, max_grad_norm=0.0)
     for optimizer in ("adamw", "adafactor"):
         _, plain = _train(tmp_path, f"plain-{optimizer}", attach_kw={"optimizer": optimizer}, **common)
-        _, layer = _train(tmp_path, f"layer-{optimizer}", attach_kw={"optimizer": optimizer, "layerwise": True}, **common)
+        _, layer = _train(
+            tmp_path, f"layer-{optimizer}", attach_kw={"optimizer": optimizer, "layerwise": True}, **common
+        )
         a, b = _losses(plain), _losses(layer)
         assert all(abs(a[s] - b[s]) <= 1e-5 for s in a), optimizer
 
     model = make_tiny_model(0)
     adapted = attach(model, "galore", rank=4, update_proj_gap=5, layerwise=True)
     args = training_args(tmp_path / "ga2", max_steps=10, per_device_train_batch_size=4, gradient_accumulation_steps=2)
-    trainer = Trainer(model=adapted.model, args=args, train_dataset=TokenDataset(), callbacks=[NoTargetGrads(), adapted.callback],
-                      optimizer_cls_and_kwargs=adapted.trainer_kwargs()["optimizer_cls_and_kwargs"])
+    trainer = Trainer(
+        model=adapted.model,
+        args=args,
+        train_dataset=TokenDataset(),
+        callbacks=[NoTargetGrads(), adapted.callback],
+        optimizer_cls_and_kwargs=adapted.trainer_kwargs()["optimizer_cls_and_kwargs"],
+    )
     trainer.train()
     losses = list(_losses(trainer).values())
     assert losses[-1] < losses[0] * 0.8

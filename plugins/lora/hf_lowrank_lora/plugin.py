@@ -18,7 +18,7 @@ def describe_methods() -> list[MethodInfo]:
             summary="LoRA: W + s*B@A, B=0 at init (PEFT layers)",
             default_lr=2e-4,
             lr_reason="B starts at zero and the update is scaled by alpha/r, so adapters need about 10x full "
-                      "fine-tuning's rate; 2e-4 is the usual LoRA rate (QLoRA paper, PEFT examples)",
+            "fine-tuning's rate; 2e-4 is the usual LoRA rate (QLoRA paper, PEFT examples)",
             reference=True,
             aliases=LORA_ALIASES,
             plain_peft_type="LORA",

@@ -45,8 +45,10 @@ def check_clean_base(model: nn.Module, method: str) -> None:
     on changed weights (peft#2184); a base that already holds residuals would lose its principal
     directions twice.
     """
-    if isinstance(model, PeftModel) or getattr(model, "_hf_peft_config_loaded", False) or any(
-        isinstance(m, BaseTunerLayer) for m in model.modules()
+    if (
+        isinstance(model, PeftModel)
+        or getattr(model, "_hf_peft_config_loaded", False)
+        or any(isinstance(m, BaseTunerLayer) for m in model.modules())
     ):
         raise IncompatibleError(
             f"{method} changes the base weights (W -> W - s*B@A), so it cannot be attached to a model that "
@@ -70,8 +72,12 @@ def store_initial_factors(model: PeftModel, adapter: str = "default") -> None:
     """Remember the current A, B of every LoRA layer of ``adapter`` as its initial factors A0, B0."""
     for module in model.modules():
         if isinstance(module, LoraLayer) and adapter in module.lora_A:
-            module.register_buffer(INITIAL_A + adapter, module.lora_A[adapter].weight.detach().clone(), persistent=False)
-            module.register_buffer(INITIAL_B + adapter, module.lora_B[adapter].weight.detach().clone(), persistent=False)
+            module.register_buffer(
+                INITIAL_A + adapter, module.lora_A[adapter].weight.detach().clone(), persistent=False
+            )
+            module.register_buffer(
+                INITIAL_B + adapter, module.lora_B[adapter].weight.detach().clone(), persistent=False
+            )
 
 
 def initial_factors(model: nn.Module, adapter: str = "default") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -87,7 +93,11 @@ def initial_factors(model: nn.Module, adapter: str = "default") -> dict[str, tup
 def converted_lora_config(config: LoraConfig) -> LoraMethodConfig:
     """The config of the rank-2r LoRA equivalent to ``config``'s residual adapter (same scaling s)."""
     factor = math.sqrt(2) if config.use_rslora else 2
-    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(LoraMethodConfig) if f.init and hasattr(config, f.name)}
+    fields = {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(LoraMethodConfig)
+        if f.init and hasattr(config, f.name)
+    }
 
     def scaled(alpha: float) -> float:
         value = alpha * factor

@@ -36,7 +36,12 @@ def test_rslora_scaling(tiny_model):
 
 
 def _train(adapted, tmp_path, dataset, **kw):
-    trainer = Trainer(model=adapted.model, args=training_args(tmp_path / "run", **kw), train_dataset=dataset, **adapted.trainer_kwargs())
+    trainer = Trainer(
+        model=adapted.model,
+        args=training_args(tmp_path / "run", **kw),
+        train_dataset=dataset,
+        **adapted.trainer_kwargs(),
+    )
     trainer.train()
     return trainer
 
@@ -61,8 +66,6 @@ def test_trainer_loss_goes_down_and_merge_is_exact(tiny_model, batch, token_data
     # adapter_config.json holds only LoraConfig's fields (plain PEFT loads it silently); ours sit beside it
     assert "hf_lowrank_method" not in json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert json.loads((result.adapter_dir / "hf_lowrank_method.json").read_text())["method"] == "lora"
-
-
 
 
 def test_plain_peft_loads_our_adapter_without_our_package(tiny_model, batch, token_dataset, tmp_path):

@@ -52,8 +52,10 @@ def main() -> None:
         print(f"| {r['method']}{mark} | {r['lr']:g} | {cells} | {r['steps_to_best_lora_final']} |")
     reached = best["lora_ga"]["steps_to_best_lora_final"]
     speedup = steps / reached if reached else None
-    print(f"best LoRA final eval loss {target:.4f} at step {steps}; best LoRA-GA reaches it at step {reached}"
-          + (f" ({speedup:.2f}x fewer steps)" if speedup else ""))
+    print(
+        f"best LoRA final eval loss {target:.4f} at step {steps}; best LoRA-GA reaches it at step {reached}"
+        + (f" ({speedup:.2f}x fewer steps)" if speedup else "")
+    )
     document = json.loads(OUTPUT.read_text())
     document.update(best_lora_final=target, best_lora_ga_steps_to_it=reached, speedup=speedup, runs=runs)
     OUTPUT.write_text(json.dumps(document, indent=2))

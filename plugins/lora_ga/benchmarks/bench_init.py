@@ -37,7 +37,9 @@ def _setup(args):
     torch.manual_seed(0)
     model_dir = default_model_dir()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    train, _ = load_blocks(None, tok, args["seq_len"], max_blocks=args["batches"] * args["batch_size"] + 2, eval_blocks=1)
+    train, _ = load_blocks(
+        None, tok, args["seq_len"], max_blocks=args["batches"] * args["batch_size"] + 2, eval_blocks=1
+    )
     loader = torch.utils.data.DataLoader(train, batch_size=args["batch_size"], shuffle=False)
     batches = [b for _, b in zip(range(args["batches"]), loader, strict=False)]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -88,8 +90,11 @@ def run_variant(variant: str, args: dict) -> dict:
     elif variant == "reference":
         for p in model.parameters():
             p.requires_grad_(False)
-        weights = {n: m.weight for n, m in model.named_modules()
-                   if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")}
+        weights = {
+            n: m.weight
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")
+        }
         for w in weights.values():
             w.requires_grad_(True)
         for b in batches:
@@ -106,8 +111,14 @@ def run_variant(variant: str, args: dict) -> dict:
 
         # preprocess_loraga runs before get_peft_model, so it cannot expand "all-linear": name the layers
         names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        cfg = LoraConfig(r=R, lora_alpha=16, use_rslora=True, target_modules=names,
-                         init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig())
+        cfg = LoraConfig(
+            r=R,
+            lora_alpha=16,
+            use_rslora=True,
+            target_modules=names,
+            init_lora_weights="lora_ga",
+            lora_ga_config=LoraGAConfig(),
+        )
 
         def train_step():
             for b in batches:
@@ -118,8 +129,11 @@ def run_variant(variant: str, args: dict) -> dict:
     else:
         import hf_lowrank_plugins as hlp
 
-        fields = {"ours_full": {"estimator": "full"}, "ours_full_g1": {"estimator": "full", "ga_layer_groups": 1},
-                  "ours_sketch": {"estimator": "sketch"}}[variant]
+        fields = {
+            "ours_full": {"estimator": "full"},
+            "ours_full_g1": {"estimator": "full", "ga_layer_groups": 1},
+            "ours_sketch": {"estimator": "sketch"},
+        }[variant]
         adapted = hlp.attach(model, "lora_ga", r=R, ga_batches=len(batches), **fields)
         t0 = time.perf_counter()  # the estimate + init only, as for PEFT (whose attach is the init)
         adapted.initialise_from_data(batches)
@@ -158,9 +172,14 @@ def main() -> None:
     print("| variant | init s | peak RSS MB | / LoRA step peak | agree A (mean, min) | agree B (mean, min) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in results:
-        agree = (f"{r['agree_A']:.4f}, {r['agree_A_min']:.3f} | {r['agree_B']:.4f}, {r['agree_B_min']:.3f}"
-                 if "agree_A" in r else "- | -")
-        print(f"| {r['variant']} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / step_peak:.2f}x | {agree} |")
+        agree = (
+            f"{r['agree_A']:.4f}, {r['agree_A_min']:.3f} | {r['agree_B']:.4f}, {r['agree_B_min']:.3f}"
+            if "agree_A" in r
+            else "- | -"
+        )
+        print(
+            f"| {r['variant']} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / step_peak:.2f}x | {agree} |"
+        )
     (HERE / "bench_init.json").write_text(json.dumps({"settings": args, "rank": R, "results": results}, indent=2))
     for path in [HERE / ".reference_subspaces.pt", *HERE.glob(".partial_*.json")]:
         path.unlink(missing_ok=True)

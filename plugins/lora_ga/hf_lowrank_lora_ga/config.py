@@ -59,29 +59,60 @@ class LoraGaConfig(LoraMethodConfig):
     the data-dependent initialisation at train begin. ``use_dora=True`` is refused.
     """
 
-    lora_alpha: int | float = field(default=16, metadata=peft_meta("lora_alpha", help="LoRA alpha; with rsLoRA s = alpha / sqrt(r)"))
-    use_rslora: bool = field(default=True, metadata=peft_meta("use_rslora", help="s = alpha / sqrt(r), as in the paper"))
+    lora_alpha: int | float = field(
+        default=16, metadata=peft_meta("lora_alpha", help="LoRA alpha; with rsLoRA s = alpha / sqrt(r)")
+    )
+    use_rslora: bool = field(
+        default=True, metadata=peft_meta("use_rslora", help="s = alpha / sqrt(r), as in the paper")
+    )
     ga_batches: int = field(default=8, metadata={"help": "batches the train-start gradient is averaged over", "min": 1})
-    ga_batch_size: int | None = field(default=None, metadata={
-        "help": "examples per estimate batch; None: the Trainer's batches as they come (smaller: less memory)", "min": 1})
-    estimator: Literal["full", "sketch"] = field(default="full", metadata={
-        "help": "full: exact fp32 accumulator per target (by layer group); sketch: one-pass randomized sketch"})
-    sketch_rank: int | None = field(default=None, metadata={"help": "rank k of the sketch; None: min(4r, m, n)", "min": 1})
-    ga_layer_groups: int = field(default=4, metadata={
-        "help": "full estimator: passes over the cached batches, one layer group each (4: within 1.1x a LoRA step's peak)",
-        "min": 1})
-    svd: Literal["randomized", "exact"] = field(default="randomized", metadata={
-        "help": "SVD of the gradient: seeded torch.svd_lowrank (q = 4r) or torch.linalg.svd"})
+    ga_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "examples per estimate batch; None: the Trainer's batches as they come (smaller: less memory)",
+            "min": 1,
+        },
+    )
+    estimator: Literal["full", "sketch"] = field(
+        default="full",
+        metadata={
+            "help": "full: exact fp32 accumulator per target (by layer group); sketch: one-pass randomized sketch"
+        },
+    )
+    sketch_rank: int | None = field(
+        default=None, metadata={"help": "rank k of the sketch; None: min(4r, m, n)", "min": 1}
+    )
+    ga_layer_groups: int = field(
+        default=4,
+        metadata={
+            "help": "full estimator: passes over the cached batches, one layer group each (4: within 1.1x a LoRA step's peak)",
+            "min": 1,
+        },
+    )
+    svd: Literal["randomized", "exact"] = field(
+        default="randomized",
+        metadata={"help": "SVD of the gradient: seeded torch.svd_lowrank (q = 4r) or torch.linalg.svd"},
+    )
     svd_niter: int = field(default=4, metadata={"help": "subspace iterations of the randomized SVD", "min": 1})
-    direction: Literal["ArB2r", "A2rBr", "ArBr", "random"] = field(default="ArB2r", metadata={
-        "help": "which of the top-2r gradient directions go to A and B (ArB2r: the paper's)"})
-    scale: Literal["stable", "gd", "unit", "weight_svd"] = field(default="stable", metadata={
-        "help": "scaling of A and B (stable: d_out**0.25 / sqrt(stable_gamma), the paper's)"})
+    direction: Literal["ArB2r", "A2rBr", "ArBr", "random"] = field(
+        default="ArB2r", metadata={"help": "which of the top-2r gradient directions go to A and B (ArB2r: the paper's)"}
+    )
+    scale: Literal["stable", "gd", "unit", "weight_svd"] = field(
+        default="stable",
+        metadata={"help": "scaling of A and B (stable: d_out**0.25 / sqrt(stable_gamma), the paper's)"},
+    )
     stable_gamma: float = field(default=16, metadata={"help": "gamma of the stable scale", "min_exclusive": 0})
-    variant: Literal["official", "peft"] = field(default="official", metadata={
-        "help": "official: the official code's formulas; peft: PEFT 0.21's init_lora_weights='lora_ga'"})
-    ga_seed: int = field(default=0, metadata={
-        "help": "seed of the sketch, the randomized SVD, the random direction and the estimate's dropout", "min": 0})
+    variant: Literal["official", "peft"] = field(
+        default="official",
+        metadata={"help": "official: the official code's formulas; peft: PEFT 0.21's init_lora_weights='lora_ga'"},
+    )
+    ga_seed: int = field(
+        default=0,
+        metadata={
+            "help": "seed of the sketch, the randomized SVD, the random direction and the estimate's dropout",
+            "min": 0,
+        },
+    )
     hf_lowrank_method: str = "lora_ga"
 
     def __post_init__(self) -> None:
@@ -95,7 +126,13 @@ class LoraGaConfig(LoraMethodConfig):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         positive = {"ga_batches": self.ga_batches, "ga_layer_groups": self.ga_layer_groups, "svd_niter": self.svd_niter}
-        positive.update({k: v for k, v in (("ga_batch_size", self.ga_batch_size), ("sketch_rank", self.sketch_rank)) if v is not None})
+        positive.update(
+            {
+                k: v
+                for k, v in (("ga_batch_size", self.ga_batch_size), ("sketch_rank", self.sketch_rank))
+                if v is not None
+            }
+        )
         for name, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")

@@ -60,7 +60,9 @@ def seed_for(*parts: Any) -> int:
     return zlib.crc32(":".join(map(str, parts)).encode()) & 0x7FFFFFFF
 
 
-def collect_batches(dataloader: Iterable[dict[str, Any]] | None, n_batches: int, batch_size: int | None) -> list[dict[str, Any]]:
+def collect_batches(
+    dataloader: Iterable[dict[str, Any]] | None, n_batches: int, batch_size: int | None
+) -> list[dict[str, Any]]:
     """The first ``n_batches`` estimate batches from ``dataloader``, each split to ``batch_size`` examples.
 
     Batches are dicts of tensors batched along dim 0 (what the Trainer's collators produce).
@@ -82,8 +84,12 @@ def collect_batches(dataloader: Iterable[dict[str, Any]] | None, n_batches: int,
             )
         step = batch_size or size
         for start in range(0, size, step):
-            out.append({k: v[start : start + step] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == size else v
-                        for k, v in batch.items()})
+            out.append(
+                {
+                    k: v[start : start + step] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == size else v
+                    for k, v in batch.items()
+                }
+            )
             if len(out) == n_batches:
                 return out
     if not out:
@@ -223,8 +229,15 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _run_pass(model: nn.Module, layers: dict[str, LoraLayer], accumulators: dict[str, _Accumulator],
-              batches: list[dict[str, Any]], seed: int, args: Any, device: torch.device) -> None:
+def _run_pass(
+    model: nn.Module,
+    layers: dict[str, LoraLayer],
+    accumulators: dict[str, _Accumulator],
+    batches: list[dict[str, Any]],
+    seed: int,
+    args: Any,
+    device: torch.device,
+) -> None:
     """One forward/backward over ``batches`` folding the gradients of ``accumulators``' layers."""
     handles = []
     try:
@@ -335,6 +348,8 @@ def estimate_gradient_factors(
                 for n in group:
                     _all_reduce(accs[n].tensors())
                     G = accs.pop(n).G.mul_(inv_batches)
-                    results[n] = _truncated_svd(G, 2 * ranks[n], config.svd, config.svd_niter, seed_for(config.ga_seed, n))
+                    results[n] = _truncated_svd(
+                        G, 2 * ranks[n], config.svd, config.svd_niter, seed_for(config.ga_seed, n)
+                    )
                     del G
     return results

@@ -96,7 +96,9 @@ def subtract_factors(layer: LoraLayer, A: torch.Tensor, B: torch.Tensor, scaling
 
 
 @torch.no_grad()
-def set_initial_factors(layer: LoraLayer, adapter: str, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def set_initial_factors(
+    layer: LoraLayer, adapter: str, A: torch.Tensor, B: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Write A, B into the layer's LoRA weights (their dtype) and return them as stored.
 
     The residual is then computed from the stored (rounded) factors, as PEFT does, so that
@@ -108,7 +110,9 @@ def set_initial_factors(layer: LoraLayer, adapter: str, A: torch.Tensor, B: torc
     return lora_A.detach(), lora_B.detach()
 
 
-def init_layer(layer: LoraLayer, adapter: str, factors: GradientFactors, config, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def init_layer(
+    layer: LoraLayer, adapter: str, factors: GradientFactors, config, name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """LoRA-GA for one layer: A, B from ``factors``, W <- W - s*B@A; returns the stored (A, B)."""
     r, scaling = layer.r[adapter], layer.scaling[adapter]
     weight = base_weight(layer).detach() if config.scale == "weight_svd" else None

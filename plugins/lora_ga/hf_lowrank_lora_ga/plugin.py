@@ -44,7 +44,7 @@ def describe_methods() -> list[MethodInfo]:
             summary="LoRA-GA: A, B from the SVD of the train-start gradient, base W - s*B@A; streaming estimate",
             default_lr=2e-5,
             lr_reason="the initialisation aligns the first adapter step with full fine-tuning's gradient step, "
-                      "so it is tuned at full-fine-tuning-like rates, like PiSSA",
+            "so it is tuned at full-fine-tuning-like rates, like PiSSA",
             aliases=LORA_ALIASES,
             no_quantized_base=NO_4BIT_REASON,
         )
@@ -53,8 +53,11 @@ def describe_methods() -> list[MethodInfo]:
 
 def _check_ranks(model: PeftModel) -> None:
     """LoRA-GA takes 2r singular directions per layer: 2r must not exceed min(out, in)."""
-    bad = {n: (layer.r[ADAPTER], layer_dims(layer)) for n, layer in lora_layers(model, ADAPTER).items()
-           if 2 * layer.r[ADAPTER] > min(layer_dims(layer))}
+    bad = {
+        n: (layer.r[ADAPTER], layer_dims(layer))
+        for n, layer in lora_layers(model, ADAPTER).items()
+        if 2 * layer.r[ADAPTER] > min(layer_dims(layer))
+    }
     if bad:
         name, (r, shape) = min(bad.items(), key=lambda kv: min(kv[1][1]))
         raise ConfigError(
@@ -107,7 +110,9 @@ def init_adapter_from_data(model: nn.Module, config: PeftConfig, train_dataloade
         init_layer(layer, ADAPTER, factors.pop(name), config, name)
     _copy_from_rank0(layers)
     for layer in layers.values():
-        record_initial_factors(layer, ADAPTER, layer.lora_A[ADAPTER].weight.detach(), layer.lora_B[ADAPTER].weight.detach())
+        record_initial_factors(
+            layer, ADAPTER, layer.lora_A[ADAPTER].weight.detach(), layer.lora_B[ADAPTER].weight.detach()
+        )
     residual.store_initial_factors(model, ADAPTER)
     residual.mark_residual_base(model)
     for p in model.parameters():  # the estimate leaves none, but a grad here would enter the first step
@@ -119,7 +124,9 @@ def init_adapter_from_data(model: nn.Module, config: PeftConfig, train_dataloade
 
 
 @hookimpl
-def post_train_merge(model: nn.Module, config: PeftConfig, output_dir: Path, merge: bool, tokenizer: Any) -> ExportResult:
+def post_train_merge(
+    model: nn.Module, config: PeftConfig, output_dir: Path, merge: bool, tokenizer: Any
+) -> ExportResult:
     """``adapter/``: rank-2r LoRA relative to the original W (plain PEFT loads it on the untouched
     base); ``merged/``: the trained model as a plain checkpoint."""
     output_dir = Path(output_dir)

@@ -28,8 +28,13 @@ class AfterInit(TrainerCallback):
 
 
 args = training_args(out, max_steps=4, per_device_train_batch_size=4, ddp_backend="gloo", learning_rate=1e-3)
-trainer = Trainer(model=adapted.model, args=args, train_dataset=TokenDataset(),
-                  callbacks=[adapted.callback, AfterInit()], optimizer_cls_and_kwargs=(adapted.optimizer_factory, {}))
+trainer = Trainer(
+    model=adapted.model,
+    args=args,
+    train_dataset=TokenDataset(),
+    callbacks=[adapted.callback, AfterInit()],
+    optimizer_cls_and_kwargs=(adapted.optimizer_factory, {}),
+)
 trainer.train()
 
 
@@ -40,8 +45,12 @@ def spread(t):
 
 
 trained = torch.cat([p.detach().flatten() for n, p in sorted(adapted.model.named_parameters()) if p.requires_grad])
-result = {"world_size": dist.get_world_size(), "init_difference": spread(snapshot["init"]),
-          "trained_difference": spread(trained), "init_norm": float(snapshot["init"].abs().sum())}
+result = {
+    "world_size": dist.get_world_size(),
+    "init_difference": spread(snapshot["init"]),
+    "trained_difference": spread(trained),
+    "init_norm": float(snapshot["init"].abs().sum()),
+}
 if dist.get_rank() == 0:
     print(json.dumps(result))
 # Leave together: a rank that exits while the other is still in gloo can abort in teardown

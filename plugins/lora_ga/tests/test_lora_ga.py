@@ -89,8 +89,16 @@ def test_init_matches_the_exact_gradient_reference_and_keeps_the_output(batch, d
     W0 = {n: m.weight.detach().clone() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
     s = 16 / 4**0.5  # rsLoRA by default, alpha 16
     for scale in SCALES:
-        adapted = hlp.attach(copy.deepcopy(base), "lora_ga", r=4, estimator="full", svd="exact", direction=direction,
-                             scale=scale, ga_batches=3)
+        adapted = hlp.attach(
+            copy.deepcopy(base),
+            "lora_ga",
+            r=4,
+            estimator="full",
+            svd="exact",
+            direction=direction,
+            scale=scale,
+            ga_batches=3,
+        )
         assert adapted.initialise_from_data(batches)
         for name, layer in lora_layers(adapted.model).items():
             A_ref, B_ref = _official(G[_short(name)], 4, s, direction, scale, W0[_short(name)])
@@ -120,17 +128,34 @@ def test_peft_variant_equals_peft_lora_ga_init(batch, direction):
         for n, m in peft_model.named_modules():
             if n in G:
                 m._peft_loraga_grad = G[n]
-        cfg = LoraConfig(r=16, lora_alpha=16, use_rslora=True, target_modules="all-linear", init_lora_weights="lora_ga",
-                         lora_ga_config=LoraGAConfig(direction=direction, scale={"gd": "gd_scale"}.get(scale, scale)))
+        cfg = LoraConfig(
+            r=16,
+            lora_alpha=16,
+            use_rslora=True,
+            target_modules="all-linear",
+            init_lora_weights="lora_ga",
+            lora_ga_config=LoraGAConfig(direction=direction, scale={"gd": "gd_scale"}.get(scale, scale)),
+        )
         peft_model = get_peft_model(peft_model, cfg)
-        adapted = hlp.attach(copy.deepcopy(base), "lora_ga", r=16, estimator="full", svd="exact", variant="peft",
-                             direction=direction, scale=scale, ga_batches=3)
+        adapted = hlp.attach(
+            copy.deepcopy(base),
+            "lora_ga",
+            r=16,
+            estimator="full",
+            svd="exact",
+            variant="peft",
+            direction=direction,
+            scale=scale,
+            ga_batches=3,
+        )
         adapted.initialise_from_data(batches)
         theirs = dict(peft_model.named_modules())
         for name, layer in lora_layers(adapted.model).items():
             other = theirs[name]
-            for ours, ref, rows in ((layer.lora_A["default"].weight, other.lora_A["default"].weight, True),
-                                    (layer.lora_B["default"].weight, other.lora_B["default"].weight, False)):
+            for ours, ref, rows in (
+                (layer.lora_A["default"].weight, other.lora_A["default"].weight, True),
+                (layer.lora_B["default"].weight, other.lora_B["default"].weight, False),
+            ):
                 _assert_close_up_to_sign(ours, ref, rows=rows, atol=5e-3 * ref.abs().max())  # PEFT: randomized SVD
         # W_res depends on the SVD's sign choices (B@A), so compare what is invariant: the output
         adapted.model.eval()
@@ -188,8 +213,12 @@ def test_trains_through_a_plain_trainer_and_starts_at_the_base(tmp_path, batch):
     base = make_tiny_model()
     ref = logits(base, batch)
     adapted = hlp.attach(base, "lora_ga", r=4, ga_batches=2)
-    trainer = Trainer(model=adapted.model, args=training_args(tmp_path, learning_rate=1e-3), train_dataset=TokenDataset(),
-                      **adapted.trainer_kwargs())
+    trainer = Trainer(
+        model=adapted.model,
+        args=training_args(tmp_path, learning_rate=1e-3),
+        train_dataset=TokenDataset(),
+        **adapted.trainer_kwargs(),
+    )
     probe = _AfterInit(adapted, batch)
     trainer.add_callback(probe)
     trainer.train()
@@ -201,9 +230,17 @@ def test_trains_through_a_plain_trainer_and_starts_at_the_base(tmp_path, batch):
 
 def _run(tmp_path, name, resume=None, **kw):
     adapted = hlp.attach(make_tiny_model(), "lora_ga", r=4, ga_batches=2)
-    args = training_args(tmp_path / name, gradient_accumulation_steps=2, per_device_train_batch_size=4,
-                         save_strategy="steps", save_steps=4, learning_rate=1e-3, lr_scheduler_type="cosine",
-                         warmup_steps=2, **kw)
+    args = training_args(
+        tmp_path / name,
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=4,
+        save_strategy="steps",
+        save_steps=4,
+        learning_rate=1e-3,
+        lr_scheduler_type="cosine",
+        warmup_steps=2,
+        **kw,
+    )
     trainer = Trainer(model=adapted.model, args=args, train_dataset=TokenDataset(), **adapted.trainer_kwargs())
     trainer.train(resume_from_checkpoint=resume)
     return trainer, adapted
@@ -229,10 +266,15 @@ def test_resume_does_not_rerun_the_init_and_reproduces_the_run(tmp_path, monkeyp
 def test_portable_export_merged_checkpoint_and_config_round_trip(tmp_path, batch):
     base_dir = tmp_path / "base"
     make_tiny_model().save_pretrained(base_dir)
-    adapted = hlp.attach(AutoModelForCausalLM.from_pretrained(base_dir), "lora_ga", r=4, ga_batches=2,
-                         direction="A2rBr", scale="unit")
-    Trainer(model=adapted.model, args=training_args(tmp_path / "run", learning_rate=1e-3), train_dataset=TokenDataset(),
-            **adapted.trainer_kwargs()).train()
+    adapted = hlp.attach(
+        AutoModelForCausalLM.from_pretrained(base_dir), "lora_ga", r=4, ga_batches=2, direction="A2rBr", scale="unit"
+    )
+    Trainer(
+        model=adapted.model,
+        args=training_args(tmp_path / "run", learning_rate=1e-3),
+        train_dataset=TokenDataset(),
+        **adapted.trainer_kwargs(),
+    ).train()
     adapted.model.eval()
     trained = logits(adapted.model, batch)
     result = adapted.export(tmp_path / "out", merge=True)
@@ -256,12 +298,23 @@ def test_portable_export_merged_checkpoint_and_config_round_trip(tmp_path, batch
 
 def test_config_defaults_and_errors():
     cfg = hlp.make_config("lora_ga", r=8)
-    assert (cfg.direction, cfg.scale, cfg.stable_gamma, cfg.use_rslora, cfg.lora_alpha) == ("ArB2r", "stable", 16, True, 16)
+    assert (cfg.direction, cfg.scale, cfg.stable_gamma, cfg.use_rslora, cfg.lora_alpha) == (
+        "ArB2r",
+        "stable",
+        16,
+        True,
+        16,
+    )
     assert cfg.init_lora_weights is True and (cfg.estimator, cfg.ga_layer_groups) == ("full", 4)
-    for bad, match in [({"direction": "BrAr"}, "direction must be one of"), ({"scale": "big"}, "scale must be one of"),
-                       ({"estimator": "x"}, "estimator must be"), ({"ga_batches": 0}, "ga_batches must be >= 1"),
-                       ({"ga_layer_groups": 0}, "ga_layer_groups must be >= 1"),
-                       ({"sketch_rank": 4}, "below 2r"), ({"use_dora": True}, "use_dora")]:
+    for bad, match in [
+        ({"direction": "BrAr"}, "direction must be one of"),
+        ({"scale": "big"}, "scale must be one of"),
+        ({"estimator": "x"}, "estimator must be"),
+        ({"ga_batches": 0}, "ga_batches must be >= 1"),
+        ({"ga_layer_groups": 0}, "ga_layer_groups must be >= 1"),
+        ({"sketch_rank": 4}, "below 2r"),
+        ({"use_dora": True}, "use_dora"),
+    ]:
         with pytest.raises(hlp.ConfigError, match=match):
             hlp.make_config("lora_ga", r=4, **bad)
     with pytest.raises(hlp.ConfigError, match=r"2r <= min\(out, in\)"):
@@ -290,9 +343,21 @@ def test_runtime_errors_name_the_fix(tmp_path):
 def test_two_process_ddp_ranks_initialise_identically(tmp_path, estimator):
     env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(HERE / "ddp_train_lora_ga.py"), str(tmp_path), estimator],
-        env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(HERE / "ddp_train_lora_ga.py"),
+            str(tmp_path),
+            estimator,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])

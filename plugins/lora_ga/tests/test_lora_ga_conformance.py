@@ -6,5 +6,8 @@ from hf_lowrank_plugins.testing import MethodConformance
 class TestLoraGaConformance(MethodConformance):
     method = "lora_ga"
     settings = {"r": 2, "ga_batches": 2}
-    bad_settings = [({"direction": "sideways"}, "direction must be one of"), ({"ga_batches": 0}, "ga_batches must be"),
-                    ({"r": 4, "sketch_rank": 4}, "sketch_rank 4 is below 2r")]
+    bad_settings = [
+        ({"direction": "sideways"}, "direction must be one of"),
+        ({"ga_batches": 0}, "ga_batches must be"),
+        ({"r": 4, "sketch_rank": 4}, "sketch_rank 4 is below 2r"),
+    ]

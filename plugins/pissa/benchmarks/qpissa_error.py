@@ -48,7 +48,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model directory (default: the cached SmolLM2-135M-Instruct)")
     parser.add_argument("--layers", type=int, nargs="+", default=[0, 15, 29])
-    parser.add_argument("--modules", nargs="+", default=["self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"])
+    parser.add_argument(
+        "--modules",
+        nargs="+",
+        default=["self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"],
+    )
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 64, 128])
     parser.add_argument("--svd", choices=["exact", "fast"], default="exact")
     parser.add_argument("--niter", type=int, default=16)
@@ -61,7 +65,9 @@ def main() -> None:
     torch.set_num_threads(2)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     rows = []
-    header = f"{'layer':<28} {'shape':>10} {'QLoRA':>9} " + " ".join(f"{'QPiSSA r' + str(r):>12} {'ratio':>6}" for r in args.ranks)
+    header = f"{'layer':<28} {'shape':>10} {'QLoRA':>9} " + " ".join(
+        f"{'QPiSSA r' + str(r):>12} {'ratio':>6}" for r in args.ranks
+    )
     print(header)
     print("-" * len(header))
     start = time.perf_counter()
@@ -80,8 +86,15 @@ def main() -> None:
             print(f"{row['layer']:<28} {'x'.join(map(str, W.shape)):>10} {qlora:>9.2f} " + " ".join(cells))
     mean = {r: sum(x["qpissa_nuclear"][r] / x["qlora_nuclear"] for x in rows) / len(rows) for r in args.ranks}
     print("mean QPiSSA/QLoRA ratio: " + ", ".join(f"r={r}: {v:.3f}" for r, v in mean.items()))
-    out = {"model": args.model, "svd": args.svd, "niter": args.niter, "quant": "nf4, double quant, block 64",
-           "rows": rows, "mean_ratio": mean, "seconds": time.perf_counter() - start}
+    out = {
+        "model": args.model,
+        "svd": args.svd,
+        "niter": args.niter,
+        "quant": "nf4, double quant, block 64",
+        "rows": rows,
+        "mean_ratio": mean,
+        "seconds": time.perf_counter() - start,
+    }
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")
 

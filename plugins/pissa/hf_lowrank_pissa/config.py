@@ -31,19 +31,31 @@ class PissaConfig(LoraMethodConfig):
     """
 
     lora_alpha: int | float | None = field(
-        default=None, metadata=peft_meta("lora_alpha", help="LoRA alpha; default r (s = 1, the official recipe)"))
+        default=None, metadata=peft_meta("lora_alpha", help="LoRA alpha; default r (s = 1, the official recipe)")
+    )
     lora_dropout: float = field(default=0.0, metadata=peft_meta("lora_dropout"))
-    svd: Literal["exact", "fast"] = field(default="exact", metadata={
-        "help": "exact: torch.linalg.svd; fast: seeded randomized torch.svd_lowrank (seconds instead of minutes on 7B)"})
+    svd: Literal["exact", "fast"] = field(
+        default="exact",
+        metadata={
+            "help": "exact: torch.linalg.svd; fast: seeded randomized torch.svd_lowrank (seconds instead of minutes on 7B)"
+        },
+    )
     svd_niter: int = field(default=16, metadata={"help": "subspace iterations of the fast SVD", "min": 1})
-    svd_seed: int = field(default=0, metadata={
-        "help": "seed of the fast SVD's projection: attaching again gives bit-identical A, B and W_res", "min": 0})
-    quantize_residual: bool = field(default=False, metadata={
-        "help": "QPiSSA: SVD in fp32, then W_res in 4-bit NF4 (the same as load_in_4bit=True)"})
+    svd_seed: int = field(
+        default=0,
+        metadata={
+            "help": "seed of the fast SVD's projection: attaching again gives bit-identical A, B and W_res",
+            "min": 0,
+        },
+    )
+    quantize_residual: bool = field(
+        default=False, metadata={"help": "QPiSSA: SVD in fp32, then W_res in 4-bit NF4 (the same as load_in_4bit=True)"}
+    )
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = field(default="nf4", metadata={"help": "4-bit data type of W_res"})
     bnb_4bit_use_double_quant: bool = field(default=True, metadata={"help": "quantize the quantization constants too"})
-    bnb_4bit_compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
-        "help": "dtype 4-bit matmuls dequantize to; auto: bfloat16 on a GPU, float32 on CPU"})
+    bnb_4bit_compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata={"help": "dtype 4-bit matmuls dequantize to; auto: bfloat16 on a GPU, float32 on CPU"}
+    )
     hf_lowrank_method: str = "pissa"
 
     def __post_init__(self) -> None:
@@ -51,7 +63,9 @@ class PissaConfig(LoraMethodConfig):
             self.lora_alpha = self.r
         if self.use_dora:
             # the rank-2r conversion to a plain LoRA on W is exact only without DoRA's magnitude
-            raise ConfigError("PiSSA cannot be combined with use_dora=True here; use method 'dora' or 'pissa', not both")
+            raise ConfigError(
+                "PiSSA cannot be combined with use_dora=True here; use method 'dora' or 'pissa', not both"
+            )
         self.init_lora_weights = "pissa" if self.svd == "exact" else f"pissa_niter_{self.svd_niter}"
         with warnings.catch_warnings():
             # PEFT warns that its own conversion cannot handle rsLoRA with rank/alpha patterns; ours can

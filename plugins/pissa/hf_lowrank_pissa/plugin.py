@@ -28,7 +28,7 @@ def describe_methods() -> list[MethodInfo]:
             summary="PiSSA: A, B from the top-r SVD of W, base W - s*B@A; exports a rank-2r LoRA on W",
             default_lr=2e-5,
             lr_reason="the adapter holds W's principal singular components, so a step moves the weights about as "
-                      "much as full fine-tuning's; the PiSSA paper trains at the full fine-tuning rate (2e-5)",
+            "much as full fine-tuning's; the PiSSA paper trains at the full fine-tuning rate (2e-5)",
             aliases=LORA_ALIASES,
             quantizes_base_after_init=True,
         )
@@ -43,7 +43,9 @@ def init_adapter(model: nn.Module, config: PeftConfig, quantization: Quantizatio
 
 
 @hookimpl
-def post_train_merge(model: nn.Module, config: PeftConfig, output_dir: Path, merge: bool, tokenizer: Any) -> ExportResult:
+def post_train_merge(
+    model: nn.Module, config: PeftConfig, output_dir: Path, merge: bool, tokenizer: Any
+) -> ExportResult:
     """``adapter/``: rank-2r LoRA relative to the original W (plain PEFT loads it on the untouched
     base); ``merged/``: the trained model as a plain checkpoint (4-bit residual dequantized)."""
     output_dir = Path(output_dir)

@@ -15,8 +15,12 @@ from hf_lowrank_plugins.testing.helpers import logits, make_tiny_model, plain_pe
 
 def _train(adapted, tmp_path, dataset, **kw):
     kw.setdefault("learning_rate", 3e-3)  # tiny random model: far above the paper's 2e-5
-    trainer = Trainer(model=adapted.model, args=training_args(tmp_path / "run", **kw), train_dataset=dataset,
-                      **adapted.trainer_kwargs())
+    trainer = Trainer(
+        model=adapted.model,
+        args=training_args(tmp_path / "run", **kw),
+        train_dataset=dataset,
+        **adapted.trainer_kwargs(),
+    )
     trainer.train()
     return [e["loss"] for e in trainer.state.log_history if "loss" in e]
 
@@ -71,8 +75,6 @@ def test_fast_svd_is_seeded_and_reproducible(batch):
     assert torch.equal(torch.rand(3), expected)
 
 
-
-
 @pytest.mark.parametrize("svd", [{"svd": "exact"}, {"svd": "fast", "svd_niter": 2}])
 def test_trains_and_exports_a_plain_lora_on_the_original_weights(batch, token_dataset, tmp_path, svd):
     base_dir = tmp_path / "base"
@@ -96,8 +98,15 @@ def test_trains_and_exports_a_plain_lora_on_the_original_weights(batch, token_da
 
 
 def test_rslora_and_rank_pattern_conversion_keeps_every_scaling(batch, tmp_path):
-    adapted = hlp.attach(make_tiny_model(), "pissa", r=4, lora_alpha=6, use_rslora=True,
-                         rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 3})
+    adapted = hlp.attach(
+        make_tiny_model(),
+        "pissa",
+        r=4,
+        lora_alpha=6,
+        use_rslora=True,
+        rank_pattern={"q_proj": 2},
+        alpha_pattern={"v_proj": 3},
+    )
     with torch.no_grad():  # stand-in for training: move every factor
         g = torch.Generator().manual_seed(0)
         for n, p in adapted.model.named_parameters():

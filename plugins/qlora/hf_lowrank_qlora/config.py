@@ -19,6 +19,7 @@ class QLoraConfig(LoraMethodConfig):
 
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = field(default="nf4", metadata={"help": "4-bit data type of the base"})
     bnb_4bit_use_double_quant: bool = field(default=True, metadata={"help": "quantize the quantization constants too"})
-    bnb_4bit_compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
-        "help": "dtype 4-bit matmuls dequantize to; auto: bfloat16 on a GPU, float32 on CPU"})
+    bnb_4bit_compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata={"help": "dtype 4-bit matmuls dequantize to; auto: bfloat16 on a GPU, float32 on CPU"}
+    )
     hf_lowrank_method: str = "qlora"

@@ -35,7 +35,12 @@ def test_qlora_quantizes_to_nf4_with_double_quant_and_keeps_the_head(batch):
 
 def test_qlora_trains_and_merges_into_a_full_precision_checkpoint(batch, token_dataset, tmp_path):
     adapted = hlp.attach(make_tiny_model(), "qlora", r=4)
-    trainer = Trainer(model=adapted.model, args=training_args(tmp_path / "run"), train_dataset=token_dataset, **adapted.trainer_kwargs())
+    trainer = Trainer(
+        model=adapted.model,
+        args=training_args(tmp_path / "run"),
+        train_dataset=token_dataset,
+        **adapted.trainer_kwargs(),
+    )
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert losses[-1] < losses[0] - 0.05
@@ -57,12 +62,17 @@ def test_method_that_cannot_use_a_4bit_base_states_why(tiny_model):
         @hlp.hookimpl
         def describe_methods(self):
             cfg = type("FullCfg", (LoraMethodConfig,), {})
-            return [hlp.MethodInfo(name="fullweights", config_class=cfg, trains_adapter=False,
-                                   no_quantized_base="it rewrites W itself")]
+            return [
+                hlp.MethodInfo(
+                    name="fullweights", config_class=cfg, trains_adapter=False, no_quantized_base="it rewrites W itself"
+                )
+            ]
 
     reg = hlp.Registry(autoload=False)
     reg.register(FullWeights(), name="fullweights")
-    with pytest.raises(hlp.IncompatibleError, match=r"cannot train on a quantized \(4-bit\) base: it rewrites W itself"):
+    with pytest.raises(
+        hlp.IncompatibleError, match=r"cannot train on a quantized \(4-bit\) base: it rewrites W itself"
+    ):
         hlp.attach(tiny_model, "fullweights", load_in_4bit=True, registry=reg)
     assert reg.get("fullweights").as_dict()["supports_quantized_base"] is False
 

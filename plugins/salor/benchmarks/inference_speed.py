@@ -70,8 +70,14 @@ def main() -> None:
     ):
         rows[label] = timed(build_inference_model(adapted, **kw), ids, ns.repeats)
     rows["SALOR merged (W_s + s*B@A, dense)"] = timed(hlp.merged_copy(adapted), ids, ns.repeats)
-    out = {"tokens": ns.tokens, "batch": ns.batch, "repeats": ns.repeats, "threads": torch.get_num_threads(),
-           "cuda": torch.cuda.is_available(), "rows": {}}
+    out = {
+        "tokens": ns.tokens,
+        "batch": ns.batch,
+        "repeats": ns.repeats,
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "rows": {},
+    }
     base = rows["dense model"][0]
     print(f"batch {ns.batch} x {ns.tokens} tokens, fp32, {torch.get_num_threads()} threads")
     print("| variant | median ms | vs dense | max rel. logit diff vs SALOR PEFT |")
@@ -82,7 +88,8 @@ def main() -> None:
         shown = "n/a (unpruned model)" if err is None else f"{err:.1e}"
         print(f"| {label} | {seconds * 1e3:.1f} | {seconds / base:.2f}x | {shown} |")
     out["rows"]["2:4 semi-structured (torch.sparse.to_sparse_semi_structured)"] = (
-        "not run: needs CUDA" if not torch.cuda.is_available() else "run benchmarks on the GPU with base_format='2:4'")
+        "not run: needs CUDA" if not torch.cuda.is_available() else "run benchmarks on the GPU with base_format='2:4'"
+    )
     (HERE / "inference_speed.json").write_text(json.dumps(out, indent=2) + "\n")
 
 

@@ -32,7 +32,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "adapter sparsity 50% (dense base, static masks)": ("salor", {"sparsity_target": "adapter"}),
     "SALOR 50% 2:4 (SVD init)": ("salor", {"sparsity_pattern": "2:4", "svd": "fast"}),
     "SALOR 50% global (SVD init)": ("salor", {"sparsity_pattern": "global", "svd": "fast"}),
-    "adapter sparsity 50% (dense base, cubic ramp)": ("salor", {"sparsity_target": "adapter", "adapter_schedule": "cubic"}),
+    "adapter sparsity 50% (dense base, cubic ramp)": (
+        "salor",
+        {"sparsity_target": "adapter", "adapter_schedule": "cubic"},
+    ),
 }
 
 CHILD = """
@@ -40,8 +43,18 @@ import json, sys
 from hf_lowrank_plugins.app.train import TrainSpec, run_training
 run_training(TrainSpec(**json.loads(sys.argv[1])))
 """
-KEYS = ("eval_loss_before", "eval_loss_after", "eval_history", "train_loss", "train_seconds", "init_seconds",
-        "peak_memory_mb", "trainable_params", "steps", "config")
+KEYS = (
+    "eval_loss_before",
+    "eval_loss_after",
+    "eval_history",
+    "train_loss",
+    "train_seconds",
+    "init_seconds",
+    "peak_memory_mb",
+    "trainable_params",
+    "steps",
+    "config",
+)
 
 
 def main() -> None:
@@ -61,8 +74,11 @@ def main() -> None:
     p.add_argument("--out", default="/tmp/salor-quality")
     p.add_argument("--only", nargs="*")
     ns = p.parse_args()
-    chosen = [(i, label, method, dict(fields)) for i, (label, (method, fields)) in enumerate(VARIANTS.items())
-              if not ns.only or label in ns.only or str(i) in ns.only]
+    chosen = [
+        (i, label, method, dict(fields))
+        for i, (label, (method, fields)) in enumerate(VARIANTS.items())
+        if not ns.only or label in ns.only or str(i) in ns.only
+    ]
     pending: list[tuple[str, subprocess.Popen]] = []
     env = dict(os.environ, OMP_NUM_THREADS="1") if ns.jobs > 1 else dict(os.environ)
     for i, label, method, fields in chosen:
@@ -70,17 +86,40 @@ def main() -> None:
             continue
         if fields.get("adapter_schedule") == "cubic":
             fields["adapter_schedule_steps"] = ns.steps // 2
-        spec = dict(method=method, output_dir=f"{ns.out}/{i}", max_steps=ns.steps, rank=ns.rank, alpha=ns.alpha,
-                    lr=ns.lr, batch_size=ns.batch_size, seq_len=ns.seq_len, eval_every=ns.eval_every, seed=0,
-                    settings=fields)
+        spec = dict(
+            method=method,
+            output_dir=f"{ns.out}/{i}",
+            max_steps=ns.steps,
+            rank=ns.rank,
+            alpha=ns.alpha,
+            lr=ns.lr,
+            batch_size=ns.batch_size,
+            seq_len=ns.seq_len,
+            eval_every=ns.eval_every,
+            seed=0,
+            settings=fields,
+        )
         while len(pending) >= ns.jobs:
             pending = _reap(pending)
         log = open(Path(ns.out).mkdir(parents=True, exist_ok=True) or Path(ns.out) / f"{i}.log", "w")
-        pending.append((label, subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(spec)], stdout=log, stderr=log, env=env)))
+        pending.append(
+            (label, subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(spec)], stdout=log, stderr=log, env=env))
+        )
     while pending:
         pending = _reap(pending)
-    results = {"_settings": {"steps": ns.steps, "batch_size": ns.batch_size, "seq_len": ns.seq_len, "rank": ns.rank,
-                             "alpha": ns.alpha, "lr": ns.lr, "eval_blocks": 16, "target_modules": "all-linear", "seed": 0}}
+    results = {
+        "_settings": {
+            "steps": ns.steps,
+            "batch_size": ns.batch_size,
+            "seq_len": ns.seq_len,
+            "rank": ns.rank,
+            "alpha": ns.alpha,
+            "lr": ns.lr,
+            "eval_blocks": 16,
+            "target_modules": "all-linear",
+            "seed": 0,
+        }
+    }
     for i, (label, (method, fields)) in enumerate(VARIANTS.items()):
         path = Path(ns.out) / str(i) / "metrics.json"
         if path.is_file():

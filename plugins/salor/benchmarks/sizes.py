@@ -52,32 +52,49 @@ def main() -> None:
                 restored = load_compressed_model(tmp / name, with_adapter=False)
                 decode_s = time.perf_counter() - started
                 reference = base.to(dtype).state_dict()
-                exact = all(torch.equal(restored.state_dict()[k].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
-                                        v.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
-                            for k, v in reference.items() if v.is_floating_point())
+                exact = all(
+                    torch.equal(
+                        restored.state_dict()[k].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                        v.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                    )
+                    for k, v in reference.items()
+                    if v.is_floating_point()
+                )
                 base.to(torch.float32)
                 itemsize = 2 if dtype == torch.bfloat16 else 4
                 other_dense = sizes["base_dense_bytes"] - target * itemsize
-                adapter_bytes = sizes["adapter_bytes"] // (2 if dtype == torch.bfloat16 else 1)  # adapter stored fp32; bf16 copy is half
+                adapter_bytes = sizes["adapter_bytes"] // (
+                    2 if dtype == torch.bfloat16 else 1
+                )  # adapter stored fp32; bf16 copy is half
                 dense_ref = out["dense_bf16_bytes"] if dtype == torch.bfloat16 else out["dense_fp32_bytes"]
                 out[name] = {
-                    **sizes, "target_weights": target, "bit_exact_reload": exact,
+                    **sizes,
+                    "target_weights": target,
+                    "bit_exact_reload": exact,
                     "target_matrices_ratio": (sizes["base_stored_bytes"] - other_dense) / (target * itemsize),
                     "file_ratio_vs_dense_same_dtype": sizes["file_bytes"] / dense_ref,
                     "file_plus_adapter_ratio": (sizes["file_bytes"] + adapter_bytes) / dense_ref,
-                    "adapter_bytes_same_dtype": adapter_bytes, "encode_seconds": encode_s, "decode_seconds": decode_s,
+                    "adapter_bytes_same_dtype": adapter_bytes,
+                    "encode_seconds": encode_s,
+                    "decode_seconds": decode_s,
                 }
             del adapted, model, base
     (HERE / "sizes.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(f"dense checkpoints: fp32 {out['dense_fp32_bytes'] / MB:.1f} MiB, bf16 {out['dense_bf16_bytes'] / MB:.1f} MiB")
-    print("| base | values | pruned matrices vs dense | base file MiB | vs dense same dtype | + r=16 adapter | bit-exact reload | encode s | load s |")
+    print(
+        f"dense checkpoints: fp32 {out['dense_fp32_bytes'] / MB:.1f} MiB, bf16 {out['dense_bf16_bytes'] / MB:.1f} MiB"
+    )
+    print(
+        "| base | values | pruned matrices vs dense | base file MiB | vs dense same dtype | + r=16 adapter | bit-exact reload | encode s | load s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for key, v in out.items():
         if isinstance(v, dict):
             pattern, dtype = key.rsplit("_", 1)
-            print(f"| {pattern} 50% | {dtype} | {v['target_matrices_ratio']:.4f}x | {v['file_bytes'] / MB:.1f} | "
-                  f"{v['file_ratio_vs_dense_same_dtype']:.3f}x | {v['file_plus_adapter_ratio']:.3f}x | {v['bit_exact_reload']} | "
-                  f"{v['encode_seconds']:.1f} | {v['decode_seconds']:.1f} |")
+            print(
+                f"| {pattern} 50% | {dtype} | {v['target_matrices_ratio']:.4f}x | {v['file_bytes'] / MB:.1f} | "
+                f"{v['file_ratio_vs_dense_same_dtype']:.3f}x | {v['file_plus_adapter_ratio']:.3f}x | {v['bit_exact_reload']} | "
+                f"{v['encode_seconds']:.1f} | {v['decode_seconds']:.1f} |"
+            )
 
 
 if __name__ == "__main__":

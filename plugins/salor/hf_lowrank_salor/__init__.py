@@ -15,9 +15,25 @@ from .model import apply_adapter_masks, attach_salor, sparsity_report, svd_repai
 from .prune import base_masks, global_masks, is_semi_structured, magnitude_mask, semi_structured_mask
 
 __all__ = [
-    "SalorConfig", "apply_adapter_masks", "attach_salor", "base_masks", "build_inference_model", "decode",
-    "encode", "export_salor", "global_masks", "is_semi_structured", "load_compressed", "load_compressed_model",
-    "magnitude_mask", "save_compressed", "save_compressed_model", "save_pruned_base", "semi_structured_mask",
-    "sparsity_report", "svd_repair", "truncation_error",
+    "SalorConfig",
+    "apply_adapter_masks",
+    "attach_salor",
+    "base_masks",
+    "build_inference_model",
+    "decode",
+    "encode",
+    "export_salor",
+    "global_masks",
+    "is_semi_structured",
+    "load_compressed",
+    "load_compressed_model",
+    "magnitude_mask",
+    "save_compressed",
+    "save_compressed_model",
+    "save_pruned_base",
+    "semi_structured_mask",
+    "sparsity_report",
+    "svd_repair",
+    "truncation_error",
 ]
 __version__ = version("hf-lowrank-salor")  # the version lives in pyproject.toml only

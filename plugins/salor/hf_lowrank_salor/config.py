@@ -48,33 +48,58 @@ class SalorConfig(LoraMethodConfig):
     """
 
     lora_alpha: int | float | None = field(
-        default=None, metadata=peft_meta("lora_alpha", help="LoRA alpha; default r (s = 1)"))
+        default=None, metadata=peft_meta("lora_alpha", help="LoRA alpha; default r (s = 1)")
+    )
     lora_dropout: float = field(default=0.0, metadata=peft_meta("lora_dropout"))
-    sparsity: float = field(default=0.5, metadata={
-        "help": "fraction of each target base weight set to zero (0.5 with 2:4)", "min": 0, "max_exclusive": 1})
-    sparsity_pattern: Literal["unstructured", "global", "2:4"] = field(default="unstructured", metadata={
-        "help": "unstructured: per layer; global: one threshold across layers; 2:4: GPU sparse tensor cores"})
-    sparsity_target: Literal["base", "adapter", "both"] = field(default="base", metadata={
-        "help": "base: prune W (the paper); adapter: sparse A and B; both"})
-    adapter_sparsity: float = field(default=0.5, metadata={
-        "help": "fraction of zeros in each of A and B when the adapter is sparse", "min": 0, "max_exclusive": 1})
-    adapter_schedule: Literal["static", "cubic"] = field(default="static", metadata={
-        "help": "static: masks fixed at attach; cubic: Zhu & Gupta ramp over adapter_schedule_steps"})
+    sparsity: float = field(
+        default=0.5,
+        metadata={
+            "help": "fraction of each target base weight set to zero (0.5 with 2:4)",
+            "min": 0,
+            "max_exclusive": 1,
+        },
+    )
+    sparsity_pattern: Literal["unstructured", "global", "2:4"] = field(
+        default="unstructured",
+        metadata={"help": "unstructured: per layer; global: one threshold across layers; 2:4: GPU sparse tensor cores"},
+    )
+    sparsity_target: Literal["base", "adapter", "both"] = field(
+        default="base", metadata={"help": "base: prune W (the paper); adapter: sparse A and B; both"}
+    )
+    adapter_sparsity: float = field(
+        default=0.5,
+        metadata={
+            "help": "fraction of zeros in each of A and B when the adapter is sparse",
+            "min": 0,
+            "max_exclusive": 1,
+        },
+    )
+    adapter_schedule: Literal["static", "cubic"] = field(
+        default="static",
+        metadata={"help": "static: masks fixed at attach; cubic: Zhu & Gupta ramp over adapter_schedule_steps"},
+    )
     adapter_schedule_steps: int = field(default=0, metadata={"help": "optimizer steps of the cubic ramp", "min": 0})
-    repair_init: Literal["auto", "svd", "lora"] = field(default="auto", metadata={
-        "help": "svd: B A = rank-r SVD of what pruning removed; lora: B = 0; auto: svd when the base is pruned"})
-    svd: Literal["exact", "fast"] = field(default="exact", metadata={
-        "help": "exact: torch.linalg.svd; fast: seeded randomized torch.svd_lowrank"})
+    repair_init: Literal["auto", "svd", "lora"] = field(
+        default="auto",
+        metadata={
+            "help": "svd: B A = rank-r SVD of what pruning removed; lora: B = 0; auto: svd when the base is pruned"
+        },
+    )
+    svd: Literal["exact", "fast"] = field(
+        default="exact", metadata={"help": "exact: torch.linalg.svd; fast: seeded randomized torch.svd_lowrank"}
+    )
     svd_niter: int = field(default=8, metadata={"help": "subspace iterations of the fast SVD", "min": 1})
     svd_seed: int = field(default=0, metadata={"help": "seed of the fast SVD", "min": 0})
     mask_seed: int = field(default=0, metadata={"help": "seed of the random mask of an all-zero factor", "min": 0})
     fuse: bool = field(default=True, metadata={"help": "inference module: one GEMM for q/k/v and for gate/up adapters"})
-    quantize_base: bool = field(default=False, metadata={
-        "help": "store the pruned base in 4-bit NF4 (the same as load_in_4bit=True)"})
+    quantize_base: bool = field(
+        default=False, metadata={"help": "store the pruned base in 4-bit NF4 (the same as load_in_4bit=True)"}
+    )
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = field(default="nf4", metadata={"help": "4-bit data type of the base"})
     bnb_4bit_use_double_quant: bool = field(default=True, metadata={"help": "quantize the quantization constants too"})
-    bnb_4bit_compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
-        "help": "dtype 4-bit matmuls dequantize to; auto: bfloat16 on a GPU, float32 on CPU"})
+    bnb_4bit_compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata={"help": "dtype 4-bit matmuls dequantize to; auto: bfloat16 on a GPU, float32 on CPU"}
+    )
     hf_lowrank_method: str = "salor"
 
     def __post_init__(self) -> None:
@@ -89,7 +114,12 @@ class SalorConfig(LoraMethodConfig):
             raise ConfigError(f"svd_niter must be >= 1 for the fast SVD, got {self.svd_niter}")
         for name in ("sparsity", "adapter_sparsity"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value < 1) or math.isnan(value):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (0 <= value < 1)
+                or math.isnan(value)
+            ):
                 raise ConfigError(f"{name} must be a number in [0, 1), got {value!r}")
         if self.sparsity_pattern == "2:4" and self.prunes_base and self.sparsity != 0.5:
             raise ConfigError(

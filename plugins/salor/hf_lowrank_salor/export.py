@@ -55,7 +55,9 @@ def pruned_base_copy(model: nn.Module) -> PreTrainedModel:
     return work
 
 
-def save_pruned_base(model: nn.Module, directory: str | Path, tokenizer: Any = None, base: nn.Module | None = None) -> Path:
+def save_pruned_base(
+    model: nn.Module, directory: str | Path, tokenizer: Any = None, base: nn.Module | None = None
+) -> Path:
     """Write the pruned base of ``model`` as a plain transformers checkpoint (plus tokenizer), atomically.
 
     ``base``: an already made :func:`pruned_base_copy` (saves a deep copy when writing several deliverables).
@@ -69,7 +71,9 @@ def save_pruned_base(model: nn.Module, directory: str | Path, tokenizer: Any = N
     return directory
 
 
-def save_salor_adapter(model: PeftModel, directory: str | Path, base_dir: str | Path | None = None, adapter: str = "default") -> Path:
+def save_salor_adapter(
+    model: PeftModel, directory: str | Path, base_dir: str | Path | None = None, adapter: str = "default"
+) -> Path:
     """Write the adapter in PEFT format after re-zeroing masked factor entries.
 
     ``base_dir`` becomes the adapter's ``base_model_name_or_path``, so ``hf-lowrank merge`` and
@@ -126,7 +130,9 @@ def save_compressed_model(
             shutil.copytree(adapter_dir, tmp / "adapter")
         elif isinstance(model, PeftModel):
             save_salor_adapter(model, tmp / "adapter")
-        adapter_bytes = sum(f.stat().st_size for f in (tmp / "adapter").glob("*.safetensors")) if (tmp / "adapter").exists() else 0
+        adapter_bytes = (
+            sum(f.stat().st_size for f in (tmp / "adapter").glob("*.safetensors")) if (tmp / "adapter").exists() else 0
+        )
         sizes = {
             "base_dense_bytes": stats["dense_bytes"],
             "base_stored_bytes": stats["stored_bytes"],
@@ -159,7 +165,9 @@ def load_compressed_model(directory: str | Path, with_adapter: bool = True, devi
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     if unexpected or [k for k in missing if k not in tied]:
-        raise IncompatibleError(f"compressed checkpoint does not match {arch}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise IncompatibleError(
+            f"compressed checkpoint does not match {arch}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     model.tie_weights()
     model = model.to(device).eval()
     if with_adapter and (directory / "adapter" / "adapter_config.json").is_file():
@@ -185,8 +193,12 @@ def export_salor(
     base = pruned_base_copy(model)
     base_dir = save_pruned_base(model, output_dir / "base", tokenizer=tokenizer, base=base)
     result.extra["base"] = base_dir
-    result.adapter_dir = save_salor_adapter(model, output_dir / "adapter", base_dir=Path(final_dir or output_dir) / "base")
-    sizes = save_compressed_model(model, output_dir / "compressed", tokenizer=tokenizer, adapter_dir=result.adapter_dir, base=base)
+    result.adapter_dir = save_salor_adapter(
+        model, output_dir / "adapter", base_dir=Path(final_dir or output_dir) / "base"
+    )
+    sizes = save_compressed_model(
+        model, output_dir / "compressed", tokenizer=tokenizer, adapter_dir=result.adapter_dir, base=base
+    )
     del base
     result.extra["compressed"] = output_dir / "compressed"
     dense = directory_bytes(base_dir)

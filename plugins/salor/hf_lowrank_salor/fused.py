@@ -68,8 +68,15 @@ def base_matmul(x2d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 class SparseLowRankLinear(nn.Module):
     """One projection: ``x @ W_s^T + bias + s * (x @ A^T) @ B^T`` with W_s in ``base_format``."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor | None,
-                 B: torch.Tensor | None, scaling: float = 1.0, base_format: str = "dense") -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        A: torch.Tensor | None,
+        B: torch.Tensor | None,
+        scaling: float = 1.0,
+        base_format: str = "dense",
+    ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.weight = sparse_base(weight, base_format)
@@ -92,9 +99,14 @@ class SparseLowRankLinear(nn.Module):
 class FusedGroup(nn.Module):
     """Projections of one input: one GEMM for all their A factors (and optionally all their bases)."""
 
-    def __init__(self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
-                 factors: Sequence[tuple[torch.Tensor, torch.Tensor, float] | None],
-                 base_format: str = "dense", fuse_base: bool = False) -> None:
+    def __init__(
+        self,
+        weights: Sequence[torch.Tensor],
+        biases: Sequence[torch.Tensor | None],
+        factors: Sequence[tuple[torch.Tensor, torch.Tensor, float] | None],
+        base_format: str = "dense",
+        fuse_base: bool = False,
+    ) -> None:
         super().__init__()
         self.in_features = int(weights[0].shape[1])
         if any(int(w.shape[1]) != self.in_features for w in weights):
@@ -166,9 +178,12 @@ def _factors(model: PeftModel, adapter: str) -> dict[str, tuple[torch.Tensor, to
     prefix = "base_model.model."
     out = {}
     for name, layer in lora_layers(model, adapter).items():
-        key = name[len(prefix):] if name.startswith(prefix) else name
-        out[key] = (layer.lora_A[adapter].weight.detach().float(), layer.lora_B[adapter].weight.detach().float(),
-                    float(layer.scaling[adapter]))
+        key = name[len(prefix) :] if name.startswith(prefix) else name
+        out[key] = (
+            layer.lora_A[adapter].weight.detach().float(),
+            layer.lora_B[adapter].weight.detach().float(),
+            float(layer.scaling[adapter]),
+        )
     return out
 
 
@@ -214,8 +229,13 @@ def build_inference_model(
                 linears = [modules.get(n) for n in names]
                 if not all(isinstance(lin, nn.Linear) for lin in linears) or not any(n in factors for n in names):
                     continue
-                group = FusedGroup([lin.weight for lin in linears], [lin.bias for lin in linears],
-                                   [factors.get(n) for n in names], base_format=base_format, fuse_base=fuse_base)
+                group = FusedGroup(
+                    [lin.weight for lin in linears],
+                    [lin.bias for lin in linears],
+                    [factors.get(n) for n in names],
+                    base_format=base_format,
+                    fuse_base=fuse_base,
+                )
                 for i, member in enumerate(members):
                     setattr(parent, member, FusedMember(group, i))
                 parent.add_module(f"salor_fused_{'_'.join(members)}", group)

@@ -80,8 +80,10 @@ def check_clean_base(model: nn.Module) -> None:
     SALOR rewrites base weights (pruning): adapters already on the model would silently run on the
     changed weights, and magnitudes of a 4-bit base are already rounded.
     """
-    if isinstance(model, PeftModel) or getattr(model, "_hf_peft_config_loaded", False) or any(
-        isinstance(m, BaseTunerLayer) for m in model.modules()
+    if (
+        isinstance(model, PeftModel)
+        or getattr(model, "_hf_peft_config_loaded", False)
+        or any(isinstance(m, BaseTunerLayer) for m in model.modules())
     ):
         raise IncompatibleError(
             "SALOR prunes the base weights, so it cannot be attached to a model that already carries adapters "

@@ -43,7 +43,9 @@ def init_adapter(model: nn.Module, config: PeftConfig, quantization: Quantizatio
 
 
 @hookimpl
-def wrap_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, config: PeftConfig, args: TrainingArguments) -> None:
+def wrap_optimizer(
+    model: nn.Module, optimizer: torch.optim.Optimizer, config: PeftConfig, args: TrainingArguments
+) -> None:
     """Keep the optimizer; with a sparse adapter, add the step hook that re-zeroes masked entries
     (and runs the cubic schedule). Returns ``None`` so the Trainer's optimizer is used as built."""
     if getattr(config, "sparse_adapter", False):

@@ -37,14 +37,21 @@ PREFIX = "base_model.model."
 
 
 def _targets(model):
-    return {n: m.weight.detach().clone() for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
+    return {
+        n: m.weight.detach().clone()
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and "lm_head" not in n
+    }
 
 
 def _train(adapted, tmp_path, steps=12, **kw):
     kw.setdefault("learning_rate", 5e-3)
-    trainer = Trainer(model=adapted.model, args=training_args(tmp_path / "run", max_steps=steps, **kw),
-                      train_dataset=TokenDataset(), **adapted.trainer_kwargs())
+    trainer = Trainer(
+        model=adapted.model,
+        args=training_args(tmp_path / "run", max_steps=steps, **kw),
+        train_dataset=TokenDataset(),
+        **adapted.trainer_kwargs(),
+    )
     trainer.train()
     adapted.model.eval()
     return [e["loss"] for e in trainer.state.log_history if "loss" in e]
@@ -59,7 +66,7 @@ def test_init_is_pruned_model_plus_rank_r_svd_of_the_residual(batch):
     reference = make_tiny_model()  # the same weights, with W replaced by prune(W) + s*B@A
     ref_modules = dict(reference.named_modules())
     for name, layer in layers.items():
-        W = original[name[len(PREFIX):]]
+        W = original[name[len(PREFIX) :]]
         mask = magnitude_mask(W, 0.5)
         pruned = torch.where(mask, W, torch.zeros(()))
         assert torch.equal(layer.base_layer.weight, pruned)  # the frozen base is exactly prune(W)
@@ -68,7 +75,7 @@ def test_init_is_pruned_model_plus_rank_r_svd_of_the_residual(batch):
         U, S, Vh = torch.linalg.svd(W - pruned, full_matrices=False)
         E_r = U[:, :4] @ torch.diag(S[:4]) @ Vh[:4]
         assert (delta - E_r).abs().max() <= 1e-5 * E_r.abs().max()  # s*B@A is the rank-4 SVD of E
-        ref_modules[name[len(PREFIX):]].weight.data.copy_(pruned + delta)
+        ref_modules[name[len(PREFIX) :]].weight.data.copy_(pruned + delta)
     assert rel_err(logits(adapted.model, batch), logits(reference, batch)) <= 1e-5
 
 
@@ -77,10 +84,12 @@ def test_eckart_young_bound_and_repair_error_on_tiny_layers():
     original = _targets(model)
     adapted = hlp.attach(model, "salor", r=4)
     for name, layer in lora_layers(adapted.model).items():
-        E = original[name[len(PREFIX):]] - layer.base_layer.weight
+        E = original[name[len(PREFIX) :]] - layer.base_layer.weight
         tail, total, bound = truncation_error(E, 4)
         assert tail <= bound < total
-        repaired = (E - layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight).detach()
+        repaired = (
+            E - layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        ).detach()
         assert abs(float(repaired.double().pow(2).sum()) - tail) <= 1e-4 * total  # the repair attains the optimum
 
 
@@ -99,7 +108,7 @@ def test_sparsity_patterns_unstructured_global_and_2_4():
     per_layer = [float((w == 0).float().mean()) for w in base.values()]
     assert max(per_layer) - min(per_layer) > 0.02  # ... but uneven across layers
     # one threshold: every pruned magnitude is <= every kept magnitude, across layers
-    pruned = torch.cat([original[n[len(PREFIX):]][w == 0].abs() for n, w in base.items()])
+    pruned = torch.cat([original[n[len(PREFIX) :]][w == 0].abs() for n, w in base.items()])
     kept = torch.cat([w[w != 0].abs() for w in base.values()])
     assert pruned.max() <= kept.min()
     adapted = hlp.attach(make_tiny_model(), "salor", r=2, sparsity=0.25)
@@ -127,8 +136,15 @@ def test_masks_stay_static_and_zero_through_trainer_training(tmp_path):
 def test_cubic_schedule_ramps_monotonically_to_the_target(tmp_path):
     assert cubic_sparsity(0, 0.5, 8) == 0 and cubic_sparsity(8, 0.5, 8) == 0.5 and cubic_sparsity(20, 0.5, 8) == 0.5
     assert cubic_sparsity(4, 0.5, 8) == pytest.approx(0.5 * (1 - 0.5**3))
-    adapted = hlp.attach(make_tiny_model(), "salor", r=4, sparsity_target="adapter", adapter_sparsity=0.6,
-                         adapter_schedule="cubic", adapter_schedule_steps=6)
+    adapted = hlp.attach(
+        make_tiny_model(),
+        "salor",
+        r=4,
+        sparsity_target="adapter",
+        adapter_sparsity=0.6,
+        adapter_schedule="cubic",
+        adapter_schedule_steps=6,
+    )
     assert all(bool(m.all()) for _, _, m in iter_adapter_masks(adapted.model))  # dense at step 0
     _train(adapted, tmp_path, steps=10)
     for _, w, m in iter_adapter_masks(adapted.model):
@@ -183,8 +199,9 @@ def test_bitmap_round_trip_is_bit_exact(dtype):
 def test_exports_portable_compressed_and_merged(tmp_path, batch):
     base_dir = tmp_path / "orig"
     make_tiny_model().save_pretrained(base_dir)
-    adapted = hlp.attach(AutoModelForCausalLM.from_pretrained(base_dir), "salor", r=4, sparsity_target="both",
-                         adapter_sparsity=0.25)
+    adapted = hlp.attach(
+        AutoModelForCausalLM.from_pretrained(base_dir), "salor", r=4, sparsity_target="both", adapter_sparsity=0.25
+    )
     losses = _train(adapted, tmp_path, steps=8)
     assert losses[-1] < losses[0]
     trained = logits(adapted.model, batch)
@@ -256,5 +273,5 @@ def test_4bit_sparse_base_keeps_the_pattern(batch):
     deq = dict(pruned_base_copy(q4.model).named_modules())
     for name, layer in layers32.items():
         pruned = layer.base_layer.weight == 0
-        assert (deq[name[len(PREFIX):]].weight[pruned] == 0).all()  # every pruned entry decodes to exactly 0
+        assert (deq[name[len(PREFIX) :]].weight[pruned] == 0).all()  # every pruned entry decodes to exactly 0
     assert torch.isfinite(logits(q4.model, batch)).all()
