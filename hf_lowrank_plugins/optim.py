@@ -16,7 +16,7 @@ from transformers.trainer_optimizer import is_optimizer_factory
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """The Trainer's two groups: decayed weights, and biases/norms without decay (trainable only)."""
-    decay = set(Trainer.get_decay_parameter_names(None, model))  # uses no Trainer state
+    decay = set(Trainer.get_decay_parameter_names(None, model))  # type: ignore[arg-type]  # uses no Trainer state
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return [
         {"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
@@ -26,7 +26,7 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_default_optimizer(model: nn.Module, args: TrainingArguments) -> torch.optim.Optimizer:
     """The optimizer ``Trainer.create_optimizer`` builds for ``args`` (``optim``, lr, betas, eps, decay)."""
-    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)  # type: ignore[arg-type]
     kwargs = dict(kwargs)
     if is_optimizer_factory(optimizer_cls):
         return optimizer_cls()(model, **kwargs)

@@ -323,9 +323,9 @@ class OutputSet:
             target = self.path / name
             if target.exists() or target.is_symlink():
                 os.replace(target, trash / name)
-        assert self._stage is not None or not staged
         for name in staged:
-            os.replace(self._stage / name, self.path / name)  # type: ignore[operator]
+            assert self._stage is not None
+            os.replace(self._stage / name, self.path / name)
         checkpoints = self.path / CHECKPOINTS
         if checkpoints.is_dir() and not any(checkpoints.iterdir()):
             checkpoints.rmdir()  # the Trainer creates it eagerly; nothing was saved

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import torch
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
@@ -64,7 +65,7 @@ def bnb_config(settings: QuantizationSettings) -> BitsAndBytesConfig:
     )
 
 
-def quantize_model(model: nn.Module, settings: QuantizationSettings) -> PreTrainedModel:
+def quantize_model(model: nn.Module, settings: QuantizationSettings) -> nn.Module:
     """``model`` with its linear layers in 4-bit, in place (output head, task heads, norms stay full
     precision), prepared for k-bit training (non-quantized parameters frozen and in fp32).
 
@@ -94,13 +95,15 @@ def quantize_model(model: nn.Module, settings: QuantizationSettings) -> PreTrain
     quantizer.preprocess_model(
         model=model, dtype=dtype, device_map={"": str(device)}, checkpoint_files=None, use_kernels=False
     )  # replaces the layers by empty (meta) Linear4bit ones
-    for name, module in model.named_modules():
-        if not isinstance(module, bnb.nn.Linear4bit) or name not in originals:
+    for name, layer in model.named_modules():
+        if not isinstance(layer, bnb.nn.Linear4bit) or name not in originals:
             continue
+        module: Any = layer  # the attributes below are bitsandbytes' and transformers', not nn.Module's
         weight, bias = originals.pop(name)
         value = weight.detach().t() if issubclass(module.source_cls, Conv1D) else weight.detach()
         # The meta Params4bit carries quant_type, blocksize, double quantization; .to(device) quantizes.
-        module.weight = bnb.nn.Params4bit(value.contiguous(), requires_grad=False, **module.weight.__dict__).to(device)
+        module.weight = bnb.nn.Params4bit(value.contiguous(), requires_grad=False, **module.weight.__dict__)
+        module.weight = module.weight.to(device)
         module.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         module._is_hf_initialized = True
         del weight, bias, value
@@ -110,8 +113,9 @@ def quantize_model(model: nn.Module, settings: QuantizationSettings) -> PreTrain
     return prepare_for_training(model)
 
 
-def prepare_for_training(model: PreTrainedModel) -> PreTrainedModel:
+def prepare_for_training(model: nn.Module) -> nn.Module:
     """PEFT's k-bit preparation, once. Gradient checkpointing is left to ``TrainingArguments``."""
+    module: Any
     for module in model.modules():
         # bitsandbytes' CPU backend repacks a Linear4bit's weight in place for an AVX512-BF16 kernel at
         # its first eval-mode forward and then computes in bf16 (1.7e-3 off deq(W) @ x in our test),
@@ -120,7 +124,7 @@ def prepare_for_training(model: PreTrainedModel) -> PreTrainedModel:
             module.support_avx512bf16_for_cpu = False
     if not getattr(model, "_hf_lowrank_kbit_prepared", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        model._hf_lowrank_kbit_prepared = True
+        model._hf_lowrank_kbit_prepared = True  # type: ignore[assignment]
     return model
 
 
@@ -133,7 +137,7 @@ def requantize_under_adapter(model: PeftModel, convert: Callable[[nn.Module], nn
     (an SVD) must not run again on the new base.
     """
     name = model.active_adapter
-    config = model.peft_config[name]
+    config: Any = model.peft_config[name]  # a LoraConfig (or another PEFT config with init_lora_weights)
     state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
     base = convert(model.unload())
     init = config.init_lora_weights
@@ -163,7 +167,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     transposed = [name for name, m in model.named_modules() if issubclass(getattr(m, "source_cls", nn.Module), Conv1D)]
     model = model.dequantize(dtype=dtype)
     for name in transposed:  # transformers gives back nn.Linear; GPT-2's checkpoint layout is Conv1D's (in, out)
-        linear = model.get_submodule(name)
+        linear: Any = model.get_submodule(name)
         conv = Conv1D(linear.out_features, linear.in_features).to(
             device=linear.weight.device, dtype=linear.weight.dtype
         )

@@ -10,6 +10,7 @@ question-answering model, which PEFT trains in full through ``modules_to_save`` 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
@@ -38,10 +39,11 @@ def is_transposed(module: nn.Module) -> bool:
 
 def layer_shape(module: nn.Module) -> tuple[int, int]:
     """(out_features, in_features) of a linear-like layer, also for ``Conv1D`` and packed 4-bit weights."""
+    layer: Any = module  # nn.Module's attributes are typed Tensor | Module
     if isinstance(module, Conv1D):
-        rows, cols = module.weight.shape  # stored (in, out)
+        rows, cols = layer.weight.shape  # stored (in, out)
         return int(cols), int(rows)
-    return int(module.out_features), int(module.in_features)
+    return int(layer.out_features), int(layer.in_features)
 
 
 def task_heads(model: nn.Module) -> dict[str, nn.Module]:

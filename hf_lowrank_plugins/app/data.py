@@ -48,7 +48,7 @@ def default_model_dir() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     # The GGUF loader already dequantized every tensor to fp32 but leaves its (non-serializable)
     # quantizer attached; the weights are plain fp32, so save them as a plain checkpoint.
     model.hf_quantizer = None
@@ -136,7 +136,7 @@ def load_blocks(
     path = Path(path) if path is not None else default_text_path()
     if not path.exists():
         raise LowRankError(f"dataset not found: {path}")
-    source = _texts_from_source(path)
+    source: Any = _texts_from_source(path)
     budget = None if max_blocks is None else max_blocks * seq_len
     ids: list[int] = []
     if hasattr(source, "column_names"):  # pre-tokenized datasets.Dataset

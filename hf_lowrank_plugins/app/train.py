@@ -153,7 +153,7 @@ class RunRecorder(TrainerCallback):
 
     def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
         """Write the run record into the checkpoint the Trainer just saved."""
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        folder = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
         if folder.is_dir() and args.should_save:
             record = {
                 **self.identity,
@@ -297,17 +297,19 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
             "startup_seconds": record.get("startup_seconds", 0.0),
         }
         recorder = RunRecorder(identity, timer, init_seconds)
+        method_kwargs = adapted.trainer_kwargs()
         trainer = Trainer(
             model=adapted.model,
             args=args,
             train_dataset=train_ds,
             eval_dataset=eval_ds,
-            callbacks=[timer, adapted.callback, recorder, *(callbacks or [])],  # timer first: see StepTimer
-            optimizer_cls_and_kwargs=(adapted.optimizer_factory, {}),
+            # the timer first: its startup interval then covers the method's data-dependent init (see StepTimer)
+            callbacks=[timer, *method_kwargs.pop("callbacks"), recorder, *(callbacks or [])],
+            **method_kwargs,
         )
         eval_before = trainer.evaluate()["eval_loss"]
         result = trainer.train(resume_from_checkpoint=spec.resume_from_checkpoint)
-        resumed_from = trainer._initial_global_step if spec.resume_from_checkpoint else 0  # type: ignore[attr-defined]
+        resumed_from = trainer._initial_global_step if spec.resume_from_checkpoint else 0
         if not record:
             init_seconds["startup_seconds"] = timer.startup_seconds
         eval_after = trainer.evaluate()["eval_loss"]
@@ -320,7 +322,7 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
         for entry in trainer.state.log_history:
             # One entry per step: the final evaluate() repeats the last periodic evaluation's step.
             if "eval_loss" in entry and (not eval_history or entry["step"] != eval_history[-1]["step"]):
-                seconds = init + timer.elapsed(entry["step"])
+                seconds = init + timer.elapsed(int(entry["step"]))
                 eval_history.append({"step": entry["step"], "eval_loss": entry["eval_loss"], "seconds": seconds})
         steps = trainer.state.global_step
         final = exported.relocated(outputs.stage, outputs.path)

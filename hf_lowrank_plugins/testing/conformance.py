@@ -135,8 +135,9 @@ class MethodConformance:
         unchecked = peft_internal_fields() | set(getattr(info.config_class, "UNCHECKED_FIELDS", ()))
         for name, f in config_fields(info.config_class).items():
             if type(f.default) in wrong and name not in unchecked:
+                bad: dict[str, Any] = {name: wrong[type(f.default)]}
                 with pytest.raises(ConfigError, match=name):
-                    make_config(self.method, **{name: wrong[type(f.default)]})
+                    make_config(self.method, **bad)
         for fields, pattern in self.bad_settings:
             with pytest.raises(ConfigError, match=pattern):
                 make_config(self.method, **fields)

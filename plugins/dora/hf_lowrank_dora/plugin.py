@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from peft import PeftConfig
+from peft import LoraConfig
 from torch import nn
 
 from hf_lowrank_lora import LORA_ALIASES
@@ -28,6 +28,6 @@ def describe_methods() -> list[MethodInfo]:
 
 
 @hookimpl
-def init_adapter(model: nn.Module, config: PeftConfig) -> nn.Module:
+def init_adapter(model: nn.Module, config: LoraConfig) -> nn.Module:
     """Attach PEFT DoRA layers; output equals the base at init (B = 0 and m = ||W|| row-wise)."""
     return attach_dora(model, config)

@@ -52,7 +52,7 @@ def describe_methods() -> list[MethodInfo]:
     ]
 
 
-def target_weights(model: nn.Module, config: GaLoreConfig) -> dict[str, nn.Parameter]:
+def target_weights(model: nn.Module, config: GaLoreConfig) -> dict[str, torch.Tensor]:
     """The 2-D weights GaLore projects, by parameter name, after validating targets and rank.
 
     Raises :class:`~hf_lowrank_plugins.TargetError` when nothing matches and
@@ -60,7 +60,7 @@ def target_weights(model: nn.Module, config: GaLoreConfig) -> dict[str, nn.Param
     """
     modules = find_target_modules(model, config.target_modules, config.exclude_modules)
     check_rank(modules, int(config.rank))
-    weights: dict[str, nn.Parameter] = {}
+    weights: dict[str, torch.Tensor] = {}
     for name, module in modules.items():
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():

@@ -33,7 +33,7 @@ class LoraMethodConfig(LoraConfig):
 
     target_modules: list[str] | str | None = field(default="all-linear", metadata=peft_meta("target_modules"))
     # PEFT annotates int, but any positive real works (s = alpha / r); `--alpha 16` arrives as a float
-    lora_alpha: int | float = field(default=8, metadata=peft_meta("lora_alpha"))
+    lora_alpha: int | float = field(default=8, metadata=peft_meta("lora_alpha"))  # type: ignore[assignment]
     hf_lowrank_method: str = "lora"
 
     #: Ranges of inherited PEFT fields, which carry no such metadata of their own.

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import re
+from typing import Any, TypeAlias
 
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from hf_lowrank_plugins import check_rank, find_target_modules
 from hf_lowrank_plugins.targets import ALL_LINEAR, is_linear_like, is_transposed, task_heads
+
+#: A PEFT LoRA layer (an ``nn.Module`` with PEFT's ``LoraLayer`` mixin); PEFT leaves its attributes
+#: (``lora_A``, ``r``, ``scaling``, ``base_layer``) untyped, so code reading them is typed ``Any``.
+LoraModule: TypeAlias = Any
+
+
+def lora_layers(model: nn.Module, adapter: str = "default") -> dict[str, LoraModule]:
+    """Every LoRA layer of ``model`` carrying ``adapter``, by qualified name, in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A}
 
 
 def attach_lora(model: nn.Module, config: LoraConfig) -> PeftModel:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from peft import LoraConfig
+from torch import nn
+
 from hf_lowrank_plugins import MethodInfo, hookimpl
 
 from .config import LORA_ALIASES, LoraMethodConfig
@@ -27,6 +30,6 @@ def describe_methods() -> list[MethodInfo]:
 
 
 @hookimpl
-def init_adapter(model, config):
+def init_adapter(model: nn.Module, config: LoraConfig) -> nn.Module:
     """Attach PEFT LoRA layers; output equals the base model at init because B = 0."""
     return attach_lora(model, config)

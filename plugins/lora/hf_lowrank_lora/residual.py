@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel
@@ -134,12 +135,13 @@ def converted_lora_state_dict(model: PeftModel, adapter: str = "default") -> dic
     return {k: v.contiguous() for k, v in state.items()}
 
 
-def save_portable_adapter(model: PeftModel, directory: str | Path, adapter: str = "default") -> Path:
+def save_portable_adapter(model: nn.Module, directory: str | Path, adapter: str = "default") -> Path:
     """Write the converted rank-2r LoRA that plain PEFT loads onto the original base, atomically."""
     if not isinstance(model, PeftModel):
         raise LowRankError(f"expected the PeftModel returned by attach(), got {type(model).__name__}")
     directory = Path(directory)
-    config = converted_lora_config(model.peft_config[adapter])
+    trained: Any = model.peft_config[adapter]  # the residual method's LoraConfig subclass
+    config = converted_lora_config(trained)
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(model.get_base_model(), "name_or_path", None) or None
     config.inference_mode = True

@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from hf_lowrank_lora import LoraModule, lora_layers
 from hf_lowrank_plugins import ConfigError, LowRankError
 
 logger = logging.getLogger(__name__)
@@ -45,14 +45,9 @@ class GradientFactors:
     Vh: torch.Tensor
 
 
-def layer_dims(layer: LoraLayer) -> tuple[int, int]:
+def layer_dims(layer: LoraModule) -> tuple[int, int]:
     """(out, in) of the LoRA layer's weight in LoRA orientation."""
     return int(layer.out_features), int(layer.in_features)
-
-
-def lora_layers(model: nn.Module, adapter: str = "default") -> dict[str, LoraLayer]:
-    """Every LoRA layer of ``model`` carrying ``adapter``, by module name, in a fixed order."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A}
 
 
 def seed_for(*parts: Any) -> int:
@@ -151,7 +146,8 @@ class _TestMatrices:
     """Seeded Gaussian test matrices, one per (dimension, width): identical on every rank and run."""
 
     def __init__(self, seed: int, device: torch.device) -> None:
-        self.seed, self.device, self.cache = seed, device, {}
+        self.seed, self.device = seed, device
+        self.cache: dict[tuple[int, int, str], torch.Tensor] = {}
 
     def get(self, rows: int, cols: int, tag: str) -> torch.Tensor:
         key = (rows, cols, tag)
@@ -231,7 +227,7 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 def _run_pass(
     model: nn.Module,
-    layers: dict[str, LoraLayer],
+    layers: dict[str, LoraModule],
     accumulators: dict[str, _Accumulator],
     batches: list[dict[str, Any]],
     seed: int,
@@ -289,10 +285,12 @@ def _sketch_svd(acc: SketchAccumulator, scale: float, k: int) -> GradientFactors
     return GradientFactors((Q @ Ux)[:, :k].contiguous(), S[:k].contiguous(), Vh[:k].contiguous())
 
 
-def _groups(names: list[str], layers: dict[str, LoraLayer], n_groups: int) -> list[list[str]]:
+def _groups(names: list[str], layers: dict[str, LoraModule], n_groups: int) -> list[list[str]]:
     """Split ``names`` (in model order) into ``n_groups`` contiguous groups of about equal m*n."""
     sizes = [math.prod(layer_dims(layers[n])) for n in names]
-    target, groups, current, acc = sum(sizes) / n_groups, [], [], 0.0
+    target, acc = sum(sizes) / n_groups, 0.0
+    groups: list[list[str]] = []
+    current: list[str] = []
     for name, size in zip(names, sizes, strict=False):
         current.append(name)
         acc += size
@@ -320,7 +318,7 @@ def estimate_gradient_factors(
     layers = lora_layers(model, adapter)
     if not layers:
         raise LowRankError("LoRA-GA found no LoRA layer to initialise; attach it with attach(model, 'lora_ga')")
-    device = next(iter(layers.values())).get_base_layer().weight.device
+    device: torch.device = next(iter(layers.values())).get_base_layer().weight.device
     names = list(layers)
     n_local = torch.tensor([float(len(batches))], device=device)
     _all_reduce([n_local])
@@ -331,23 +329,23 @@ def estimate_gradient_factors(
     with torch.random.fork_rng(devices=cuda), frozen_for_estimate(model):
         if config.estimator == "sketch":
             tests = _TestMatrices(config.ga_seed, device)
-            accs: dict[str, _Accumulator] = {}
+            sketches: dict[str, SketchAccumulator] = {}
             for n in names:
                 m, d = layer_dims(layers[n])
                 k, l = sketch_sizes(m, d, ranks[n], config.sketch_rank)  # noqa: E741 - the sketch sizes of Tropp et al.
-                accs[n] = SketchAccumulator(tests.get(d, k, "omega"), tests.get(l, m, "psi"))
-            _run_pass(model, layers, accs, batches, config.ga_seed, args, device)
+                sketches[n] = SketchAccumulator(tests.get(d, k, "omega"), tests.get(l, m, "psi"))
+            _run_pass(model, layers, dict(sketches), batches, config.ga_seed, args, device)
             for n in names:
-                _all_reduce(accs[n].tensors())
-                results[n] = _sketch_svd(accs[n], inv_batches, 2 * ranks[n])
-                del accs[n]  # free each sketch once factored
+                _all_reduce(sketches[n].tensors())
+                results[n] = _sketch_svd(sketches[n], inv_batches, 2 * ranks[n])
+                del sketches[n]  # free each sketch once factored
         else:
             for group in _groups(names, layers, config.ga_layer_groups):
-                accs = {n: FullAccumulator(*layer_dims(layers[n]), device) for n in group}
-                _run_pass(model, layers, accs, batches, config.ga_seed, args, device)
+                sums = {n: FullAccumulator(*layer_dims(layers[n]), device) for n in group}
+                _run_pass(model, layers, dict(sums), batches, config.ga_seed, args, device)
                 for n in group:
-                    _all_reduce(accs[n].tensors())
-                    G = accs.pop(n).G.mul_(inv_batches)
+                    _all_reduce(sums[n].tensors())
+                    G = sums.pop(n).G.mul_(inv_batches)
                     results[n] = _truncated_svd(
                         G, 2 * ranks[n], config.svd, config.svd_niter, seed_for(config.ga_seed, n)
                     )

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from peft.tuners.lora import LoraLayer
 from peft.utils.other import transpose
+
+from hf_lowrank_lora import LoraModule
 
 from .gradient import GradientFactors, seed_for
 
@@ -58,6 +59,7 @@ def lora_ga_factors(
         if config.scale == "stable":
             B = B * (out_features**0.25 / config.stable_gamma**0.5)
         elif config.scale == "weight_svd":
+            assert weight is not None, "scale='weight_svd' needs the layer's weight"
             S_W = _weight_singular_values(weight, r, seed, config.svd == "exact")
             if S_B[0] > 0:
                 B = B * (S_W[0] / S_B[0])
@@ -71,19 +73,20 @@ def lora_ga_factors(
     elif config.scale == "gd":
         A, B = A / scaling, B / scaling
     elif config.scale == "weight_svd":
+        assert weight is not None, "scale='weight_svd' needs the layer's weight"
         S_W = _weight_singular_values(weight, 4 * r, seed, config.svd == "exact") / scaling
         factor = S_W[:r].sqrt().mean()
         A, B = A * factor, B * factor
     return A.contiguous(), B.contiguous()
 
 
-def base_weight(layer: LoraLayer) -> torch.Tensor:
+def base_weight(layer: LoraModule) -> torch.Tensor:
     """The layer's base weight in LoRA orientation (out x in) as stored (a view for transposed weights)."""
     return transpose(layer.get_base_layer().weight, getattr(layer, "fan_in_fan_out", False))
 
 
 @torch.no_grad()
-def subtract_factors(layer: LoraLayer, A: torch.Tensor, B: torch.Tensor, scaling: float, sign: float = 1.0) -> None:
+def subtract_factors(layer: LoraModule, A: torch.Tensor, B: torch.Tensor, scaling: float, sign: float = 1.0) -> None:
     """In place: W <- W - sign * s * B @ A, computed in fp32 and rounded once to W's dtype.
 
     ``param.data.copy_`` keeps the Parameter object, so the optimizer and DDP keep their references.
@@ -97,7 +100,7 @@ def subtract_factors(layer: LoraLayer, A: torch.Tensor, B: torch.Tensor, scaling
 
 @torch.no_grad()
 def set_initial_factors(
-    layer: LoraLayer, adapter: str, A: torch.Tensor, B: torch.Tensor
+    layer: LoraModule, adapter: str, A: torch.Tensor, B: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Write A, B into the layer's LoRA weights (their dtype) and return them as stored.
 
@@ -111,7 +114,7 @@ def set_initial_factors(
 
 
 def init_layer(
-    layer: LoraLayer, adapter: str, factors: GradientFactors, config, name: str
+    layer: LoraModule, adapter: str, factors: GradientFactors, config, name: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LoRA-GA for one layer: A, B from ``factors``, W <- W - s*B@A; returns the stored (A, B)."""
     r, scaling = layer.r[adapter], layer.scaling[adapter]

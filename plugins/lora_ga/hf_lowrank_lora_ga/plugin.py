@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftConfig, PeftModel
+from peft import PeftModel
 from torch import nn
 
-from hf_lowrank_lora import LORA_ALIASES, attach_lora, residual
+from hf_lowrank_lora import LORA_ALIASES, LoraModule, attach_lora, lora_layers, residual
 from hf_lowrank_plugins import (
     ConfigError,
     ExportResult,
@@ -21,7 +21,7 @@ from hf_lowrank_plugins import (
 )
 
 from .config import LoraGaConfig
-from .gradient import collect_batches, estimate_gradient_factors, layer_dims, lora_layers
+from .gradient import collect_batches, estimate_gradient_factors, layer_dims
 from .init import init_layer
 from .resume import add_checkpoint_buffers, checkpoint_buffers_hidden, record_initial_factors
 
@@ -68,7 +68,7 @@ def _check_ranks(model: PeftModel) -> None:
 
 
 @hookimpl
-def init_adapter(model: nn.Module, config: PeftConfig) -> nn.Module:
+def init_adapter(model: nn.Module, config: LoraGaConfig) -> nn.Module:
     """Attach PEFT LoRA layers with B = 0 (output equals the base); the gradient init runs at train begin."""
     residual.check_clean_base(model, "LoRA-GA")
     peft_model = attach_lora(model, config)
@@ -77,7 +77,7 @@ def init_adapter(model: nn.Module, config: PeftConfig) -> nn.Module:
     return peft_model
 
 
-def _copy_from_rank0(layers: dict[str, nn.Module]) -> None:
+def _copy_from_rank0(layers: dict[str, LoraModule]) -> None:
     """Under DDP, give every rank rank 0's A, B and W_res.
 
     The ranks all-reduced identical statistics, but LAPACK/BLAS results can differ in the last bits
@@ -94,7 +94,7 @@ def _copy_from_rank0(layers: dict[str, nn.Module]) -> None:
 
 
 @hookimpl
-def init_adapter_from_data(model: nn.Module, config: PeftConfig, train_dataloader: Any, args: Any) -> bool:
+def init_adapter_from_data(model: nn.Module, config: LoraGaConfig, train_dataloader: Any, args: Any) -> bool:
     """Estimate the gradient on the Trainer's batches, set A, B from its SVD, and W <- W - s*B@A.
 
     Output at step 0 equals the base (up to fp32 rounding). Every DDP rank sums the same linear
@@ -125,7 +125,7 @@ def init_adapter_from_data(model: nn.Module, config: PeftConfig, train_dataloade
 
 @hookimpl
 def post_train_merge(
-    model: nn.Module, config: PeftConfig, output_dir: Path, merge: bool, tokenizer: Any
+    model: nn.Module, config: LoraGaConfig, output_dir: Path, merge: bool, tokenizer: Any
 ) -> ExportResult:
     """``adapter/``: rank-2r LoRA relative to the original W (plain PEFT loads it on the untouched
     base); ``merged/``: the trained model as a plain checkpoint."""

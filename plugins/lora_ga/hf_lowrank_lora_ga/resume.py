@@ -23,9 +23,8 @@ from peft import PeftModel
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.lora import LoraLayer
 
-from hf_lowrank_lora import residual
+from hf_lowrank_lora import LoraModule, lora_layers, residual
 
-from .gradient import lora_layers
 from .init import subtract_factors
 
 SAVED_A, SAVED_B = "lora_ga_A0", "lora_ga_B0"
@@ -46,7 +45,7 @@ def add_checkpoint_buffers(model: PeftModel, adapter: str = "default") -> None:
 
 
 @torch.no_grad()
-def record_initial_factors(layer: LoraLayer, adapter: str, A: torch.Tensor, B: torch.Tensor) -> None:
+def record_initial_factors(layer: LoraModule, adapter: str, A: torch.Tensor, B: torch.Tensor) -> None:
     """Put the applied A0, B0 into the layer's checkpoint slots."""
     getattr(layer, SAVED_A)[adapter].copy_(A)
     getattr(layer, SAVED_B)[adapter].copy_(B)
@@ -63,13 +62,14 @@ def _rebase_after_load(model: torch.nn.Module, incompatible_keys) -> None:
             a0, b0 = slots[0][adapter], slots[1][adapter]
             applied_a = getattr(layer, residual.INITIAL_A + adapter, None)
             applied_b = getattr(layer, residual.INITIAL_B + adapter, None)
-            if applied_a is not None and torch.equal(applied_a, a0) and torch.equal(applied_b, b0):
+            applied = (applied_a, applied_b) if applied_a is not None and applied_b is not None else None
+            if applied is not None and torch.equal(applied[0], a0) and torch.equal(applied[1], b0):
                 continue  # already the base this checkpoint was trained on
-            if applied_a is None and not b0.any():
+            if applied is None and not b0.any():
                 continue  # checkpoint written before the data init: nothing subtracted on either side
             scaling = layer.scaling[adapter]
-            if applied_a is not None:  # another init was applied: restore W first (rare; not bit-exact)
-                subtract_factors(layer, applied_a, applied_b, scaling, sign=-1.0)
+            if applied is not None:  # another init was applied: restore W first (rare; not bit-exact)
+                subtract_factors(layer, applied[0], applied[1], scaling, sign=-1.0)
             subtract_factors(layer, a0, b0, scaling)
             # the helper of hf_lowrank_lora stores the layer's *current* A, B; after a load those are
             # the trained ones, so register the loaded initial factors under its names directly

@@ -14,8 +14,9 @@ import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
 
 import hf_lowrank_plugins as hlp
+from hf_lowrank_lora import lora_layers
 from hf_lowrank_lora_ga import plugin as ga_plugin
-from hf_lowrank_lora_ga.gradient import collect_batches, estimate_gradient_factors, lora_layers
+from hf_lowrank_lora_ga.gradient import collect_batches, estimate_gradient_factors
 from hf_lowrank_plugins.testing.helpers import (
     TokenDataset,
     logits,

@@ -30,7 +30,7 @@ class PissaConfig(LoraMethodConfig):
     (``"pissa"`` or ``"pissa_niter_N"``) and must not be set by hand.
     """
 
-    lora_alpha: int | float | None = field(
+    lora_alpha: int | float | None = field(  # type: ignore[assignment]  # None: set to r in __post_init__
         default=None, metadata=peft_meta("lora_alpha", help="LoRA alpha; default r (s = 1, the official recipe)")
     )
     lora_dropout: float = field(default=0.0, metadata=peft_meta("lora_dropout"))
@@ -66,7 +66,8 @@ class PissaConfig(LoraMethodConfig):
             raise ConfigError(
                 "PiSSA cannot be combined with use_dora=True here; use method 'dora' or 'pissa', not both"
             )
-        self.init_lora_weights = "pissa" if self.svd == "exact" else f"pissa_niter_{self.svd_niter}"
+        # PEFT annotates the fast SVD's value as the literal "pissa_niter_[number of iters]"
+        self.init_lora_weights = "pissa" if self.svd == "exact" else f"pissa_niter_{self.svd_niter}"  # type: ignore[assignment]
         with warnings.catch_warnings():
             # PEFT warns that its own conversion cannot handle rsLoRA with rank/alpha patterns; ours can
             warnings.filterwarnings("ignore", message="Using Rank-Stabilized LoRA with rank_pattern")

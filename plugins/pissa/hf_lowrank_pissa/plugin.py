@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from peft import PeftConfig
 from torch import nn
 
 from hf_lowrank_lora import LORA_ALIASES
@@ -36,7 +35,7 @@ def describe_methods() -> list[MethodInfo]:
 
 
 @hookimpl
-def init_adapter(model: nn.Module, config: PeftConfig, quantization: QuantizationSettings | None) -> nn.Module:
+def init_adapter(model: nn.Module, config: PissaConfig, quantization: QuantizationSettings | None) -> nn.Module:
     """SVD-initialised LoRA layers; output equals the base at init up to fp32 rounding (up to the NF4
     rounding of W_res for QPiSSA)."""
     return attach_pissa(model, config, quantization=quantization)
@@ -44,7 +43,7 @@ def init_adapter(model: nn.Module, config: PeftConfig, quantization: Quantizatio
 
 @hookimpl
 def post_train_merge(
-    model: nn.Module, config: PeftConfig, output_dir: Path, merge: bool, tokenizer: Any
+    model: nn.Module, config: PissaConfig, output_dir: Path, merge: bool, tokenizer: Any
 ) -> ExportResult:
     """``adapter/``: rank-2r LoRA relative to the original W (plain PEFT loads it on the untouched
     base); ``merged/``: the trained model as a plain checkpoint (4-bit residual dequantized)."""

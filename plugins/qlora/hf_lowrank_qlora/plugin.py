@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from peft import PeftConfig
+from peft import LoraConfig
 from torch import nn
 
 from hf_lowrank_lora import LORA_ALIASES, attach_lora
@@ -29,6 +29,6 @@ def describe_methods() -> list[MethodInfo]:
 
 
 @hookimpl
-def init_adapter(model: nn.Module, config: PeftConfig) -> nn.Module:
+def init_adapter(model: nn.Module, config: LoraConfig) -> nn.Module:
     """LoRA layers on the (already quantized) base; PEFT dispatches to its bitsandbytes LoRA layers."""
     return attach_lora(prepare_for_training(model), config)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -102,7 +103,7 @@ def save_compressed(
         ``{"dense_bytes": ..., "stored_bytes": ..., "encoded_tensors": ...}`` (tensor payload only).
     """
     tensors: dict[str, torch.Tensor] = {}
-    meta: dict[str, object] = {"version": FORMAT_VERSION, "encoded": {}, "aliases": {}}
+    meta: dict[str, Any] = {"version": FORMAT_VERSION, "encoded": {}, "aliases": {}}
     seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
     dense_bytes = stored_bytes = 0
     for name, tensor in state_dict.items():

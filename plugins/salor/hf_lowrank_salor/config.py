@@ -47,7 +47,7 @@ class SalorConfig(LoraMethodConfig):
             exact zero, so the sparsity pattern survives quantization.
     """
 
-    lora_alpha: int | float | None = field(
+    lora_alpha: int | float | None = field(  # type: ignore[assignment]  # None: set to r in __post_init__
         default=None, metadata=peft_meta("lora_alpha", help="LoRA alpha; default r (s = 1)")
     )
     lora_dropout: float = field(default=0.0, metadata=peft_meta("lora_dropout"))

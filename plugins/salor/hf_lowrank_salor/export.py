@@ -22,7 +22,7 @@ import torch
 import transformers
 from peft import PeftModel
 from torch import nn
-from transformers import AutoConfig, PreTrainedModel
+from transformers import AutoConfig
 
 from hf_lowrank_plugins import (
     ExportResult,
@@ -41,7 +41,7 @@ from .model import apply_adapter_masks
 COMPRESSED_FILE = "base.safetensors"
 
 
-def pruned_base_copy(model: nn.Module) -> PreTrainedModel:
+def pruned_base_copy(model: nn.Module) -> nn.Module:
     """A copy of the frozen (pruned) base of ``model`` without adapters, in full precision.
 
     A 4-bit base is dequantized by the core's quantization service (NF4's zero decodes to exactly 0,
@@ -72,7 +72,7 @@ def save_pruned_base(
 
 
 def save_salor_adapter(
-    model: PeftModel, directory: str | Path, base_dir: str | Path | None = None, adapter: str = "default"
+    model: nn.Module, directory: str | Path, base_dir: str | Path | None = None, adapter: str = "default"
 ) -> Path:
     """Write the adapter in PEFT format after re-zeroing masked factor entries.
 

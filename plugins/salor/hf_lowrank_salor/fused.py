@@ -31,10 +31,11 @@ import torch
 from peft import PeftModel
 from torch import nn
 
+from hf_lowrank_lora import lora_layers
 from hf_lowrank_plugins import ConfigError, IncompatibleError
 
 from .export import pruned_base_copy
-from .model import apply_adapter_masks, lora_layers
+from .model import apply_adapter_masks
 
 DEFAULT_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 BASE_FORMATS = ("dense", "csr", "2:4")

@@ -24,11 +24,10 @@ from functools import partial
 
 import torch
 from peft import PeftModel
-from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from hf_lowrank_lora import attach_lora
+from hf_lowrank_lora import LoraModule, attach_lora, lora_layers
 from hf_lowrank_plugins import IncompatibleError, QuantizationSettings, is_quantized
 from hf_lowrank_plugins.quantization import quantize_model, requantize_under_adapter
 
@@ -37,11 +36,6 @@ from .prune import base_masks, magnitude_mask
 
 #: Non-persistent buffer names of the adapter masks on a LoRA layer (suffixed by the adapter name).
 MASK_A, MASK_B = "salor_mask_A_", "salor_mask_B_"
-
-
-def lora_layers(model: nn.Module, adapter: str = "default") -> dict[str, LoraLayer]:
-    """The LoRA layers of ``model`` that carry ``adapter``, by qualified name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A}
 
 
 def svd_repair(
@@ -97,7 +91,7 @@ def check_clean_base(model: nn.Module) -> None:
         )
 
 
-def _oriented(layer: LoraLayer) -> torch.Tensor:
+def _oriented(layer: LoraModule) -> torch.Tensor:
     """The layer's base weight as (out x in): a transposed view for ``fan_in_fan_out`` (``Conv1D``) layers."""
     weight = layer.base_layer.weight
     return weight.t() if getattr(layer, "fan_in_fan_out", False) else weight
@@ -166,7 +160,7 @@ def _factor_mask(weight: torch.Tensor, sparsity: float, generator: torch.Generat
     return magnitude_mask(scores, sparsity)
 
 
-def _mask_grad(layer: LoraLayer, key: str):
+def _mask_grad(layer: LoraModule, key: str):
     def hook(grad: torch.Tensor) -> torch.Tensor:
         # read the buffer at call time: the schedule replaces it as sparsity ramps up
         return grad * getattr(layer, key).to(grad.dtype)

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftConfig
 from torch import nn
 from transformers import TrainingArguments
 
@@ -36,7 +35,7 @@ def describe_methods() -> list[MethodInfo]:
 
 
 @hookimpl
-def init_adapter(model: nn.Module, config: PeftConfig, quantization: QuantizationSettings | None) -> nn.Module:
+def init_adapter(model: nn.Module, config: SalorConfig, quantization: QuantizationSettings | None) -> nn.Module:
     """Prune the base, initialise the repair, mask the factors. NOT identity at init: the output is
     the pruned model plus the best rank-r repair (that is the method)."""
     return attach_salor(model, config, quantization=quantization)
@@ -44,7 +43,7 @@ def init_adapter(model: nn.Module, config: PeftConfig, quantization: Quantizatio
 
 @hookimpl
 def wrap_optimizer(
-    model: nn.Module, optimizer: torch.optim.Optimizer, config: PeftConfig, args: TrainingArguments
+    model: nn.Module, optimizer: torch.optim.Optimizer, config: SalorConfig, args: TrainingArguments
 ) -> None:
     """Keep the optimizer; with a sparse adapter, add the step hook that re-zeroes masked entries
     (and runs the cubic schedule). Returns ``None`` so the Trainer's optimizer is used as built."""
@@ -55,7 +54,7 @@ def wrap_optimizer(
 
 @hookimpl
 def post_train_merge(
-    model: nn.Module, config: PeftConfig, output_dir: Path, merge: bool, tokenizer: Any, final_dir: Path
+    model: nn.Module, config: SalorConfig, output_dir: Path, merge: bool, tokenizer: Any, final_dir: Path
 ) -> ExportResult:
     """``base/`` (pruned plain checkpoint), ``adapter/`` (standard LoRA on base/), ``compressed/``
     (bitmap base + adapter) and, with ``merge``, ``merged/``; the adapter names ``final_dir/base``."""

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, Trainer
 
 import hf_lowrank_plugins as hlp
+from hf_lowrank_lora import lora_layers
 from hf_lowrank_plugins.testing.helpers import (
     TokenDataset,
     logits,
@@ -31,7 +32,7 @@ from hf_lowrank_salor import (
 )
 from hf_lowrank_salor.bitmap import encoded_bytes, nonzero_bits
 from hf_lowrank_salor.fused import FusedGroup
-from hf_lowrank_salor.model import cubic_sparsity, iter_adapter_masks, lora_layers
+from hf_lowrank_salor.model import cubic_sparsity, iter_adapter_masks
 
 PREFIX = "base_model.model."
 
