@@ -236,7 +236,7 @@ def _load(variant: str, o: BenchOptions, tokenizer: Any) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from hf_lowrank_plugins.app.data import default_model_dir
+    from hf_lowrank_plugins.app.embedded import default_model_dir
 
     source = o.model or default_model_dir()
     if o.width is not None:
@@ -260,7 +260,8 @@ def run_variant(variant: str, o: BenchOptions) -> dict[str, Any]:
     from transformers import AutoTokenizer, Trainer, TrainingArguments
 
     from hf_lowrank_plugins import attach
-    from hf_lowrank_plugins.app.data import default_model_dir, load_blocks
+    from hf_lowrank_plugins.app.data import load_blocks
+    from hf_lowrank_plugins.app.embedded import default_model_dir
     from hf_lowrank_plugins.app.train import StepTimer, count_trainable
 
     if o.threads:

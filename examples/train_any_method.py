@@ -10,7 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 from hf_lowrank_plugins import attach
-from hf_lowrank_plugins.app.data import default_model_dir, load_blocks
+from hf_lowrank_plugins.app.data import load_blocks
+from hf_lowrank_plugins.app.embedded import default_model_dir
 
 METHOD = sys.argv[1] if len(sys.argv) > 1 else "lora"
 

@@ -22,8 +22,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import TrainingArguments
 
-from .callback import LowRankCallback, TrainerHooksGuard
-from .errors import ConfigError, IncompatibleError, LowRankError
+from .callback import LowRankCallback, TrainerHooksGuard, non_finite_parameters
+from .errors import ConfigError, DivergenceError, IncompatibleError, LowRankError
 from .export import METHOD_SETTINGS_FILE, default_export
 from .method import MethodInfo, config_fields
 from .optim import build_default_optimizer
@@ -172,7 +172,12 @@ class Adapted:
         return bool(result)
 
     def write_deliverables(
-        self, directory: str | Path, merge: bool = False, tokenizer: Any = None, final_dir: str | Path | None = None
+        self,
+        directory: str | Path,
+        merge: bool = False,
+        tokenizer: Any = None,
+        final_dir: str | Path | None = None,
+        merged_dtype: torch.dtype | None = None,
     ) -> ExportResult:
         """Write the deliverables into ``directory`` via ``post_train_merge``, with no output-folder checks.
 
@@ -181,6 +186,11 @@ class Adapted:
         :meth:`export` is the safe call.
         """
         directory = Path(directory)
+        bad = non_finite_parameters(self.model)
+        if bad:  # never deliver a diverged model
+            raise DivergenceError(
+                f"the model holds non-finite weights ({', '.join(bad)}): training diverged; nothing exported"
+            )
         result = self.registry.call_method_hook(
             self.method,
             "post_train_merge",
@@ -190,11 +200,19 @@ class Adapted:
             merge=merge,
             tokenizer=tokenizer,
             final_dir=Path(final_dir or directory),
+            merged_dtype=merged_dtype,
         )
-        return result if result is not None else default_export(self.model, directory, merge, tokenizer)
+        if result is None:
+            result = default_export(self.model, directory, merge, tokenizer, merged_dtype=merged_dtype)
+        return result
 
     def export(
-        self, output_dir: str | Path, merge: bool = False, tokenizer: Any = None, overwrite: bool = False
+        self,
+        output_dir: str | Path,
+        merge: bool = False,
+        tokenizer: Any = None,
+        overwrite: bool = False,
+        merged_dtype: torch.dtype | None = None,
     ) -> ExportResult:
         """Write the deliverables (``adapter/``, and ``merged/`` when ``merge``) as one complete set.
 
@@ -214,7 +232,9 @@ class Adapted:
         )
         inputs = {"base model": base} if base and Path(base).is_dir() else {}
         with OutputSet(output_dir, command="export", inputs=inputs, overwrite=overwrite) as outputs:
-            result = self.write_deliverables(outputs.stage, merge=merge, tokenizer=tokenizer, final_dir=output_dir)
+            result = self.write_deliverables(
+                outputs.stage, merge=merge, tokenizer=tokenizer, final_dir=output_dir, merged_dtype=merged_dtype
+            )
             stage = outputs.stage
             outputs.commit(info={"method": self.method.name})
         return result.relocated(stage, output_dir)

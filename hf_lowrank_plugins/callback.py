@@ -1,4 +1,4 @@
-"""The ``TrainerCallback`` that drives a method through the Trainer's life cycle.
+"""The ``TrainerCallback`` that drives a method through the Trainer's life cycle, and stops a diverged run.
 
 A callback gets no handle on the Trainer, so it works through what the Trainer passes it: the
 arguments at ``on_init_end`` (our optimizer factory needs them) and the prepared model, optimizer
@@ -7,11 +7,14 @@ and training dataloader at ``on_train_begin``.
 
 from __future__ import annotations
 
+import math
+import os
 from typing import TYPE_CHECKING, Any
 
+import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .errors import LowRankError
+from .errors import DivergenceError, LowRankError
 
 if TYPE_CHECKING:
     from .api import Adapted
@@ -55,6 +58,28 @@ class LowRankCallback(TrainerCallback):
     def __init__(self, adapted: Adapted) -> None:
         self.adapted = adapted
 
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Stop with :class:`DivergenceError` when the logged loss or a trainable weight is not finite.
+
+        Every logged loss is checked (it averages the steps since the last log, so a NaN in any of
+        them shows), and the trainable weights with it; a run never goes on to export NaN weights.
+        """
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise DivergenceError(divergence_message(state.global_step, f"the loss is {loss}", args))
+        bad = non_finite_parameters(self.adapted.model) if loss is not None else []
+        if bad:
+            raise DivergenceError(
+                divergence_message(state.global_step, f"weights are not finite ({', '.join(bad)})", args)
+            )
+
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         """Remember the Trainer's arguments and check it trains the adapted model."""
         self.adapted.training_args = args
@@ -78,6 +103,13 @@ class LowRankCallback(TrainerCallback):
                 "optimizer_cls_and_kwargs=(adapted.optimizer_factory, {}) (DeepSpeed-configured optimizers "
                 "cannot be replaced)."
             )
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise LowRankError(
+                f"this process is one of {world} launched processes (WORLD_SIZE={world}) but no process group exists, "
+                "so each would train alone on its own copy; on CPU pass TrainingArguments(use_cpu=True) (hf-lowrank "
+                f"train does) and launch with torchrun --nproc_per_node {world}"
+            )
         if self.adapted.guard is not None:
             self.adapted.guard.active = True
         if state.global_step > 0:  # resumed: the checkpoint already holds the initialised state
@@ -90,3 +122,21 @@ class LowRankCallback(TrainerCallback):
             train_dataloader=kwargs.get("train_dataloader"),
             args=args,
         )
+
+
+def non_finite_parameters(model: Any, limit: int = 3) -> list[str]:
+    """Names of up to ``limit`` trainable parameters holding NaN or infinity."""
+    bad = []
+    for name, param in model.named_parameters():
+        if param.requires_grad and not bool(param.detach().isfinite().all()):
+            bad.append(name)
+            if len(bad) == limit:
+                break
+    return bad
+
+
+def divergence_message(step: int, what: str, args: TrainingArguments | None) -> str:
+    """One line: where training diverged and what to change."""
+    lr = f" (it is {args.learning_rate:g})" if args is not None else ""
+    clip = f"; clip gradients with max_grad_norm (it is {args.max_grad_norm:g})" if args is not None else ""
+    return f"training diverged at step {step}: {what}; lower the learning rate{lr}{clip}, or check the data"

@@ -34,3 +34,10 @@ class PluginError(LowRankError):
 
     Not the user's input: the CLI reports it as one line naming the plugin and the hook, and exits 1.
     """
+
+
+class DivergenceError(LowRankError):
+    """Training produced a non-finite loss or weight; nothing it trained is exported.
+
+    Not bad input: the CLI exits 1 and names the step and the remedy.
+    """

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from peft import PeftConfig, PeftModel
 from torch import nn
 
@@ -84,10 +85,30 @@ def merged_copy(model: nn.Module, in_place: bool = False) -> nn.Module:
     return work
 
 
-def write_merged(model: nn.Module, directory: str | Path, tokenizer: Any = None, in_place: bool = False) -> Path:
-    """Write the merged checkpoint's files into the existing folder ``directory`` (not atomic on its own)."""
-    merged = merged_copy(model, in_place=in_place)
-    merged.save_pretrained(directory, safe_serialization=True)
+def write_merged(
+    model: nn.Module,
+    directory: str | Path,
+    tokenizer: Any = None,
+    in_place: bool = False,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write the merged checkpoint's files into the existing folder ``directory`` (not atomic on its own).
+
+    ``dtype`` casts the saved floating-point tensors (and the config's ``dtype``); ``None`` keeps the
+    merged model's own. The live model is never cast.
+    """
+    merged: Any = merged_copy(model, in_place=in_place)
+    state = None
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in merged.state_dict().items()}
+    previous = getattr(merged.config, "dtype", None)
+    if dtype is not None:
+        merged.config.dtype = dtype
+    try:
+        merged.save_pretrained(str(directory), safe_serialization=True, state_dict=state)
+    finally:
+        if dtype is not None:
+            merged.config.dtype = previous
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     return Path(directory)
@@ -98,20 +119,31 @@ def save_merged(
     directory: str | Path,
     tokenizer: Any = None,
     in_place: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write a plain transformers checkpoint (plus ``tokenizer`` if given) with adapters merged in, atomically."""
+    """Write a plain transformers checkpoint (plus ``tokenizer`` if given) with adapters merged in, atomically.
+
+    ``dtype``: the dtype of the saved weights (``None``: the merged model's own, which is the base's
+    when it was loaded at its checkpoint's dtype).
+    """
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
-        write_merged(model, tmp, tokenizer=tokenizer, in_place=in_place)
+        write_merged(model, tmp, tokenizer=tokenizer, in_place=in_place, dtype=dtype)
     return directory
 
 
-def default_export(model: nn.Module, output_dir: str | Path, merge: bool, tokenizer: Any = None) -> ExportResult:
+def default_export(
+    model: nn.Module,
+    output_dir: str | Path,
+    merge: bool,
+    tokenizer: Any = None,
+    merged_dtype: torch.dtype | None = None,
+) -> ExportResult:
     """``output_dir/adapter`` for a PEFT model, ``output_dir/merged`` when ``merge`` (or no adapter)."""
     output_dir = Path(output_dir)
     result = ExportResult()
     if isinstance(model, PeftModel):
         result.adapter_dir = save_adapter(model, output_dir / "adapter")
     if merge or not isinstance(model, PeftModel):
-        result.merged_dir = save_merged(model, output_dir / "merged", tokenizer=tokenizer)
+        result.merged_dir = save_merged(model, output_dir / "merged", tokenizer=tokenizer, dtype=merged_dtype)
     return result

@@ -123,6 +123,7 @@ def post_train_merge(
     merge: bool,
     tokenizer: Any,
     final_dir: Path,
+    merged_dtype: torch.dtype | None,
 ) -> ExportResult | None:
     """Turn the trained model into its deliverables under ``output_dir``.
 
@@ -135,5 +136,7 @@ def post_train_merge(
 
     ``output_dir`` is usually a hidden staging folder that the core moves to ``final_dir`` once
     every deliverable exists (see :mod:`~hf_lowrank_plugins.outputs`): a path written *into* a
-    deliverable (an adapter naming a sibling base folder) must use ``final_dir``.
+    deliverable (an adapter naming a sibling base folder) must use ``final_dir``. ``merged_dtype``
+    is the dtype ``merged/`` is saved in (``None``: the base's); pass it to
+    :func:`~hf_lowrank_plugins.export.save_merged`.
     """

@@ -7,7 +7,7 @@ the rest: which hooks the plugin implements (so whether it replaces the optimize
 and validation of every field from the annotations and metadata.
 
 Field metadata keys: ``help`` (one line), ``choices`` (allowed values), ``min`` / ``max``
-(inclusive bounds), ``min_exclusive`` / ``max_exclusive``. :func:`validate_config` checks every
+(inclusive bounds), ``min_exclusive`` / ``max_exclusive``, ``finite`` (no infinity). :func:`validate_config` checks every
 field against its type annotation and these keys and raises
 :class:`~hf_lowrank_plugins.errors.ConfigError` naming the field, the value and what is allowed;
 config classes call it from ``__post_init__`` so the Python API and the CLI fail alike.
@@ -244,7 +244,9 @@ def _range_problem(value: Any, meta: Mapping[str, Any]) -> str | None:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return None
     if isinstance(value, float) and math.isnan(value):
-        return "must be a number, got NaN"
+        return "must be a number"
+    if meta.get("finite") and isinstance(value, float) and math.isinf(value):
+        return "must be a finite number"
     if "min" in meta and value < meta["min"]:
         return f"must be >= {meta['min']}"
     if "min_exclusive" in meta and value <= meta["min_exclusive"]:
@@ -257,16 +259,25 @@ def _range_problem(value: Any, meta: Mapping[str, Any]) -> str | None:
 
 
 def validate_config(
-    config: Any, limits: Mapping[str, Mapping[str, Any]] | None = None, skip: tuple[str, ...] = ()
+    config: Any,
+    limits: Mapping[str, Mapping[str, Any]] | None = None,
+    skip: tuple[str, ...] = (),
+    flags: bool = False,
 ) -> None:
     """Check every field of ``config`` against its annotation and its metadata (or ``limits``).
 
     ``limits`` adds metadata for inherited fields the class cannot annotate itself (PEFT's ``r``,
-    ``lora_dropout``, ...); fields in ``skip`` and PEFT's bookkeeping fields are not checked. Raises :class:`ConfigError` for the first bad field, naming the field,
+    ``lora_dropout``, ...); fields in ``skip`` and PEFT's bookkeeping fields are not checked. With
+    ``flags`` the message names the command-line option (``--max-steps``) instead of the field. Raises :class:`ConfigError` for the first bad field, naming the field,
     the value, what is allowed and the config class.
     """
     hints = _hints(type(config))
     unchecked = set(skip) | peft_internal_fields()
+    owner = "" if flags else f" ({type(config).__name__})"
+
+    def label(name: str) -> str:
+        return "--" + name.replace("_", "-") if flags else name
+
     for name, f in config_fields(type(config)).items():
         if name in unchecked:
             continue
@@ -277,9 +288,7 @@ def validate_config(
             expected = _type_text(annotation)
             if "'" in expected:  # a Literal: name the choices
                 expected = "one of " + expected.replace(" | ", ", ")
-            raise ConfigError(
-                f"{name} must be {expected}, got {value!r} ({type(value).__name__}; {type(config).__name__})"
-            )
+            raise ConfigError(f"{label(name)} must be {expected}, got {value!r}{owner}")
         problem = _range_problem(value, meta)
         if problem:
-            raise ConfigError(f"{name} {problem}, got {value!r} ({type(config).__name__})")
+            raise ConfigError(f"{label(name)} {problem}, got {value!r}{owner}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -65,6 +66,37 @@ def bnb_config(settings: QuantizationSettings) -> BitsAndBytesConfig:
     )
 
 
+def with_heads_skipped(settings: QuantizationSettings, model: nn.Module) -> QuantizationSettings:
+    """``settings`` with ``model``'s heads added to the modules left in full precision.
+
+    A classifier's head trains in full (``modules_to_save``), and naming any skip list turns off
+    transformers' own default skip of the output embedding, so both are named.
+    """
+    return replace(settings, skip_modules=tuple(dict.fromkeys([*settings.skip_modules, *task_heads(model)])))
+
+
+def load_quantized(model_dir: str | Path, settings: QuantizationSettings, model_class: Any = None) -> nn.Module:
+    """A checkpoint loaded straight in 4-bit: transformers quantizes each tensor as it reads it, so no
+    full-precision copy of the model ever exists (the cheapest path when the weights are the
+    checkpoint's). Heads stay full precision; the model comes back prepared for k-bit training.
+    """
+    _require_bitsandbytes()
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_class = model_class or AutoModelForCausalLM
+    with init_empty_weights():  # the architecture without memory, to find its heads
+        skeleton = model_class.from_config(AutoConfig.from_pretrained(model_dir))
+    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    model = model_class.from_pretrained(
+        model_dir,
+        quantization_config=bnb_config(with_heads_skipped(settings, skeleton)),
+        dtype=settings.compute_dtype,
+        device_map={"": device},
+    )
+    return prepare_for_training(model)
+
+
 def quantize_model(model: nn.Module, settings: QuantizationSettings) -> nn.Module:
     """``model`` with its linear layers in 4-bit, in place (output head, task heads, norms stay full
     precision), prepared for k-bit training (non-quantized parameters frozen and in fp32).
@@ -88,10 +120,7 @@ def quantize_model(model: nn.Module, settings: QuantizationSettings) -> nn.Modul
         for name, module in model.named_modules()
         if type(module) is nn.Linear or isinstance(module, Conv1D)
     }
-    # Heads stay full precision: a classifier's head trains in full (modules_to_save), and naming any
-    # skip list turns off transformers' own default skip of the output embedding, so name both.
-    skip = tuple(dict.fromkeys([*settings.skip_modules, *task_heads(model)]))
-    quantizer = AutoHfQuantizer.from_config(bnb_config(replace(settings, skip_modules=skip)), pre_quantized=False)
+    quantizer = AutoHfQuantizer.from_config(bnb_config(with_heads_skipped(settings, model)), pre_quantized=False)
     quantizer.preprocess_model(
         model=model, dtype=dtype, device_map={"": str(device)}, checkpoint_files=None, use_kernels=False
     )  # replaces the layers by empty (meta) Linear4bit ones

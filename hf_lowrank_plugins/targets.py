@@ -61,6 +61,16 @@ def task_heads(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if name and id(m) in heads}
 
 
+def head_layers(model: nn.Module) -> list[str]:
+    """Names of the linear-like layers that are, or lie inside, a head (RoBERTa's classifier has two)."""
+    heads = list(task_heads(model))
+    return [
+        name
+        for name, m in model.named_modules()
+        if is_linear_like(m) and any(name == h or name.startswith(h + ".") for h in heads)
+    ]
+
+
 def find_target_modules(
     model: nn.Module,
     target_modules: str | Iterable[str] | None,
@@ -75,8 +85,8 @@ def find_target_modules(
     linear = {name: m for name, m in model.named_modules() if name and is_linear_like(m)}
     wants_all = target_modules == ALL_LINEAR or (not isinstance(target_modules, str) and ALL_LINEAR in target_modules)
     if wants_all:
-        heads = task_heads(model)
-        chosen = {name: m for name, m in linear.items() if name not in heads}
+        in_heads = set(head_layers(model))
+        chosen = {name: m for name, m in linear.items() if name not in in_heads}
     else:
         targets = target_modules if isinstance(target_modules, str) else list(target_modules)
         matcher = LoraConfig(target_modules=targets)

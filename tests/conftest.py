@@ -16,7 +16,7 @@ from hf_lowrank_plugins.testing.helpers import tiny_llama_config
 @pytest.fixture(scope="session")
 def smol_dir():
     """The real SmolLM2-135M-Instruct checkpoint (converted once from the packaged GGUF file)."""
-    from hf_lowrank_plugins.app.data import default_model_dir
+    from hf_lowrank_plugins.app.embedded import default_model_dir
 
     return default_model_dir()
 

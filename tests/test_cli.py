@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -266,3 +267,73 @@ def test_resumed_run_reports_the_whole_run_and_checks_the_checkpoint(tmp_path, t
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "was written by another run" in err[0] and differs in err[0], err
     assert not (tmp_path / "other").exists()
+
+
+def test_divergence_stops_the_run_with_exit_1_and_delivers_nothing(tmp_path, tiny_model_dir, text_file, capsys):
+    out = tmp_path / "run"
+    argv = [
+        "train",
+        "--method",
+        "lora",
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(text_file),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "6",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--eval-blocks",
+        "2",
+        "--lr",
+        "1e30",
+        "--max-grad-norm",
+        "0",
+    ]
+    capsys.readouterr()
+    assert main(argv) == 1
+    stderr = capsys.readouterr().err
+    ours = [line for line in re.split(r"[\r\n]+", stderr) if line.startswith("hf-lowrank")]  # the rest: progress
+    assert len(ours) == 1 and "Traceback" not in stderr
+    assert "training diverged at step" in ours[0] and "lower the learning rate (it is 1e+30)" in ours[0]
+    from hf_lowrank_plugins.outputs import read_manifest
+
+    assert read_manifest(out) is None and not (out / "adapter").exists() and not (out / "metrics.json").exists()
+
+
+def test_a_normal_run_prints_no_third_party_noise(tmp_path, tiny_model_dir, text_file):
+    """Our lines, the progress bar and the Trainer's logs only; -v shows the libraries' warnings again."""
+    argv = [
+        sys.executable,
+        "-m",
+        "hf_lowrank_plugins",
+        "train",
+        "--method",
+        "lora",
+        "--load-in-4bit",
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(text_file),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--eval-blocks",
+        "2",
+    ]
+    quiet = subprocess.run([*argv, "--output-dir", str(tmp_path / "a")], capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    for noise in ("Warning", "warnings.warn", "deprecated", "kernels-community"):
+        assert noise not in quiet.stderr and noise not in quiet.stdout, noise
+    assert "'loss'" in quiet.stdout + quiet.stderr and "lora: eval loss" in quiet.stdout
+    loud = subprocess.run(
+        [*argv, "--output-dir", str(tmp_path / "b"), "-v"], capture_output=True, text=True, timeout=300
+    )
+    assert loud.returncode == 0 and "Warning" in loud.stderr

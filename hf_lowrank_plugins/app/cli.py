@@ -1,6 +1,12 @@
-"""``hf-lowrank``: list methods, train one, compare several, merge an adapter.
+"""``hf-lowrank``: list methods, train one, compare several, merge an adapter, talk to a model.
 
-Bad input exits with status 2 and one line on stderr (no traceback) and writes nothing.
+The ``train`` and ``compare`` options are generated from :class:`~.spec.TrainSpec`'s fields (their
+help, defaults and ranges); ``--config run.yaml`` holds any of them, and flags on the command line
+win. Bad input exits with status 2 and exactly one line on stderr (no traceback) and writes
+nothing; a broken plugin or a diverged run exits 1 with one line; an unexpected internal error
+prints one line and the hint to rerun with ``--debug`` (or ``HF_LOWRANK_DEBUG=1``) for the traceback.
+A normal run prints our own lines, the progress bar and the Trainer's logs; ``-v`` shows every
+library's warnings and logs too.
 """
 
 from __future__ import annotations
@@ -8,11 +14,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
+import math
+import os
 import sys
+import traceback
+import typing
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from ..errors import LowRankError, PluginError
+from ..errors import DivergenceError, LowRankError, PluginError
+from .spec import TrainSpec, spec_fields
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
@@ -58,11 +71,151 @@ def parse_lr(text: str | None) -> tuple[float | None, dict[str, float]]:
             raise LowRankError(
                 f"malformed --lr {text!r}: expected a number or METHOD=NUMBER pairs, e.g. --lr lora=1e-3,full=5e-5"
             ) from None
+        if not (math.isfinite(lr) and lr > 0):
+            raise LowRankError(f"--lr {value.strip()}: a learning rate must be a positive finite number, e.g. 2e-4")
         if sep:
             per_method[name.strip().lower().replace("-", "_")] = lr
         else:
             default = lr
     return default, per_method
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (``hf-lowrank: error: ...; see --help``), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print the problem and where the help is, on one line, and exit with status 2."""
+        raise UsageError(f"{message}; see `{self.prog} --help`")
+
+
+class UsageError(LowRankError):
+    """A command line argparse refused."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's default after its help (unless the help says it already); examples kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in text:
+            return text
+        return f"{text} (default: {action.default})"
+
+
+def _value_parser(annotation: Any, name: str) -> Any:
+    """The argparse ``type`` of a spec field: ints and floats with a one-line error, else strings."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    base = args[0]
+    if base in (int, float):
+
+        def convert(text: str) -> Any:
+            try:
+                return base(text)
+            except ValueError:
+                kind = "an integer" if base is int else "a number"
+                raise argparse.ArgumentTypeError(f"must be {kind}, got {text!r}") from None
+
+        return convert
+    return str
+
+
+def add_spec_options(parser: argparse.ArgumentParser, scope: str) -> None:
+    """Add the :class:`TrainSpec` fields of ``scope`` as options (help, default, choices from the field)."""
+    hints = typing.get_type_hints(TrainSpec)
+    for f in spec_fields(scope):
+        flag = "--" + f.name.replace("_", "-")
+        annotation = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f.metadata["help"]
+        if annotation is bool:
+            parser.add_argument(flag, action="store_true", help=help_text)
+        elif f.name == "report_to":
+            parser.add_argument(
+                flag,
+                type=lambda t: [v.strip() for v in t.split(",") if v.strip()],
+                default=[],
+                metavar="BACKENDS",
+                help=help_text + " (comma-separated)",
+            )
+        else:
+            choices = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else None
+            parser.add_argument(
+                flag, type=_value_parser(annotation, f.name), default=default, choices=choices, help=help_text
+            )
+
+
+def spec_from(ns: argparse.Namespace, scope: str, **fixed: Any) -> TrainSpec:
+    """A :class:`TrainSpec` from parsed options of ``scope`` plus ``fixed`` fields (validated on construction)."""
+    values = {f.name: getattr(ns, f.name) for f in spec_fields(scope)}
+    return TrainSpec(**{**values, **fixed})
+
+
+def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Option values from a YAML (or JSON) file: ``dest: value`` per option, dashes or underscores."""
+    import yaml
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LowRankError(f"--config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LowRankError(f"--config {path}: cannot read it ({exc})") from None
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise LowRankError(f"--config {path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(values, dict):
+        raise LowRankError(f"--config {path}: expected option: value pairs, got a {type(values).__name__}")
+    known = {a.dest: a for a in parser._actions if a.dest not in ("help", "config", "func")}
+    out = {}
+    for key, value in values.items():
+        dest = str(key).replace("-", "_")
+        if dest not in known:
+            raise LowRankError(f"--config {path}: unknown option '{key}'; options are {', '.join(sorted(known))}")
+        action = known[dest]
+        if action.type is not None and value is not None and not isinstance(value, list):
+            try:
+                value = action.type(str(value))
+            except argparse.ArgumentTypeError as exc:
+                raise LowRankError(f"--config {path}: {exc}") from None
+        out[dest] = value
+    return out
+
+
+def _cmd_train(ns: argparse.Namespace) -> int:
+    from .train import run_training
+
+    spec = spec_from(ns, "train", method=ns.method, settings=parse_set(ns.set))
+    metrics = run_training(spec)
+    print(
+        f"{metrics['method']}: eval loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss_after']:.4f} "
+        f"after {metrics['steps']} steps ({metrics['train_seconds']:.1f}s, peak {metrics['peak_memory_mb']:.0f} MB, "
+        f"{metrics['trainable_params']:,} trainable parameters); wrote {spec.resolved_output_dir()}"
+    )
+    return 0
+
+
+def _cmd_compare(ns: argparse.Namespace) -> int:
+    from .compare import CompareSpec, run_comparison
+
+    default_lr, lr_overrides = parse_lr(ns.lr)
+    methods = [m.strip() for m in ns.methods.split(",") if m.strip()] if ns.methods else None  # None: all installed
+    spec = CompareSpec(
+        methods=methods,
+        run=spec_from(ns, "run"),
+        output_dir=ns.output_dir,
+        lr=default_lr,
+        lr_overrides=lr_overrides,
+        settings=parse_scoped_set(ns.set),
+        reference=ns.reference,
+        timeout=ns.timeout,
+        overwrite=ns.overwrite,
+    )
+    comparison = run_comparison(spec, log=lambda line: print(line, flush=True))
+    # a failing method is a row of the comparison, not a failed command; only "nothing trained" is
+    return 1 if all(r["status"] != "ok" for r in comparison["results"]) else 0
 
 
 def _cmd_list(ns: argparse.Namespace) -> int:
@@ -129,59 +282,13 @@ def _cmd_list(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(ns: argparse.Namespace) -> int:
-    from .train import TrainSpec, run_training
-
-    spec = TrainSpec(
-        method=ns.method,
-        output_dir=ns.output_dir or f"runs/{ns.method}",
-        lr=ns.lr,
-        load_in_4bit=ns.load_in_4bit,
-        merge=ns.merge,
-        save_steps=ns.save_steps,
-        resume_from_checkpoint=ns.resume_from_checkpoint,
-        overwrite=ns.overwrite,
-        settings=parse_set(ns.set),
-        **_run_options(ns),
-    )
-    metrics = run_training(spec)
-    print(
-        f"{metrics['method']}: eval loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss_after']:.4f} "
-        f"after {metrics['steps']} steps ({metrics['train_seconds']:.1f}s, peak {metrics['peak_memory_mb']:.0f} MB, "
-        f"{metrics['trainable_params']:,} trainable parameters); wrote {spec.output_dir}/metrics.json"
-    )
-    return 0
-
-
-def _cmd_compare(ns: argparse.Namespace) -> int:
-    from .compare import CompareSpec, run_comparison
-    from .train import TrainSpec
-
-    default_lr, lr_overrides = parse_lr(ns.lr)
-    methods = [m.strip() for m in ns.methods.split(",") if m.strip()] if ns.methods else None  # None: all installed
-    spec = CompareSpec(
-        methods=methods,
-        run=TrainSpec(method="", **_run_options(ns)),
-        output_dir=ns.output_dir,
-        lr=default_lr,
-        lr_overrides=lr_overrides,
-        settings=parse_scoped_set(ns.set),
-        reference=ns.reference,
-        timeout=ns.timeout,
-        overwrite=ns.overwrite,
-    )
-    comparison = run_comparison(spec, log=lambda line: print(line, flush=True))
-    # a failing method is a row of the comparison, not a failed command; only "nothing trained" is
-    return 1 if all(r["status"] != "ok" for r in comparison["results"]) else 0
-
-
 def _cmd_merge(ns: argparse.Namespace) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from ..api import load_adapter, read_adapter_config
     from ..export import write_merged
     from ..outputs import OutputSet
+    from .model import check_model_dir, checkpoint_dtype, load_causal_lm, torch_dtype
 
     raw = read_adapter_config(ns.adapter_dir)
     base = ns.base or raw.get("base_model_name_or_path")
@@ -191,92 +298,73 @@ def _cmd_merge(ns: argparse.Namespace) -> int:
         ns.output_dir, command="merge", overwrite=ns.overwrite, inputs={"adapter": ns.adapter_dir, "base model": base}
     )
     outputs.check()
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = load_causal_lm(check_model_dir(base), checkpoint_dtype(base))
     adapted = load_adapter(model, ns.adapter_dir)
     has_tokenizer = any((Path(base) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = AutoTokenizer.from_pretrained(base) if has_tokenizer else None
+    dtype = checkpoint_dtype(base) if ns.merged_dtype == "auto" else torch_dtype(ns.merged_dtype)
     with outputs:
-        write_merged(adapted.model, outputs.stage, tokenizer=tokenizer, in_place=True)
+        write_merged(adapted.model, outputs.stage, tokenizer=tokenizer, in_place=True, dtype=dtype)
         outputs.commit(info={"adapter": str(ns.adapter_dir), "base": str(base)})
     print(f"merged {ns.adapter_dir} into {base}: wrote {ns.output_dir}")
     return 0
 
 
-#: Options shared by `train` and `compare` (TrainSpec field names), added by _add_run_options.
-RUN_OPTIONS = (
-    "model",
-    "dataset",
-    "max_steps",
-    "rank",
-    "alpha",
-    "batch_size",
-    "seq_len",
-    "grad_accum",
-    "seed",
-    "eval_every",
-    "eval_blocks",
-    "bf16",
-)
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
 
 
-def _run_options(ns: argparse.Namespace) -> dict[str, Any]:
-    return {name: getattr(ns, name) for name in RUN_OPTIONS}
+TRAIN_EXAMPLES = """examples:
+  hf-lowrank train --method lora --rank 16 --max-steps 40 --lr 1e-3 --merge
+  hf-lowrank train --method qlora --model ./my-llama --dataset chats.jsonl --epochs 1 --gradient-checkpointing
+  hf-lowrank train --method pissa --set svd=fast --set target_modules=q_proj,v_proj --output-dir runs/p
+  hf-lowrank train --config run.yaml --lr 5e-4          (flags on the command line win over the file)
+  hf-lowrank list --method lora                          (every --set option of a method, with help)
+"""
 
 
-def _add_run_options(p: argparse.ArgumentParser, eval_every: int | None = None) -> None:
-    """The model, data and budget options of a training run (see RUN_OPTIONS)."""
-    p.add_argument("--model", help="transformers checkpoint directory (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument(
-        "--dataset", help=".txt, .jsonl with a 'text' field, or a saved datasets directory (default: KJV text)"
-    )
-    p.add_argument("--max-steps", type=int, default=30)
-    p.add_argument("--rank", type=int, help="adapter/projection rank (the method's r or rank)")
-    p.add_argument("--alpha", type=float, help="LoRA alpha")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=eval_every, help="evaluate every K steps")
-    p.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks for evaluation")
-    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace an earlier output of hf-lowrank in --output-dir (never anything else)",
-    )
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", help="show every library's warnings and logs")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``hf-lowrank`` argument parser."""
-    parser = argparse.ArgumentParser(
-        prog="hf-lowrank", description="Low-rank fine-tuning methods for transformers.Trainer"
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineParser(prog="hf-lowrank", description="Low-rank fine-tuning methods for transformers.Trainer")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
-    p = sub.add_parser("list", help="installed methods, or one method's options")
+    p = sub.add_parser("list", help="installed methods, or one method's options", formatter_class=HelpFormatter)
     p.add_argument("--method", help="show this method's options with their help and defaults")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    _common(p)
     p.set_defaults(func=_cmd_list)
 
-    p = sub.add_parser("train", help="fine-tune a causal LM with one method")
+    p = sub.add_parser(
+        "train", help="fine-tune a causal LM with one method", formatter_class=HelpFormatter, epilog=TRAIN_EXAMPLES
+    )
     p.add_argument("--method", required=True, help="a name from `hf-lowrank list`")
-    p.add_argument("--output-dir", help="default: runs/METHOD")
-    _add_run_options(p)
-    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
+    p.add_argument("--config", help="YAML file of option: value pairs (any option below; the command line wins)")
+    add_spec_options(p, "train")
     p.add_argument(
-        "--load-in-4bit", action="store_true", help="quantize the frozen base to NF4 (needs hf-lowrank-qlora)"
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a field of the method's config (`hf-lowrank list --method NAME` shows them)",
     )
-    p.add_argument("--merge", action="store_true", help="also write OUTPUT/merged, a plain transformers checkpoint")
-    p.add_argument("--save-steps", type=int, help="write a checkpoint every N steps")
-    p.add_argument("--resume-from-checkpoint", help="checkpoint directory to resume from")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="any other field of the method's config"
-    )
+    _common(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
         "compare",
         help="train several methods on the same model, data, budget and seed; write a comparison",
+        formatter_class=HelpFormatter,
         description="Each method trains in a fresh process on the same model, data, steps and seed. Writes "
         "OUTPUT/comparison.json, comparison.md, loss_curves.png, cost.png and OUTPUT/<method>/.",
     )
@@ -285,12 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated names from `hf-lowrank list` (default: every installed method; "
         "`full` is plain full fine-tuning)",
     )
-    p.add_argument("--output-dir", default="runs/compare")
-    _add_run_options(p, eval_every=10)
+    p.add_argument("--config", help="YAML file of option: value pairs (the command line wins)")
+    p.add_argument("--output-dir", default="runs/compare", help="output folder")
+    add_spec_options(p, "run")
+    p.set_defaults(eval_every=10)
     p.add_argument(
         "--lr",
         help="learning rate: X for all methods, METHOD=X,... per method, or both (2e-4,full=5e-5); "
-        "methods not named use the default table (see comparison.md for each reason)",
+        "methods not named use the rate their plugin declares (see comparison.md for each reason)",
     )
     p.add_argument(
         "--set",
@@ -299,47 +389,104 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="METHOD.KEY=VALUE",
         help="a config field of one method, e.g. --set pissa.svd=fast --set galore.rank=64",
     )
+    p.add_argument("--reference", help="the method ratios are taken against (default: the reference method, lora)")
     p.add_argument(
-        "--reference", help="the method ratios are taken against (default: lora when compared, else the first)"
+        "--timeout", type=_positive_float, help="seconds after which one method's run is stopped and reported as failed"
     )
-    p.add_argument(
-        "--timeout", type=float, help="seconds after which one method's run is stopped and reported as failed"
-    )
+    _common(p)
     p.set_defaults(func=_cmd_compare)
 
-    p = sub.add_parser("merge", help="merge a saved adapter into its base and write a plain checkpoint")
+    p = sub.add_parser(
+        "merge", help="merge a saved adapter into its base and write a plain checkpoint", formatter_class=HelpFormatter
+    )
     p.add_argument("adapter_dir")
-    p.add_argument("--base", help="base model directory (default: the adapter's base_model_name_or_path)")
-    p.add_argument("--output-dir", required=True)
+    p.add_argument("--base", help="base model folder (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--output-dir", required=True, help="output folder")
+    p.add_argument(
+        "--merged-dtype",
+        choices=("auto", "bfloat16", "float16", "float32"),
+        default="auto",
+        help="dtype of the merged weights (auto: the base checkpoint's)",
+    )
     p.add_argument(
         "--overwrite",
         action="store_true",
         help="replace an earlier output of hf-lowrank in --output-dir (never anything else)",
     )
+    _common(p)
     p.set_defaults(func=_cmd_merge)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``hf-lowrank`` command."""
-    ns = build_parser().parse_args(argv)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; a ``--config`` file's values become the defaults, so command-line flags win."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    config = getattr(ns, "config", None)
+    if config:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[ns.command]
+        sub.set_defaults(**load_config_file(config, sub))
+        ns = parser.parse_args(argv)
+    return ns
+
+
+def quiet_third_parties() -> None:
+    """Hide other libraries' warnings and info logs (our own lines, the progress bar and the Trainer's
+    logs stay); ``-v`` skips this."""
+    warnings.filterwarnings("ignore")
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # weight-loading bars; the Trainer's own progress bar stays
+    hf_logging.set_verbosity_error()
+    for name in ("bitsandbytes", "peft", "accelerate", "torch", "datasets", "urllib3"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``hf-lowrank`` command."""
+    debug = os.environ.get("HF_LOWRANK_DEBUG", "").lower() in ("1", "true", "yes")
     try:
-        return ns.func(ns)
-    except PluginError as exc:  # a broken plugin, not the user's input
-        print(f"hf-lowrank: error: {exc}", file=sys.stderr)
-        return 1
-    except LowRankError as exc:
-        print(f"hf-lowrank: error: {exc}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, NotADirectoryError) as exc:
-        print(f"hf-lowrank: error: {exc}", file=sys.stderr)
-        return 2
+        ns = parse_args(argv)
+        debug = debug or ns.debug
+        if not ns.verbose:
+            quiet_third_parties()
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # weight-loading bars; the Trainer's own progress bar stays
+        return int(ns.func(ns))
+    except SystemExit as exc:  # --help, or a library calling sys.exit
+        return int(exc.code or 0) if isinstance(exc.code, int) else 0
     except KeyboardInterrupt:
         print("hf-lowrank: interrupted; completed outputs are intact, partial ones were not written", file=sys.stderr)
         return 130
+    except (PluginError, DivergenceError) as exc:  # not the user's input: a broken plugin, a diverged run
+        print(f"hf-lowrank: error: {_one_line(exc)}", file=sys.stderr)
+        if debug:
+            traceback.print_exc()
+        return 1
+    except LowRankError as exc:
+        print(f"hf-lowrank: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+        print(f"hf-lowrank: error: {_one_line(exc)}; check the path and its permissions", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        print(
+            f"hf-lowrank: internal error: {type(exc).__name__}: {_one_line(exc)[:300]}; rerun with --debug for the "
+            "traceback",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    """The exception's message on one line, after ending a progress bar that was cut off mid-line."""
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is not None and getattr(tqdm.tqdm, "_instances", None):
+        for bar in list(tqdm.tqdm._instances):  # a bar the exception interrupted: close it so its line ends
+            bar.close()
+    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":

@@ -253,7 +253,7 @@ def run_method(
     The worker's log and error file go to ``logs_dir`` (default: beside the method's output folder,
     which the worker claims as a new output set of its own).
     """
-    out_dir = Path(run.spec.output_dir)
+    out_dir = Path(run.spec.resolved_output_dir())
     logs_dir = logs_dir or out_dir.parent / "logs"
     logs_dir.mkdir(parents=True, exist_ok=True)
     log_path, error_file = logs_dir / f"{run.method}.log", logs_dir / f"{run.method}.error.json"
@@ -488,8 +488,10 @@ def run_comparison(spec: CompareSpec, registry: Any = None, log: Callable[[str],
             label = f"[{i}/{len(runs)}] {run.method}"
             # The comparison folder is ours (claimed above), so a method folder of an earlier comparison
             # in it is replaced; each worker then claims its folder as a new set of its own.
-            shutil.rmtree(run.spec.output_dir, ignore_errors=True)
-            log(f"{label}: training (lr {format_lr(run.spec.lr)}, {run.spec.max_steps} steps) -> {run.spec.output_dir}")
+            shutil.rmtree(run.spec.resolved_output_dir(), ignore_errors=True)
+            log(
+                f"{label}: training (lr {format_lr(run.spec.lr)}, {run.spec.steps_or_default} steps) -> {run.spec.resolved_output_dir()}"
+            )
             row = method_result(run, run_method(run, label, log, spec.timeout, logs_dir=out_dir / "logs"))
             rows.append(row)
             written.append(run.method)

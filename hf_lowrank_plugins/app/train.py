@@ -1,295 +1,139 @@
 """One training run with a plain ``transformers.Trainer``: what ``hf-lowrank train`` executes.
 
-Reads top to bottom: check everything that can be checked without weights, load, attach, claim
-the output folder, train, export. Nothing is written before the output folder is claimed, and the
-deliverables plus ``metrics.json`` are committed as one set (see :mod:`hf_lowrank_plugins.outputs`).
+Reads top to bottom: check everything that can be checked without weights, read the data, load
+the base, attach, claim the output folder, train, export. Nothing is written before the output
+folder is claimed, and the deliverables plus ``metrics.json`` are committed as one set (see
+:mod:`hf_lowrank_plugins.outputs`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import resource
-import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
 
 from ..api import attach, make_config
 from ..errors import LowRankError
+from ..method import MethodInfo
 from ..outputs import CHECKPOINTS, OutputSet
+from ..quantization import load_quantized
 from ..registry import Registry, get_registry
-from .data import default_model_dir, load_blocks
+from ..types import QuantizationSettings
+from .data import TrainingData, load_training_data
+from .embedded import default_model_dir, default_text_path
+from .model import check_bf16, check_model_dir, checkpoint_dtype, load_causal_lm, torch_dtype
+from .runstate import (
+    RunRecorder,
+    StepTimer,
+    check_checkpoint,
+    count_trainable,
+    directory_bytes,
+    peak_memory_mb,
+    run_identity,
+    whole_run_train_loss,
+)
+from .spec import TrainSpec
 
-#: Written into every checkpoint this runner saves: what the run was, and its timings so far.
-RUN_RECORD = "hf_lowrank_run.json"
-
-
-@dataclasses.dataclass
-class TrainSpec:
-    """Inputs of one run; ``None`` model/dataset mean the embedded SmolLM2-135M and KJV text."""
-
-    method: str
-    model: str | None = None
-    dataset: str | None = None
-    output_dir: str = "runs/latest"
-    max_steps: int = 30
-    rank: int | None = None
-    alpha: float | None = None
-    lr: float = 2e-4
-    batch_size: int = 8
-    seq_len: int = 128
-    grad_accum: int = 1
-    load_in_4bit: bool = False
-    merge: bool = False
-    seed: int = 0
-    eval_blocks: int = 16
-    eval_every: int | None = None
-    save_steps: int | None = None
-    resume_from_checkpoint: str | None = None
-    bf16: bool = False
-    warmup_steps: int = 0
-    progress_bar: bool = True
-    overwrite: bool = False
-    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    def method_fields(self) -> dict[str, Any]:
-        """Config fields for the method: ``--set`` values plus ``--rank``/``--alpha`` where given."""
-        fields = dict(self.settings)
-        if self.rank is not None:
-            fields["rank"] = self.rank
-        if self.alpha is not None:
-            fields["alpha"] = self.alpha
-        return fields
+#: Where ``--report-to tensorboard`` writes, inside the run's output folder.
+TENSORBOARD = "tensorboard"
 
 
-def peak_memory_mb() -> float:
-    """Peak memory of this process: GPU allocator peak on CUDA, else peak resident set size."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+def training_arguments(spec: TrainSpec, output_dir: Path, steps: int | None) -> TrainingArguments:
+    """The Trainer's arguments for ``spec``; checkpoints go to ``output_dir/checkpoints``."""
+    log_every = max(1, min(10, (steps or 50) // 5))
+    return TrainingArguments(
+        output_dir=str(output_dir / CHECKPOINTS),
+        max_steps=steps if steps is not None else -1,
+        num_train_epochs=spec.epochs or 1.0,
+        per_device_train_batch_size=spec.batch_size,
+        per_device_eval_batch_size=spec.batch_size,
+        gradient_accumulation_steps=spec.grad_accum,
+        learning_rate=spec.lr,
+        warmup_steps=spec.warmup_steps,
+        max_grad_norm=spec.max_grad_norm,
+        logging_steps=log_every,
+        eval_strategy="steps" if spec.eval_every else "no",
+        eval_steps=spec.eval_every,
+        save_strategy="steps" if spec.save_steps else "no",
+        save_steps=spec.save_steps or 500,
+        seed=spec.seed,
+        bf16=spec.bf16,
+        gradient_checkpointing=spec.gradient_checkpointing,
+        # non-reentrant: frozen embeddings give inputs without grad, which reentrant checkpointing drops
+        gradient_checkpointing_kwargs={"use_reentrant": False} if spec.gradient_checkpointing else None,
+        report_to=[b for b in spec.report_to if b != "none"] or "none",
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),  # torchrun on CPU then gets a gloo process group
+        disable_tqdm=not spec.progress_bar,
+    )
 
 
-def count_trainable(model: torch.nn.Module) -> int:
-    """Number of parameters that receive gradients."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+def read_data(spec: TrainSpec, tokenizer: Any) -> TrainingData:
+    """The training and held-out data of ``spec`` (the embedded KJV text by default)."""
+    steps = spec.steps_or_default
+    needed = None if steps is None else steps * spec.batch_size * spec.grad_accum + spec.eval_blocks
+    source = spec.dataset if spec.dataset is not None else default_text_path()
+    return load_training_data(source, tokenizer, spec.seq_len, spec.eval_blocks, needed, spec.loss_on_prompt)
 
 
-def directory_bytes(path: str | os.PathLike[str]) -> int:
-    """Total size of the regular files under ``path`` (what the artifact costs on disk)."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
-class StepTimer(TrainerCallback):
-    """Wall seconds of every optimizer step, and of what happens between train begin and the first step.
-
-    A step is timed from ``on_step_begin`` to ``on_step_end``: forward, backward, clipping and the
-    optimizer update of all its micro-batches, but neither evaluation nor checkpointing, which the
-    Trainer runs after ``on_step_end``. Put it *before* the method's callback in the Trainer's list:
-    ``startup_seconds`` then covers the method's data-dependent initialisation (LoRA-GA's gradient
-    estimation runs in that callback's ``on_train_begin``) plus fetching the first batch.
-    """
-
-    def __init__(self) -> None:
-        self.step_seconds: list[float] = []
-        self._global_steps: list[int] = []  # the Trainer's step number of each entry (offset on resume)
-        self.startup_seconds = 0.0
-        self._train_begin: float | None = None
-        self._step_begin = 0.0
-
-    def restore(self, steps: list[int], seconds: list[float]) -> None:
-        """Put the steps of the run's earlier part (read from a checkpoint) in front of this part's."""
-        self._global_steps = [*steps, *self._global_steps]
-        self.step_seconds = [*seconds, *self.step_seconds]
-
-    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        """Start the clock for the startup interval."""
-        self._train_begin = time.perf_counter()
-
-    def on_step_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        """Start timing one optimizer step (and close the startup interval on the first one)."""
-        self._step_begin = time.perf_counter()
-        if self._train_begin is not None:
-            self.startup_seconds = self._step_begin - self._train_begin
-            self._train_begin = None
-
-    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        """Record the step's wall time."""
-        self.step_seconds.append(time.perf_counter() - self._step_begin)
-        self._global_steps.append(state.global_step)
-
-    def median(self, warmup: int = 2) -> float | None:
-        """Median step seconds after ``warmup`` steps (all steps when there are no more than that)."""
-        measured = self.step_seconds[warmup:] or self.step_seconds
-        return statistics.median(measured) if measured else None
-
-    def elapsed(self, global_step: int) -> float:
-        """Training seconds this run spent up to and including ``global_step`` (evaluation excluded)."""
-        return sum(t for s, t in zip(self._global_steps, self.step_seconds, strict=True) if s <= global_step)
-
-
-class RunRecorder(TrainerCallback):
-    """Makes every checkpoint self-describing and the logged losses sum to the whole run's.
-
-    * On every step that saves, it asks the Trainer to log first, so the log history inside a
-      checkpoint covers exactly its steps (a resumed run's ``train_loss`` is then the whole run's).
-    * Into every checkpoint it writes :data:`RUN_RECORD`: the method and the settings a resume must
-      agree with, and the timings so far.
-    """
-
-    def __init__(self, identity: dict[str, Any], timer: StepTimer, init_seconds: dict[str, float]) -> None:
-        self.identity, self.timer, self.init_seconds = identity, timer, init_seconds
-
-    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        """Log on every saving step (``DefaultFlowCallback`` has decided ``should_save`` already)."""
-        if control.should_save:
-            control.should_log = True
-
-    def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        """Write the run record into the checkpoint the Trainer just saved."""
-        folder = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
-        if folder.is_dir() and args.should_save:
-            record = {
-                **self.identity,
-                **self.init_seconds,
-                "steps": self.timer._global_steps,
-                "step_seconds": self.timer.step_seconds,
-            }
-            (folder / RUN_RECORD).write_text(json.dumps(record, indent=2))
-
-
-def run_identity(method: str, config: Any) -> dict[str, Any]:
-    """What a checkpoint must agree with to be resumed by this run: method, rank, alpha, targets."""
-    fields = config.to_dict() if hasattr(config, "to_dict") else {}
-    keep = ("r", "rank", "lora_alpha", "target_modules", "exclude_modules", "use_rslora", "use_dora")
-    identity = {k: fields[k] for k in keep if k in fields}
-    if isinstance(identity.get("target_modules"), (set, tuple)):
-        identity["target_modules"] = sorted(identity["target_modules"])
-    return {"method": method, "settings": identity}
-
-
-def check_checkpoint(path: str, identity: dict[str, Any]) -> dict[str, Any]:
-    """The run record of checkpoint ``path``, after checking it is a Trainer checkpoint of this run.
-
-    Raises :class:`LowRankError` naming what differs (method, rank, targets, ...) and the fix.
-    """
-    folder = Path(path)
-    if not folder.is_dir():
-        raise LowRankError(
-            f"--resume-from-checkpoint {path}: no such folder; pass a checkpoint-N folder of an earlier run"
-        )
-    if not (folder / "trainer_state.json").is_file():
-        raise LowRankError(
-            f"--resume-from-checkpoint {path} is not a Trainer checkpoint (no trainer_state.json); "
-            "pass one of OUTPUT/checkpoints/checkpoint-N"
-        )
-    try:
-        record = json.loads((folder / RUN_RECORD).read_text())
-    except FileNotFoundError:
-        return {}
-    except ValueError as exc:
-        raise LowRankError(
-            f"--resume-from-checkpoint {path}: {RUN_RECORD} is corrupt ({exc}); pick another checkpoint"
-        ) from None
-    theirs = {"method": record.get("method"), **record.get("settings", {})}
-    ours = {"method": identity["method"], **identity["settings"]}
-    differs = [
-        f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here"
-        for k in sorted(set(theirs) | set(ours))
-        if _normalised(theirs.get(k)) != _normalised(ours.get(k))
-    ]
-    if differs:
-        raise LowRankError(
-            f"checkpoint {path} was written by another run ({'; '.join(differs)}); resume with the same "
-            "method and settings, or start a new run without --resume-from-checkpoint"
-        )
-    return record
-
-
-def _normalised(value: Any) -> Any:
-    return sorted(value) if isinstance(value, (list, set, tuple)) else value
-
-
-def whole_run_train_loss(
-    log_history: list[dict[str, Any]], resumed_from: int, resumed_loss: float, steps: int
-) -> float:
-    """Mean training loss over all ``steps``, also after a resume at step ``resumed_from``.
-
-    The Trainer's ``training_loss`` covers only the steps run by this ``train()`` call; the
-    checkpoint's log history (restored on resume, and logged at every save by :class:`RunRecorder`)
-    holds the mean loss of each logging interval before it.
-    """
-    if resumed_from <= 0 or steps <= 0:
-        return resumed_loss
-    earlier, last_step = 0.0, 0
-    for entry in log_history:
-        if "loss" in entry and entry["step"] <= resumed_from:
-            earlier += entry["loss"] * (entry["step"] - last_step)
-            last_step = entry["step"]
-    return (earlier + resumed_loss * (steps - resumed_from)) / steps
+def load_base(spec: TrainSpec, model_dir: Path, info: MethodInfo, config: Any) -> torch.nn.Module:
+    """The base model, at the checkpoint's dtype for a frozen base (fp32 master weights when the
+    method trains the weights themselves), or straight in 4-bit when the method trains on one."""
+    wants_4bit = spec.load_in_4bit or info.requires_quantized_base
+    if wants_4bit and info.supports_quantized_base and not info.quantizes_base_after_init:
+        return load_quantized(model_dir, QuantizationSettings.from_config(config))
+    if spec.dtype != "auto":
+        dtype = torch_dtype(spec.dtype)
+    else:
+        dtype = checkpoint_dtype(model_dir) if info.trains_adapter else torch.float32
+    return load_causal_lm(model_dir, dtype)
 
 
 def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: list | None = None) -> dict[str, Any]:
     """Train ``spec.method``; commit ``metrics.json``, ``adapter/`` and (with ``merge``) ``merged/`` as one set."""
     registry = registry or get_registry()
-    make_config(spec.method, registry=registry, **spec.method_fields())  # fail fast on bad options
-    if spec.model is not None and not Path(spec.model).exists():
-        raise LowRankError(f"model not found: {spec.model}")
+    info = registry.get(spec.method)
+    config = make_config(info, registry=registry, **spec.method_fields())  # bad options fail before any loading
+    if spec.load_in_4bit and not info.supports_quantized_base:
+        raise LowRankError(
+            f"--load-in-4bit: method '{info.name}' cannot train on a 4-bit base: {info.no_quantized_base}"
+        )
     if spec.dataset is not None and not Path(spec.dataset).exists():
-        raise LowRankError(f"dataset not found: {spec.dataset}")
-    if spec.max_steps < 1 or spec.batch_size < 1 or spec.seq_len < 2:
-        raise LowRankError("--max-steps and --batch-size must be >= 1 and --seq-len >= 2")
-    model_dir = Path(spec.model) if spec.model is not None else default_model_dir()
+        raise LowRankError(f"dataset not found: {spec.dataset}; pass an existing file or datasets folder")
+    if spec.bf16:
+        check_bf16()
+    model_dir = check_model_dir(spec.model) if spec.model is not None else default_model_dir()
     outputs = OutputSet(
-        spec.output_dir,
+        spec.resolved_output_dir(),
         command="train",
         overwrite=spec.overwrite,
         inputs={"base model": model_dir, "dataset": spec.dataset},
         resume_from=spec.resume_from_checkpoint,
     )
     outputs.check()  # before loading anything: a folder we may not write fails in a second
-
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    needed = spec.max_steps * spec.batch_size * spec.grad_accum
-    train_ds, eval_ds = load_blocks(
-        spec.dataset, tokenizer, spec.seq_len, max_blocks=needed + spec.eval_blocks, eval_blocks=spec.eval_blocks
-    )
+    data = read_data(spec, tokenizer)
+
     set_seed(spec.seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    base = load_base(spec, model_dir, info, config)
     started = time.perf_counter()
-    adapted = attach(model, spec.method, load_in_4bit=spec.load_in_4bit, registry=registry, **spec.method_fields())
+    adapted = attach(base, config, load_in_4bit=spec.load_in_4bit, registry=registry)
     attach_seconds = time.perf_counter() - started
     identity = run_identity(adapted.method.name, adapted.config)
     record = check_checkpoint(spec.resume_from_checkpoint, identity) if spec.resume_from_checkpoint else {}
 
     with outputs:
-        args = TrainingArguments(
-            output_dir=str(outputs.path / CHECKPOINTS),
-            max_steps=spec.max_steps,
-            per_device_train_batch_size=spec.batch_size,
-            per_device_eval_batch_size=spec.batch_size,
-            gradient_accumulation_steps=spec.grad_accum,
-            learning_rate=spec.lr,
-            warmup_steps=spec.warmup_steps,
-            logging_steps=max(1, min(10, spec.max_steps // 5)),
-            eval_strategy="steps" if spec.eval_every else "no",
-            eval_steps=spec.eval_every,
-            save_strategy="steps" if spec.save_steps else "no",
-            save_steps=spec.save_steps or 500,
-            seed=spec.seed,
-            bf16=spec.bf16,
-            report_to=[],
-            dataloader_num_workers=0,
-            disable_tqdm=not spec.progress_bar,
-        )
+        if "tensorboard" in spec.report_to or "all" in spec.report_to:
+            # transformers reads the folder from the environment (else ./runs/...): keep it in this run's set
+            os.environ["TENSORBOARD_LOGGING_DIR"] = str(outputs.path / TENSORBOARD)
+        args = training_arguments(spec, outputs.path, spec.steps_or_default)
         timer = StepTimer()
         timer.restore(record.get("steps", []), record.get("step_seconds", []))
         init_seconds = {
@@ -301,8 +145,9 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
         trainer = Trainer(
             model=adapted.model,
             args=args,
-            train_dataset=train_ds,
-            eval_dataset=eval_ds,
+            train_dataset=data.train,
+            eval_dataset=data.eval,
+            data_collator=data.collator,
             # the timer first: its startup interval then covers the method's data-dependent init (see StepTimer)
             callbacks=[timer, *method_kwargs.pop("callbacks"), recorder, *(callbacks or [])],
             **method_kwargs,
@@ -314,8 +159,9 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
             init_seconds["startup_seconds"] = timer.startup_seconds
         eval_after = trainer.evaluate()["eval_loss"]
 
+        merged_dtype = checkpoint_dtype(model_dir) if spec.merged_dtype == "auto" else torch_dtype(spec.merged_dtype)
         exported = adapted.write_deliverables(
-            outputs.stage, merge=spec.merge, tokenizer=tokenizer, final_dir=outputs.path
+            outputs.stage, merge=spec.merge, tokenizer=tokenizer, final_dir=outputs.path, merged_dtype=merged_dtype
         )
         init = init_seconds["attach_seconds"] + init_seconds["startup_seconds"]
         eval_history: list[dict[str, float]] = []
@@ -325,10 +171,12 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
                 seconds = init + timer.elapsed(int(entry["step"]))
                 eval_history.append({"step": entry["step"], "eval_loss": entry["eval_loss"], "seconds": seconds})
         steps = trainer.state.global_step
-        final = exported.relocated(outputs.stage, outputs.path)
         metrics = {
             "method": spec.method,
             "model": str(model_dir),
+            "dataset": str(data.source),
+            "data_kind": data.kind,
+            "train_examples": len(data.train),  # type: ignore[arg-type]  # our datasets are sized
             "steps": steps,
             "train_loss": whole_run_train_loss(trainer.state.log_history, resumed_from, result.training_loss, steps),
             "resumed_from_step": resumed_from or None,
@@ -341,6 +189,7 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
             "step_seconds": timer.step_seconds,
             "median_step_seconds": timer.median(),
             "lr": spec.lr,
+            "base_dtype": str(next(p.dtype for p in base.parameters() if p.is_floating_point())).removeprefix("torch."),
             "peak_memory_mb": peak_memory_mb(),
             "trainable_params": count_trainable(adapted.model),
             "config": {
@@ -348,9 +197,10 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
                 for k, v in adapted.config.to_dict().items()
                 if isinstance(v, (int, float, str, bool, list, type(None)))
             },
-            "outputs": final.paths(),
+            "outputs": exported.relocated(outputs.stage, outputs.path).paths(),
             "artifact_bytes": {role: directory_bytes(path) for role, path in exported.paths().items()},
         }
         (outputs.stage / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str) + "\n")
-        outputs.commit(info={"method": spec.method, "steps": steps})
+        in_place = [TENSORBOARD] if (outputs.path / TENSORBOARD).is_dir() else []
+        outputs.commit(in_place=in_place, info={"method": spec.method, "steps": steps})
     return metrics

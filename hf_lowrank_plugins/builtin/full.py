@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from peft import PeftConfig
 from torch import nn
 
@@ -66,14 +67,19 @@ def init_adapter(model: nn.Module, config: FullFineTuneConfig) -> nn.Module:
 
 @hookimpl
 def post_train_merge(
-    model: nn.Module, config: FullFineTuneConfig, output_dir: Path, merge: bool, tokenizer: Any
+    model: nn.Module,
+    config: FullFineTuneConfig,
+    output_dir: Path,
+    merge: bool,
+    tokenizer: Any,
+    merged_dtype: torch.dtype | None = None,
 ) -> ExportResult:
     """Write the trained model as a plain checkpoint at ``output_dir/merged`` (there is no adapter).
 
     Saved in place: the core's default export deep-copies the model before merging, which for a
     model with no adapter would only double peak memory.
     """
-    merged_dir = save_merged(model, Path(output_dir) / "merged", tokenizer=tokenizer, in_place=True)
+    merged_dir = save_merged(model, Path(output_dir) / "merged", tokenizer=tokenizer, in_place=True, dtype=merged_dtype)
     result = ExportResult(merged_dir=merged_dir)
     if not merge:
         result.notes.append(

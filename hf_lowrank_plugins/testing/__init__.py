@@ -20,10 +20,32 @@ from .contract import (
     train_run,
     training_arguments,
 )
-from .models import BERT_CLS, GPT2, LLAMA, MODEL_CASES, T5, ModelCase, TokenDataset, output, rel_err
+from .models import (
+    BERT_CLS,
+    GEMMA,
+    GPT2,
+    LLAMA,
+    MISTRAL,
+    MODEL_CASES,
+    MORE_MODEL_CASES,
+    PHI3,
+    QWEN2,
+    ROBERTA_CLS,
+    T5,
+    ModelCase,
+    TokenDataset,
+    output,
+    rel_err,
+)
 
 __all__ = [
     "BERT_CLS",
+    "GEMMA",
+    "MISTRAL",
+    "MORE_MODEL_CASES",
+    "PHI3",
+    "QWEN2",
+    "ROBERTA_CLS",
     "CHECKS",
     "GPT2",
     "IDENTITY_TOL",

@@ -157,9 +157,59 @@ def _bert_cls() -> nn.Module:
     return BertForSequenceClassification(BertConfig(**config))
 
 
+def _decoder(config_class: str, model_class: str, **extra: Any) -> Callable[[], nn.Module]:
+    """A 2-layer, 64-wide causal LM of another family, built from its config like :func:`_llama`."""
+
+    def build() -> nn.Module:
+        import transformers
+
+        config: dict[str, Any] = dict(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            **extra,
+        )
+        return getattr(transformers, model_class)(getattr(transformers, config_class)(**config))
+
+    return build
+
+
+def _roberta_cls() -> nn.Module:
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    # RoBERTa's classifier is a module of two linear layers (dense, out_proj): the whole head trains in full
+    config: dict[str, Any] = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        max_position_embeddings=80,
+        pad_token_id=1,
+    )
+    return RobertaForSequenceClassification(RobertaConfig(**config))
+
+
 LLAMA = ModelCase("llama", _llama, "LlamaForCausalLM")
 GPT2 = ModelCase("gpt2", _gpt2, "GPT2LMHeadModel")
 T5 = ModelCase("t5", _t5, "T5ForConditionalGeneration")
 BERT_CLS = ModelCase("bert_cls", _bert_cls, "BertForSequenceClassification", num_labels=2)
 #: The default matrix: a Llama-shaped causal LM, GPT-2 (``Conv1D`` layers), an encoder-decoder, a classifier.
 MODEL_CASES = (LLAMA, GPT2, T5, BERT_CLS)
+QWEN2 = ModelCase("qwen2", _decoder("Qwen2Config", "Qwen2ForCausalLM"), "Qwen2ForCausalLM")
+MISTRAL = ModelCase("mistral", _decoder("MistralConfig", "MistralForCausalLM"), "MistralForCausalLM")
+#: Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj
+PHI3 = ModelCase(
+    "phi3", _decoder("Phi3Config", "Phi3ForCausalLM", pad_token_id=0, bos_token_id=1, eos_token_id=2), "Phi3ForCausalLM"
+)
+GEMMA = ModelCase("gemma", _decoder("GemmaConfig", "GemmaForCausalLM", head_dim=16), "GemmaForCausalLM")
+ROBERTA_CLS = ModelCase("roberta_cls", _roberta_cls, "RobertaForSequenceClassification", num_labels=2)
+#: More families the project supports; ``tests/test_architectures.py`` runs every method on them.
+MORE_MODEL_CASES = (QWEN2, MISTRAL, PHI3, GEMMA, ROBERTA_CLS)

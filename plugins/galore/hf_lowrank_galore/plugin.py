@@ -185,14 +185,19 @@ def wrap_optimizer(
 
 @hookimpl
 def post_train_merge(
-    model: nn.Module, config: GaLoreConfig, output_dir: Path, merge: bool, tokenizer: Any
+    model: nn.Module,
+    config: GaLoreConfig,
+    output_dir: Path,
+    merge: bool,
+    tokenizer: Any,
+    merged_dtype: torch.dtype | None = None,
 ) -> ExportResult:
     """Write the fine-tuned model as a plain checkpoint at ``output_dir/merged`` (there is no adapter).
 
     The weights themselves were trained, so ``merge`` changes nothing: the full checkpoint is the
     only deliverable and is always written.
     """
-    merged_dir = save_merged(model, Path(output_dir) / "merged", tokenizer=tokenizer, in_place=True)
+    merged_dir = save_merged(model, Path(output_dir) / "merged", tokenizer=tokenizer, in_place=True, dtype=merged_dtype)
     result = ExportResult(merged_dir=merged_dir)
     if not merge:
         result.notes.append(

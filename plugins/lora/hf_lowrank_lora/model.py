@@ -10,7 +10,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from hf_lowrank_plugins import check_rank, find_target_modules
-from hf_lowrank_plugins.targets import ALL_LINEAR, is_linear_like, is_transposed, task_heads
+from hf_lowrank_plugins.targets import ALL_LINEAR, head_layers, is_transposed
 
 #: A PEFT LoRA layer (an ``nn.Module`` with PEFT's ``LoraLayer`` mixin); PEFT leaves its attributes
 #: (``lora_A``, ``r``, ``scaling``, ``base_layer``) untyped, so code reading them is typed ``Any``.
@@ -38,7 +38,7 @@ def attach_lora(model: nn.Module, config: LoraConfig) -> PeftModel:
         config.fan_in_fan_out = True
     if config.target_modules == ALL_LINEAR:
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        heads = sorted(n for n, m in task_heads(model).items() if m is not output and is_linear_like(m))
+        heads = sorted(n for n in head_layers(model) if model.get_submodule(n) is not output)
         if heads and isinstance(config.exclude_modules, str):  # a regular expression: extend it, keep its meaning
             config.exclude_modules = "|".join([f"(?:{config.exclude_modules})", *map(re.escape, heads)])
         elif heads:

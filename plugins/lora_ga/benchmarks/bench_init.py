@@ -32,7 +32,8 @@ def _setup(args):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_lowrank_plugins.app.data import default_model_dir, load_blocks
+    from hf_lowrank_plugins.app.data import load_blocks
+    from hf_lowrank_plugins.app.embedded import default_model_dir
 
     torch.manual_seed(0)
     model_dir = default_model_dir()

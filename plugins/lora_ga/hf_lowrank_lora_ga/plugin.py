@@ -125,7 +125,12 @@ def init_adapter_from_data(model: nn.Module, config: LoraGaConfig, train_dataloa
 
 @hookimpl
 def post_train_merge(
-    model: nn.Module, config: LoraGaConfig, output_dir: Path, merge: bool, tokenizer: Any
+    model: nn.Module,
+    config: LoraGaConfig,
+    output_dir: Path,
+    merge: bool,
+    tokenizer: Any,
+    merged_dtype: torch.dtype | None = None,
 ) -> ExportResult:
     """``adapter/``: rank-2r LoRA relative to the original W (plain PEFT loads it on the untouched
     base); ``merged/``: the trained model as a plain checkpoint."""
@@ -137,5 +142,5 @@ def post_train_merge(
         f"adapter/ is LoRA-GA converted to a rank-{2 * config.r} LoRA relative to the original base weights"
     )
     if merge:
-        result.merged_dir = save_merged(model, output_dir / "merged", tokenizer=tokenizer)
+        result.merged_dir = save_merged(model, output_dir / "merged", tokenizer=tokenizer, dtype=merged_dtype)
     return result

@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--out", default="qpissa_error.json")
     args = parser.parse_args()
     if args.model is None:
-        from hf_lowrank_plugins.app.data import default_model_dir
+        from hf_lowrank_plugins.app.embedded import default_model_dir
 
         args.model = str(default_model_dir())
     torch.set_num_threads(2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from hf_lowrank_lora import LORA_ALIASES
@@ -43,7 +44,12 @@ def init_adapter(model: nn.Module, config: PissaConfig, quantization: Quantizati
 
 @hookimpl
 def post_train_merge(
-    model: nn.Module, config: PissaConfig, output_dir: Path, merge: bool, tokenizer: Any
+    model: nn.Module,
+    config: PissaConfig,
+    output_dir: Path,
+    merge: bool,
+    tokenizer: Any,
+    merged_dtype: torch.dtype | None = None,
 ) -> ExportResult:
     """``adapter/``: rank-2r LoRA relative to the original W (plain PEFT loads it on the untouched
     base); ``merged/``: the trained model as a plain checkpoint (4-bit residual dequantized)."""
@@ -59,5 +65,5 @@ def post_train_merge(
             "W_res - deq(NF4(W_res)); merged/ is the trained model itself"
         )
     if merge:
-        result.merged_dir = save_merged(model, output_dir / "merged", tokenizer=tokenizer)
+        result.merged_dir = save_merged(model, output_dir / "merged", tokenizer=tokenizer, dtype=merged_dtype)
     return result

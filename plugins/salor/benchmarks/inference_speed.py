@@ -23,7 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hf_lowrank_plugins as hlp
-from hf_lowrank_plugins.app.data import default_model_dir
+from hf_lowrank_plugins.app.embedded import default_model_dir
 from hf_lowrank_salor import build_inference_model
 
 HERE = Path(__file__).resolve().parent

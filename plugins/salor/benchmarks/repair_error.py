@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from hf_lowrank_plugins.app.data import default_model_dir
+from hf_lowrank_plugins.app.embedded import default_model_dir
 from hf_lowrank_salor.model import svd_repair
 from hf_lowrank_salor.prune import magnitude_mask, semi_structured_mask
 

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hf_lowrank_plugins as hlp
-from hf_lowrank_plugins.app.data import default_model_dir
+from hf_lowrank_plugins.app.embedded import default_model_dir
 from hf_lowrank_salor.export import directory_bytes, load_compressed_model, pruned_base_copy, save_compressed_model
 
 HERE = Path(__file__).resolve().parent

@@ -181,7 +181,12 @@ def directory_bytes(directory: str | Path, pattern: str = "*.safetensors") -> in
 
 
 def export_salor(
-    model: nn.Module, output_dir: str | Path, merge: bool, tokenizer: Any = None, final_dir: str | Path | None = None
+    model: nn.Module,
+    output_dir: str | Path,
+    merge: bool,
+    tokenizer: Any = None,
+    final_dir: str | Path | None = None,
+    merged_dtype: torch.dtype | None = None,
 ) -> ExportResult:
     """All deliverables (see the module docstring) under ``output_dir``; sizes go to the notes.
 
@@ -211,7 +216,7 @@ def export_salor(
         f"({sizes['file_bytes'] / max(dense, 1):.3f}x), {sizes['encoded_tensors']} bitmap-encoded matrices"
     )
     if merge:
-        result.merged_dir = save_merged(model, output_dir / "merged", tokenizer=tokenizer)
+        result.merged_dir = save_merged(model, output_dir / "merged", tokenizer=tokenizer, dtype=merged_dtype)
     return result
 
 

@@ -54,8 +54,14 @@ def wrap_optimizer(
 
 @hookimpl
 def post_train_merge(
-    model: nn.Module, config: SalorConfig, output_dir: Path, merge: bool, tokenizer: Any, final_dir: Path
+    model: nn.Module,
+    config: SalorConfig,
+    output_dir: Path,
+    merge: bool,
+    tokenizer: Any,
+    final_dir: Path,
+    merged_dtype: torch.dtype | None = None,
 ) -> ExportResult:
     """``base/`` (pruned plain checkpoint), ``adapter/`` (standard LoRA on base/), ``compressed/``
     (bitmap base + adapter) and, with ``merge``, ``merged/``; the adapter names ``final_dir/base``."""
-    return export_salor(model, output_dir, merge, tokenizer, final_dir=final_dir)
+    return export_salor(model, output_dir, merge, tokenizer, final_dir=final_dir, merged_dtype=merged_dtype)

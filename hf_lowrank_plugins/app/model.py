@@ -1,0 +1,101 @@
+"""The base model a user brings: checked before anything heavy, loaded at the dtype it was saved in."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import LowRankError
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16`` (the names ``--dtype`` takes)."""
+    return DTYPE_NAMES[name]
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """``path`` as a causal LM checkpoint folder, or one line saying what is wrong with it.
+
+    Checked without loading weights: a folder, a readable ``config.json`` naming a causal LM
+    architecture transformers knows, and weight files.
+    """
+    folder = Path(path)
+    if not folder.exists():
+        raise LowRankError(f"model not found: {path}; pass a transformers checkpoint folder (config.json + weights)")
+    if not folder.is_dir():
+        raise LowRankError(f"--model {path} is a file; pass the checkpoint folder that holds config.json")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise LowRankError(
+            f"{path} is not a transformers checkpoint (no config.json); pass the folder save_pretrained wrote"
+        )
+    try:
+        raw = json.loads(config_file.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise LowRankError(f"{config_file} is not valid JSON ({exc}); the checkpoint is damaged") from None
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except Exception as exc:
+        raise LowRankError(f"{config_file}: transformers cannot read it ({' '.join(str(exc).split())[:200]})") from None
+    causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    saved_as = raw.get("architectures") or []
+    # a checkpoint saved as an encoder (BertModel) would load as a causal LM head on top of it: refuse
+    is_causal = (
+        any(a in causal_classes for a in saved_as)
+        if saved_as
+        else config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    )
+    if not is_causal:
+        arch = ", ".join(saved_as or [config.model_type])
+        raise LowRankError(
+            f"{path} is a {arch}, not a causal language model: the CLI trains causal LMs; use the Python API "
+            "(attach) for encoder-decoder and classification models"
+        )
+    if not any((folder / name).is_file() for name in WEIGHT_FILES) and not list(folder.glob("*.safetensors")):
+        raise LowRankError(f"{path} has a config.json but no weights (model.safetensors or pytorch_model.bin)")
+    return folder
+
+
+def checkpoint_dtype(model_dir: str | Path) -> torch.dtype:
+    """The dtype a checkpoint was saved in (its config's ``dtype``/``torch_dtype``; float32 when it names none)."""
+    try:
+        raw = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return torch.float32
+    name = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+    return DTYPE_NAMES.get(str(name).removeprefix("torch."), torch.float32)
+
+
+def load_causal_lm(model_dir: str | Path, dtype: torch.dtype) -> Any:
+    """The checkpoint as a causal LM at ``dtype``, or one line naming what failed (damaged weights, ...)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as exc:
+        message = " ".join(str(exc).split())[:240]
+        raise LowRankError(f"cannot load the model in {model_dir}: {message}") from None
+
+
+def check_bf16() -> None:
+    """Refuse ``--bf16`` on a machine that cannot compute in bfloat16, naming the fix."""
+    from transformers.utils.import_utils import is_torch_bf16_available_on_device
+
+    available = is_torch_bf16_available_on_device("cuda" if torch.cuda.is_available() else "cpu")
+    if not available:
+        where = "this GPU" if torch.cuda.is_available() else "this CPU's torch build"
+        raise LowRankError(f"--bf16: {where} cannot compute in bfloat16; drop --bf16 (or use --dtype float16 on a GPU)")

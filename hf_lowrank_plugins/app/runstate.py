@@ -1,0 +1,192 @@
+"""What a run records beyond the Trainer's own state: step times, and a record in every checkpoint.
+
+:class:`StepTimer` times optimizer steps; :class:`RunRecorder` makes each checkpoint
+self-describing (method, rank, targets, timings) so a resume is checked against the run and
+``metrics.json`` of a resumed run describes the whole run (:func:`whole_run_train_loss`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainingArguments
+
+from ..errors import LowRankError
+
+#: Written into every checkpoint this runner saves: what the run was, and its timings so far.
+RUN_RECORD = "hf_lowrank_run.json"
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process: GPU allocator peak on CUDA, else peak resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def count_trainable(model: torch.nn.Module) -> int:
+    """Number of parameters that receive gradients."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def directory_bytes(path: str | os.PathLike[str]) -> int:
+    """Total size of the regular files under ``path`` (what the artifact costs on disk)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+class StepTimer(TrainerCallback):
+    """Wall seconds of every optimizer step, and of what happens between train begin and the first step.
+
+    A step is timed from ``on_step_begin`` to ``on_step_end``: forward, backward, clipping and the
+    optimizer update of all its micro-batches, but neither evaluation nor checkpointing, which the
+    Trainer runs after ``on_step_end``. Put it *before* the method's callback in the Trainer's list:
+    ``startup_seconds`` then covers the method's data-dependent initialisation (LoRA-GA's gradient
+    estimation runs in that callback's ``on_train_begin``) plus fetching the first batch.
+    """
+
+    def __init__(self) -> None:
+        self.step_seconds: list[float] = []
+        self._global_steps: list[int] = []  # the Trainer's step number of each entry (offset on resume)
+        self.startup_seconds = 0.0
+        self._train_begin: float | None = None
+        self._step_begin = 0.0
+
+    def restore(self, steps: list[int], seconds: list[float]) -> None:
+        """Put the steps of the run's earlier part (read from a checkpoint) in front of this part's."""
+        self._global_steps = [*steps, *self._global_steps]
+        self.step_seconds = [*seconds, *self.step_seconds]
+
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        """Start the clock for the startup interval."""
+        self._train_begin = time.perf_counter()
+
+    def on_step_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        """Start timing one optimizer step (and close the startup interval on the first one)."""
+        self._step_begin = time.perf_counter()
+        if self._train_begin is not None:
+            self.startup_seconds = self._step_begin - self._train_begin
+            self._train_begin = None
+
+    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        """Record the step's wall time."""
+        self.step_seconds.append(time.perf_counter() - self._step_begin)
+        self._global_steps.append(state.global_step)
+
+    def median(self, warmup: int = 2) -> float | None:
+        """Median step seconds after ``warmup`` steps (all steps when there are no more than that)."""
+        measured = self.step_seconds[warmup:] or self.step_seconds
+        return statistics.median(measured) if measured else None
+
+    def elapsed(self, global_step: int) -> float:
+        """Training seconds this run spent up to and including ``global_step`` (evaluation excluded)."""
+        return sum(t for s, t in zip(self._global_steps, self.step_seconds, strict=True) if s <= global_step)
+
+
+class RunRecorder(TrainerCallback):
+    """Makes every checkpoint self-describing and the logged losses sum to the whole run's.
+
+    * On every step that saves, it asks the Trainer to log first, so the log history inside a
+      checkpoint covers exactly its steps (a resumed run's ``train_loss`` is then the whole run's).
+    * Into every checkpoint it writes :data:`RUN_RECORD`: the method and the settings a resume must
+      agree with, and the timings so far.
+    """
+
+    def __init__(self, identity: dict[str, Any], timer: StepTimer, init_seconds: dict[str, float]) -> None:
+        self.identity, self.timer, self.init_seconds = identity, timer, init_seconds
+
+    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        """Log on every saving step (``DefaultFlowCallback`` has decided ``should_save`` already)."""
+        if control.should_save:
+            control.should_log = True
+
+    def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        """Write the run record into the checkpoint the Trainer just saved."""
+        folder = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
+        if folder.is_dir() and args.should_save:
+            record = {
+                **self.identity,
+                **self.init_seconds,
+                "steps": self.timer._global_steps,
+                "step_seconds": self.timer.step_seconds,
+            }
+            (folder / RUN_RECORD).write_text(json.dumps(record, indent=2))
+
+
+def run_identity(method: str, config: Any) -> dict[str, Any]:
+    """What a checkpoint must agree with to be resumed by this run: method, rank, alpha, targets."""
+    fields = config.to_dict() if hasattr(config, "to_dict") else {}
+    keep = ("r", "rank", "lora_alpha", "target_modules", "exclude_modules", "use_rslora", "use_dora")
+    identity = {k: fields[k] for k in keep if k in fields}
+    if isinstance(identity.get("target_modules"), (set, tuple)):
+        identity["target_modules"] = sorted(identity["target_modules"])
+    return {"method": method, "settings": identity}
+
+
+def check_checkpoint(path: str, identity: dict[str, Any]) -> dict[str, Any]:
+    """The run record of checkpoint ``path``, after checking it is a Trainer checkpoint of this run.
+
+    Raises :class:`LowRankError` naming what differs (method, rank, targets, ...) and the fix.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise LowRankError(
+            f"--resume-from-checkpoint {path}: no such folder; pass a checkpoint-N folder of an earlier run"
+        )
+    if not (folder / "trainer_state.json").is_file():
+        raise LowRankError(
+            f"--resume-from-checkpoint {path} is not a Trainer checkpoint (no trainer_state.json); "
+            "pass one of OUTPUT/checkpoints/checkpoint-N"
+        )
+    try:
+        record = json.loads((folder / RUN_RECORD).read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError as exc:
+        raise LowRankError(
+            f"--resume-from-checkpoint {path}: {RUN_RECORD} is corrupt ({exc}); pick another checkpoint"
+        ) from None
+    theirs = {"method": record.get("method"), **record.get("settings", {})}
+    ours = {"method": identity["method"], **identity["settings"]}
+    differs = [
+        f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here"
+        for k in sorted(set(theirs) | set(ours))
+        if _normalised(theirs.get(k)) != _normalised(ours.get(k))
+    ]
+    if differs:
+        raise LowRankError(
+            f"checkpoint {path} was written by another run ({'; '.join(differs)}); resume with the same "
+            "method and settings, or start a new run without --resume-from-checkpoint"
+        )
+    return record
+
+
+def _normalised(value: Any) -> Any:
+    return sorted(value) if isinstance(value, (list, set, tuple)) else value
+
+
+def whole_run_train_loss(
+    log_history: list[dict[str, Any]], resumed_from: int, resumed_loss: float, steps: int
+) -> float:
+    """Mean training loss over all ``steps``, also after a resume at step ``resumed_from``.
+
+    The Trainer's ``training_loss`` covers only the steps run by this ``train()`` call; the
+    checkpoint's log history (restored on resume, and logged at every save by :class:`RunRecorder`)
+    holds the mean loss of each logging interval before it.
+    """
+    if resumed_from <= 0 or steps <= 0:
+        return resumed_loss
+    earlier, last_step = 0.0, 0
+    for entry in log_history:
+        if "loss" in entry and entry["step"] <= resumed_from:
+            earlier += entry["loss"] * (entry["step"] - last_step)
+            last_step = entry["step"]
+    return (earlier + resumed_loss * (steps - resumed_from)) / steps
