@@ -65,7 +65,8 @@ def save_adapter(model: PeftModel, directory: str | Path) -> Path:
     if not isinstance(model, PeftModel):
         raise IncompatibleError(f"{type(model).__name__} carries no PEFT adapter to save; use save_merged instead")
     with atomic_directory(directory) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        # only the trained adapter: a trainer may have added others (TRL's DPO keeps a frozen "ref" copy)
+        model.save_pretrained(str(tmp), safe_serialization=True, selected_adapters=[model.active_adapter])
         split_adapter_config(tmp, model.peft_config[model.active_adapter])
     return directory
 

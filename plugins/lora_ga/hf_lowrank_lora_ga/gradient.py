@@ -248,8 +248,10 @@ def _run_pass(
             loss = out.get("loss") if isinstance(out, dict) else getattr(out, "loss", None)
             if loss is None:
                 raise LowRankError(
-                    "LoRA-GA needs a loss to estimate gradients, but the model returned none: the training batches "
-                    "must carry labels (e.g. use DataCollatorForLanguageModeling(mlm=False))"
+                    "LoRA-GA estimates the gradient of the model's own loss, but the model returned none: the training "
+                    "batches must carry labels (Trainer/SFTTrainer data, e.g. DataCollatorForLanguageModeling(mlm=False)); "
+                    "preference trainers (DPO, reward) compute their loss outside the model: initialise LoRA-GA in an SFT "
+                    "run, then continue from its adapter"
                 )
             loss.float().backward()
             del out, loss

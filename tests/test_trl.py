@@ -1,0 +1,136 @@
+"""Every method through TRL's SFTTrainer, DPOTrainer and RewardTrainer, the same two lines each time.
+
+SFTTrainer takes ``**adapted.trainer_kwargs()`` like the plain Trainer; DPOTrainer and
+RewardTrainer have no ``optimizer_cls_and_kwargs``, so they take ``**adapted.trainer_kwargs(args)``
+(the optimizer built from their own config, passed as ``optimizers=``). Each run must train (loss
+falls) and export; DPO's first loss must be ln 2, which holds only when its reference is the
+method's initial model (TRL keeps a frozen copy of the adapter: right for residual methods too).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+import hf_lowrank_plugins as hlp
+from hf_lowrank_plugins.outputs import verify_manifest
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+SETTINGS = {
+    "lora": {"r": 4},
+    "qlora": {"r": 4},
+    "dora": {"r": 4},
+    "pissa": {"r": 4, "svd": "fast", "svd_niter": 2},
+    "lora_ga": {"r": 2, "ga_batches": 2},
+    "salor": {"r": 4, "svd": "fast", "svd_niter": 2},
+    "galore": {"rank": 4},
+    "full": {},
+}
+
+
+def _config(cls, tmp_path, **kw):
+    settings = dict(
+        output_dir=str(tmp_path / "ckpt"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=2e-3,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        gradient_checkpointing=False,
+    )
+    return cls(**{**settings, **kw})
+
+
+def _losses(trainer):
+    return [e["loss"] for e in trainer.state.log_history if "loss" in e]
+
+
+def _check_export(adapted, tmp_path):
+    result = adapted.export(tmp_path / "export", merge=True)
+    assert verify_manifest(tmp_path / "export") == [] and result.merged_dir is not None
+    if adapted.method.trains_adapter:
+        assert not (result.adapter_dir / "ref").exists()  # TRL's reference copy is not part of the deliverable
+
+
+@pytest.mark.parametrize("method", sorted(SETTINGS))
+def test_sft_trainer(method, tmp_path, tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    adapted = hlp.attach(AutoModelForCausalLM.from_pretrained(tiny_model_dir), method, **SETTINGS[method])
+    data = datasets.Dataset.from_list([{"prompt": "Say yes:", "completion": " yes, yes"}] * 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = trl.SFTTrainer(
+            model=adapted.model,
+            args=_config(trl.SFTConfig, tmp_path),
+            train_dataset=data,
+            processing_class=tokenizer,
+            **adapted.trainer_kwargs(),
+        )
+        trainer.train()
+    losses = _losses(trainer)
+    assert losses[-1] < losses[0], losses
+    _check_export(adapted, tmp_path)
+
+
+@pytest.mark.parametrize("method", sorted(SETTINGS))
+def test_dpo_trainer(method, tmp_path, tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    adapted = hlp.attach(AutoModelForCausalLM.from_pretrained(tiny_model_dir), method, **SETTINGS[method])
+    data = datasets.Dataset.from_list([{"prompt": "Say yes:", "chosen": " yes", "rejected": " no"}] * 16)
+    args = _config(trl.DPOConfig, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = trl.DPOTrainer(
+            model=adapted.model,
+            args=args,
+            train_dataset=data,
+            processing_class=tokenizer,
+            **adapted.trainer_kwargs(args),
+        )
+        if method == "lora_ga":  # its initialisation needs the model's own loss, which DPO batches do not give
+            with pytest.raises(hlp.LowRankError, match="initialise LoRA-GA in an SFT run"):
+                trainer.train()
+            return
+        trainer.train()
+    losses = _losses(trainer)
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-4)  # the reference is the initial policy
+    assert losses[-1] < losses[0], losses
+    _check_export(adapted, tmp_path)
+
+
+@pytest.mark.parametrize("method", sorted(SETTINGS))
+def test_reward_trainer(method, tmp_path, tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    adapted = hlp.attach(model, method, **SETTINGS[method])
+    data = datasets.Dataset.from_list([{"chosen": "The answer is yes, clearly.", "rejected": "No."}] * 16)
+    # TRL casts a quantized model's trainable parameters (the score head too) to bf16, as the QLoRA recipe does;
+    # the fp32 norm before the head then needs bf16 autocast, TRL's own default (bf16=True)
+    args = _config(trl.RewardConfig, tmp_path, **({"bf16": True} if method == "qlora" else {}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = trl.RewardTrainer(
+            model=adapted.model,
+            args=args,
+            train_dataset=data,
+            processing_class=tokenizer,
+            **adapted.trainer_kwargs(args),
+        )
+        if method == "lora_ga":
+            with pytest.raises(hlp.LowRankError, match="initialise LoRA-GA in an SFT run"):
+                trainer.train()
+            return
+        trainer.train()
+    losses = _losses(trainer)
+    assert losses[-1] < losses[0], losses
+    _check_export(adapted, tmp_path)
