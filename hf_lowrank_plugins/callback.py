@@ -11,7 +11,6 @@ import math
 import os
 from typing import TYPE_CHECKING, Any
 
-import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .errors import DivergenceError, LowRankError
@@ -104,11 +103,12 @@ class LowRankCallback(TrainerCallback):
                 "cannot be replaced)."
             )
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if world > 1 and args.world_size != world:
             raise LowRankError(
-                f"this process is one of {world} launched processes (WORLD_SIZE={world}) but no process group exists, "
-                "so each would train alone on its own copy; on CPU pass TrainingArguments(use_cpu=True) (hf-lowrank "
-                f"train does) and launch with torchrun --nproc_per_node {world}"
+                f"this process is one of {world} launched processes (WORLD_SIZE={world}) but the Trainer trains in "
+                f"{args.world_size} (parallel mode {args.parallel_mode.value}), so each would train alone on its own "
+                "copy; on CPU pass TrainingArguments(use_cpu=True) (hf-lowrank train does) and launch with torchrun "
+                f"--nproc_per_node {world}"
             )
         if self.adapted.guard is not None:
             self.adapted.guard.active = True

@@ -157,3 +157,49 @@ def test_data_dependent_init_runs_once_and_not_on_resume(tmp_path):
             resume_from_checkpoint=resume
         )
     assert seen == [torch.Size([8, 16])]
+
+
+LONE_PROCESS = """
+import sys
+import hf_lowrank_plugins as hlp
+from transformers import Trainer, TrainingArguments
+from hf_lowrank_plugins.testing.helpers import TokenDataset, make_tiny_model
+adapted = hlp.attach(make_tiny_model(), "lora", r=2)
+args = TrainingArguments(sys.argv[1], max_steps=2, report_to=[], disable_tqdm=True, save_strategy="no")  # no use_cpu
+try:
+    Trainer(model=adapted.model, args=args, train_dataset=TokenDataset(), **adapted.trainer_kwargs()).train()
+    print("TRAINED ALONE")
+except hlp.LowRankError as exc:
+    print("REFUSED", exc)
+"""
+
+
+@pytest.mark.ddp
+def test_a_launched_process_without_a_process_group_is_refused(tmp_path):
+    """torchrun on CPU without use_cpu=True: each process would train alone (no DDP); we refuse instead."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "lone.py"
+    script.write_text(LONE_PROCESS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(tmp_path / "out"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    refused = [line for line in proc.stdout.splitlines() if line.startswith("REFUSED")]
+    assert len(refused) == 2 and "TRAINED ALONE" not in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    assert "WORLD_SIZE=2" in refused[0] and "use_cpu=True" in refused[0] and "torchrun --nproc_per_node 2" in refused[0]
