@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from torch import nn
 from transformers import TrainingArguments
 
 from .callback import LowRankCallback, TrainerHooksGuard, non_finite_parameters
+from .cards import write_model_card
 from .errors import ConfigError, DivergenceError, IncompatibleError, LowRankError
 from .export import METHOD_SETTINGS_FILE, default_export
 from .method import MethodInfo, config_fields
@@ -178,12 +180,14 @@ class Adapted:
         tokenizer: Any = None,
         final_dir: str | Path | None = None,
         merged_dtype: torch.dtype | None = None,
+        training: Mapping[str, Any] | None = None,
     ) -> ExportResult:
         """Write the deliverables into ``directory`` via ``post_train_merge``, with no output-folder checks.
 
         Meant for a stage folder of an :class:`~hf_lowrank_plugins.outputs.OutputSet` that also
         holds other files of the run (the CLI's ``metrics.json``), to be moved to ``final_dir``;
-        :meth:`export` is the safe call.
+        :meth:`export` is the safe call. ``adapter/`` and ``merged/`` get a model card
+        (:mod:`~hf_lowrank_plugins.cards`) describing ``training`` (data, steps, eval losses) when given.
         """
         directory = Path(directory)
         bad = non_finite_parameters(self.model)
@@ -204,6 +208,9 @@ class Adapted:
         )
         if result is None:
             result = default_export(self.model, directory, merge, tokenizer, merged_dtype=merged_dtype)
+        for role, folder in (("adapter", result.adapter_dir), ("merged", result.merged_dir)):
+            if folder is not None:
+                write_model_card(folder, role, self.method, self.config, training)
         return result
 
     def export(
@@ -213,6 +220,7 @@ class Adapted:
         tokenizer: Any = None,
         overwrite: bool = False,
         merged_dtype: torch.dtype | None = None,
+        training: Mapping[str, Any] | None = None,
     ) -> ExportResult:
         """Write the deliverables (``adapter/``, and ``merged/`` when ``merge``) as one complete set.
 
@@ -233,7 +241,12 @@ class Adapted:
         inputs = {"base model": base} if base and Path(base).is_dir() else {}
         with OutputSet(output_dir, command="export", inputs=inputs, overwrite=overwrite) as outputs:
             result = self.write_deliverables(
-                outputs.stage, merge=merge, tokenizer=tokenizer, final_dir=output_dir, merged_dtype=merged_dtype
+                outputs.stage,
+                merge=merge,
+                tokenizer=tokenizer,
+                final_dir=output_dir,
+                merged_dtype=merged_dtype,
+                training=training,
             )
             stage = outputs.stage
             outputs.commit(info={"method": self.method.name})

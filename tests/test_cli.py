@@ -337,3 +337,56 @@ def test_a_normal_run_prints_no_third_party_noise(tmp_path, tiny_model_dir, text
         [*argv, "--output-dir", str(tmp_path / "b"), "-v"], capture_output=True, text=True, timeout=300
     )
     assert loud.returncode == 0 and "Warning" in loud.stderr
+
+
+def test_every_deliverable_has_a_model_card(tmp_path, tiny_model_dir, text_file):
+    out = tmp_path / "run"
+    argv = [
+        "train",
+        "--method",
+        "dora",
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(text_file),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--eval-blocks",
+        "2",
+        "--rank",
+        "2",
+        "--set",
+        "lora_dropout=0.1",
+        "--merge",
+    ]
+    assert main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    adapter_card = (out / "adapter" / "README.md").read_text()
+    for expected in (
+        f"base_model: {tiny_model_dir}",
+        "# dora adapter of",
+        "| `r` | `2` |",
+        "| `lora_dropout` | `0.1` |",
+        str(text_file),
+        "(text records)",
+        "| steps | 2 |",
+        f"{metrics['eval_loss_before']:.4f}",
+        f"{metrics['eval_loss_after']:.4f}",
+        'PeftModel.from_pretrained(base, "adapter")',
+        "hf-lowrank merge adapter",
+        "--max-lora-rank",
+        "vLLM does not serve DoRA adapters",
+    ):
+        assert expected in adapter_card, expected
+    merged_card = (out / "merged" / "README.md").read_text()
+    assert (
+        "library_name: transformers" in merged_card and 'AutoModelForCausalLM.from_pretrained("merged")' in merged_card
+    )
+    files = json.loads((out / "hf-lowrank-manifest.json").read_text())["files"]
+    assert {"adapter/README.md", "merged/README.md"} <= set(files)

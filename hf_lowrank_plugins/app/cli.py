@@ -286,6 +286,7 @@ def _cmd_merge(ns: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from ..api import load_adapter, read_adapter_config
+    from ..cards import write_model_card
     from ..export import write_merged
     from ..outputs import OutputSet
     from .model import check_model_dir, checkpoint_dtype, load_causal_lm, torch_dtype
@@ -305,6 +306,7 @@ def _cmd_merge(ns: argparse.Namespace) -> int:
     dtype = checkpoint_dtype(base) if ns.merged_dtype == "auto" else torch_dtype(ns.merged_dtype)
     with outputs:
         write_merged(adapted.model, outputs.stage, tokenizer=tokenizer, in_place=True, dtype=dtype)
+        write_model_card(outputs.stage, "merged", adapted.method, adapted.config, {"model": str(base)})
         outputs.commit(info={"adapter": str(ns.adapter_dir), "base": str(base)})
     print(f"merged {ns.adapter_dir} into {base}: wrote {ns.output_dir}")
     return 0

@@ -160,8 +160,23 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
         eval_after = trainer.evaluate()["eval_loss"]
 
         merged_dtype = checkpoint_dtype(model_dir) if spec.merged_dtype == "auto" else torch_dtype(spec.merged_dtype)
+        steps = trainer.state.global_step
+        training = {
+            "model": str(model_dir),
+            "dataset": str(data.source),
+            "data_kind": data.kind,
+            "steps": steps,
+            "lr": spec.lr,
+            "eval_loss_before": eval_before,
+            "eval_loss_after": eval_after,
+        }
         exported = adapted.write_deliverables(
-            outputs.stage, merge=spec.merge, tokenizer=tokenizer, final_dir=outputs.path, merged_dtype=merged_dtype
+            outputs.stage,
+            merge=spec.merge,
+            tokenizer=tokenizer,
+            final_dir=outputs.path,
+            merged_dtype=merged_dtype,
+            training=training,
         )
         init = init_seconds["attach_seconds"] + init_seconds["startup_seconds"]
         eval_history: list[dict[str, float]] = []
@@ -170,7 +185,6 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
             if "eval_loss" in entry and (not eval_history or entry["step"] != eval_history[-1]["step"]):
                 seconds = init + timer.elapsed(int(entry["step"]))
                 eval_history.append({"step": entry["step"], "eval_loss": entry["eval_loss"], "seconds": seconds})
-        steps = trainer.state.global_step
         metrics = {
             "method": spec.method,
             "model": str(model_dir),

@@ -1,0 +1,141 @@
+"""Model cards (``README.md``) for every deliverable: what it is, how it was trained, how to load and serve it.
+
+Written from the files themselves where they say it (the adapter's ``adapter_config.json``: rank,
+targets, DoRA, ``modules_to_save``), so the serving notes are true of the adapter actually written.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .method import MethodInfo, describe_fields
+
+CARD = "README.md"
+
+
+def _yaml_header(library: str, base: str | None, method: str) -> list[str]:
+    lines = ["---", f"library_name: {library}"]
+    if base:
+        lines.append(f"base_model: {base}")
+    return [*lines, "tags:", "- hf-lowrank-plugins", f"- {method}", "---", ""]
+
+
+def _training_lines(training: Mapping[str, Any] | None) -> list[str]:
+    if not training:
+        return ["Exported from Python (`adapted.export`); training details were not recorded.", ""]
+    rows = [
+        ("data", f"`{training.get('dataset', '?')}` ({training.get('data_kind', '?')} records)"),
+        ("steps", training.get("steps")),
+        ("learning rate", training.get("lr")),
+        ("eval loss before", _num(training.get("eval_loss_before"))),
+        ("eval loss after", _num(training.get("eval_loss_after"))),
+    ]
+    return ["| training | |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in rows if v is not None], ""]
+
+
+def _compact(value: Any) -> str:
+    """A setting for a table cell: long collections (PEFT's resolved ``all-linear`` targets) as a count."""
+    if isinstance(value, (set, frozenset, list, tuple)) and len(value) > 6:
+        names = sorted(str(v) for v in value)
+        return f"{len(names)} modules (`{names[0]}`, ...)"
+    return f"`{value!r}`"
+
+
+def _num(value: Any) -> str | None:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else None
+
+
+def _settings_lines(info: MethodInfo, config: Any) -> list[str]:
+    rows = []
+    for field in describe_fields(info.config_class):
+        value = getattr(config, field.name, None)
+        if value != field.default:
+            rows.append(f"| `{field.name}` | {_compact(value)} |")
+    if not rows:
+        return ["Every setting at its default (`hf-lowrank list --method " + info.name + "`).", ""]
+    return ["| setting (others at their default) | value |", "| --- | --- |", *rows, ""]
+
+
+def serving_notes(adapter_config: Mapping[str, Any]) -> list[str]:
+    """What LoRA-serving engines (vLLM's PEFT loader) accept of an adapter with this config."""
+    notes = [f"- rank {adapter_config.get('r')}: start the engine with `--max-lora-rank` at least this"]
+    if adapter_config.get("use_dora"):
+        notes.append(
+            "- DoRA: vLLM does not serve DoRA adapters; serve `merged/` (or this adapter merged with "
+            "`hf-lowrank merge`) as a plain model instead"
+        )
+    if adapter_config.get("modules_to_save"):
+        notes.append(
+            f"- trains `{', '.join(adapter_config['modules_to_save'])}` in full (`modules_to_save`), which "
+            "vLLM rejects; serve the merged model"
+        )
+    if adapter_config.get("bias", "none") != "none":
+        notes.append("- carries biases, which vLLM rejects; serve the merged model")
+    return notes
+
+
+def write_model_card(
+    folder: str | Path,
+    role: str,
+    info: MethodInfo,
+    config: Any,
+    training: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``folder/README.md`` for a deliverable of ``role`` (``adapter``, ``merged``, or a method's own)."""
+    folder = Path(folder)
+    adapter_config: dict[str, Any] = {}
+    if (folder / "adapter_config.json").is_file():
+        adapter_config = json.loads((folder / "adapter_config.json").read_text())
+    base = adapter_config.get("base_model_name_or_path") or (training or {}).get("model")
+    is_adapter = bool(adapter_config)
+    title = f"# {info.name} {'adapter' if is_adapter else role} of `{base or 'the base model'}`"
+    lines = [
+        *_yaml_header("peft" if is_adapter else "transformers", base, info.name),
+        title,
+        "",
+        f"Trained with [hf-lowrank-plugins](https://pypi.org/project/hf-lowrank-plugins/) {info.version or ''}, "
+        f"method `{info.name}` ({info.distribution or 'built in'}): {info.summary}",
+        "",
+    ]
+    lines += _settings_lines(info, config) + _training_lines(training)
+    lines += ["## Load it", ""]
+    if is_adapter:
+        lines += [
+            "Plain PEFT (no hf-lowrank package needed):",
+            "",
+            "```python",
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM",
+            "",
+            f'base = AutoModelForCausalLM.from_pretrained("{base}")',
+            f'model = PeftModel.from_pretrained(base, "{folder.name}")',
+            "```",
+            "",
+            f"With this package, the method's own config comes back too: `hf_lowrank_plugins.load_adapter(base, "
+            f'"{folder.name}")`. Merge it into a plain checkpoint: `hf-lowrank merge {folder.name} --output-dir merged`.',
+            "",
+            "Serving with LoRA-serving engines (vLLM: `vllm serve BASE --enable-lora --lora-modules "
+            f"name={folder.name}`):",
+            "",
+            *serving_notes(adapter_config),
+            "",
+        ]
+    else:
+        lines += [
+            "A plain transformers checkpoint (adapters merged in); no PEFT needed:",
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM",
+            "",
+            f'model = AutoModelForCausalLM.from_pretrained("{folder.name}")',
+            "```",
+            "",
+            f"Serve it like any model of its architecture (`vllm serve {folder.name}`).",
+            "",
+        ]
+    path = folder / CARD
+    path.write_text("\n".join(lines))
+    return path
