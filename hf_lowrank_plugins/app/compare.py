@@ -33,7 +33,8 @@ from ..io import write_json_atomic, write_text_atomic
 from ..method import MethodInfo
 from ..outputs import OutputSet
 from ..registry import Registry, get_registry
-from .train import TrainSpec
+from .embedded import dataset_path
+from .spec import TrainSpec
 
 #: Learning rate per method when ``--lr`` does not name one, with the reason (shown in comparison.md).
 #: Figures compared as ratios to the reference method (key in a method's result -> label).
@@ -128,14 +129,15 @@ def plan(spec: CompareSpec, registry: Any = None) -> list[PlannedRun]:
             )
     if spec.reference is not None and spec.reference not in names:
         raise ConfigError(f"reference method '{spec.reference}' is not among the compared methods ({', '.join(names)})")
-    for path, what in ((spec.run.model, "model"), (spec.run.dataset, "dataset")):
+    dataset = dataset_path(spec.run.dataset) if spec.run.dataset is not None else None
+    for path, what in ((spec.run.model, "model"), (dataset, "dataset")):
         if path is not None and not Path(path).exists():
             raise LowRankError(f"{what} not found: {path}")
     OutputSet(
         spec.output_dir,
         command="compare",
         overwrite=spec.overwrite,
-        inputs={"model": spec.run.model, "dataset": spec.run.dataset},
+        inputs={"model": spec.run.model, "dataset": dataset},
     ).check()
     declared = registry.reference()
     reference = spec.reference or (declared.name if declared is not None and declared.name in names else names[0])
@@ -478,7 +480,7 @@ def run_comparison(spec: CompareSpec, registry: Any = None, log: Callable[[str],
         out_dir,
         command="compare",
         overwrite=spec.overwrite,
-        inputs={"model": spec.run.model, "dataset": spec.run.dataset},
+        inputs={"model": spec.run.model, "dataset": dataset_path(spec.run.dataset) if spec.run.dataset else None},
     )
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()

@@ -112,16 +112,22 @@ def kjv_verses() -> list[tuple[str, str]]:
     return verses
 
 
+#: The verse ``make demo`` asks for before and after training; it opens the instruction set, so the
+#: demo shows the model learning the task on what it was taught (not generalising to unseen verses).
+DEMO_VERSE = "John 3:16"
+
+
 def default_instructions_path(n: int = 4096, seed: int = 0) -> Path:
     """A chat dataset (``messages`` records) of ``n`` KJV verses quoted on request, built once in the cache.
 
-    The verses are a seeded sample of the whole Bible; the record order is shuffled with the same seed.
+    :data:`DEMO_VERSE` first, then a seeded sample of the rest of the Bible.
     """
     target = cache_dir() / f"kjv-quote-{n}-{seed}.jsonl"
     if target.is_file():
         return target
     verses = kjv_verses()
-    picked = random.Random(seed).sample(verses, min(n, len(verses)))
+    demo = [v for v in verses if v[0] == DEMO_VERSE]
+    picked = demo + random.Random(seed).sample([v for v in verses if v[0] != DEMO_VERSE], min(n, len(verses)) - 1)
     lines = [
         json.dumps(
             {
@@ -135,3 +141,18 @@ def default_instructions_path(n: int = 4096, seed: int = 0) -> Path:
     ]
     write_text_atomic(target, "\n".join(lines) + "\n")
     return target
+
+
+#: ``--dataset embedded:NAME``: the data that ships with the packages, no file needed.
+EMBEDDED_DATASETS = {"kjv-text": default_text_path, "kjv-quotes": default_instructions_path}
+
+
+def dataset_path(name: str | Path) -> Path:
+    """The file behind ``name``: ``embedded:kjv-text`` / ``embedded:kjv-quotes``, or ``name`` itself."""
+    text = str(name)
+    if not text.startswith("embedded:"):
+        return Path(name)
+    key = text.removeprefix("embedded:")
+    if key not in EMBEDDED_DATASETS:
+        raise LowRankError(f"no embedded dataset '{key}'; the embedded ones are {', '.join(EMBEDDED_DATASETS)}")
+    return EMBEDDED_DATASETS[key]()

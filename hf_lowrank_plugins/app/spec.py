@@ -40,7 +40,8 @@ class TrainSpec:
         default=None,
         metadata=opt(
             "training data: .txt, .jsonl, .json, .csv, .parquet or a saved datasets folder, with text, chat "
-            "messages, prompt/completion or instruction/input/output records (default: KJV text)"
+            "messages, prompt/completion or instruction/input/output records; embedded:kjv-text or "
+            "embedded:kjv-quotes (chat) need no file (default: embedded:kjv-text)"
         ),
     )
     output_dir: str | None = field(default=None, metadata=opt("output folder (default: runs/METHOD)", scope="train"))

@@ -25,7 +25,7 @@ from ..quantization import load_quantized
 from ..registry import Registry, get_registry
 from ..types import QuantizationSettings
 from .data import TrainingData, load_training_data
-from .embedded import default_model_dir, default_text_path
+from .embedded import dataset_path, default_model_dir, default_text_path
 from .model import check_bf16, check_model_dir, checkpoint_dtype, load_causal_lm, torch_dtype
 from .runstate import (
     RunRecorder,
@@ -77,7 +77,7 @@ def read_data(spec: TrainSpec, tokenizer: Any) -> TrainingData:
     """The training and held-out data of ``spec`` (the embedded KJV text by default)."""
     steps = spec.steps_or_default
     needed = None if steps is None else steps * spec.batch_size * spec.grad_accum + spec.eval_blocks
-    source = spec.dataset if spec.dataset is not None else default_text_path()
+    source = dataset_path(spec.dataset) if spec.dataset is not None else default_text_path()
     return load_training_data(source, tokenizer, spec.seq_len, spec.eval_blocks, needed, spec.loss_on_prompt)
 
 
@@ -103,7 +103,7 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
         raise LowRankError(
             f"--load-in-4bit: method '{info.name}' cannot train on a 4-bit base: {info.no_quantized_base}"
         )
-    if spec.dataset is not None and not Path(spec.dataset).exists():
+    if spec.dataset is not None and not dataset_path(spec.dataset).exists():
         raise LowRankError(f"dataset not found: {spec.dataset}; pass an existing file or datasets folder")
     if spec.bf16:
         check_bf16()
@@ -112,7 +112,7 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
         spec.resolved_output_dir(),
         command="train",
         overwrite=spec.overwrite,
-        inputs={"base model": model_dir, "dataset": spec.dataset},
+        inputs={"base model": model_dir, "dataset": dataset_path(spec.dataset) if spec.dataset else None},
         resume_from=spec.resume_from_checkpoint,
     )
     outputs.check()  # before loading anything: a folder we may not write fails in a second
