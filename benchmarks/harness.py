@@ -88,6 +88,7 @@ VARIANTS: dict[str, Variant] = {
     ),
     "hf:galore_adafactor": Variant("transformers optim=galore_adafactor"),
     "ours:full": Variant("hf-lowrank full (built-in method)", "full", "full"),
+    "limit:frozen": Variant("the floor of any adapter method: frozen base, backward through the activations only"),
     "full": Variant("plain Trainer, full fine-tuning with its default AdamW"),
 }
 
@@ -232,6 +233,22 @@ def _peft_model(name: str, model: Any, train: Any, o: BenchOptions) -> Any:
     return get_peft_model(model, LoraConfig(**kw))
 
 
+def _frozen_limit(model: Any) -> Any:
+    """``model`` with every weight frozen and the backward forced through all activations.
+
+    One scalar (1.0) multiplies the input embeddings, so the loss's gradient flows through every
+    layer's activations back to the embedding output, as for any adapter, but no weight gets a
+    gradient: the compute and activation memory no adapter method can go below.
+    """
+    import torch
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+    model.register_parameter("hf_lowrank_limit_scale", torch.nn.Parameter(torch.ones(())))
+    model.get_input_embeddings().register_forward_hook(lambda mod, args, out: out * model.hf_lowrank_limit_scale)
+    return model
+
+
 def _load(variant: str, o: BenchOptions, tokenizer: Any) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
@@ -285,6 +302,8 @@ def run_variant(variant: str, o: BenchOptions) -> dict[str, Any]:
             extra_args = {"optim": "adafactor"}  # the Trainer's Adafactor settings, as transformers' galore_adafactor
     elif kind == "peft":
         model = _peft_model(name, model, train, o)
+    elif kind == "limit":
+        model = _frozen_limit(model)
     elif kind == "hf":
         extra_args = {
             "optim": name,

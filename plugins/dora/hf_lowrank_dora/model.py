@@ -15,6 +15,8 @@ from hf_lowrank_lora import attach_lora
 from hf_lowrank_plugins import ConfigError, IncompatibleError, is_quantized
 from hf_lowrank_plugins.quantization import prepare_for_training
 
+from .lowrank_norm import use_low_rank_norms
+
 
 def attach_dora(model: nn.Module, config: LoraConfig) -> PeftModel:
     """Wrap ``model`` with PEFT's DoRA layers (``use_dora=True``), after LoRA's target and rank checks.
@@ -27,7 +29,9 @@ def attach_dora(model: nn.Module, config: LoraConfig) -> PeftModel:
         raise ConfigError("DoRA needs use_dora=True in its config; for plain LoRA use method 'lora'")
     if is_quantized(model):
         model = prepare_for_training(model)
-    return attach_lora(model, config)
+    adapted = attach_lora(model, config)
+    use_low_rank_norms(adapted)  # same maths, no dense W + s*B@A per forward (see lowrank_norm)
+    return adapted
 
 
 def clear_dora_cache(model: nn.Module) -> int:

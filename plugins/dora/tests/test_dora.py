@@ -139,3 +139,76 @@ def test_qdora_trains_on_4bit_base_and_merges_dequantized(batch, token_dataset, 
     with pytest.raises(hlp.IncompatibleError, match="mode='cache'"):
         with fast_inference(adapted.model, mode="merge"):
             pass
+
+
+def _dora_pair(model_case, dropout=0.0, four_bit=False):
+    """Our DoRA and PEFT's on copies of one base, with the same non-identity factors (B != 0, m != ||W||)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    base = model_case.build()
+    ours = hlp.attach(copy.deepcopy(base), "dora", r=4, lora_alpha=8, lora_dropout=dropout, load_in_4bit=four_bit).model
+    reference_base = copy.deepcopy(base)
+    if four_bit:
+        from hf_lowrank_plugins.quantization import quantize_model
+
+        reference_base = quantize_model(reference_base, hlp.QuantizationSettings.from_config(ours.peft_config["default"]))
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, use_dora=True, target_modules="all-linear",
+                        fan_in_fan_out=model_case.name == "gpt2")
+    theirs = get_peft_model(reference_base, config)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        their_params = dict(theirs.named_parameters())
+        for name, p in ours.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+                their_params[name].copy_(p)
+    return ours, theirs
+
+
+def _forward_backward(model, batch):
+    model.train()
+    torch.manual_seed(7)  # the same dropout masks
+    out = model(**batch).logits
+    out.double().pow(2).mean().backward()
+    return out.detach().double(), {n: p.grad.double() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _grad_error(grads, reference):
+    """The worst norm-wise relative error over the parameters: ||g - g_ref|| / ||g_ref||."""
+    return max(float((grads[n] - reference[n]).norm() / reference[n].norm()) for n in grads)
+
+
+@pytest.mark.parametrize("case", ["llama", "gpt2", "llama-dropout", "llama-4bit"])
+def test_low_rank_norms_equal_peft_dora(case):
+    """Our DoRA layers (row norms from W A^T and A A^T) against PEFT's (dense W + s B A), same factors:
+    outputs within 1e-5; gradients within 2e-6 norm-wise (both are fp32: see the float64 test for who is closer)."""
+    from hf_lowrank_dora.lowrank_norm import LowRankDoraLinearLayer
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    from hf_lowrank_plugins.testing import GPT2, LLAMA
+
+    model_case = GPT2 if case == "gpt2" else LLAMA
+    ours, theirs = _dora_pair(model_case, dropout=0.1 if case == "llama-dropout" else 0.0, four_bit=case == "llama-4bit")
+    assert any(isinstance(m, LowRankDoraLinearLayer) for m in ours.modules())
+    assert not any(type(m) is DoraLinearLayer for m in ours.modules())
+    batch = model_case.batch()
+    (out_ours, g_ours), (out_theirs, g_theirs) = _forward_backward(ours, batch), _forward_backward(theirs, batch)
+    assert rel_err(out_ours, out_theirs) <= 1e-5
+    assert _grad_error(g_ours, g_theirs) <= 2e-6
+
+
+def test_low_rank_norms_are_as_exact_as_peft_against_float64():
+    """Against PEFT's DoRA computed in float64, our fp32 gradients are within 1e-6 (norm-wise) and no further
+    off than PEFT's own fp32 gradients (the two fp32 versions differ from each other by about that much)."""
+    from hf_lowrank_plugins.testing import LLAMA
+
+    import copy
+
+    batch = LLAMA.batch()
+    ours, theirs = _dora_pair(LLAMA)
+    _, truth = _forward_backward(copy.deepcopy(theirs).double(), batch)
+    ours_error = _grad_error(_forward_backward(ours, batch)[1], truth)
+    peft_error = _grad_error(_forward_backward(theirs, batch)[1], truth)
+    assert ours_error <= 1e-6 and ours_error <= 1.5 * peft_error, (ours_error, peft_error)
