@@ -15,7 +15,7 @@ so saving, merging (PEFT's dense, one-off path) and plain-PEFT loading are uncha
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -39,21 +39,34 @@ class LowRankDoraLinearLayer(DoraLinearLayer):
 
     @cache_decorator("weight-norm")
     def low_rank_weight_norm(
-        self, base_layer: nn.Module, lora_A: nn.Module, lora_B: nn.Module, scaling: float, dtype: torch.dtype,
+        self,
+        base_layer: nn.Module,
+        lora_A: nn.Module,
+        lora_B: nn.Module,
+        scaling: float,
+        dtype: torch.dtype,
         adapter_name: str | None = None,
     ) -> torch.Tensor:
         """``||W_i + s (B A)_i||`` for every output row i, in ``dtype``, with no gradient."""
         with torch.no_grad():
             weight = transpose(dequantize_module_weight(base_layer), self.fan_in_fan_out).to(dtype)
-            a, b = lora_A.weight.to(dtype), lora_B.weight.to(dtype)
+            a = cast(torch.Tensor, lora_A.weight).to(dtype)
+            b = cast(torch.Tensor, lora_B.weight).to(dtype)
             # 2s W A^T + s^2 B (A A^T), out x r, in one fused op; then the row-wise dot with B
             cross = torch.addmm(weight @ a.t(), b, a @ a.t(), beta=2 * scaling, alpha=scaling * scaling)
             squared = self._row_norms_squared(weight) + (b * cross).sum(dim=1)
             return squared.clamp_min_(0).sqrt_()
 
-    def forward(  # type: ignore[override]
-        self, x: torch.Tensor, *, lora_A: nn.Module, lora_B: nn.Module, scaling: float, base_layer: nn.Module,
-        base_result: torch.Tensor | None = None, adapter_name: str = "default",
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        lora_A: nn.Module,
+        lora_B: nn.Module,
+        scaling: float,
+        base_layer: nn.Module,
+        base_result: torch.Tensor | None = None,
+        adapter_name: str = "default",
     ) -> Any:
         """PEFT's DoRA output (added to the base output), with the norms of :meth:`low_rank_weight_norm`."""
         magnitude = self.weight

@@ -153,9 +153,17 @@ def _dora_pair(model_case, dropout=0.0, four_bit=False):
     if four_bit:
         from hf_lowrank_plugins.quantization import quantize_model
 
-        reference_base = quantize_model(reference_base, hlp.QuantizationSettings.from_config(ours.peft_config["default"]))
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, use_dora=True, target_modules="all-linear",
-                        fan_in_fan_out=model_case.name == "gpt2")
+        reference_base = quantize_model(
+            reference_base, hlp.QuantizationSettings.from_config(ours.peft_config["default"])
+        )
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=dropout,
+        use_dora=True,
+        target_modules="all-linear",
+        fan_in_fan_out=model_case.name == "gpt2",
+    )
     theirs = get_peft_model(reference_base, config)
     torch.manual_seed(3)
     with torch.no_grad():
@@ -184,13 +192,15 @@ def _grad_error(grads, reference):
 def test_low_rank_norms_equal_peft_dora(case):
     """Our DoRA layers (row norms from W A^T and A A^T) against PEFT's (dense W + s B A), same factors:
     outputs within 1e-5; gradients within 2e-6 norm-wise (both are fp32: see the float64 test for who is closer)."""
-    from hf_lowrank_dora.lowrank_norm import LowRankDoraLinearLayer
     from peft.tuners.lora.dora import DoraLinearLayer
 
+    from hf_lowrank_dora.lowrank_norm import LowRankDoraLinearLayer
     from hf_lowrank_plugins.testing import GPT2, LLAMA
 
     model_case = GPT2 if case == "gpt2" else LLAMA
-    ours, theirs = _dora_pair(model_case, dropout=0.1 if case == "llama-dropout" else 0.0, four_bit=case == "llama-4bit")
+    ours, theirs = _dora_pair(
+        model_case, dropout=0.1 if case == "llama-dropout" else 0.0, four_bit=case == "llama-4bit"
+    )
     assert any(isinstance(m, LowRankDoraLinearLayer) for m in ours.modules())
     assert not any(type(m) is DoraLinearLayer for m in ours.modules())
     batch = model_case.batch()
@@ -202,9 +212,9 @@ def test_low_rank_norms_equal_peft_dora(case):
 def test_low_rank_norms_are_as_exact_as_peft_against_float64():
     """Against PEFT's DoRA computed in float64, our fp32 gradients are within 1e-6 (norm-wise) and no further
     off than PEFT's own fp32 gradients (the two fp32 versions differ from each other by about that much)."""
-    from hf_lowrank_plugins.testing import LLAMA
-
     import copy
+
+    from hf_lowrank_plugins.testing import LLAMA
 
     batch = LLAMA.batch()
     ours, theirs = _dora_pair(LLAMA)
