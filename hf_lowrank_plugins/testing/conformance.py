@@ -9,6 +9,10 @@
         method = "my_method"
         settings = {"r": 4}
 
+A plugin not yet installed (tested from its source tree) sets ``plugin`` to its module; the kit
+registers it by hand before each test whenever the registry does not know the method (tests may
+reload the registry from entry points in between).
+
 pytest then runs every check of :mod:`.contract` over the model matrix (:data:`.models.MODEL_CASES`:
 Llama, GPT-2 with ``Conv1D`` layers, T5, a BERT sequence classifier), plus the config checks. A
 cell that cannot pass yet is declared in ``expected_failures`` with its reason; it runs as a strict
@@ -43,6 +47,7 @@ class MethodConformance:
         models: the model matrix.
         expected_failures: ``{(model name, check name or "*"): reason}`` for cells that cannot pass yet.
         bad_settings: ``(fields, message pattern)`` pairs that must raise :class:`ConfigError`.
+        plugin: the plugin module, registered by hand when the method is not installed.
     """
 
     method: ClassVar[str] = ""
@@ -51,6 +56,7 @@ class MethodConformance:
     models: ClassVar[tuple[ModelCase, ...]] = MODEL_CASES
     expected_failures: ClassVar[dict[tuple[str, str], str]] = {}
     bad_settings: ClassVar[list[tuple[dict[str, Any], str]]] = []
+    plugin: ClassVar[object | None] = None
     _runs: ClassVar[dict[str, contract.TrainedRun]]
 
     # ------------------------------------------------------------------ parametrisation
@@ -66,6 +72,13 @@ class MethodConformance:
             marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
             params.append(pytest.param(case, id=case.name, marks=marks))
         metafunc.parametrize("case", params)
+
+    @pytest.fixture(autouse=True)
+    def _method_registered(self) -> None:
+        """Register :attr:`plugin` by hand when the method is not installed (or the registry was reloaded)."""
+        registry = get_registry()
+        if self.plugin is not None and self.method not in registry.methods:
+            registry.register(self.plugin, name=f"{self.method}-by-hand")
 
     def _run(self, case: ModelCase, tmp_path_factory: pytest.TempPathFactory) -> contract.TrainedRun:
         """The method trained on ``case`` once per test class; every check reads the same run."""
