@@ -116,21 +116,21 @@ def attach_salor(
         # Masks and SVD work on W in LoRA orientation (out x in): a view of GPT-2's transposed Conv1D
         # weights, so 2:4 groups run along the inputs and B @ A has W's shape for every layer type.
         weights = {n: _oriented(layer) for n, layer in layers.items()}
+        # masks come one layer at a time (a global threshold is found first, from histograms)
         masks = base_masks(weights, config.sparsity, config.sparsity_pattern)
         # fork_rng: a seeded randomized SVD gives the same factors on every attach (resume, DDP ranks)
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.svd_seed)
-            for name, layer in layers.items():
-                weight = weights[name]
+            for name, mask in masks:
+                layer, weight = layers[name], weights[name]
                 dense = weight.detach().float()
                 # torch.where, not weight * mask: a product leaves -0.0 where a negative weight was cut
-                pruned = torch.where(masks[name], dense, torch.zeros((), dtype=dense.dtype))
+                pruned = torch.where(mask, dense, torch.zeros((), dtype=dense.dtype))
                 if config.effective_repair_init == "svd":
                     A, B = svd_repair(dense - pruned, layer.r[adapter], layer.scaling[adapter], niter=niter)
                     layer.lora_A[adapter].weight.copy_(A)
                     layer.lora_B[adapter].weight.copy_(B)
                 weight.copy_(pruned)
-                del masks[name]  # free as we go: a mask per layer is 1 byte per weight
     if quantization is None and config.quantize_base:
         quantization = QuantizationSettings.from_config(config)
     if quantization is not None:

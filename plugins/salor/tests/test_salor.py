@@ -116,6 +116,46 @@ def test_sparsity_patterns_unstructured_global_and_2_4():
     assert all(abs(v["base"] - 0.25) < 1e-3 for v in sparsity_report(adapted.model).values())
 
 
+def _sorted_reference_masks(weights, keep):
+    """Keep the ``keep`` largest magnitudes over all weights; ties go to the earlier layer, then position
+    (a stable sort on the full concatenation: the computation the histograms avoid)."""
+    flat = torch.cat([w.detach().abs().float().flatten() for w in weights.values()])
+    order = torch.sort(-flat, stable=True).indices[:keep]
+    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask[order] = True
+    out, start = {}, 0
+    for n, w in weights.items():
+        out[n] = mask[start : start + w.numel()].view(w.shape)
+        start += w.numel()
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9, 0.999])
+def test_global_threshold_from_histograms_equals_a_full_sort(dtype, sparsity):
+    """The two-pass histogram select keeps exactly the entries a stable sort over every weight keeps,
+    including ties (many equal magnitudes, split across layers) and -0.0 / +0.0."""
+    from hf_lowrank_salor.prune import _kept, global_masks
+
+    gen = torch.Generator().manual_seed(0)
+    weights = {
+        "a": torch.randn(48, 64, generator=gen).to(dtype),
+        "b": (torch.randint(-3, 4, (32, 40), generator=gen) * 0.25).to(dtype),  # heavy ties, zeros
+        "c": torch.randn(64, 16, generator=gen).mul(0.01).to(dtype),
+        "d": (torch.randint(-3, 4, (16, 24), generator=gen) * 0.25).to(dtype).t(),  # non-contiguous view
+    }
+    weights["b"][0, :5] = -0.0
+    total = sum(w.numel() for w in weights.values())
+    keep = _kept(total, sparsity)
+    ours = global_masks(weights, sparsity)
+    reference = _sorted_reference_masks(weights, keep)
+    assert sum(int(m.sum()) for m in ours.values()) == keep
+    for n in weights:
+        assert ours[n].shape == weights[n].shape and torch.equal(ours[n], reference[n]), n
+    one = magnitude_mask(weights["b"], sparsity)
+    assert torch.equal(one, _sorted_reference_masks({"b": weights["b"]}, _kept(weights["b"].numel(), sparsity))["b"])
+
+
 def test_masks_stay_static_and_zero_through_trainer_training(tmp_path):
     adapted = hlp.attach(make_tiny_model(), "salor", r=4, sparsity_target="both", adapter_sparsity=0.5)
     layers = lora_layers(adapted.model)
