@@ -19,6 +19,7 @@ from torch import nn
 from .errors import IncompatibleError
 from .io import atomic_directory
 from .quantization import dequantize_model, is_quantized
+from .streaming import DEFAULT_MAX_SHARD_SIZE, write_checkpoint
 from .types import ExportResult
 
 #: Beside ``adapter_config.json``: our method's name and every setting PEFT's own class does not know.
@@ -90,26 +91,17 @@ def write_merged(
     model: nn.Module,
     directory: str | Path,
     tokenizer: Any = None,
-    in_place: bool = False,
     dtype: torch.dtype | None = None,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
-    """Write the merged checkpoint's files into the existing folder ``directory`` (not atomic on its own).
+    """Write the merged checkpoint's files into the folder ``directory`` (not atomic on its own).
 
-    ``dtype`` casts the saved floating-point tensors (and the config's ``dtype``); ``None`` keeps the
-    merged model's own. The live model is never cast.
+    Streamed tensor by tensor (:func:`~hf_lowrank_plugins.streaming.write_checkpoint`): the merged
+    model is never built, so the extra memory is one layer. ``dtype`` casts the saved
+    floating-point tensors (and the config's ``dtype``); ``None`` keeps each tensor's own. The live
+    model is left as it was.
     """
-    merged: Any = merged_copy(model, in_place=in_place)
-    state = None
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in merged.state_dict().items()}
-    previous = getattr(merged.config, "dtype", None)
-    if dtype is not None:
-        merged.config.dtype = dtype
-    try:
-        merged.save_pretrained(str(directory), safe_serialization=True, state_dict=state)
-    finally:
-        if dtype is not None:
-            merged.config.dtype = previous
+    write_checkpoint(model, directory, merge=True, dtype=dtype, max_shard_size=max_shard_size)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     return Path(directory)
@@ -119,17 +111,17 @@ def save_merged(
     model: nn.Module,
     directory: str | Path,
     tokenizer: Any = None,
-    in_place: bool = False,
     dtype: torch.dtype | None = None,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
     """Write a plain transformers checkpoint (plus ``tokenizer`` if given) with adapters merged in, atomically.
 
     ``dtype``: the dtype of the saved weights (``None``: the merged model's own, which is the base's
-    when it was loaded at its checkpoint's dtype).
+    when it was loaded at its checkpoint's dtype). Extra memory: one layer (see :func:`write_merged`).
     """
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
-        write_merged(model, tmp, tokenizer=tokenizer, in_place=in_place, dtype=dtype)
+        write_merged(model, tmp, tokenizer=tokenizer, dtype=dtype, max_shard_size=max_shard_size)
     return directory
 
 

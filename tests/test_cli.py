@@ -153,6 +153,14 @@ def test_end_to_end_on_real_smollm2(tmp_path, smol_dir):
     per_layer = 8 * (2 * (576 + 576) + 2 * (576 + 192) + 3 * (576 + 1536))
     assert metrics["trainable_params"] == 30 * per_layer == 2_442_240
     assert (out / "merged" / "tokenizer.json").is_file()
+    phases = metrics["peak_memory_by_phase_mb"]
+    assert {"load", "init", "train", "export"} <= set(phases)
+    peaks = [phases[p]["cpu"] for p in ("load", "init", "train", "export")]
+    # each phase's peak is at least the weights it holds (SmolLM2 fp32: 513 MiB) and at most the process's
+    assert all(513 < peak <= metrics["peak_memory_mb"] for peak in peaks), phases
+    assert max(peaks) == metrics["peak_memory_mb"]
+    if not phases["cpu_peak_is_cumulative"]:
+        assert phases["train"]["cpu"] > phases["load"]["cpu"]  # gradients, optimizer state, activations
 
     remerged = tmp_path / "remerged"
     assert main(["merge", str(out / "adapter"), "--output-dir", str(remerged)]) == 0

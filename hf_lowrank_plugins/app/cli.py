@@ -305,7 +305,7 @@ def _cmd_merge(ns: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(base) if has_tokenizer else None
     dtype = checkpoint_dtype(base) if ns.merged_dtype == "auto" else torch_dtype(ns.merged_dtype)
     with outputs:
-        write_merged(adapted.model, outputs.stage, tokenizer=tokenizer, in_place=True, dtype=dtype)
+        write_merged(adapted.model, outputs.stage, tokenizer=tokenizer, dtype=dtype)
         write_model_card(outputs.stage, "merged", adapted.method, adapted.config, {"model": str(base)})
         outputs.commit(info={"adapter": str(ns.adapter_dir), "base": str(base)})
     print(f"merged {ns.adapter_dir} into {base}: wrote {ns.output_dir}")

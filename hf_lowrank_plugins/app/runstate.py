@@ -1,6 +1,6 @@
 """What a run records beyond the Trainer's own state: step times, and a record in every checkpoint.
 
-:class:`StepTimer` times optimizer steps; :class:`RunRecorder` makes each checkpoint
+:class:`StepTimer` times optimizer steps; :class:`PhaseMemory` measures each phase's peak; :class:`RunRecorder` makes each checkpoint
 self-describing (method, rank, targets, timings) so a resume is checked against the run and
 ``metrics.json`` of a resumed run describes the whole run (:func:`whole_run_train_loss`).
 """
@@ -31,6 +31,70 @@ def peak_memory_mb() -> float:
         return torch.cuda.max_memory_allocated() / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+class PhaseMemory(TrainerCallback):
+    """Peak memory of each phase of a run, per device: ``load``, ``init``, ``train``, ``export``.
+
+    A phase runs from :meth:`begin` to :meth:`end`. The process's resident set high-water mark is
+    reset at each begin where the kernel allows it (``/proc/self/clear_refs``); where it does not,
+    the figure is the peak so far and ``cpu_peak_is_cumulative`` says so. Each CUDA device's
+    allocator peak is reset and read the same way. As a Trainer callback placed after the method's
+    own callbacks, ``on_train_begin`` closes ``init`` (which then includes a data-dependent
+    initialisation such as LoRA-GA's) and opens ``train``.
+    """
+
+    def __init__(self) -> None:
+        self.peaks_mb: dict[str, dict[str, float]] = {}
+        self.cumulative = False
+        self._phase: str | None = None
+
+    def begin(self, phase: str) -> None:
+        """Start measuring ``phase`` (closing the one in progress, if any)."""
+        if self._phase is not None:
+            self.end()
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            self.cumulative = True
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(index)
+        self._phase = phase
+
+    def end(self) -> None:
+        """Record the phase in progress."""
+        if self._phase is None:
+            return
+        peaks = {"cpu": _vm_hwm_mb() or peak_memory_mb()}
+        for index in range(torch.cuda.device_count()):
+            peaks[f"cuda:{index}"] = torch.cuda.max_memory_allocated(index) / 2**20
+        self.peaks_mb[self._phase] = peaks
+        self._phase = None
+
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        """``init`` ends when training starts (after the method's own ``on_train_begin``)."""
+        self.begin("train")
+
+    def overall_mb(self) -> float:
+        """The whole run's peak on the device :func:`peak_memory_mb` reports (resetting a phase's peak
+        also resets the process's own high-water mark, so the run's peak is the largest phase's)."""
+        device = "cuda:0" if torch.cuda.is_available() else "cpu"
+        return max([peak_memory_mb(), *(p.get(device, 0.0) for p in self.peaks_mb.values())])
+
+    def report(self) -> dict[str, Any]:
+        """``{"load": {"cpu": MiB, "cuda:0": MiB}, ..., "cpu_peak_is_cumulative": bool}``."""
+        return {**self.peaks_mb, "cpu_peak_is_cumulative": self.cumulative}
+
+
+def _vm_hwm_mb() -> float:
+    """The resident set high-water mark (``VmHWM``) in MiB; 0 where there is no /proc."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 def count_trainable(model: torch.nn.Module) -> int:

@@ -28,12 +28,12 @@ from .data import TrainingData, load_training_data
 from .embedded import dataset_path, default_model_dir, default_text_path
 from .model import check_bf16, check_model_dir, checkpoint_dtype, load_causal_lm, torch_dtype
 from .runstate import (
+    PhaseMemory,
     RunRecorder,
     StepTimer,
     check_checkpoint,
     count_trainable,
     directory_bytes,
-    peak_memory_mb,
     run_identity,
     whole_run_train_loss,
 )
@@ -121,8 +121,11 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
         tokenizer.pad_token = tokenizer.eos_token
     data = read_data(spec, tokenizer)
 
+    memory = PhaseMemory()
+    memory.begin("load")
     set_seed(spec.seed)
     base = load_base(spec, model_dir, info, config)
+    memory.begin("init")
     started = time.perf_counter()
     adapted = attach(base, config, load_in_4bit=spec.load_in_4bit, registry=registry)
     attach_seconds = time.perf_counter() - started
@@ -149,7 +152,8 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
             eval_dataset=data.eval,
             data_collator=data.collator,
             # the timer first: its startup interval then covers the method's data-dependent init (see StepTimer)
-            callbacks=[timer, *method_kwargs.pop("callbacks"), recorder, *(callbacks or [])],
+            # memory after the method's callbacks: its data-dependent init then counts as "init"
+            callbacks=[timer, *method_kwargs.pop("callbacks"), memory, recorder, *(callbacks or [])],
             **method_kwargs,
         )
         eval_before = trainer.evaluate()["eval_loss"]
@@ -170,6 +174,7 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
             "eval_loss_before": eval_before,
             "eval_loss_after": eval_after,
         }
+        memory.begin("export")
         exported = adapted.write_deliverables(
             outputs.stage,
             merge=spec.merge,
@@ -178,6 +183,7 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
             merged_dtype=merged_dtype,
             training=training,
         )
+        memory.end()
         init = init_seconds["attach_seconds"] + init_seconds["startup_seconds"]
         eval_history: list[dict[str, float]] = []
         for entry in trainer.state.log_history:
@@ -204,7 +210,8 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
             "median_step_seconds": timer.median(),
             "lr": spec.lr,
             "base_dtype": str(next(p.dtype for p in base.parameters() if p.is_floating_point())).removeprefix("torch."),
-            "peak_memory_mb": peak_memory_mb(),
+            "peak_memory_mb": memory.overall_mb(),
+            "peak_memory_by_phase_mb": memory.report(),
             "trainable_params": count_trainable(adapted.model),
             "config": {
                 k: v

@@ -79,7 +79,7 @@ def post_train_merge(
     Saved in place: the core's default export deep-copies the model before merging, which for a
     model with no adapter would only double peak memory.
     """
-    merged_dir = save_merged(model, Path(output_dir) / "merged", tokenizer=tokenizer, in_place=True, dtype=merged_dtype)
+    merged_dir = save_merged(model, Path(output_dir) / "merged", tokenizer=tokenizer, dtype=merged_dtype)
     result = ExportResult(merged_dir=merged_dir)
     if not merge:
         result.notes.append(

@@ -197,7 +197,7 @@ def post_train_merge(
     The weights themselves were trained, so ``merge`` changes nothing: the full checkpoint is the
     only deliverable and is always written.
     """
-    merged_dir = save_merged(model, Path(output_dir) / "merged", tokenizer=tokenizer, in_place=True, dtype=merged_dtype)
+    merged_dir = save_merged(model, Path(output_dir) / "merged", tokenizer=tokenizer, dtype=merged_dtype)
     result = ExportResult(merged_dir=merged_dir)
     if not merge:
         result.notes.append(

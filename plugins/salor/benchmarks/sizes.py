@@ -46,7 +46,7 @@ def main() -> None:
             for dtype in (torch.float32, torch.bfloat16):
                 name = f"{pattern}_{str(dtype).removeprefix('torch.')}"
                 started = time.perf_counter()
-                sizes = save_compressed_model(adapted.model, tmp / name, values_dtype=dtype, base=base)
+                sizes = save_compressed_model(adapted.model, tmp / name, values_dtype=dtype)
                 encode_s = time.perf_counter() - started
                 started = time.perf_counter()
                 restored = load_compressed_model(tmp / name, with_adapter=False)

@@ -13,6 +13,7 @@ metadata (``hf_lowrank_salor``) records shapes, dtypes and tied-weight aliases.
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -104,14 +105,16 @@ def save_compressed(
     """
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {"version": FORMAT_VERSION, "encoded": {}, "aliases": {}}
-    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    # a weak reference: a lazily produced tensor is freed after encoding, and a later one may be
+    # allocated at the same address without being the same tensor
+    seen: dict[tuple[int, int, tuple[int, ...]], tuple[str, weakref.ref[torch.Tensor]]] = {}
     dense_bytes = stored_bytes = 0
     for name, tensor in state_dict.items():
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if key in seen:  # tied weights: safetensors refuses shared storage, and one copy is enough
-            meta["aliases"][name] = seen[key]
+        if key in seen and seen[key][1]() is not None:  # tied weights: one copy is enough
+            meta["aliases"][name] = seen[key][0]
             continue
-        seen[key] = name
+        seen[key] = (name, weakref.ref(tensor))
         t = tensor.detach().cpu()
         if values_dtype is not None and t.is_floating_point():
             t = t.to(values_dtype)

@@ -34,6 +34,7 @@ from hf_lowrank_plugins import (
     write_json_atomic,
 )
 from hf_lowrank_plugins.quantization import dequantize_model
+from hf_lowrank_plugins.streaming import LazyStateDict, checkpoint_tensors, plain_config, plain_model, write_checkpoint
 
 from .bitmap import load_compressed, save_compressed
 from .model import apply_adapter_masks
@@ -55,17 +56,14 @@ def pruned_base_copy(model: nn.Module) -> nn.Module:
     return work
 
 
-def save_pruned_base(
-    model: nn.Module, directory: str | Path, tokenizer: Any = None, base: nn.Module | None = None
-) -> Path:
+def save_pruned_base(model: nn.Module, directory: str | Path, tokenizer: Any = None) -> Path:
     """Write the pruned base of ``model`` as a plain transformers checkpoint (plus tokenizer), atomically.
 
-    ``base``: an already made :func:`pruned_base_copy` (saves a deep copy when writing several deliverables).
+    Streamed tensor by tensor from the live model (a 4-bit base dequantized layer by layer): no copy.
     """
     directory = Path(directory)
-    base = base if base is not None else pruned_base_copy(model)
     with atomic_directory(directory) as tmp:
-        base.save_pretrained(tmp, safe_serialization=True)
+        write_checkpoint(model, tmp, merge=False)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return directory
@@ -99,7 +97,6 @@ def save_compressed_model(
     tokenizer: Any = None,
     values_dtype: torch.dtype | None = None,
     adapter_dir: str | Path | None = None,
-    base: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Write the compressed deliverable: bitmap-encoded pruned base, its config, and the adapter.
 
@@ -111,19 +108,20 @@ def save_compressed_model(
             model); ``None`` keeps the model's dtype, so loading is bit-exact.
         adapter_dir: an already written adapter directory to copy into ``directory/adapter``; with
             ``None`` and a PeftModel, the adapter is written from ``model``.
-        base: an already made :func:`pruned_base_copy` of ``model``.
 
     Returns:
         Sizes in bytes (``base_dense_bytes``, ``base_stored_bytes``, ``adapter_bytes``, ``file_bytes``)
         and ``encoded_tensors``; also written to ``directory/sizes.json``.
     """
     directory = Path(directory)
-    base = base if base is not None else pruned_base_copy(model)
+    # the pruned base's tensors one at a time (dequantized when 4-bit): only the encoded ones are held
+    tensors = checkpoint_tensors(model, merge=False)
+    plain: Any = plain_model(model)
     with atomic_directory(directory) as tmp:
-        stats = save_compressed(base.state_dict(), tmp / COMPRESSED_FILE, values_dtype=values_dtype)
-        base.config.save_pretrained(tmp)
-        if getattr(base, "generation_config", None) is not None:
-            base.generation_config.save_pretrained(tmp)
+        stats = save_compressed(LazyStateDict(tensors), tmp / COMPRESSED_FILE, values_dtype=values_dtype)
+        plain_config(model, tensors).save_pretrained(tmp)
+        if getattr(plain, "generation_config", None) is not None:
+            plain.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if adapter_dir is not None:
@@ -139,7 +137,9 @@ def save_compressed_model(
             "encoded_tensors": stats["encoded_tensors"],
             "file_bytes": (tmp / COMPRESSED_FILE).stat().st_size,
             "adapter_bytes": adapter_bytes,
-            "values_dtype": str(values_dtype or next(base.parameters()).dtype).removeprefix("torch."),
+            "values_dtype": str(
+                values_dtype or next(t.dtype for t in tensors if t.dtype.is_floating_point)
+            ).removeprefix("torch."),
         }
         write_json_atomic(tmp / "sizes.json", sizes)
     return sizes
@@ -195,16 +195,12 @@ def export_salor(
     """
     output_dir = Path(output_dir)
     result = ExportResult()
-    base = pruned_base_copy(model)
-    base_dir = save_pruned_base(model, output_dir / "base", tokenizer=tokenizer, base=base)
+    base_dir = save_pruned_base(model, output_dir / "base", tokenizer=tokenizer)
     result.extra["base"] = base_dir
     result.adapter_dir = save_salor_adapter(
         model, output_dir / "adapter", base_dir=Path(final_dir or output_dir) / "base"
     )
-    sizes = save_compressed_model(
-        model, output_dir / "compressed", tokenizer=tokenizer, adapter_dir=result.adapter_dir, base=base
-    )
-    del base
+    sizes = save_compressed_model(model, output_dir / "compressed", tokenizer=tokenizer, adapter_dir=result.adapter_dir)
     result.extra["compressed"] = output_dir / "compressed"
     dense = directory_bytes(base_dir)
     result.notes.append(

@@ -1,0 +1,121 @@
+"""Plain checkpoints written tensor by tensor (``hf_lowrank_plugins.streaming``) against the in-memory
+merge: the same tensors (bit for bit where both run PEFT's merge), loadable by plain transformers,
+sharded with an index, tied weights once, the base under the adapter with ``merge=False``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+
+import hf_lowrank_plugins as hlp
+from hf_lowrank_plugins.streaming import checkpoint_tensors, write_checkpoint
+from hf_lowrank_plugins.testing import BERT_CLS, GPT2, LLAMA, T5, output, rel_err
+
+CASES = {case.name: case for case in (LLAMA, GPT2, T5, BERT_CLS)}
+
+
+def _perturbed(case, method, seed=0, **settings):
+    """``method`` attached to ``case``'s model with every trainable tensor moved off its initial value."""
+    adapted = hlp.attach(case.build(seed), method, **({} if method == "full" else {"r": 4}), **settings)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in adapted.model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * 0.05)
+    return adapted.model.eval()
+
+
+def _read(directory):
+    tensors = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+def _load(case, directory):
+    return getattr(transformers, case.auto_class).from_pretrained(str(directory)).eval()
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=str)
+@pytest.mark.parametrize("method", ["lora", "dora", "full"])
+def test_streamed_merge_equals_the_in_memory_merge(case, method, tmp_path):
+    """Same tensor names and values as ``save_pretrained`` of ``merged_copy`` (bit for bit: the same PEFT
+    merge runs on a one-layer copy), and plain transformers loads it to the same outputs."""
+    model = _perturbed(CASES[case], method)
+    write_checkpoint(model, tmp_path / "streamed")
+    reference = hlp.merged_copy(model)
+    reference.save_pretrained(str(tmp_path / "reference"), safe_serialization=True)
+    streamed, saved = _read(tmp_path / "streamed"), _read(tmp_path / "reference")
+    assert sorted(streamed) == sorted(saved)
+    for key, value in saved.items():
+        assert streamed[key].dtype == value.dtype and torch.equal(streamed[key], value), key
+    loaded = _load(CASES[case], tmp_path / "streamed")
+    batch = CASES[case].batch()
+    assert rel_err(output(loaded, batch), output(model, batch)) <= 1e-5
+    config = json.loads((tmp_path / "streamed" / "config.json").read_text())
+    assert config["architectures"] == [CASES[case].auto_class] and config["dtype"] == "float32"
+
+
+@pytest.mark.parametrize("case", ["llama", "gpt2"], ids=str)
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_streamed_merge_of_a_4bit_base_equals_the_dequantized_merge(case, method, tmp_path):
+    """A 4-bit base is dequantized layer by layer and merged in full precision: the same weights as the
+    whole-model dequantize-then-merge (within fp32 rounding), nothing 4-bit in the checkpoint."""
+    pytest.importorskip("bitsandbytes")
+    model = _perturbed(CASES[case], method, load_in_4bit=True)
+    write_checkpoint(model, tmp_path / "streamed")
+    hlp.merged_copy(model).save_pretrained(str(tmp_path / "reference"), safe_serialization=True)
+    streamed, saved = _read(tmp_path / "streamed"), _read(tmp_path / "reference")
+    assert sorted(streamed) == sorted(saved)
+    for key, value in saved.items():
+        assert streamed[key].shape == value.shape and streamed[key].dtype == value.dtype, key
+        assert rel_err(streamed[key].float(), value.float()) <= 1e-6, key
+    config = json.loads((tmp_path / "streamed" / "config.json").read_text())
+    assert "quantization_config" not in config
+    loaded = _load(CASES[case], tmp_path / "streamed")
+    batch = CASES[case].batch()
+    assert rel_err(output(loaded, batch), output(model, batch)) <= 1e-4
+
+
+def test_shards_index_dtype_and_tied_weights(tmp_path):
+    """Small shards come with an index naming every tensor once; the tied output head is stored once;
+    ``dtype`` casts every floating tensor and the config says so."""
+    model = _perturbed(LLAMA, "lora")
+    tensors = checkpoint_tensors(model)
+    largest = max(t.nbytes for t in tensors)
+    write_checkpoint(model, tmp_path, dtype=torch.bfloat16, max_shard_size=2 * largest)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(tmp_path.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2 and set(index["weight_map"].values()) == {s.name for s in shards}
+    saved = _read(tmp_path)
+    assert set(saved) == set(index["weight_map"]) and all(v.dtype == torch.bfloat16 for v in saved.values())
+    assert index["metadata"]["total_size"] == sum(v.numel() * 2 for v in saved.values())
+    tied = LLAMA.build().config.tie_word_embeddings
+    assert ("lm_head.weight" in saved) is (not tied)
+    loaded = _load(LLAMA, tmp_path)
+    assert loaded.dtype == torch.bfloat16
+    batch = LLAMA.batch()
+    assert rel_err(output(loaded, batch), output(model, batch)) <= 2e-2  # bf16 rounding of the weights
+
+
+def test_merge_false_writes_the_base_under_the_adapter(tmp_path):
+    model = _perturbed(GPT2, "lora")
+    write_checkpoint(model, tmp_path, merge=False)
+    base = _load(GPT2, tmp_path)
+    fresh = GPT2.build(0)
+    batch = GPT2.batch()
+    assert torch.equal(output(base, batch), output(fresh, batch))
+
+
+def test_a_producer_that_breaks_its_plan_is_an_error(tmp_path):
+    from hf_lowrank_plugins.streaming import CheckpointTensor, write_safetensors_file
+
+    wrong = CheckpointTensor("w", (2, 3), torch.float32, lambda: torch.zeros(3, 2))
+    with pytest.raises(RuntimeError, match="planned"):
+        write_safetensors_file([wrong], tmp_path / "x.safetensors")
