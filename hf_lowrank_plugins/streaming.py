@@ -235,7 +235,7 @@ def write_safetensors_file(
                 raise RuntimeError(
                     f"{t.name}: produced {tuple(value.shape)} {value.dtype}, planned {t.shape} {t.dtype}"
                 )
-            f.write(value.contiguous().cpu().reshape(-1).view(torch.uint8).numpy())  # the buffer, not a copy
+            f.write(memoryview(value.contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))  # no copy
             del value
 
 
