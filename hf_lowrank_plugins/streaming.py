@@ -235,7 +235,7 @@ def write_safetensors_file(
                 raise RuntimeError(
                     f"{t.name}: produced {tuple(value.shape)} {value.dtype}, planned {t.shape} {t.dtype}"
                 )
-            f.write(memoryview(value.contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))  # no copy
+            f.write(value.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)  # a view, no copy
             del value
 
 
