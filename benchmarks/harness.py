@@ -155,18 +155,17 @@ def optimizer_state_bytes(optimizer: Any) -> int:
 # ---------------------------------------------------------------- model, data, variants
 
 
-def config_model(width: int, layers: int, vocab_size: int) -> Any:
-    """A SmolLM2-shaped Llama (head dim 64, about 3 query heads per KV head, MLP 8/3 x width), random init.
+def smollm2_shaped_config(width: int, layers: int, vocab_size: int) -> Any:
+    """A SmolLM2-shaped Llama config (head dim 64, about 3 query heads per KV head, MLP 8/3 x width).
 
     The KV head count is the largest divisor of the head count up to a third of it (attention needs
     the query heads to split evenly over the KV heads): 3 for SmolLM2's 9, 4 for width 1024's 16.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import LlamaConfig
 
     heads = max(1, width // 64)
     kv_heads = max(d for d in range(1, max(1, heads // 3) + 1) if heads % d == 0)
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=width,
         intermediate_size=64 * round(width * 8 / 3 / 64),
@@ -176,8 +175,15 @@ def config_model(width: int, layers: int, vocab_size: int) -> Any:
         max_position_embeddings=2048,
         tie_word_embeddings=True,
     )
+
+
+def config_model(width: int, layers: int, vocab_size: int) -> Any:
+    """A :func:`smollm2_shaped_config` model, random init in fp32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return AutoModelForCausalLM.from_config(smollm2_shaped_config(width, layers, vocab_size), dtype=torch.float32)
 
 
 def _ours(name: str, o: BenchOptions) -> tuple[str, dict[str, Any]]:

@@ -21,6 +21,7 @@ Life cycle, in call order::
     Trainer(...) / trainer.train()  wrap_optimizer (inside Trainer.create_optimizer)
     on_train_begin                  init_adapter_from_data (fresh runs only, never on resume)
     adapted.export(dir)             post_train_merge (a 4-bit base is dequantized before merging)
+    hf-lowrank plan                 plan_memory (on a meta-device model; no weights, no training)
 
 Which method hooks a plugin implements is read from pluggy, not declared: implementing
 ``wrap_optimizer`` or ``init_adapter_from_data`` means the method cannot run without its Trainer
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from transformers import TrainingArguments
 
     from .method import MethodInfo
+    from .plan import PlanSettings
     from .types import ExportResult, QuantizationSettings
 
 PROJECT_NAME = "hf_lowrank_plugins"
@@ -112,6 +114,23 @@ def wrap_optimizer(
     ``None`` to keep it. The Trainer's scheduler, clipping, accelerate wrapping and checkpointing
     then apply to the result as to any optimizer, so it must implement ``state_dict`` /
     ``load_state_dict`` faithfully for resume to work.
+    """
+
+
+@hookspec(firstresult=True)
+def plan_memory(
+    model: torch.nn.Module,
+    config: PeftConfig,
+    settings: PlanSettings,
+    terms: dict[str, int],
+) -> dict[str, int] | None:
+    """The method's own terms of a predicted peak, in bytes per process (``hf-lowrank plan``).
+
+    Method hook, called by :func:`~hf_lowrank_plugins.plan.plan_memory` with ``model`` on the meta
+    device (shapes only; for an adapter method, with PEFT's adapter laid on it) and the core's
+    standard ``terms`` (``weights``, ``gradients``, ``optimizer``, ``activations``). Return new
+    terms (a method's buffers, projectors, accumulators) and/or a replacement for a standard term
+    the method changes (an optimizer with other state); ``None`` when the standard terms are right.
     """
 
 

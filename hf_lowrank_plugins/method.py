@@ -28,7 +28,7 @@ from peft import PeftConfig
 from .errors import ConfigError
 
 #: Hooks answered by the plugin owning a method (see :mod:`.hookspecs`).
-METHOD_HOOKS = ("init_adapter", "init_adapter_from_data", "wrap_optimizer", "post_train_merge")
+METHOD_HOOKS = ("init_adapter", "init_adapter_from_data", "wrap_optimizer", "post_train_merge", "plan_memory")
 
 
 @dataclass(frozen=True)

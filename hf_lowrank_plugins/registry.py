@@ -68,6 +68,7 @@ _RESULT_TYPES: dict[str, tuple[type, ...]] = {
     "wrap_optimizer": (torch.optim.Optimizer,),
     "post_train_merge": (ExportResult,),
     "init_adapter_from_data": (bool,),
+    "plan_memory": (dict,),
 }
 
 

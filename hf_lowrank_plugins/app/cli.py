@@ -312,6 +312,41 @@ def _cmd_merge(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(ns: argparse.Namespace) -> int:
+    from ..plan import PlanSettings, plan_memory
+    from .embedded import default_model_dir
+    from .model import torch_dtype
+
+    fields = parse_set(ns.set)
+    for alias in ("rank", "alpha"):
+        value = getattr(ns, alias)
+        if value is not None:
+            fields[alias] = value
+    settings = PlanSettings(
+        batch_size=ns.batch_size,
+        seq_len=ns.seq_len,
+        gradient_checkpointing=ns.gradient_checkpointing,
+        load_in_4bit=ns.load_in_4bit,
+        world_size=ns.world_size,
+        zero_stage=ns.zero_stage,
+        dtype=None if ns.dtype == "auto" else torch_dtype(ns.dtype),
+        device=ns.device,
+    )
+    plan = plan_memory(ns.model or default_model_dir(), ns.method, settings, **fields)
+    if ns.json:
+        print(json.dumps(plan.as_dict(), indent=2))
+        return 0
+    print(
+        f"{plan.method}: {plan.total / 2**30:.2f} GiB per process predicted "
+        f"({plan.trainable_params:,} of {plan.total_params:,} parameters trained)"
+    )
+    for name, value in sorted(plan.terms.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:<24} {value / 2**30:8.2f} GiB")
+    for note in plan.notes:
+        print(f"  note: {note}")
+    return 0
+
+
 def _cmd_generate(ns: argparse.Namespace) -> int:
     from .generate import answer, chat, load
 
@@ -438,6 +473,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p)
     p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser(
+        "plan",
+        help="predict a run's peak memory from the model's config, before loading anything",
+        formatter_class=HelpFormatter,
+        epilog="examples:\n  hf-lowrank plan ./Llama-3.1-70B --method qlora --rank 16 --batch-size 1 --seq-len 2048 "
+        "--gradient-checkpointing --device cuda\n  hf-lowrank plan config.json --method galore --set rank=128 --json\n",
+    )
+    p.add_argument("model", nargs="?", help="a model folder or its config.json (default: the embedded SmolLM2-135M)")
+    p.add_argument("--method", required=True, help="a name from `hf-lowrank list`")
+    p.add_argument("--rank", type=_positive_int, help="adapter rank (the method's rank field)")
+    p.add_argument("--alpha", type=_positive_float, help="adapter alpha (the method's alpha field)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a field of the method's config")
+    p.add_argument("--batch-size", type=_positive_int, default=2, help="examples per device and micro-batch")
+    p.add_argument("--seq-len", type=_positive_int, default=64, help="tokens per example")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass")
+    p.add_argument("--load-in-4bit", action="store_true", help="the frozen base in NF4")
+    p.add_argument("--world-size", type=_positive_int, default=1, help="processes the run is split over")
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=0, help="DeepSpeed ZeRO stage")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "bfloat16", "float16", "float32"),
+        default="auto",
+        help="dtype of the frozen base (auto: the checkpoint's)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cpu: the whole process, libraries included; cuda: the allocator's peak",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _common(p)
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser(
         "generate",

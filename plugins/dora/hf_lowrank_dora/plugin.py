@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from peft import LoraConfig
 from torch import nn
 
 from hf_lowrank_lora import LORA_ALIASES
 from hf_lowrank_plugins import MethodInfo, hookimpl
+from hf_lowrank_plugins.plan import linear_shapes
 
 from .config import DoraConfig
 from .model import attach_dora
@@ -31,3 +35,13 @@ def describe_methods() -> list[MethodInfo]:
 def init_adapter(model: nn.Module, config: LoraConfig) -> nn.Module:
     """Attach PEFT DoRA layers; output equals the base at init (B = 0 and m = ||W|| row-wise)."""
     return attach_dora(model, config)
+
+
+@hookimpl
+def plan_memory(model: nn.Module, config: LoraConfig, settings: Any, terms: dict[str, int]) -> dict[str, int]:
+    """What DoRA's forward keeps beyond LoRA's for the backward pass: per adapted layer, the
+    adapter's and the base's outputs that the magnitude scale multiplies (two tokens x out each).
+    The row norms themselves (out x r per layer, no gradient) are transient and negligible."""
+    outputs = sum(out for out, _ in linear_shapes(model).values())
+    compute = 4 if settings.load_in_4bit else torch.empty((), dtype=settings.dtype or torch.float32).element_size()
+    return {"dora_activations": 2 * settings.tokens * outputs * compute}

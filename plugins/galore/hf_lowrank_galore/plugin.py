@@ -82,6 +82,30 @@ def init_adapter(model: nn.Module, config: GaLoreConfig) -> nn.Module:
     return model
 
 
+@hookimpl
+def plan_memory(model: nn.Module, config: GaLoreConfig, settings: Any, terms: dict[str, int]) -> dict[str, int]:
+    """GaLore's optimizer state: moments of the projected gradients (plus the projectors) for the
+    target weights, full moments for the rest; layer-wise mode holds one target's gradient at a time."""
+    from .projector import low_rank_shape, projection_side
+
+    targets = target_weights(model, config)
+    moment_bytes = {"adamw": 8, "adamw8bit": 2, "adafactor": 4}[config.optimizer]
+    projected = projectors = 0
+    for weight in targets.values():
+        side = projection_side(weight.shape, config.proj_type)
+        rows, cols = low_rank_shape(weight.shape, int(config.rank), side)
+        projected += rows * cols
+        m, n = weight.shape
+        projectors += {"right": n, "left": m, "full": m + n}[side] * int(config.rank) * 4
+    target_params = sum(w.numel() for w in targets.values())
+    others = terms["optimizer"] // 8 - target_params
+    plan = {"optimizer": projected * moment_bytes + others * 8, "galore_projectors": projectors}
+    if config.layerwise:  # a target's gradient is freed by its hook as soon as it is accumulated
+        largest = max(w.numel() for w in targets.values())
+        plan["gradients"] = (others + largest) * 4
+    return plan
+
+
 #: transformers' Adafactor hyperparameters and the values the Trainer uses for ``optim="adafactor"``
 #: (manual lr, no relative step or parameter scaling), for Trainer optimizers that are not Adafactor.
 ADAFACTOR_DEFAULTS: dict[str, Any] = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from hf_lowrank_plugins import (
     hookimpl,
     save_merged,
 )
+from hf_lowrank_plugins.plan import linear_shapes
 
 from .config import LoraGaConfig
 from .gradient import collect_batches, estimate_gradient_factors, layer_dims
@@ -121,6 +123,19 @@ def init_adapter_from_data(model: nn.Module, config: LoraGaConfig, train_dataloa
         torch.cuda.empty_cache()
     logger.info("LoRA-GA initialised %d layers from %s", len(layers), config.estimator)
     return True
+
+
+@hookimpl
+def plan_memory(model: nn.Module, config: LoraGaConfig, settings: Any, terms: dict[str, int]) -> dict[str, int]:
+    """LoRA-GA's initialisation, before the first step: the targets' weight gradients in fp32 and their
+    fp32 accumulators, one layer group at a time (``estimator="full"``), or the sketches (``sketch``)."""
+    shapes = list(linear_shapes(model).values())
+    if config.estimator == "sketch":
+        k = config.sketch_rank or 4 * int(config.r)
+        per_layer = [2 * min(k, m, n) * (m + n) * 4 + m * n * 4 for m, n in shapes]  # sketches + one gradient
+        return {"lora_ga_init": max(per_layer) + sum(per_layer) - max(per_layer) // 2}
+    group = math.ceil(sum(m * n for m, n in shapes) / int(config.ga_layer_groups))
+    return {"lora_ga_init": 2 * group * 4}
 
 
 @hookimpl

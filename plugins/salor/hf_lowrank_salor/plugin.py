@@ -11,6 +11,7 @@ from transformers import TrainingArguments
 
 from hf_lowrank_lora import LORA_ALIASES
 from hf_lowrank_plugins import ExportResult, MethodInfo, QuantizationSettings, hookimpl
+from hf_lowrank_plugins.plan import linear_shapes
 
 from .config import SalorConfig
 from .export import export_salor
@@ -50,6 +51,19 @@ def wrap_optimizer(
     if getattr(config, "sparse_adapter", False):
         AdapterMaskEnforcer(model, config).install(optimizer)
     return None
+
+
+@hookimpl
+def plan_memory(model: nn.Module, config: SalorConfig, settings: Any, terms: dict[str, int]) -> dict[str, int]:
+    """SALOR's masks on A and B (one byte per factor entry) when the adapter is sparse; the base's
+    masks exist one layer at a time at attach, which the largest layer bounds."""
+    shapes = linear_shapes(model).values()
+    r = int(config.r)
+    largest = max(m * n for m, n in shapes)
+    extras = {"salor_base_mask": largest * 5 if config.prunes_base else 0}  # a mask and fp32 magnitudes
+    if config.sparse_adapter:
+        extras["salor_adapter_masks"] = sum(r * (m + n) for m, n in shapes)
+    return extras
 
 
 @hookimpl

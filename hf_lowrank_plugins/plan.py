@@ -1,0 +1,283 @@
+"""Peak training memory predicted before a run, from a config alone (``hf-lowrank plan``).
+
+The model is built on the meta device (accelerate's ``init_empty_weights``: shapes, no storage), so
+a 70B config answers in seconds. The adapter a method trains is laid on the meta model by PEFT
+itself (the method config's PEFT class, with PEFT's default initialisation), so the trainable
+parameters are counted exactly as the run will have them. The core then adds up, in bytes:
+
+* ``weights``: the frozen base at its dtype (4-bit layers at NF4's 4 bits plus the block scales;
+  what PEFT's k-bit preparation leaves in fp32 in fp32) and the trainable parameters in fp32;
+* ``gradients``: one fp32 gradient per trainable parameter;
+* ``optimizer``: AdamW's two fp32 moments per trainable parameter;
+* ``activations``: what autograd keeps for the backward pass of a decoder layer (the usual count:
+  the layer's inputs and outputs of every matmul, norm and activation, the attention probabilities
+  of eager attention), times the layers, plus the logits and their fp32 loss and gradient; with
+  gradient checkpointing one input per layer plus one layer's worth;
+* the method's own terms, from the ``plan_memory`` hook of its plugin: new terms (DoRA's norms,
+  LoRA-GA's gradient accumulators, GaLore's projectors, SALOR's masks) or a replacement of a
+  standard one (GaLore's optimizer state is that of the projected gradients).
+
+Under DeepSpeed ZeRO the optimizer state (stage 1), gradients (2) and parameters (3) are split over
+``world_size`` processes; the figure is per process. On a CPU the process also holds the libraries
+themselves (``runtime``: measured as this process's resident size, since planning imports the same
+ones); on a GPU that is the CUDA context, outside the allocator's figure and left out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import LowRankError
+from .method import MethodInfo
+
+#: NF4 with double quantization: 4 bits, one 8-bit scale per 64 weights, one fp32 per 256 scales.
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
+STANDARD_TERMS = ("weights", "gradients", "optimizer", "activations", "runtime")
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """The run being planned."""
+
+    batch_size: int = 2
+    seq_len: int = 64
+    gradient_checkpointing: bool = False
+    load_in_4bit: bool = False
+    world_size: int = 1
+    zero_stage: int = 0
+    dtype: torch.dtype | None = None  #: the frozen base's dtype; None: the checkpoint's
+    device: str = "cpu"  #: ``cpu`` (the process, libraries included) or ``cuda`` (the allocator)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per micro-batch."""
+        return self.batch_size * self.seq_len
+
+
+@dataclass
+class MemoryPlan:
+    """A predicted peak, in bytes per process, split into named terms."""
+
+    method: str
+    terms: dict[str, int]
+    trainable_params: int
+    total_params: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        """Bytes of the predicted peak."""
+        return sum(self.terms.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: every term and the total in bytes and MiB."""
+        return {
+            "method": self.method,
+            "total_bytes": self.total,
+            "total_mib": self.total / 2**20,
+            "terms_bytes": dict(self.terms),
+            "terms_mib": {k: v / 2**20 for k, v in self.terms.items()},
+            "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
+            "notes": self.notes,
+        }
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def load_config(model: str | Path | Any) -> Any:
+    """A transformers config from a model folder, a ``config.json`` path, or a config object."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(model, PretrainedConfig):
+        return model
+    path = Path(model)
+    if path.is_file():
+        return AutoConfig.from_pretrained(str(path.parent)) if path.name == "config.json" else _from_json(path)
+    if not (path / "config.json").is_file():
+        raise LowRankError(f"{model}: no config.json there; pass a model folder or its config.json")
+    return AutoConfig.from_pretrained(str(path))
+
+
+def _from_json(path: Path) -> Any:
+    import json
+
+    from transformers import AutoConfig
+
+    raw = json.loads(path.read_text())
+    return AutoConfig.for_model(raw.pop("model_type"), **raw)
+
+
+def checkpoint_dtype(config: Any) -> torch.dtype:
+    """The dtype a config says its weights are stored in (fp32 when it says nothing)."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, torch.dtype):
+        return value
+    return getattr(torch, str(value)) if value else torch.float32
+
+
+def meta_model(config: Any) -> nn.Module:
+    """The causal LM of ``config`` on the meta device (no storage)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()  # tied embeddings are one tensor, as after loading
+    return model
+
+
+def _adapted_meta(model: nn.Module, config: Any, info: MethodInfo) -> nn.Module:
+    """The adapter of ``config`` laid on ``model`` by PEFT (PEFT's default init: no data, no SVD)."""
+    from accelerate import init_empty_weights
+    from peft import get_peft_model
+
+    from .export import peft_config_class
+
+    base_class = peft_config_class(config)
+    accepted = {f.name for f in dataclasses.fields(base_class)}
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in accepted}
+    fields["init_lora_weights"] = True
+    with init_empty_weights():
+        return get_peft_model(model, base_class(**fields))
+
+
+def _activation_bytes(config: Any, settings: PlanSettings, compute: int) -> tuple[int, int]:
+    """Saved activations of one decoder layer, and of the logits with their loss, in bytes."""
+    hidden = config.hidden_size
+    inter = getattr(config, "intermediate_size", 4 * hidden)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv = getattr(config, "num_key_value_heads", heads) * head_dim
+    t = settings.tokens
+    # per token: norms (2 x 2h), q/k/v in and out with rotary (h + 2kv, twice), attention output and
+    # o_proj input (2h), residuals (2h); MLP: gate, up, act(gate), product (4i)
+    per_token = 4 * hidden + 2 * (hidden + 2 * kv) + 4 * hidden + 4 * inter
+    attention = 2 * settings.batch_size * heads * settings.seq_len**2  # scores and probabilities (eager)
+    layer = (t * per_token + attention) * compute
+    vocab = config.vocab_size
+    logits = t * vocab * (compute + 4 + 4)  # logits, their fp32 copy for the loss, its gradient
+    return layer, logits
+
+
+def plan_memory(
+    model: str | Path | Any,
+    method: str | MethodInfo,
+    settings: PlanSettings | None = None,
+    registry: Any = None,
+    **fields: Any,
+) -> MemoryPlan:
+    """Predict the peak memory per process of training ``method`` on ``model`` (a folder, a
+    ``config.json`` or a config) with ``settings``; ``fields`` are the method's options."""
+    from .api import make_config
+    from .registry import get_registry
+
+    settings = settings or PlanSettings()
+    registry = registry or get_registry()
+    info = method if isinstance(method, MethodInfo) else registry.get(method)
+    if settings.load_in_4bit and not info.supports_quantized_base:
+        raise LowRankError(f"method '{info.name}' cannot train on a 4-bit base: {info.no_quantized_base}")
+    if settings.zero_stage not in (0, 1, 2, 3) or settings.world_size < 1:
+        raise LowRankError("zero_stage must be 0-3 and world_size at least 1")
+    config = make_config(info, registry=registry, **fields)
+    model_config = load_config(model)
+    base_dtype = settings.dtype or (checkpoint_dtype(model_config) if info.trains_adapter else torch.float32)
+    four_bit = settings.load_in_4bit or info.requires_quantized_base
+    meta = meta_model(model_config)
+    total_params = sum(p.numel() for p in meta.parameters())
+    if info.trains_adapter:
+        meta = _adapted_meta(meta, config, info)
+        trainable = [p for p in meta.parameters() if p.requires_grad]
+    else:
+        trainable = list(meta.parameters())
+    trainable_params = sum(p.numel() for p in trainable)
+    trainable_ids = {id(p) for p in trainable}
+
+    frozen_bytes = 0.0
+    quantized_names = set()
+    if four_bit:
+        from .targets import task_heads
+
+        skipped = set(task_heads(meta)) | {"lm_head"}
+        for name, module in meta.named_modules():
+            if type(module) is nn.Linear and not any(name.endswith(s) for s in skipped) and "lora_" not in name:
+                quantized_names.add(id(module.weight))
+    seen: set[int] = set()
+    for p in meta.parameters():
+        if id(p) in trainable_ids or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if id(p) in quantized_names:
+            frozen_bytes += p.numel() * NF4_BYTES_PER_WEIGHT
+        else:  # PEFT's k-bit preparation keeps the rest in fp32
+            frozen_bytes += p.numel() * (4 if four_bit else _element_size(base_dtype))
+    shard = settings.world_size
+    stage = settings.zero_stage
+    compute = 4 if four_bit else _element_size(base_dtype) if info.trains_adapter else 4
+    if settings.device == "cuda" and four_bit:
+        compute = 2  # bf16 compute on a GPU
+    layer, logits = _activation_bytes(model_config, settings, compute)
+    layers = model_config.num_hidden_layers
+    if settings.gradient_checkpointing:
+        activations = layers * settings.tokens * model_config.hidden_size * compute + layer + logits
+    else:
+        activations = layers * layer + logits
+    terms = {
+        "weights": int(frozen_bytes / (shard if stage == 3 else 1))
+        + trainable_params * 4 // (shard if stage == 3 else 1),
+        "gradients": trainable_params * 4 // (shard if stage >= 2 else 1),
+        "optimizer": trainable_params * 8 // (shard if stage >= 1 else 1),
+        "activations": int(activations),
+    }
+    plan = MemoryPlan(info.name, terms, trainable_params, total_params)
+    extras = registry.call_method_hook(
+        info, "plan_memory", model=meta, config=config, settings=settings, terms=dict(terms)
+    )
+    for name, value in (extras or {}).items():
+        if name in terms and stage and name in ("gradients", "optimizer"):
+            value = value // shard
+        plan.terms[name] = int(value)
+    plan.terms["runtime"] = _runtime_bytes() if settings.device == "cpu" else 0
+    if settings.device == "cpu":
+        plan.notes.append("runtime: this process's resident size with the same libraries imported")
+    plan.notes.append(f"frozen base in {'NF4' if four_bit else str(base_dtype).removeprefix('torch.')}")
+    return plan
+
+
+def _runtime_bytes() -> int:
+    """This process's resident set (``VmRSS``): the libraries a training process imports too."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def parameter_bytes(params: Any, bytes_per: float) -> int:
+    """``bytes_per`` bytes for each element of ``params`` (a helper for plugins' ``plan_memory``)."""
+    return int(sum(p.numel() for p in params) * bytes_per)
+
+
+def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """``(out, in)`` of every adapted layer's base weight in a meta PEFT model (for ``plan_memory``)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers.pytorch_utils import Conv1D
+
+    shapes: dict[str, tuple[int, int]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            base: Any = module.get_base_layer()
+            rows, cols = int(base.weight.shape[0]), math.prod(int(d) for d in base.weight.shape[1:])
+            shapes[name] = (cols, rows) if isinstance(base, Conv1D) else (rows, cols)
+    return shapes
