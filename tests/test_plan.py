@@ -70,7 +70,11 @@ def test_method_terms_come_from_the_plugins():
 def test_zero_stages_split_state_over_processes():
     config = tiny_llama_config()
     one = plan_memory(config, "full", PlanSettings(dtype=torch.float32))
-    for stage, split in {1: {"optimizer"}, 2: {"optimizer", "gradients"}, 3: {"optimizer", "gradients", "weights"}}.items():
+    for stage, split in {
+        1: {"optimizer"},
+        2: {"optimizer", "gradients"},
+        3: {"optimizer", "gradients", "weights"},
+    }.items():
         four = plan_memory(config, "full", PlanSettings(dtype=torch.float32, world_size=4, zero_stage=stage))
         for term in ("weights", "gradients", "optimizer"):
             expected = one.terms[term] // 4 if term in split else one.terms[term]
