@@ -56,7 +56,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--out", default="benchmarks/results/plan_accuracy.json")
+    parser.add_argument(
+        "--replan", help="an earlier output: keep its measurements, recompute the plans (after changing the planner)"
+    )
     args = parser.parse_args()
+    earlier = {}
+    if args.replan:
+        import json
+
+        earlier = {(r["model"], r["method"]): r["measured"] for r in json.load(open(args.replan))["results"]}
+        args.models = list(dict.fromkeys(m for m, _ in earlier))
+        args.methods = list(dict.fromkeys(m for _, m in earlier))
     rows = []
     for model in args.models:
         shape = MODELS[model]
@@ -67,8 +77,10 @@ def main() -> None:
             layers=shape[1] if shape else 4,
         )
         for method in args.methods:
+            if args.replan and (model, method) not in earlier:
+                continue
             plan = _plan(model, method, options)
-            measured = run_isolated(f"ours:{method}", options)
+            measured = earlier.get((model, method)) or run_isolated(f"ours:{method}", options)
             row = {"model": model, "method": method, "plan": plan, "measured": measured}
             if "error" not in measured:
                 row["error"] = plan["total_mib"] / measured["peak_rss_mib"] - 1

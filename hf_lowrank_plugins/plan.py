@@ -17,6 +17,10 @@ parameters are counted exactly as the run will have them. The core then adds up,
   LoRA-GA's gradient accumulators, GaLore's projectors, SALOR's masks) or a replacement of a
   standard one (GaLore's optimizer state is that of the projected gradients).
 
+On a CPU, transformers memory-maps the checkpoint: a weight read and replaced (quantized at load, or
+rewritten by a method such as PiSSA's residual) leaves its file pages resident beside the new tensor
+(``checkpoint_pages``; reclaimable by the kernel, but counted in the resident size).
+
 Under DeepSpeed ZeRO the optimizer state (stage 1), gradients (2) and parameters (3) are split over
 ``world_size`` processes; the figure is per process. On a CPU the process also holds the libraries
 themselves (``runtime``: measured as this process's resident size, since planning imports the same
@@ -211,6 +215,8 @@ def plan_memory(
         for name, module in meta.named_modules():
             if type(module) is nn.Linear and not any(name.endswith(s) for s in skipped) and "lora_" not in name:
                 quantized_names.add(id(module.weight))
+    mapped_bytes = 0  # checkpoint pages a CPU process keeps mapped (see below)
+    checkpoint_size = _element_size(checkpoint_dtype(model_config))
     seen: set[int] = set()
     for p in meta.parameters():
         if id(p) in trainable_ids or id(p) in seen:
@@ -218,6 +224,7 @@ def plan_memory(
         seen.add(id(p))
         if id(p) in quantized_names:
             frozen_bytes += p.numel() * NF4_BYTES_PER_WEIGHT
+            mapped_bytes += p.numel() * checkpoint_size
         else:  # PEFT's k-bit preparation keeps the rest in fp32
             frozen_bytes += p.numel() * (4 if four_bit else _element_size(base_dtype))
     shard = settings.world_size
@@ -240,12 +247,21 @@ def plan_memory(
     }
     plan = MemoryPlan(info.name, terms, trainable_params, total_params)
     extras = registry.call_method_hook(
-        info, "plan_memory", model=meta, config=config, settings=settings, terms=dict(terms)
+        info,
+        "plan_memory",
+        model=meta,
+        config=config,
+        settings=dataclasses.replace(settings, dtype=base_dtype),
+        terms=dict(terms),
     )
     for name, value in (extras or {}).items():
         if name in terms and stage and name in ("gradients", "optimizer"):
             value = value // shard
         plan.terms[name] = int(value)
+    if settings.device == "cpu" and mapped_bytes:
+        # transformers memory-maps safetensors on a CPU: the pages of weights read and converted to 4 bits
+        # stay mapped (resident, though reclaimable) while any tensor of the file is still in use
+        plan.terms["checkpoint_pages"] = mapped_bytes
     plan.terms["runtime"] = _runtime_bytes() if settings.device == "cpu" else 0
     if settings.device == "cpu":
         plan.notes.append("runtime: this process's resident size with the same libraries imported")

@@ -11,6 +11,7 @@ from torch import nn
 from hf_lowrank_lora import LORA_ALIASES
 from hf_lowrank_lora.residual import save_portable_adapter
 from hf_lowrank_plugins import ExportResult, MethodInfo, QuantizationSettings, hookimpl, is_quantized, save_merged
+from hf_lowrank_plugins.plan import linear_shapes
 
 from .config import PissaConfig
 from .model import attach_pissa
@@ -40,6 +41,17 @@ def init_adapter(model: nn.Module, config: PissaConfig, quantization: Quantizati
     """SVD-initialised LoRA layers; output equals the base at init up to fp32 rounding (up to the NF4
     rounding of W_res for QPiSSA)."""
     return attach_pissa(model, config, quantization=quantization)
+
+
+@hookimpl
+def plan_memory(model: nn.Module, config: PissaConfig, settings: Any, terms: dict[str, int]) -> dict[str, int]:
+    """On a CPU, PEFT's PiSSA init gives each target a new residual tensor while the original's pages of
+    the memory-mapped checkpoint stay resident; the SVD itself needs one layer at a time."""
+    if settings.device != "cpu" or settings.load_in_4bit:
+        return {}
+    dtype = settings.dtype or torch.float32
+    weights = sum(out * inp for out, inp in linear_shapes(model).values())
+    return {"checkpoint_pages": weights * torch.empty((), dtype=dtype).element_size()}
 
 
 @hookimpl
