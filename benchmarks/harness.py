@@ -201,6 +201,7 @@ def _ours(name: str, o: BenchOptions) -> tuple[str, dict[str, Any]]:
         "galore_layerwise": ("galore", {**galore, "layerwise": True}),
         "galore_8bit": ("galore", {**galore, "optimizer": "adamw8bit"}),
         "galore_adafactor": ("galore", {**galore, "optimizer": "adafactor"}),
+        "salor": ("salor", {**lora, "svd": "fast"}),
         "full": ("full", {}),
     }[name]
 

@@ -91,6 +91,7 @@ def main() -> None:
                 f"error {row.get('error', float('nan')):+.1%}",
                 flush=True,
             )
+            write_json(args.out, {"command": " ".join(sys.argv), "machine": machine(), "results": rows})  # as it goes
     errors = [abs(r["error"]) for r in rows if "error" in r]
     if errors:
         print(f"largest |error| {max(errors):.1%}; within 20%: {sum(e <= 0.2 for e in errors)}/{len(errors)}")
