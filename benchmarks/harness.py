@@ -88,6 +88,7 @@ VARIANTS: dict[str, Variant] = {
     ),
     "hf:galore_adafactor": Variant("transformers optim=galore_adafactor"),
     "ours:full": Variant("hf-lowrank full (built-in method)", "full", "full"),
+    "ours:salor": Variant("hf-lowrank salor (50% pruned base, fast SVD repair)", None, "salor"),
     "limit:frozen": Variant("the floor of any adapter method: frozen base, backward through the activations only"),
     "full": Variant("plain Trainer, full fine-tuning with its default AdamW"),
 }
@@ -264,11 +265,17 @@ def _load(variant: str, o: BenchOptions, tokenizer: Any) -> Any:
 
     source = o.model or default_model_dir()
     if o.width is not None:
-        model = config_model(o.width, o.layers, len(tokenizer))
-        if not variant.endswith(":qlora"):
-            return model
-        source = tempfile.mkdtemp(prefix="bench-model-")  # 4-bit loading goes through a checkpoint
-        model.save_pretrained(source)
+        # Every variant loads the config-built model from a checkpoint, as a real run does (on a CPU
+        # transformers memory-maps it), built and saved once by another process so that building it
+        # leaves nothing in this one.
+        source = str(Path(tempfile.gettempdir()) / f"hf-lowrank-bench-w{o.width}-l{o.layers}-v{len(tokenizer)}")
+        if not (Path(source) / "config.json").is_file():
+            code = (
+                "import sys; sys.path.insert(0, sys.argv[1]); from harness import config_model; "
+                "config_model(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])).save_pretrained(sys.argv[5])"
+            )
+            args = [str(Path(__file__).parent), str(o.width), str(o.layers), str(len(tokenizer)), source]
+            subprocess.run([sys.executable, "-c", code, *args], check=True)
     load_kw: dict[str, Any] = {"dtype": torch.float32}
     if variant.endswith(":qlora"):  # both sides load straight in 4-bit: the path for models that do not fit in fp32
         from hf_lowrank_plugins import QuantizationSettings
