@@ -207,14 +207,14 @@ def plan_memory(
     trainable_ids = {id(p) for p in trainable}
 
     frozen_bytes = 0.0
-    quantized_names = set()
+    quantized_ids: set[int] = set()  # the weights the 4-bit service quantizes
     if four_bit:
         from .targets import task_heads
 
         skipped = set(task_heads(meta)) | {"lm_head"}
         for name, module in meta.named_modules():
             if type(module) is nn.Linear and not any(name.endswith(s) for s in skipped) and "lora_" not in name:
-                quantized_names.add(id(module.weight))
+                quantized_ids.add(id(module.weight))
     mapped_bytes = 0  # checkpoint pages a CPU process keeps mapped (see below)
     checkpoint_size = _element_size(checkpoint_dtype(model_config))
     seen: set[int] = set()
@@ -222,7 +222,7 @@ def plan_memory(
         if id(p) in trainable_ids or id(p) in seen:
             continue
         seen.add(id(p))
-        if id(p) in quantized_names:
+        if id(p) in quantized_ids:
             frozen_bytes += p.numel() * NF4_BYTES_PER_WEIGHT
             mapped_bytes += p.numel() * checkpoint_size
         else:  # PEFT's k-bit preparation keeps the rest in fp32
