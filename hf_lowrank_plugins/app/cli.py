@@ -119,10 +119,13 @@ def _value_parser(annotation: Any, name: str) -> Any:
     return str
 
 
-def add_spec_options(parser: argparse.ArgumentParser, scope: str) -> None:
-    """Add the :class:`TrainSpec` fields of ``scope`` as options (help, default, choices from the field)."""
+def add_spec_options(parser: argparse.ArgumentParser, scope: str, only: tuple[str, ...] | None = None) -> None:
+    """Add the :class:`TrainSpec` fields of ``scope`` (or just those named in ``only``) as options
+    (help, default, choices and range checks from the field)."""
     hints = typing.get_type_hints(TrainSpec)
     for f in spec_fields(scope):
+        if only is not None and f.name not in only:
+            continue
         flag = "--" + f.name.replace("_", "-")
         annotation = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else None
@@ -317,11 +320,8 @@ def _cmd_plan(ns: argparse.Namespace) -> int:
     from .embedded import default_model_dir
     from .model import torch_dtype
 
-    fields = parse_set(ns.set)
-    for alias in ("rank", "alpha"):
-        value = getattr(ns, alias)
-        if value is not None:
-            fields[alias] = value
+    # --set, --rank and --alpha become method fields exactly as for `train`
+    fields = TrainSpec(method=ns.method, rank=ns.rank, alpha=ns.alpha, settings=parse_set(ns.set)).method_fields()
     settings = PlanSettings(
         batch_size=ns.batch_size,
         seq_len=ns.seq_len,
@@ -483,21 +483,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", nargs="?", help="a model folder or its config.json (default: the embedded SmolLM2-135M)")
     p.add_argument("--method", required=True, help="a name from `hf-lowrank list`")
-    p.add_argument("--rank", type=_positive_int, help="adapter rank (the method's rank field)")
-    p.add_argument("--alpha", type=_positive_float, help="adapter alpha (the method's alpha field)")
+    # the options a run shares with `train` are train's own (same help, defaults and checks)
+    add_spec_options(p, "train", only=("rank", "alpha", "load_in_4bit", "dtype", "gradient_checkpointing"))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a field of the method's config")
     p.add_argument("--batch-size", type=_positive_int, default=2, help="examples per device and micro-batch")
     p.add_argument("--seq-len", type=_positive_int, default=64, help="tokens per example")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass")
-    p.add_argument("--load-in-4bit", action="store_true", help="the frozen base in NF4")
     p.add_argument("--world-size", type=_positive_int, default=1, help="processes the run is split over")
     p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=0, help="DeepSpeed ZeRO stage")
-    p.add_argument(
-        "--dtype",
-        choices=("auto", "bfloat16", "float16", "float32"),
-        default="auto",
-        help="dtype of the frozen base (auto: the checkpoint's)",
-    )
     p.add_argument(
         "--device",
         choices=("cpu", "cuda"),
