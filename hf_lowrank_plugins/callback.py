@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from .distributed import check_parallelism, local_values, refresh_master_weights
 from .errors import DivergenceError, LowRankError
 
 if TYPE_CHECKING:
@@ -80,8 +81,9 @@ class LowRankCallback(TrainerCallback):
             )
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        """Remember the Trainer's arguments and check it trains the adapted model."""
+        """Remember the Trainer's arguments; check it trains the adapted model, sharded as the method allows."""
         self.adapted.training_args = args
+        check_parallelism(self.adapted.method, args)
         model = kwargs.get("model")
         if model is not None and model is not self.adapted.model:
             raise LowRankError(
@@ -114,7 +116,7 @@ class LowRankCallback(TrainerCallback):
             self.adapted.guard.active = True
         if state.global_step > 0:  # resumed: the checkpoint already holds the initialised state
             return
-        self.adapted.registry.call_method_hook(
+        changed = self.adapted.registry.call_method_hook(
             info,
             "init_adapter_from_data",
             model=self.adapted.model,
@@ -122,13 +124,15 @@ class LowRankCallback(TrainerCallback):
             train_dataloader=kwargs.get("train_dataloader"),
             args=args,
         )
+        if changed:  # DeepSpeed took its fp32 master copies before this; without a refresh step 1 undoes the init
+            refresh_master_weights(kwargs.get("optimizer"))
 
 
 def non_finite_parameters(model: Any, limit: int = 3) -> list[str]:
-    """Names of up to ``limit`` trainable parameters holding NaN or infinity."""
+    """Names of up to ``limit`` trainable parameters holding NaN or infinity (this rank's part under ZeRO-3)."""
     bad = []
     for name, param in model.named_parameters():
-        if param.requires_grad and not bool(param.detach().isfinite().all()):
+        if param.requires_grad and not bool(local_values(param).detach().isfinite().all()):
             bad.append(name)
             if len(bad) == limit:
                 break

@@ -1,7 +1,8 @@
 """What a method is: its declaration (:class:`MethodInfo`) and its configuration's fields.
 
 A plugin declares what only it knows: the name, the config class, a default learning rate and the
-reason for it, whether a 4-bit base can work (and why not), field aliases, and, on its config
+reason for it, whether a 4-bit base can work (and why not), the highest DeepSpeed ZeRO stage it
+can train under (and why not higher), whether FSDP can work (and why not), field aliases, and, on its config
 class, each field's help text, choices and range (dataclass field ``metadata``). The core derives
 the rest: which hooks the plugin implements (so whether it replaces the optimizer), and the help
 and validation of every field from the annotations and metadata.
@@ -50,6 +51,9 @@ class MethodInfo:
         requires_quantized_base: the core quantizes the base before ``init_adapter`` (QLoRA).
         quantizes_base_after_init: for a 4-bit run the core does not quantize first but passes the
             settings to ``init_adapter`` (QPiSSA must see full-precision W for its SVD).
+        max_zero_stage: the highest DeepSpeed ZeRO stage the method can train under (3: all), and
+            ``zero_reason`` why not higher; the core refuses a higher stage before training.
+        no_fsdp: why this method cannot train under FSDP; ``None`` when it can.
         trains_adapter: whether the result is a PEFT adapter (``False`` for full-weight methods).
         identity_at_init: the adapted model's output equals the base model's right after attach
             (and after data-dependent init); the conformance kit checks it where declared.
@@ -70,6 +74,9 @@ class MethodInfo:
     no_quantized_base: str | None = None
     requires_quantized_base: bool = False
     quantizes_base_after_init: bool = False
+    max_zero_stage: int = 3
+    zero_reason: str = ""
+    no_fsdp: str | None = None
     trains_adapter: bool = True
     identity_at_init: bool = True
     plain_peft_type: str | None = None
@@ -105,6 +112,9 @@ class MethodInfo:
             "supports_quantized_base": self.supports_quantized_base,
             "no_quantized_base": self.no_quantized_base,
             "wraps_optimizer": self.wraps_optimizer,
+            "max_zero_stage": self.max_zero_stage,
+            "zero_reason": self.zero_reason or None,
+            "no_fsdp": self.no_fsdp,
             "trains_adapter": self.trains_adapter,
             "default_lr": self.default_lr,
             "hooks": sorted(self.hooks),

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .distributed import check_zero_stage
 from .errors import LowRankError
 from .method import MethodInfo
 
@@ -192,6 +193,7 @@ def plan_memory(
         raise LowRankError(f"method '{info.name}' cannot train on a 4-bit base: {info.no_quantized_base}")
     if settings.zero_stage not in (0, 1, 2, 3) or settings.world_size < 1:
         raise LowRankError("zero_stage must be 0-3 and world_size at least 1")
+    check_zero_stage(info, settings.zero_stage or None)  # stage 0 plans also serve runs without DeepSpeed
     config = make_config(info, registry=registry, **fields)
     model_config = load_config(model)
     base_dtype = settings.dtype or (checkpoint_dtype(model_config) if info.trains_adapter else torch.float32)

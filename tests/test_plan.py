@@ -81,6 +81,14 @@ def test_zero_stages_split_state_over_processes():
             assert abs(four.terms[term] - expected) <= 4, (stage, term)
 
 
+def test_a_method_refused_under_a_zero_stage_is_refused_by_the_plan_too():
+    config = tiny_llama_config()
+    with pytest.raises(hlp.IncompatibleError, match="'galore' cannot train under DeepSpeed ZeRO-2: .*matrix"):
+        plan_memory(config, "galore", PlanSettings(world_size=2, zero_stage=2))
+    assert plan_memory(config, "galore", PlanSettings(world_size=2, zero_stage=0), rank=4).total > 0
+    assert plan_memory(config, "lora_ga", PlanSettings(world_size=2, zero_stage=3), r=4).total > 0
+
+
 def test_a_70b_config_is_planned_without_its_weights(tmp_path):
     """Llama-3.1-70B's config: exact LoRA parameter count, NF4 weights, in a process that never holds
     more than a few hundred MiB beyond the libraries."""

@@ -203,3 +203,60 @@ def test_a_launched_process_without_a_process_group_is_refused(tmp_path):
     refused = [line for line in proc.stdout.splitlines() if line.startswith("REFUSED")]
     assert len(refused) == 2 and "TRAINED ALONE" not in proc.stdout, proc.stdout + proc.stderr[-2000:]
     assert "WORLD_SIZE=2" in refused[0] and "use_cpu=True" in refused[0] and "torchrun --nproc_per_node 2" in refused[0]
+
+
+@pytest.mark.parametrize(
+    "method, stage, refused",
+    [("galore", 1, "flat 1-D slices"), ("galore", 3, "flat 1-D slices"), ("lora_ga", 3, None), ("galore", 0, None)],
+)
+def test_zero_stage_refusals_come_from_the_method_declaration(tmp_path, method, stage, refused):
+    """The Trainer-time check reads the ZeRO stage from TrainingArguments' DeepSpeed config."""
+    from hf_lowrank_plugins.distributed import check_parallelism, zero_stage
+
+    args = training_args(tmp_path)
+    args.deepspeed, args.hf_deepspeed_config = {"zero_optimization": {"stage": stage}}, None
+    assert zero_stage(args) == stage and zero_stage(training_args(tmp_path)) is None
+    info = hlp.get_registry().get(method)
+    if refused is None:
+        check_parallelism(info, args)
+    else:
+        with pytest.raises(
+            hlp.IncompatibleError, match=f"'{method}' cannot train under DeepSpeed ZeRO-{stage}: .*{refused}"
+        ):
+            check_parallelism(info, args)
+
+
+@pytest.mark.parametrize(
+    "method, refused", [("galore", "flat shards"), ("lora_ga", "summon_full_params"), ("dora", None)]
+)
+def test_fsdp_refusals_come_from_the_method_declaration(tmp_path, method, refused):
+    """FSDP runs only on GPUs (the Trainer refuses it in one CPU process), so the check is called directly
+    with FSDP arguments, as the callback calls it at on_init_end."""
+    from hf_lowrank_plugins.distributed import check_parallelism
+
+    args = training_args(tmp_path, fsdp=True)
+    info = hlp.get_registry().get(method)
+    if refused is None:
+        check_parallelism(info, args)
+    else:
+        with pytest.raises(hlp.IncompatibleError, match=f"'{method}' cannot train under FSDP: .*{refused}"):
+            check_parallelism(info, args)
+
+
+def test_master_weights_are_refreshed_through_optimizer_wrappers():
+    """A DeepSpeed optimizer inside accelerate's wrapper gets refresh_fp32_params(); plain torch ones are left."""
+    from hf_lowrank_plugins.distributed import refresh_master_weights
+
+    class Masters:
+        refreshed = 0
+
+        def refresh_fp32_params(self):
+            self.refreshed += 1
+
+    class Wrapper:
+        def __init__(self, inner):
+            self.optimizer = inner
+
+    inner = Masters()
+    assert refresh_master_weights(Wrapper(Wrapper(inner))) and inner.refreshed == 1
+    assert not refresh_master_weights(Wrapper(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1.0)))

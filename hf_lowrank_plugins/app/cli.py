@@ -239,6 +239,10 @@ def _cmd_list(ns: argparse.Namespace) -> int:
         quantized = "yes" if info.supports_quantized_base else f"no: {info.no_quantized_base}"
         lr = info.default_lr if info.default_lr is not None else "the reference method's"
         print(f"default learning rate: {lr}; 4-bit base: {quantized}; aliases: {aliases}")
+        zero = f"up to ZeRO-{info.max_zero_stage}" if info.max_zero_stage else "without ZeRO only"
+        zero += f" ({info.zero_reason})" if info.max_zero_stage < 3 else ""
+        fsdp = "allowed (GPUs only; see docs/distributed.md)" if info.no_fsdp is None else f"no: {info.no_fsdp}"
+        print(f"DeepSpeed: {zero}; FSDP: {fsdp}")
         print(f"\noptions (--set KEY=VALUE; {info.config_class.__name__}):")
         for f in fields:
             allowed = f" [{f.allowed}]" if f.allowed else ""

@@ -47,6 +47,11 @@ def describe_methods() -> list[MethodInfo]:
             aliases={"rank": "rank"},
             no_quantized_base="GaLore updates the full-precision weights themselves; a 4-bit base cannot hold "
             "its updates (use qlora, or load the model in 16/32-bit)",
+            max_zero_stage=0,
+            zero_reason="ZeRO-1/2/3 hand the optimizer flat 1-D slices spanning many weights, but GaLore projects "
+            "each weight matrix's gradient onto its own subspace",
+            no_fsdp="FSDP hands the optimizer flat shards of the weights, but GaLore projects each weight matrix's "
+            "gradient onto its own subspace",
             trains_adapter=False,
         )
     ]

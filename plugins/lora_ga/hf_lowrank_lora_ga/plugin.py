@@ -20,6 +20,7 @@ from hf_lowrank_plugins import (
     hookimpl,
     save_merged,
 )
+from hf_lowrank_plugins.distributed import end_passes_outside_engine, gathered, is_partitioned
 from hf_lowrank_plugins.plan import linear_shapes
 
 from .config import LoraGaConfig
@@ -49,6 +50,8 @@ def describe_methods() -> list[MethodInfo]:
             "so it is tuned at full-fine-tuning-like rates, like PiSSA",
             aliases=LORA_ALIASES,
             no_quantized_base=NO_4BIT_REASON,
+            no_fsdp="its train-start initialisation rewrites A, B and W after FSDP has sharded them, which would "
+            "need FSDP's summon_full_params and cannot be tested without GPUs",
         )
     ]
 
@@ -79,20 +82,27 @@ def init_adapter(model: nn.Module, config: LoraGaConfig) -> nn.Module:
     return peft_model
 
 
+def _weights(layer: LoraModule) -> list[torch.Tensor]:
+    """A, B and the base W of one LoRA layer: what the initialisation writes."""
+    return [layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight, layer.get_base_layer().weight]
+
+
 def _copy_from_rank0(layers: dict[str, LoraModule]) -> None:
-    """Under DDP, give every rank rank 0's A, B and W_res.
+    """Under DDP or ZeRO-1/2, give every rank rank 0's A, B and W_res.
 
     The ranks all-reduced identical statistics, but LAPACK/BLAS results can differ in the last bits
     between processes (MKL picks kernels by memory alignment), and DDP never re-syncs parameters
-    after construction: one broadcast makes the ranks bit-identical.
+    after construction: one broadcast makes the ranks bit-identical. ZeRO-3 partitioned weights
+    were already scattered from rank 0 when their gather closed.
     """
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     if torch.distributed.get_world_size() == 1:
         return
     for layer in layers.values():
-        for p in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight, layer.get_base_layer().weight):
-            torch.distributed.broadcast(p.data, src=0)
+        for p in _weights(layer):
+            if not is_partitioned(p):
+                torch.distributed.broadcast(p.data, src=0)
 
 
 @hookimpl
@@ -100,22 +110,27 @@ def init_adapter_from_data(model: nn.Module, config: LoraGaConfig, train_dataloa
     """Estimate the gradient on the Trainer's batches, set A, B from its SVD, and W <- W - s*B@A.
 
     Output at step 0 equals the base (up to fp32 rounding). Every DDP rank sums the same linear
-    statistics, so all ranks initialise identically.
+    statistics, so all ranks initialise identically. Under DeepSpeed the core then refreshes the
+    optimizer's master copies of A and B (see :mod:`hf_lowrank_plugins.distributed`).
     """
     if not isinstance(model, PeftModel):
         raise IncompatibleError(f"LoRA-GA expected the PeftModel returned by attach(), got {type(model).__name__}")
     batches = collect_batches(train_dataloader, config.ga_batches, config.ga_batch_size)
     factors = estimate_gradient_factors(model, config, batches, args=args, adapter=ADAPTER)
     del batches
+    end_passes_outside_engine(model)
     layers = lora_layers(model, ADAPTER)
     for name, layer in layers.items():
-        init_layer(layer, ADAPTER, factors.pop(name), config, name)
+        # under ZeRO-3 the weights are partitioned: gather them, and keep rank 0's result on every rank
+        with gathered(_weights(layer), modifier_rank=0):
+            init_layer(layer, ADAPTER, factors.pop(name), config, name)
     _copy_from_rank0(layers)
-    for layer in layers.values():
-        record_initial_factors(
-            layer, ADAPTER, layer.lora_A[ADAPTER].weight.detach(), layer.lora_B[ADAPTER].weight.detach()
-        )
-    residual.store_initial_factors(model, ADAPTER)
+    with gathered([p for layer in layers.values() for p in _weights(layer)[:2]]):
+        for layer in layers.values():
+            record_initial_factors(
+                layer, ADAPTER, layer.lora_A[ADAPTER].weight.detach(), layer.lora_B[ADAPTER].weight.detach()
+            )
+        residual.store_initial_factors(model, ADAPTER)
     residual.mark_residual_base(model)
     for p in model.parameters():  # the estimate leaves none, but a grad here would enter the first step
         p.grad = None
