@@ -7,7 +7,11 @@ mark of that process alone). Variants:
   least any merge can cost: it has to read and write the same weights);
 * ``load+save+imports``: the same with the libraries a merge imports (PEFT, bitsandbytes through
   it, this package: about 230 MiB of code and data before any weight), the floor for an adapter merge;
-* ``ours``: ``hf-lowrank merge ADAPTER --base BASE --output-dir OUT`` (the streaming writer);
+* ``ours``: ``hf-lowrank merge ADAPTER --base BASE --output-dir OUT``: from disk, the adapter on a
+  meta-device skeleton and every base tensor read from the checkpoint as it is written (one layer
+  in memory, so it can go below ``load+save``);
+* ``ours:in-memory``: the base loaded whole, then the streaming writer (what ``export(merge=True)``
+  does after training, where the model is already in memory);
 * ``peft``: PEFT's ``merge_and_unload()`` in place, then ``save_pretrained``;
 * ``deepcopy``: what we did before: a deep copy of the adapted model, merged, then saved.
 
@@ -82,6 +86,13 @@ from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype="auto")
 model.save_pretrained(sys.argv[3])
 """,
+    "ours:in-memory": """
+import sys
+import hf_lowrank_plugins as hlp
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype="auto")
+hlp.save_merged(hlp.load_adapter(model, sys.argv[2]).model, sys.argv[3])
+""",
     "peft": """
 import sys
 from peft import PeftModel
@@ -136,7 +147,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             adapter = Path(tmp) / "adapter"
             subprocess.run([sys.executable, "-c", PREPARE_ADAPTER, str(base), str(adapter)], check=True)
-            for variant in ("load+save", "load+save+imports", "ours", "peft", "deepcopy"):
+            for variant in ("load+save", "load+save+imports", "ours", "ours:in-memory", "peft", "deepcopy"):
                 out = Path(tmp) / variant
                 if variant == "ours":
                     argv = [

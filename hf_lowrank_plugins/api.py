@@ -10,10 +10,11 @@ Switching the method is changing ``"lora"``; the other lines stay.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -437,5 +438,38 @@ def load_adapter(
     config = load_config(adapter_dir, registry)
     info = registry.method_for_config(config)
     check_adapter_fits(base_model, adapter_dir)
-    model = PeftModel.from_pretrained(base_model, str(adapter_dir), config=config, is_trainable=is_trainable)
+    if any(p.is_meta for p in base_model.parameters()):
+        with _adapters_stay_where_loaded():
+            model = PeftModel.from_pretrained(base_model, str(adapter_dir), config=config, low_cpu_mem_usage=True)
+    else:
+        model = PeftModel.from_pretrained(base_model, str(adapter_dir), config=config, is_trainable=is_trainable)
     return Adapted(model=model, config=config, method=info, registry=registry)
+
+
+@contextlib.contextmanager
+def _adapters_stay_where_loaded() -> Iterator[None]:
+    """Keep PEFT from moving freshly loaded adapter weights to their base layer's device.
+
+    On a meta-device skeleton (a from-disk merge, :func:`~hf_lowrank_plugins.export.write_merged`
+    with a ``source``), PEFT's ``low_cpu_mem_usage`` load assigns the adapter's real tensors and
+    then moves them to the base layer's device, which turns them back into placeholders. PEFT has
+    no option to skip that move, so it is suppressed for this load only.
+    """
+    layer_classes = {BaseTunerLayer, *_subclasses(BaseTunerLayer)}
+    saved = {
+        c: c.__dict__["_move_adapter_to_device_of_base_layer"]
+        for c in layer_classes
+        if "_move_adapter_to_device_of_base_layer" in c.__dict__
+    }
+    try:
+        for cls in saved:
+            setattr(cls, "_move_adapter_to_device_of_base_layer", lambda self, *args, **kwargs: None)  # noqa: B010
+        yield
+    finally:
+        for cls, method in saved.items():
+            setattr(cls, "_move_adapter_to_device_of_base_layer", method)  # noqa: B010
+
+
+def _subclasses(cls: type) -> list[type]:
+    direct: list[type] = cls.__subclasses__()
+    return [sub for child in direct for sub in (child, *_subclasses(child))]

@@ -19,7 +19,7 @@ from torch import nn
 from .errors import IncompatibleError
 from .io import atomic_directory
 from .quantization import dequantize_model, is_quantized
-from .streaming import DEFAULT_MAX_SHARD_SIZE, write_checkpoint
+from .streaming import DEFAULT_MAX_SHARD_SIZE, CheckpointReader, write_checkpoint
 from .types import ExportResult
 
 #: Beside ``adapter_config.json``: our method's name and every setting PEFT's own class does not know.
@@ -93,15 +93,19 @@ def write_merged(
     tokenizer: Any = None,
     dtype: torch.dtype | None = None,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    source: CheckpointReader | None = None,
 ) -> Path:
     """Write the merged checkpoint's files into the folder ``directory`` (not atomic on its own).
 
     Streamed tensor by tensor (:func:`~hf_lowrank_plugins.streaming.write_checkpoint`): the merged
     model is never built, so the extra memory is one layer. ``dtype`` casts the saved
     floating-point tensors (and the config's ``dtype``); ``None`` keeps each tensor's own. The live
-    model is left as it was.
+    model is left as it was. ``source``: the base checkpoint, when ``model`` is a meta-device
+    skeleton (:func:`~hf_lowrank_plugins.plan.meta_model`) whose only real tensors are the adapter
+    that :func:`~hf_lowrank_plugins.load_adapter` put on it: each base tensor is then read from
+    disk when written, so a model larger than memory merges with one layer in memory.
     """
-    write_checkpoint(model, directory, merge=True, dtype=dtype, max_shard_size=max_shard_size)
+    write_checkpoint(model, directory, merge=True, dtype=dtype, max_shard_size=max_shard_size, source=source)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     return Path(directory)

@@ -130,13 +130,13 @@ def checkpoint_dtype(config: Any) -> torch.dtype:
     return getattr(torch, str(value)) if value else torch.float32
 
 
-def meta_model(config: Any) -> nn.Module:
-    """The causal LM of ``config`` on the meta device (no storage)."""
+def meta_model(config: Any, dtype: torch.dtype | None = None) -> nn.Module:
+    """The causal LM of ``config`` on the meta device (no storage), at ``dtype`` (default: torch's)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
     model.tie_weights()  # tied embeddings are one tensor, as after loading
     return model
 

@@ -10,6 +10,10 @@ produced only when the writer reaches it:
   gives), and an adapter on it is merged with PEFT's delta (and DoRA's norm) in full precision;
 * every other tensor is written from where it lies (cast on the way when a dtype is asked for).
 
+From disk (``hf-lowrank merge``), the model is a skeleton on the meta device with only the
+adapter's tensors real, and every base tensor is read from the base checkpoint when the writer
+reaches it (:class:`CheckpointReader`): a model larger than memory merges with one layer in memory.
+
 ``merge=False`` writes the base under the adapter instead (SALOR's pruned base, a dequantized
 4-bit base). The result is what ``save_pretrained`` of the merged model writes: sharded
 safetensors (plus ``model.safetensors.index.json`` when there are several shards) with tied
@@ -19,6 +23,7 @@ weights stored once, ``config.json`` and the generation config.
 from __future__ import annotations
 
 import copy
+import ctypes
 import json
 import math
 import struct
@@ -50,6 +55,69 @@ _SAFETENSORS_DTYPES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+
+
+_TORCH_DTYPES = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
+
+
+class CheckpointReader:
+    """Single tensors of a safetensors checkpoint folder (one file, or shards with an index), on demand.
+
+    Written by hand because ``safetensors.safe_open`` memory-maps the whole file: every page read
+    through it stays counted in the process's resident memory while the file is open, so reading
+    a checkpoint tensor by tensor through it grows to the whole file. Here each tensor is one
+    positioned read into a fresh buffer; the page cache keeps what it likes, outside the process.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            files = sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
+        else:
+            files = [directory / "model.safetensors"]
+        self._entries: dict[str, tuple[Path, int, tuple[int, ...], torch.dtype]] = {}
+        for path in files:
+            with open(path, "rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(length))
+            header.pop("__metadata__", None)
+            end = 8 + length + max((info["data_offsets"][1] for info in header.values()), default=0)
+            if path.stat().st_size < end:
+                raise ValueError(f"{path.name} is truncated ({path.stat().st_size} bytes, its header needs {end})")
+            for name, info in header.items():
+                start = 8 + length + info["data_offsets"][0]
+                self._entries[name] = (path, start, tuple(info["shape"]), _TORCH_DTYPES[info["dtype"]])
+
+    @staticmethod
+    def available(directory: str | Path) -> bool:
+        """Whether ``directory`` holds a safetensors checkpoint this reader can read."""
+        directory = Path(directory)
+        return (directory / "model.safetensors").is_file() or (directory / "model.safetensors.index.json").is_file()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def names(self) -> list[str]:
+        """Every tensor name in the checkpoint."""
+        return list(self._entries)
+
+    def shape_dtype(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype of ``name`` as stored."""
+        _, _, shape, dtype = self._entries[name]
+        return shape, dtype
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor ``name``, read from its file into new memory."""
+        path, start, shape, dtype = self._entries[name]
+        out = torch.empty(shape, dtype=dtype)
+        size = out.numel() * out.element_size()
+        buffer = (ctypes.c_ubyte * size).from_address(out.data_ptr())  # the new tensor's bytes, written in place
+        with open(path, "rb", buffering=0) as f:
+            f.seek(start)
+            if f.readinto(buffer) != size:
+                raise OSError(f"{path}: the file ends inside tensor {name}")
+        return out
 
 
 @dataclass
@@ -101,11 +169,18 @@ def _plain_entries(prefix: str, module: nn.Module) -> Iterator[tuple[str, torch.
             yield prefix + name, buf, None
 
 
-def _merged_weight(layer: Any, adapter: str, quantized: bool, dequant_dtype: torch.dtype) -> torch.Tensor:
-    """The merged weight of one adapter layer, in the base layer's storage layout."""
+def _merged_weight(
+    layer: Any, adapter: str, quantized: bool, dequant_dtype: torch.dtype, stored: Callable[[], torch.Tensor] | None
+) -> torch.Tensor:
+    """The merged weight of one adapter layer, in the base layer's storage layout.
+
+    ``stored``: reads the base weight from disk when the model is a meta-device skeleton.
+    """
     base = layer.get_base_layer()
     if not quantized:
         work = copy.deepcopy(layer)  # one layer and its factors; the live model is never touched
+        if stored is not None:
+            work.get_base_layer().weight = nn.Parameter(stored(), requires_grad=False)
         work.merge(safe_merge=True, adapter_names=[adapter])
         return work.get_base_layer().weight.detach()
     # PEFT's 4-bit merge re-quantizes the merged weight (losing the update), so the same maths as its
@@ -122,40 +197,51 @@ def _merged_weight(layer: Any, adapter: str, quantized: bool, dequant_dtype: tor
 
 def _lazy_weight(
     prefix: str, base: Any, produce: Callable[[], torch.Tensor], dequant_dtype: torch.dtype
-) -> tuple[str, None, tuple[tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]]:
-    """The planned entry of a weight computed on demand: its name, shape and dtype, and the producer."""
+) -> tuple[str, None, tuple[tuple[int, ...], torch.dtype | None, Callable[[], torch.Tensor]]]:
+    """The planned entry of a weight computed on demand: its name, shape and dtype (``None``: as
+    stored on disk), and the producer."""
     if _is_4bit(base):
         shape = tuple(base.weight.quant_state.shape)
         return prefix + "weight", None, (shape[::-1] if _conv1d_source(base) else shape, dequant_dtype, produce)
-    return prefix + "weight", None, (tuple(base.weight.shape), base.weight.dtype, produce)
+    dtype = None if base.weight.is_meta else base.weight.dtype
+    return prefix + "weight", None, (tuple(base.weight.shape), dtype, produce)
 
 
-def _walk(prefix: str, module: nn.Module, merge: bool, dequant_dtype: torch.dtype) -> Iterator[tuple[str, Any, Any]]:
+def _walk(
+    prefix: str, module: nn.Module, merge: bool, dequant_dtype: torch.dtype, source: CheckpointReader | None
+) -> Iterator[tuple[str, Any, Any]]:
     """``(name, tensor, None)`` or ``(name, None, (shape, dtype, producer))`` for every tensor of the
     plain checkpoint, in module order."""
     if isinstance(module, ModulesToSaveWrapper):  # a trained head: the trained copy, under the head's name
         active = module.active_adapters[0] if module.active_adapters else None
         inner = module.modules_to_save[active] if active in module.modules_to_save else module.original_module
-        yield from _walk(prefix, inner, merge, dequant_dtype)
+        yield from _walk(prefix, inner, merge, dequant_dtype, source)
         return
     if isinstance(module, BaseTunerLayer) or _is_4bit(module):
         layer: Any = module
         base = layer.get_base_layer() if isinstance(module, BaseTunerLayer) else module
         adapter = layer.active_adapters[0] if isinstance(module, BaseTunerLayer) else None
+        stored = partial(_read, source, prefix + "weight") if base.weight.is_meta else None
         for name, tensor, _ in _plain_entries(prefix, base):
             if name != prefix + "weight" or not (_is_4bit(base) or (merge and adapter is not None)):
                 yield name, tensor, None
             elif merge and adapter is not None:
-                yield _lazy_weight(
-                    prefix, base, lambda: _merged_weight(layer, adapter, _is_4bit(base), dequant_dtype), dequant_dtype
-                )
+                merged = partial(_merged_weight, layer, adapter, _is_4bit(base), dequant_dtype, stored)
+                yield _lazy_weight(prefix, base, merged, dequant_dtype)
             else:
                 yield _lazy_weight(prefix, base, lambda: _base_weight(base, dequant_dtype), dequant_dtype)
         return
     yield from _plain_entries(prefix, module)
     for name, child in module._modules.items():
         if child is not None:
-            yield from _walk(f"{prefix}{name}.", child, merge, dequant_dtype)
+            yield from _walk(f"{prefix}{name}.", child, merge, dequant_dtype, source)
+
+
+def _read(source: CheckpointReader | None, name: str) -> torch.Tensor:
+    """``name`` from the base checkpoint, for a meta-device skeleton."""
+    if source is None:
+        raise ValueError(f"{name} is on the meta device and no base checkpoint was given to read it from")
+    return source.read(name)
 
 
 def _base_weight(base: Any, dequant_dtype: torch.dtype) -> torch.Tensor:
@@ -172,31 +258,50 @@ def plain_model(model: nn.Module) -> nn.Module:
 
 
 def checkpoint_tensors(
-    model: nn.Module, merge: bool = True, dtype: torch.dtype | None = None
+    model: nn.Module, merge: bool = True, dtype: torch.dtype | None = None, source: CheckpointReader | None = None
 ) -> list[CheckpointTensor]:
     """Every tensor of ``model``'s plain checkpoint, each produced on demand (see the module docstring).
 
     ``merge``: adapters merged in (``False``: the base under them). ``dtype`` casts floating-point
     tensors; ``None`` keeps each tensor's own (a 4-bit layer dequantizes to the model's first
     floating-point dtype, as :func:`~.quantization.dequantize_model` does). Tensors that share
-    storage (tied embeddings) are listed once, under the first name.
+    storage (tied embeddings) are listed once, under the first name. ``source``: the base
+    checkpoint that the meta-device tensors of a skeleton ``model`` are read from (every such
+    name must be in it; checked before anything is written).
     """
     dequant_dtype = next(
         (p.dtype for p in model.parameters() if p.dtype in (torch.float32, torch.bfloat16, torch.float16)),
         torch.float32,
     )
     entries: list[CheckpointTensor] = []
-    seen: set[int] = set()
-    for name, tensor, lazy in _walk("", plain_model(model), merge, dequant_dtype):
-        if tensor is not None:
-            key = tensor.data_ptr() if tensor.device.type != "meta" else id(tensor)
-            if key in seen:
+    seen: set[int] = set()  # data pointers of real tensors
+    seen_meta: set[int] = set()  # ids of meta tensors (tied ones are the same Parameter)
+    for name, tensor, lazy in _walk("", plain_model(model), merge, dequant_dtype, source):
+        skeleton_buffer = source is not None and name in source and not isinstance(tensor, nn.Parameter)
+        if tensor is not None and (tensor.is_meta or skeleton_buffer):
+            # a skeleton's tensor: the checkpoint's values (its real buffers were only initialised; its
+            # real parameters are the adapter's, a trained head's included)
+            if id(tensor) in seen_meta:
                 continue
-            seen.add(key)
+            seen_meta.add(id(tensor))
+            if source is None or name not in source:
+                raise ValueError(f"{name} is on the meta device and not in the base checkpoint")
+            _, stored_dtype = source.shape_dtype(name)
+            out_dtype = dtype if dtype is not None and stored_dtype.is_floating_point else stored_dtype
+            produce = partial(_cast_produced, partial(source.read, name), out_dtype)
+            entries.append(CheckpointTensor(name, tuple(tensor.shape), out_dtype, produce))
+        elif tensor is not None:
+            if tensor.data_ptr() in seen:
+                continue
+            seen.add(tensor.data_ptr())
             out_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
             entries.append(CheckpointTensor(name, tuple(tensor.shape), out_dtype, partial(_cast, tensor, dtype)))
         else:
             shape, own_dtype, produce = lazy
+            if own_dtype is None:  # a meta base weight: the merge keeps the stored dtype
+                if source is None or name not in source:
+                    raise ValueError(f"{name} is on the meta device and not in the base checkpoint")
+                own_dtype = source.shape_dtype(name)[1]
             out_dtype = dtype if dtype is not None else own_dtype
             entries.append(CheckpointTensor(name, shape, out_dtype, partial(_cast_produced, produce, out_dtype)))
     return entries
@@ -304,16 +409,17 @@ def write_checkpoint(
     merge: bool = True,
     dtype: torch.dtype | None = None,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    source: CheckpointReader | None = None,
 ) -> Path:
     """Write ``model`` as a plain transformers checkpoint into the folder ``directory`` (not atomic on its own).
 
     Weights as :func:`checkpoint_tensors` lists them, then ``config.json`` (architecture, dtype, no
     quantization) and the generation config: what ``save_pretrained`` of the merged (or unadapted,
-    dequantized) model writes, without building that model.
+    dequantized) model writes, without building that model. ``source``: see :func:`checkpoint_tensors`.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = checkpoint_tensors(model, merge=merge, dtype=dtype)
+    tensors = checkpoint_tensors(model, merge=merge, dtype=dtype, source=source)
     write_safetensors(tensors, directory, max_shard_size)
     plain_config(model, tensors).save_pretrained(directory)
     plain: Any = plain_model(model)

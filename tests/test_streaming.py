@@ -1,6 +1,7 @@
 """Plain checkpoints written tensor by tensor (``hf_lowrank_plugins.streaming``) against the in-memory
 merge: the same tensors (bit for bit where both run PEFT's merge), loadable by plain transformers,
-sharded with an index, tied weights once, the base under the adapter with ``merge=False``."""
+sharded with an index, tied weights once, the base under the adapter with ``merge=False``, and from
+disk: a meta-device skeleton whose base tensors are read from the checkpoint as they are written."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import transformers
 from safetensors import safe_open
 
 import hf_lowrank_plugins as hlp
-from hf_lowrank_plugins.streaming import checkpoint_tensors, write_checkpoint
+from hf_lowrank_plugins.streaming import CheckpointReader, checkpoint_tensors, write_checkpoint
 from hf_lowrank_plugins.testing import BERT_CLS, GPT2, LLAMA, T5, output, rel_err
 
 CASES = {case.name: case for case in (LLAMA, GPT2, T5, BERT_CLS)}
@@ -119,3 +120,99 @@ def test_a_producer_that_breaks_its_plan_is_an_error(tmp_path):
     wrong = CheckpointTensor("w", (2, 3), torch.float32, lambda: torch.zeros(3, 2))
     with pytest.raises(RuntimeError, match="planned"):
         write_safetensors_file([wrong], tmp_path / "x.safetensors")
+
+
+def _skeleton(case, base_dir):
+    """``case``'s model on the meta device (no storage), as ``hf-lowrank merge`` builds it."""
+    from accelerate import init_empty_weights
+
+    config = transformers.AutoConfig.from_pretrained(str(base_dir))
+    with init_empty_weights():
+        model = getattr(transformers, case.auto_class)(config)
+    model.tie_weights()
+    return model
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=str)
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_merge_from_disk_equals_the_in_memory_merge(case, method, tmp_path):
+    """The adapter loaded onto a meta skeleton keeps its real tensors; every base tensor comes from the
+    checkpoint when written; the result is bit for bit the in-memory merge (tied weights, Conv1D,
+    a classifier's trained head included)."""
+    CASES[case].build(0).save_pretrained(str(tmp_path / "base"))
+    model = _perturbed(CASES[case], method)
+    hlp.save_adapter(model, tmp_path / "adapter")
+    write_checkpoint(model, tmp_path / "in_memory")
+    adapted = hlp.load_adapter(_skeleton(CASES[case], tmp_path / "base"), tmp_path / "adapter")
+    assert not [n for n, p in adapted.model.named_parameters() if "lora_" in n and p.is_meta]
+    assert all(p.is_meta for n, p in adapted.model.named_parameters() if n.endswith("base_layer.weight"))
+    write_checkpoint(adapted.model, tmp_path / "from_disk", source=CheckpointReader(tmp_path / "base"))
+    from_disk, in_memory = _read(tmp_path / "from_disk"), _read(tmp_path / "in_memory")
+    assert sorted(from_disk) == sorted(in_memory)
+    for key, value in in_memory.items():
+        assert from_disk[key].dtype == value.dtype and torch.equal(from_disk[key], value), key
+
+
+def test_checkpoint_reader_reads_shards_and_refuses_a_truncated_file(tmp_path):
+    model = CASES["llama"].build(0).to(torch.bfloat16)
+    model.save_pretrained(str(tmp_path / "sharded"), max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    reader, saved = CheckpointReader(tmp_path / "sharded"), _read(tmp_path / "sharded")
+    assert sorted(reader.names()) == sorted(saved)
+    for name, value in saved.items():
+        assert reader.shape_dtype(name) == (tuple(value.shape), value.dtype) and torch.equal(reader.read(name), value)
+    model.save_pretrained(str(tmp_path / "one"))
+    file = tmp_path / "one" / "model.safetensors"
+    file.write_bytes(file.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="model.safetensors is truncated"):
+        CheckpointReader(tmp_path / "one")
+
+
+def test_a_skeleton_without_a_source_is_refused():
+    model = hlp.attach(_skeleton_of_tiny(), "lora", r=4).model
+    with pytest.raises(ValueError, match="is on the meta device and not in the base checkpoint"):
+        checkpoint_tensors(model)
+
+
+def _skeleton_of_tiny():
+    from hf_lowrank_plugins.plan import meta_model
+    from hf_lowrank_plugins.testing.helpers import tiny_llama_config
+
+    return meta_model(tiny_llama_config())
+
+
+@pytest.mark.parametrize("method, dtype", [("lora", torch.float32), ("dora", torch.bfloat16)])
+def test_hf_lowrank_merge_from_disk_equals_export(method, dtype, tmp_path):
+    """The CLI's from-disk merge (skeleton + checkpoint reads) writes what export(merge=True) writes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from hf_lowrank_plugins.testing.helpers import make_tiny_model
+
+    make_tiny_model(tie_word_embeddings=True).to(dtype).save_pretrained(str(tmp_path / "base"))
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"), dtype=dtype)
+    adapted = hlp.attach(base, method, r=4)
+    with torch.no_grad():
+        for name, p in adapted.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    adapted.export(tmp_path / "run", merge=True)
+    cli = Path(sys.executable).parent / "hf-lowrank"
+    subprocess.run(
+        [
+            str(cli),
+            "merge",
+            str(tmp_path / "run" / "adapter"),
+            "--base",
+            str(tmp_path / "base"),
+            "--output-dir",
+            str(tmp_path / "merged"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    from_disk, exported = _read(tmp_path / "merged"), _read(tmp_path / "run" / "merged")
+    assert sorted(from_disk) == sorted(exported)
+    for key, value in exported.items():
+        assert from_disk[key].dtype == value.dtype == dtype and torch.equal(from_disk[key], value), key

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import struct
 import sys
 import traceback
 import typing
@@ -290,12 +291,14 @@ def _cmd_list(ns: argparse.Namespace) -> int:
 
 
 def _cmd_merge(ns: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from ..api import load_adapter, read_adapter_config
     from ..cards import write_model_card
     from ..export import write_merged
     from ..outputs import OutputSet
+    from ..plan import meta_model
+    from ..streaming import CheckpointReader
     from .model import check_model_dir, checkpoint_dtype, load_causal_lm, torch_dtype
 
     raw = read_adapter_config(ns.adapter_dir)
@@ -306,13 +309,26 @@ def _cmd_merge(ns: argparse.Namespace) -> int:
         ns.output_dir, command="merge", overwrite=ns.overwrite, inputs={"adapter": ns.adapter_dir, "base model": base}
     )
     outputs.check()
-    model = load_causal_lm(check_model_dir(base), checkpoint_dtype(base))
+    check_model_dir(base)
+    # A safetensors base is read tensor by tensor under a meta-device skeleton: one layer in memory,
+    # so models larger than RAM merge. Other formats load whole (the same merge, more memory).
+    source, model = None, None
+    if CheckpointReader.available(base):
+        try:
+            source = CheckpointReader(base)
+        except (OSError, ValueError, KeyError, struct.error) as exc:
+            raise LowRankError(f"the weights in {base} cannot be read ({exc}); the checkpoint is damaged") from None
+        model = meta_model(AutoConfig.from_pretrained(base), dtype=checkpoint_dtype(base))
+        if not {name for name, _ in model.named_parameters()} <= set(source.names()):
+            source, model = None, None  # names transformers renames on load (older checkpoints)
+    if model is None:
+        model = load_causal_lm(base, checkpoint_dtype(base))
     adapted = load_adapter(model, ns.adapter_dir)
     has_tokenizer = any((Path(base) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = AutoTokenizer.from_pretrained(base) if has_tokenizer else None
     dtype = checkpoint_dtype(base) if ns.merged_dtype == "auto" else torch_dtype(ns.merged_dtype)
     with outputs:
-        write_merged(adapted.model, outputs.stage, tokenizer=tokenizer, dtype=dtype)
+        write_merged(adapted.model, outputs.stage, tokenizer=tokenizer, dtype=dtype, source=source)
         write_model_card(outputs.stage, "merged", adapted.method, adapted.config, {"model": str(base)})
         outputs.commit(info={"adapter": str(ns.adapter_dir), "base": str(base)})
     print(f"merged {ns.adapter_dir} into {base}: wrote {ns.output_dir}")
