@@ -45,13 +45,10 @@ def init_adapter(model: nn.Module, config: PissaConfig, quantization: Quantizati
 
 @hookimpl
 def plan_memory(model: nn.Module, config: PissaConfig, settings: Any, terms: dict[str, int]) -> dict[str, int]:
-    """On a CPU, PEFT's PiSSA init gives each target a new residual tensor while the original's pages of
-    the memory-mapped checkpoint stay resident; the SVD itself needs one layer at a time."""
-    if settings.device != "cpu" or settings.load_in_4bit:
-        return {}
-    dtype = settings.dtype or torch.float32
-    weights = sum(out * inp for out, inp in linear_shapes(model).values())
-    return {"checkpoint_pages": weights * torch.empty((), dtype=dtype).element_size()}
+    """The SVD runs one layer at a time in fp32: the largest target's fp32 copy and its factors. The
+    replaced weight's checkpoint pages are handed back layer by layer (``_old_pages_released``)."""
+    largest = max((out * inp for out, inp in linear_shapes(model).values()), default=0)
+    return {"pissa_svd": 3 * largest * 4}
 
 
 @hookimpl

@@ -1,0 +1,59 @@
+"""Process memory of weights that a method replaces after transformers memory-mapped them.
+
+On a CPU, transformers 5 maps the safetensors checkpoint (copy-on-write) and hands out tensors over
+the mapping. A weight that a method *replaces* (PiSSA's residual, a 4-bit quantization) leaves its
+old pages behind: the mapping lives as long as any tensor of the file does, and every page the
+replacement read stays resident in it, so the process counts the old weight beside the new one
+(measured: PiSSA's CPU peak 1.28x LoRA's on SmolLM2, 1.60x on a 378M model). The kernel could
+reclaim those clean file pages under pressure, but until then they are resident memory, which is
+what schedulers and OOM killers count. :func:`release_replaced` hands them back at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import sys
+from collections.abc import Iterable
+
+from torch import nn
+
+#: Linux's "reclaim these pages now" advice (5.4+): file pages are dropped (re-read if touched),
+#: anonymous pages go to swap or stay; never loses data, unlike MADV_DONTNEED.
+_MADV_PAGEOUT = 21
+
+
+def weight_locations(modules: Iterable[nn.Module]) -> dict[nn.Module, tuple[int, int]]:
+    """Where each module's CPU weight lies now: ``(address, bytes)``, to pass to :func:`release_replaced`."""
+    found = {}
+    for module in modules:
+        weight = getattr(module, "weight", None)
+        if weight is not None and weight.device.type == "cpu" and not weight.is_meta:
+            found[module] = (weight.data_ptr(), weight.numel() * weight.element_size())
+    return found
+
+
+def release_replaced(locations: dict[nn.Module, tuple[int, int]]) -> int:
+    """Advise the kernel to reclaim the old pages of every weight in ``locations`` that has since been
+    replaced (its module's weight lies elsewhere now); returns the bytes advised.
+
+    Only whole pages inside a weight's old range are advised, so no page shared with a neighbouring
+    tensor is touched, and the advice never loses data (see :data:`_MADV_PAGEOUT`): memory that is
+    still in use, or reused by the allocator, is simply kept. Linux only; elsewhere a no-op.
+    """
+    if not sys.platform.startswith("linux"):
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page, advised = mmap.PAGESIZE, 0
+    for module, (address, size) in locations.items():
+        weight = getattr(module, "weight", None)
+        if weight is None or weight.data_ptr() == address:
+            continue
+        start, end = -(-address // page) * page, (address + size) // page * page
+        if end > start and libc.madvise(start, end - start, _MADV_PAGEOUT) == 0:
+            advised += end - start
+    if advised and hasattr(libc, "malloc_trim"):
+        # glibc keeps the freed temporaries of the replacement (SVD workspaces) in its heaps; give them back
+        libc.malloc_trim(0)
+    return advised

@@ -1,0 +1,44 @@
+"""``hf_lowrank_plugins.memory``: the old pages of replaced weights are handed back, and no data is lost."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import hf_lowrank_plugins as hlp
+from hf_lowrank_plugins.memory import release_replaced, weight_locations
+from hf_lowrank_plugins.testing.helpers import logits, make_tiny_model
+
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise advice is Linux's")
+
+
+@linux
+def test_replaced_weights_are_advised_and_every_value_survives(tmp_path):
+    """Advice on the old range of a replaced weight: the kept tensors (the old one still referenced
+    here, the untouched neighbours of the memory-mapped checkpoint) read back unchanged."""
+    make_tiny_model().save_pretrained(str(tmp_path))
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    before = {id(m): m.weight.detach().clone() for m in linears}
+    old = linears[0].weight.data
+    locations = weight_locations(linears)
+    linears[0].weight.data = old * 2  # replaced; the old tensor stays referenced by `old`
+    assert release_replaced(locations) > 0
+    assert torch.equal(old, before[id(linears[0])])  # advice never loses data
+    assert torch.equal(linears[0].weight, 2 * before[id(linears[0])])
+    for module in linears[1:]:
+        assert torch.equal(module.weight, before[id(module)])
+    assert release_replaced(weight_locations(linears)) == 0  # nothing replaced since
+
+
+def test_pissa_from_a_checkpoint_keeps_its_initialisation_exact(tmp_path):
+    """PiSSA hands back the replaced pages after its SVD; the adapted model still equals the base."""
+    make_tiny_model().save_pretrained(str(tmp_path))
+    base = AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    batch = torch.randint(0, 64, (2, 16))
+    expected = logits(base, batch)
+    adapted = hlp.attach(base, "pissa", r=4)
+    assert (logits(adapted.model, batch) - expected).abs().max() <= 1e-4
