@@ -12,6 +12,7 @@ what schedulers and OOM killers count. :func:`release_replaced` hands them back 
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import sys
 from collections.abc import Iterable
@@ -21,6 +22,14 @@ from torch import nn
 #: Linux's "reclaim these pages now" advice (5.4+): file pages are dropped (re-read if touched),
 #: anonymous pages go to swap or stay; never loses data, unlike MADV_DONTNEED.
 _MADV_PAGEOUT = 21
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library with ``madvise`` typed; loaded once (PiSSA calls :func:`release_replaced` per layer)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
 
 
 def weight_locations(modules: Iterable[nn.Module]) -> dict[nn.Module, tuple[int, int]]:
@@ -43,8 +52,7 @@ def release_replaced(locations: dict[nn.Module, tuple[int, int]]) -> int:
     """
     if not sys.platform.startswith("linux"):
         return 0
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc = _libc()
     page, advised = mmap.PAGESIZE, 0
     for module, (address, size) in locations.items():
         weight = getattr(module, "weight", None)

@@ -237,11 +237,16 @@ def _walk(
             yield from _walk(f"{prefix}{name}.", child, merge, dequant_dtype, source)
 
 
+def _holding(source: CheckpointReader | None, name: str) -> CheckpointReader:
+    """The base checkpoint that holds ``name``, the value of a meta-device skeleton's tensor."""
+    if source is None or name not in source:
+        raise ValueError(f"{name} is on the meta device and not in the base checkpoint")
+    return source
+
+
 def _read(source: CheckpointReader | None, name: str) -> torch.Tensor:
     """``name`` from the base checkpoint, for a meta-device skeleton."""
-    if source is None:
-        raise ValueError(f"{name} is on the meta device and no base checkpoint was given to read it from")
-    return source.read(name)
+    return _holding(source, name).read(name)
 
 
 def _base_weight(base: Any, dequant_dtype: torch.dtype) -> torch.Tensor:
@@ -284,11 +289,9 @@ def checkpoint_tensors(
             if id(tensor) in seen_meta:
                 continue
             seen_meta.add(id(tensor))
-            if source is None or name not in source:
-                raise ValueError(f"{name} is on the meta device and not in the base checkpoint")
-            _, stored_dtype = source.shape_dtype(name)
+            _, stored_dtype = _holding(source, name).shape_dtype(name)
             out_dtype = dtype if dtype is not None and stored_dtype.is_floating_point else stored_dtype
-            produce = partial(_cast_produced, partial(source.read, name), out_dtype)
+            produce = partial(_cast_produced, partial(_read, source, name), out_dtype)
             entries.append(CheckpointTensor(name, tuple(tensor.shape), out_dtype, produce))
         elif tensor is not None:
             if tensor.data_ptr() in seen:
@@ -299,9 +302,7 @@ def checkpoint_tensors(
         else:
             shape, own_dtype, produce = lazy
             if own_dtype is None:  # a meta base weight: the merge keeps the stored dtype
-                if source is None or name not in source:
-                    raise ValueError(f"{name} is on the meta device and not in the base checkpoint")
-                own_dtype = source.shape_dtype(name)[1]
+                own_dtype = _holding(source, name).shape_dtype(name)[1]
             out_dtype = dtype if dtype is not None else own_dtype
             entries.append(CheckpointTensor(name, shape, out_dtype, partial(_cast_produced, produce, out_dtype)))
     return entries
