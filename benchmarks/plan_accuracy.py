@@ -25,7 +25,13 @@ from harness import (
 
 METHODS = ("lora", "dora", "qlora", "pissa", "lora_ga", "galore", "salor", "full")
 #: model name -> (width, layers) of a SmolLM2-shaped config; None is the embedded SmolLM2-135M itself.
-MODELS: dict[str, tuple[int, int] | None] = {"smollm2-135m": None, "w512-l8": (512, 8), "w1536-l12": (1536, 12)}
+MODELS: dict[str, tuple[int, int] | None] = {
+    "smollm2-135m": None,
+    "w512-l8": (512, 8),
+    "w1536-l12": (1536, 12),
+    "w2048-l16": (2048, 16),  # 1.07B parameters: the 1B class, measured on request (not in the default set)
+}
+DEFAULT_MODELS = ("smollm2-135m", "w512-l8", "w1536-l12")
 VOCAB = 49152  # SmolLM2's tokenizer: the config-built models use it too
 
 
@@ -51,7 +57,7 @@ def _plan(model: str, method: str, o: BenchOptions) -> dict[str, Any]:
 def main() -> None:
     """Plan and measure every (model, method); print the table and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=list(MODELS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)

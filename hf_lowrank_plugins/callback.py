@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .distributed import check_parallelism, local_values, refresh_master_weights
+from .distributed import bind_zero_partitions, check_parallelism, local_values, refresh_master_weights
 from .errors import DivergenceError, LowRankError
 
 if TYPE_CHECKING:
@@ -114,6 +114,7 @@ class LowRankCallback(TrainerCallback):
             )
         if self.adapted.guard is not None:
             self.adapted.guard.active = True
+        bind_zero_partitions(kwargs.get("optimizer"))  # an optimizer that needs whole weights under ZeRO-1/2
         if state.global_step > 0:  # resumed: the checkpoint already holds the initialised state
             return
         changed = self.adapted.registry.call_method_hook(

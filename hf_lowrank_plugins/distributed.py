@@ -11,17 +11,20 @@ Methods never import DeepSpeed themselves; they ask here. Three facts drive this
   trainable weights after that (LoRA-GA at train begin) must have the masters re-read from the
   model, or the first step silently restores the old values: :func:`refresh_master_weights`.
 * Under ZeRO-1/2/3 the client optimizer's parameter groups hold flat 1-D partitions spanning many
-  weights, so an optimizer that needs each weight's matrix shape (GaLore) cannot run there; such a
-  method declares ``MethodInfo.max_zero_stage`` and is refused before training
-  (:func:`check_zero_stage`). FSDP shards the same way; ``MethodInfo.no_fsdp`` says why a method
-  cannot run there (:func:`check_parallelism`).
+  weights. An optimizer that needs each weight's matrix (GaLore) can ask for the layout of those
+  partitions (:class:`ZeroPartition`, handed to an optimizer that implements
+  :class:`ZeroPartitionAware` by :func:`bind_zero_partitions`) and gather a whole weight when it
+  needs one. A method that still cannot run under a stage declares ``MethodInfo.max_zero_stage``
+  and is refused before training (:func:`check_zero_stage`). FSDP shards the same way;
+  ``MethodInfo.no_fsdp`` says why a method cannot run there (:func:`check_parallelism`).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -109,6 +112,16 @@ def gathered_model(model: nn.Module, modifier_rank: int | None = None) -> contex
     return gathered(list(model.parameters()), modifier_rank=modifier_rank)
 
 
+def _optimizer_chain(optimizer: Any) -> Iterator[Any]:
+    """``optimizer`` and each optimizer it wraps (accelerate's ``AcceleratedOptimizer``, the Trainer's
+    ``DeepSpeedOptimizerWrapper``, DeepSpeed's ZeRO optimizer, the client optimizer), outermost first."""
+    seen = set()
+    while optimizer is not None and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        yield optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+
+
 def refresh_master_weights(optimizer: Any) -> bool:
     """Re-read a DeepSpeed optimizer's fp32 master copies from the model's current weights.
 
@@ -116,11 +129,134 @@ def refresh_master_weights(optimizer: Any) -> bool:
     ``DeepSpeedOptimizerWrapper``). Returns whether it held master copies (False for a plain
     ``torch.optim`` optimizer, which steps on the parameters themselves).
     """
-    seen = set()
-    while optimizer is not None and id(optimizer) not in seen:
-        seen.add(id(optimizer))
-        if callable(getattr(optimizer, "refresh_fp32_params", None)):
-            optimizer.refresh_fp32_params()
+    for inner in _optimizer_chain(optimizer):
+        if callable(getattr(inner, "refresh_fp32_params", None)):
+            inner.refresh_fp32_params()
             return True
-        optimizer = getattr(optimizer, "optimizer", None)
+    return False
+
+
+@dataclass(frozen=True)
+class ZeroWeight:
+    """One weight of a ZeRO parameter group and the part of it this rank holds.
+
+    This rank holds elements ``[within, within + length)`` of the flattened weight at
+    ``[local, local + length)`` of its flat slice (``length`` 0: none of it).
+    """
+
+    index: int  #: position of the weight in its group (the same on every rank)
+    shape: torch.Size
+    local: int
+    within: int
+    length: int
+
+
+@dataclass(frozen=True)
+class ZeroPartition:
+    """This rank's flat slice of one ZeRO parameter group: the single parameter the client optimizer sees.
+
+    ZeRO-1/2 concatenate a group's weights into one flat buffer and give each rank one contiguous
+    piece of it, so a weight lies on one rank or straddles two; ZeRO-3 splits every weight evenly
+    across ranks and concatenates each rank's pieces. Either way the client optimizer gets an fp32
+    master slice whose ``.grad`` is the matching slice of the averaged gradient. :meth:`gather`
+    makes whole weights on every rank; :meth:`write_back` keeps this rank's part of an updated one.
+    """
+
+    weights: tuple[ZeroWeight, ...]
+    process_group: Any
+
+    def gather(self, weight: ZeroWeight, *flats: torch.Tensor) -> list[torch.Tensor]:
+        """``weight`` whole, from each of ``flats`` (this rank's slices: the master values, their gradient).
+
+        Collective: every rank of the group calls it for the same weights in the same order. Each
+        element is written by the one rank that holds it and summed with zeros elsewhere, so the
+        result is exact. One all-reduce carries all ``flats``.
+        """
+        import deepspeed.comm as dist
+
+        whole = flats[0].new_zeros((len(flats), weight.shape.numel()))
+        for row, flat in zip(whole, flats, strict=True):
+            row[weight.within : weight.within + weight.length].copy_(flat[weight.local : weight.local + weight.length])
+        dist.all_reduce(whole, group=self.process_group)
+        return [row.view(weight.shape) for row in whole]
+
+    def write_back(self, weight: ZeroWeight, whole: torch.Tensor, flat: torch.Tensor) -> None:
+        """Copy this rank's part of the updated ``whole`` weight into its slice ``flat``."""
+        flat[weight.local : weight.local + weight.length].copy_(
+            whole.reshape(-1)[weight.within : weight.within + weight.length]
+        )
+
+
+@runtime_checkable
+class ZeroPartitionAware(Protocol):
+    """A client optimizer that can step on ZeRO partitions once told their layout (GaLore's)."""
+
+    def bind_zero_partitions(self, partitions: dict[int, ZeroPartition]) -> None:
+        """Receive the layout of each flat parameter, keyed by ``id()`` of that parameter."""
+
+
+def _zero12_partitions(zero_optimizer: Any) -> dict[int, ZeroPartition]:
+    """ZeRO-1/2, read from the attributes DeepSpeed 0.19 keeps for its own checkpoint conversion: each
+    group's weights (``round_robin_bit16_meta``) at their offsets in the flat buffer
+    (``round_robin_bit16_offsets``, alignment padding included) and each rank's piece of it
+    (``parallel_partitioned_bit16_groups``)."""
+    import deepspeed.comm as dist
+
+    layouts = {}
+    for group_no, group in enumerate(zero_optimizer.optimizer.param_groups):
+        process_group = zero_optimizer.real_dp_process_group[group_no]
+        pieces = zero_optimizer.parallel_partitioned_bit16_groups[group_no]
+        rank = dist.get_rank(group=process_group)
+        start = sum(piece.numel() for piece in pieces[:rank])
+        end = start + pieces[rank].numel()
+        weights = []
+        for index, meta, offset in zip(
+            zero_optimizer.round_robin_bit16_indices[group_no],
+            zero_optimizer.round_robin_bit16_meta[group_no],
+            zero_optimizer.round_robin_bit16_offsets[group_no],
+            strict=True,
+        ):
+            first, last = max(start, offset), min(end, offset + meta.numel())
+            weights.append(ZeroWeight(index, meta.shape, first - start, first - offset, max(0, last - first)))
+        weights.sort(key=lambda w: w.index)
+        layouts[id(group["params"][0])] = ZeroPartition(tuple(weights), process_group)
+    return layouts
+
+
+def _zero3_partitions(zero_optimizer: Any) -> dict[int, ZeroPartition]:
+    """ZeRO-3: each sub-group's flat slice is this rank's piece of every weight in turn; the piece of a
+    weight of n elements is its ``ds_tensor`` (``ceil(n / ranks)`` elements, the last rank's padded)."""
+    import deepspeed.comm as dist
+
+    process_group = zero_optimizer.dp_process_group
+    rank = dist.get_rank(group=process_group)
+    layouts = {}
+    for sub_group, flat in enumerate(zero_optimizer.fp32_partitioned_groups_flat):
+        weights, local = [], 0
+        for index, param in enumerate(zero_optimizer.fp16_groups[sub_group]):
+            piece = param.ds_tensor.ds_numel
+            within = rank * piece
+            length = max(0, min(piece, param.ds_numel - within))
+            weights.append(ZeroWeight(index, torch.Size(param.ds_shape), local, within, length))
+            local += piece
+        layouts[id(flat)] = ZeroPartition(tuple(weights), process_group)
+    return layouts
+
+
+def zero_partitions(zero_optimizer: Any) -> dict[int, ZeroPartition]:
+    """The layout of each flat parameter of a DeepSpeed ZeRO-1/2/3 optimizer, keyed by ``id()`` of that parameter."""
+    if hasattr(zero_optimizer, "fp32_partitioned_groups_flat"):
+        return _zero3_partitions(zero_optimizer)
+    return _zero12_partitions(zero_optimizer)
+
+
+def bind_zero_partitions(optimizer: Any) -> bool:
+    """Tell a :class:`ZeroPartitionAware` client optimizer under DeepSpeed ZeRO-1/2/3 how its flat parameters
+    are laid out. ``optimizer`` may be wrapped. Returns whether one was told."""
+    for inner in _optimizer_chain(optimizer):
+        client = getattr(inner, "optimizer", None)
+        is_zero = hasattr(inner, "round_robin_bit16_offsets") or hasattr(inner, "fp32_partitioned_groups_flat")
+        if is_zero and isinstance(client, ZeroPartitionAware):
+            client.bind_zero_partitions(zero_partitions(inner))
+            return True
     return False

@@ -2,7 +2,8 @@
 
 ``python -m torch.distributed.run --nproc_per_node 2 deepspeed_train.py STAGE OUT METHOD...`` trains each
 method in turn on 2 CPU processes (gloo) under ZeRO-``STAGE``; :func:`train` without a stage is the
-single-process run with the same global batch. Per method, rank 0 writes ``OUT/METHOD/result.json``
+single-process run with the same global batch. With ``RESUME_METHODS=a,b`` those methods are also
+trained again from their halfway checkpoint into ``OUT/METHOD/resumed``. Per method, rank 0 writes ``OUT/METHOD/result.json``
 (losses, or the refusal) and ``weights.pt`` (the trained parameters, gathered under ZeRO-3); every
 rank calls ``export`` (ZeRO-3 gathers for it).
 """
@@ -37,8 +38,11 @@ def deepspeed_config(stage: int) -> dict:
     }
 
 
-def train(method: str, out: Path, stage: int | None = None) -> None:
-    """Train ``method`` for a few steps (under ZeRO-``stage`` when given) and write its results into ``out``."""
+def train(method: str, out: Path, stage: int | None = None, resume_from: Path | None = None) -> None:
+    """Train ``method`` for a few steps (under ZeRO-``stage`` when given) and write its results into ``out``.
+
+    A checkpoint is saved halfway; ``resume_from`` continues from such a checkpoint instead of step 0.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     main = int(os.environ.get("RANK", "0")) == 0
     out.mkdir(parents=True, exist_ok=True)
@@ -47,14 +51,21 @@ def train(method: str, out: Path, stage: int | None = None) -> None:
     fields = {} if method == "full" else {"rank": 4}
     adapted = hlp.attach(make_tiny_model(), method, load_in_4bit=method == "qlora", **fields)
     extra = {} if stage is None else {"deepspeed": deepspeed_config(stage), "ddp_backend": "gloo"}
-    args = training_args(out / "trainer", max_steps=STEPS, per_device_train_batch_size=GLOBAL_BATCH // world, **extra)
+    args = training_args(
+        out / "trainer",
+        max_steps=STEPS,
+        per_device_train_batch_size=GLOBAL_BATCH // world,
+        save_strategy="steps",
+        save_steps=STEPS // 2,
+        **extra,
+    )
     try:
         trainer = Trainer(model=adapted.model, args=args, train_dataset=TokenDataset(), **adapted.trainer_kwargs())
     except hlp.IncompatibleError as refused:
         if main:
             (out / "result.json").write_text(json.dumps({"refused": str(refused)}))
         return
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     params = [p for _, p in sorted(adapted.model.named_parameters()) if p.requires_grad]
     with gathered(params):
         weights = torch.cat([p.detach().flatten().float().clone() for p in params])
@@ -72,5 +83,12 @@ if __name__ == "__main__":
     zero_stage, root = int(sys.argv[1]), Path(sys.argv[2])
     for name in sys.argv[3:]:
         train(name, root / name, zero_stage)
+        if name in os.environ.get("RESUME_METHODS", "").split(","):  # and again from its halfway checkpoint
+            train(
+                name,
+                root / name / "resumed",
+                zero_stage,
+                resume_from=root / name / "trainer" / f"checkpoint-{STEPS // 2}",
+            )
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()

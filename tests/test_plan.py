@@ -3,6 +3,7 @@ method terms from the plugins' ``plan_memory`` hook, ZeRO splits, and the CLI (t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -83,9 +84,17 @@ def test_zero_stages_split_state_over_processes():
 
 def test_a_method_refused_under_a_zero_stage_is_refused_by_the_plan_too():
     config = tiny_llama_config()
-    with pytest.raises(hlp.IncompatibleError, match="'galore' cannot train under DeepSpeed ZeRO-2: .*matrix"):
-        plan_memory(config, "galore", PlanSettings(world_size=2, zero_stage=2))
-    assert plan_memory(config, "galore", PlanSettings(world_size=2, zero_stage=0), rank=4).total > 0
+    limited = dataclasses.replace(
+        hlp.get_registry().get("lora"), max_zero_stage=1, zero_reason="it needs whole weights"
+    )
+    with pytest.raises(hlp.IncompatibleError, match="'lora' cannot train under DeepSpeed ZeRO-2: it needs whole"):
+        plan_memory(config, limited, PlanSettings(world_size=2, zero_stage=2))
+    assert plan_memory(config, limited, PlanSettings(world_size=2, zero_stage=1), r=4).total > 0
+    assert plan_memory(config, "galore", PlanSettings(world_size=2, zero_stage=3), rank=4).total > 0
+    alone = plan_memory(config, "galore", PlanSettings(), rank=4)
+    zero2 = plan_memory(config, "galore", PlanSettings(world_size=2, zero_stage=2), rank=4)
+    assert abs(zero2.terms["optimizer"] - alone.terms["optimizer"] // 2) <= 8
+    assert zero2.terms["galore_zero_gather"] > 0 and "galore_zero_gather" not in alone.terms
     assert plan_memory(config, "lora_ga", PlanSettings(world_size=2, zero_stage=3), r=4).total > 0
 
 

@@ -20,6 +20,14 @@ Variants:
 * ``optim_bits=8``: Adam moments in bitsandbytes' blockwise 8-bit format, updated by
   bitsandbytes' own ``optimizer_update_8bit_blockwise`` kernel (``bnb.optim.AdamW8bit`` semantics,
   also on CPU). For target weights the kernel runs on the low-rank gradient.
+* DeepSpeed ZeRO-1/2/3: DeepSpeed hands each group to the optimizer as one flat fp32 slice per
+  rank. Once :meth:`GaLoreOptimizer.bind_zero_partitions` has the layout (the core's callback
+  gives it at train begin), a ``galore`` group steps weight by weight: the whole weight and its
+  gradient are gathered (exactly: each element comes from the one rank that holds it), the ranks
+  that hold part of it run the very update above on the whole matrix, and each keeps its own
+  part. Memory beyond ZeRO's stays bounded by two copies of the largest weight. The low-rank
+  moments live on every rank holding part of the weight: about one rank per weight under
+  ZeRO-1/2, every rank under ZeRO-3 (which splits each weight across all of them).
 * ``layerwise=True``: each target weight's gradient is projected in a post-accumulate-grad hook as
   soon as autograd has finished it, added to a low-rank accumulator and freed, so full gradients of
   target weights never coexist. The Adam update itself runs in ``step()``. This works with gradient
@@ -34,6 +42,9 @@ from typing import Any
 
 import torch
 
+from hf_lowrank_plugins import LowRankError
+from hf_lowrank_plugins.distributed import ZeroPartition
+
 from .projector import compute_projection, project, project_back, projection_side
 
 #: State keys kept in their saved dtype on load (torch would cast them to the parameter's dtype).
@@ -42,6 +53,8 @@ _EXACT_DTYPE_KEYS = ("state1", "state2", "absmax1", "absmax2")
 _BNB_BLOCKSIZE = 256
 #: Accumulator for layer-wise mode; never present when a checkpoint is written (``step`` pops it).
 _ACCUM_KEY = "lowrank_grad"
+#: Under ZeRO, the state of a flat parameter's whole weights, by their index in its group.
+_ZERO_WEIGHTS_KEY = "galore_weights"
 
 
 def _import_bnb_functional() -> Any:
@@ -70,6 +83,7 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.layerwise = layerwise
         self._hooks: list[Any] = []
+        self._zero_partitions: dict[int, ZeroPartition] = {}
         for group in self.param_groups:
             if group["galore"]:
                 for p in group["params"]:
@@ -132,9 +146,48 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            if not group["params"]:  # ZeRO-3 fills one group at a time
+                continue
+            if group["galore"] and group["params"][0].dim() == 1:
+                self._step_partitioned(group)
+                continue
             for p in group["params"]:
                 self._update_param(p, group)
         return loss
+
+    # ------------------------------------------------------------------ DeepSpeed ZeRO
+
+    def bind_zero_partitions(self, partitions: dict[int, ZeroPartition]) -> None:
+        """Learn how DeepSpeed ZeRO laid the ``galore`` groups' weights into flat slices (see module docs)."""
+        self._zero_partitions = partitions
+
+    def _step_partitioned(self, group: dict) -> None:
+        """Update a ``galore`` group that DeepSpeed replaced by this rank's flat slice, one whole weight at a time.
+
+        Running :meth:`_update_param` on the gathered whole weight keeps the arithmetic that of a
+        single process. Collective: every rank walks every weight, holding a part of it or not.
+        """
+        flat = group["params"][0]
+        partition = self._zero_partitions.get(id(flat))
+        if partition is None:
+            raise LowRankError(
+                "GaLore's target weights reached the optimizer as a flat slice, but nothing told it their layout; "
+                "under DeepSpeed ZeRO train through Trainer(..., **adapted.trainer_kwargs()), whose callback does"
+            )
+        if flat.grad is None:
+            return
+        weight_states = self.state[flat].setdefault(_ZERO_WEIGHTS_KEY, {})
+        for weight in partition.weights:
+            whole, grad = partition.gather(weight, flat.detach(), flat.grad)
+            if not weight.length:  # none of it is on this rank
+                continue
+            whole.grad = grad
+            self.state[whole] = weight_states.setdefault(weight.index, {})
+            try:
+                self._update_param(whole, group)
+            finally:
+                del self.state[whole]
+            partition.write_back(weight, whole, flat.detach())
 
     def _update_param(self, p: torch.Tensor, group: dict) -> None:
         """Update one parameter of ``group`` (GaLore-projected when ``group["galore"]``)."""

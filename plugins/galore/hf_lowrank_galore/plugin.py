@@ -25,6 +25,7 @@ from hf_lowrank_plugins import (
     hookimpl,
     save_merged,
 )
+from hf_lowrank_plugins.distributed import zero_stage
 
 from .adafactor import GaLoreAdafactor
 from .config import GaLoreConfig
@@ -47,9 +48,6 @@ def describe_methods() -> list[MethodInfo]:
             aliases={"rank": "rank"},
             no_quantized_base="GaLore updates the full-precision weights themselves; a 4-bit base cannot hold "
             "its updates (use qlora, or load the model in 16/32-bit)",
-            max_zero_stage=0,
-            zero_reason="ZeRO-1/2/3 hand the optimizer flat 1-D slices spanning many weights, but GaLore projects "
-            "each weight matrix's gradient onto its own subspace",
             no_fsdp="FSDP hands the optimizer flat shards of the weights, but GaLore projects each weight matrix's "
             "gradient onto its own subspace",
             trains_adapter=False,
@@ -90,7 +88,8 @@ def init_adapter(model: nn.Module, config: GaLoreConfig) -> nn.Module:
 @hookimpl
 def plan_memory(model: nn.Module, config: GaLoreConfig, settings: Any, terms: dict[str, int]) -> dict[str, int]:
     """GaLore's optimizer state: moments of the projected gradients (plus the projectors) for the
-    target weights, full moments for the rest; layer-wise mode holds one target's gradient at a time."""
+    target weights, full moments for the rest; layer-wise mode holds one target's gradient at a time;
+    under ZeRO one target weight and its gradient are gathered whole at a time."""
     from .projector import low_rank_shape, projection_side
 
     targets = target_weights(model, config)
@@ -103,11 +102,13 @@ def plan_memory(model: nn.Module, config: GaLoreConfig, settings: Any, terms: di
         m, n = weight.shape
         projectors += {"right": n, "left": m, "full": m + n}[side] * int(config.rank) * 4
     target_params = sum(w.numel() for w in targets.values())
-    others = terms["optimizer"] // 8 - target_params
+    others = sum(p.numel() for p in model.parameters() if p.requires_grad) - target_params
+    largest = max(w.numel() for w in targets.values())
     plan = {"optimizer": projected * moment_bytes + others * 8, "galore_projectors": projectors}
     if config.layerwise:  # a target's gradient is freed by its hook as soon as it is accumulated
-        largest = max(w.numel() for w in targets.values())
         plan["gradients"] = (others + largest) * 4
+    if getattr(settings, "zero_stage", 0):
+        plan["galore_zero_gather"] = 2 * largest * 4  # whole fp32 values and gradient of one target
     return plan
 
 
@@ -177,6 +178,14 @@ def wrap_optimizer(
         raise IncompatibleError(
             "layer-wise GaLore updates weights from autograd hooks before DDP averages gradients; "
             "use layerwise=False for multi-process training"
+        )
+    if zero_stage(args) and (config.layerwise or config.optimizer != "adamw"):
+        raise IncompatibleError(
+            f"GaLore with optimizer={config.optimizer!r}, layerwise={bool(config.layerwise)} cannot run under "
+            f"DeepSpeed ZeRO-{zero_stage(args)}: ZeRO hands the optimizer flat slices, so the weights GaLore does "
+            "not project would lose their shape (Adafactor factors their moments by rows and columns, 8-bit AdamW "
+            "quantizes them in per-weight blocks) and layer-wise hooks would fire before ZeRO reduces gradients; "
+            "use optimizer='adamw', layerwise=False"
         )
     targets = {id(p) for p in target_weights(model, config).values() if p.requires_grad}
     groups: list[dict] = []

@@ -281,3 +281,23 @@ def test_refusals(tiny_model):
         attach(tiny_model, "galore", rank=64)
     model = attach(tiny_model, "galore", rank=4).model
     assert model is tiny_model and all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("fields", [{"optimizer": "adafactor"}, {"optimizer": "adamw8bit"}, {"layerwise": True}])
+def test_zero_refuses_what_needs_unprojected_weights_whole(tmp_path, fields):
+    """Under ZeRO-1/2 only the projected weights are stepped whole; the other weights stay flat slices, so the
+    settings that need their shape (or hooks before ZeRO's reduction) are refused when the optimizer is built."""
+    from hf_lowrank_galore.plugin import wrap_optimizer
+
+    adapted = attach(make_tiny_model(0), "galore", rank=4, **fields)
+    args = training_args(tmp_path)
+    args.deepspeed, args.hf_deepspeed_config = {"zero_optimization": {"stage": 2}}, None
+    trainer_built = torch.optim.AdamW(adapted.model.parameters())
+    with pytest.raises(
+        IncompatibleError, match="cannot run under DeepSpeed ZeRO-2: .*use optimizer='adamw', layerwise=False"
+    ):
+        wrap_optimizer(adapted.model, trainer_built, adapted.config, args)
+    args.deepspeed = None
+    assert isinstance(
+        wrap_optimizer(adapted.model, trainer_built, adapted.config, args), (GaLoreAdamW, GaLoreAdafactor)
+    )

@@ -24,6 +24,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.lora import LoraLayer
 
 from hf_lowrank_lora import LoraModule, lora_layers, residual
+from hf_lowrank_plugins.distributed import gathered
 
 from .init import subtract_factors
 
@@ -68,9 +69,12 @@ def _rebase_after_load(model: torch.nn.Module, incompatible_keys) -> None:
             if applied is None and not b0.any():
                 continue  # checkpoint written before the data init: nothing subtracted on either side
             scaling = layer.scaling[adapter]
-            if applied is not None:  # another init was applied: restore W first (rare; not bit-exact)
-                subtract_factors(layer, applied[0], applied[1], scaling, sign=-1.0)
-            subtract_factors(layer, a0, b0, scaling)
+            # under ZeRO-3 W is a placeholder here (DeepSpeed loads the module state before its
+            # partitions); every rank gathers it, rebases it alike, and rank 0's result is kept
+            with gathered([layer.get_base_layer().weight], modifier_rank=0):
+                if applied is not None:  # another init was applied: restore W first (rare; not bit-exact)
+                    subtract_factors(layer, applied[0], applied[1], scaling, sign=-1.0)
+                subtract_factors(layer, a0, b0, scaling)
             # the helper of hf_lowrank_lora stores the layer's *current* A, B; after a load those are
             # the trained ones, so register the loaded initial factors under its names directly
             layer.register_buffer(residual.INITIAL_A + adapter, a0.detach().clone(), persistent=False)
