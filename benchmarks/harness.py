@@ -99,13 +99,9 @@ VARIANTS: dict[str, Variant] = {
 
 def rss_kib(field: str) -> int:
     """A field of /proc/self/status in KiB (VmRSS, VmHWM); 0 where there is no /proc."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    from hf_lowrank_plugins.memory import status_bytes
+
+    return status_bytes(field) // 1024
 
 
 def reset_peak_rss() -> bool:

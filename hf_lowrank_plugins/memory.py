@@ -1,4 +1,9 @@
-"""Process memory of weights that a method replaces after transformers memory-mapped them.
+"""Process memory: how much this process holds, and handing back weights a method replaced.
+
+:func:`status_bytes` and :func:`in_use_bytes` are the one place that reads the process's memory
+(the plan's runtime term, the run summary's peaks, LoRA-GA sizing its layer groups).
+
+The rest concerns weights that a method replaces after transformers memory-mapped them.
 
 On a CPU, transformers 5 maps the safetensors checkpoint (copy-on-write) and hands out tensors over
 the mapping. A weight that a method *replaces* (PiSSA's residual, a 4-bit quantization) leaves its
@@ -16,12 +21,34 @@ import functools
 import mmap
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 
+import torch
 from torch import nn
 
 #: Linux's "reclaim these pages now" advice (5.4+): file pages are dropped (re-read if touched),
 #: anonymous pages go to swap or stay; never loses data, unlike MADV_DONTNEED.
 _MADV_PAGEOUT = 21
+
+
+def status_bytes(field: str) -> int:
+    """A size field of ``/proc/self/status`` (``VmRSS``: resident now, ``VmHWM``: its peak) in bytes;
+    0 where there is no ``/proc`` (not Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def in_use_bytes(device: torch.device) -> int:
+    """The memory this process holds where ``device`` computes: CUDA memory allocated by torch on a
+    GPU, the resident set (libraries, weights, mapped checkpoint pages) on a CPU (0 without ``/proc``)."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    return status_bytes("VmRSS")
 
 
 @functools.cache

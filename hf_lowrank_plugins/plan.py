@@ -40,6 +40,7 @@ from torch import nn
 
 from .distributed import check_zero_stage
 from .errors import LowRankError
+from .memory import status_bytes
 from .method import MethodInfo
 
 #: NF4 with double quantization: 4 bits, one 8-bit scale per 64 weights, one fp32 per 256 scales.
@@ -264,22 +265,11 @@ def plan_memory(
         # transformers memory-maps safetensors on a CPU: the pages of weights read and converted to 4 bits
         # stay mapped (resident, though reclaimable) while any tensor of the file is still in use
         plan.terms["checkpoint_pages"] = mapped_bytes
-    plan.terms["runtime"] = _runtime_bytes() if settings.device == "cpu" else 0
+    plan.terms["runtime"] = status_bytes("VmRSS") if settings.device == "cpu" else 0  # what the libraries hold
     if settings.device == "cpu":
         plan.notes.append("runtime: this process's resident size with the same libraries imported")
     plan.notes.append(f"frozen base in {'NF4' if four_bit else str(base_dtype).removeprefix('torch.')}")
     return plan
-
-
-def _runtime_bytes() -> int:
-    """This process's resident set (``VmRSS``): the libraries a training process imports too."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def parameter_bytes(params: Any, bytes_per: float) -> int:

@@ -20,6 +20,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from ..errors import LowRankError
+from ..memory import status_bytes
 
 #: Written into every checkpoint this runner saves: what the run was, and its timings so far.
 RUN_RECORD = "hf_lowrank_run.json"
@@ -65,7 +66,7 @@ class PhaseMemory(TrainerCallback):
         """Record the phase in progress."""
         if self._phase is None:
             return
-        peaks = {"cpu": _vm_hwm_mb() or peak_memory_mb()}
+        peaks = {"cpu": status_bytes("VmHWM") / 2**20 or peak_memory_mb()}
         for index in range(torch.cuda.device_count()):
             peaks[f"cuda:{index}"] = torch.cuda.max_memory_allocated(index) / 2**20
         self.peaks_mb[self._phase] = peaks
@@ -84,17 +85,6 @@ class PhaseMemory(TrainerCallback):
     def report(self) -> dict[str, Any]:
         """``{"load": {"cpu": MiB, "cuda:0": MiB}, ..., "cpu_peak_is_cumulative": bool}``."""
         return {**self.peaks_mb, "cpu_peak_is_cumulative": self.cumulative}
-
-
-def _vm_hwm_mb() -> float:
-    """The resident set high-water mark (``VmHWM``) in MiB; 0 where there is no /proc."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 def count_trainable(model: torch.nn.Module) -> int:

@@ -34,11 +34,13 @@ from .models import (
     T5,
     ModelCase,
     TokenDataset,
+    kit_devices,
     output,
     rel_err,
 )
 
 __all__ = [
+    "kit_devices",
     "BERT_CLS",
     "GEMMA",
     "MISTRAL",

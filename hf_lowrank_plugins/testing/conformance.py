@@ -14,7 +14,9 @@ registers it by hand before each test whenever the registry does not know the me
 reload the registry from entry points in between).
 
 pytest then runs every check of :mod:`.contract` over the model matrix (:data:`.models.MODEL_CASES`:
-Llama, GPT-2 with ``Conv1D`` layers, T5, a BERT sequence classifier), plus the config checks. A
+Llama, GPT-2 with ``Conv1D`` layers, T5, a BERT sequence classifier) on every device of
+:func:`.models.kit_devices` (the CPU, and CUDA when present: ids then end in ``-cuda``), plus
+the config checks. A
 cell that cannot pass yet is declared in ``expected_failures`` with its reason; it runs as a strict
 expected failure, so it turns into an error the day it starts passing.
 """
@@ -31,7 +33,7 @@ from ..errors import ConfigError
 from ..method import config_fields, peft_internal_fields
 from ..registry import get_registry
 from . import contract
-from .models import MODEL_CASES, ModelCase, rel_err
+from .models import MODEL_CASES, ModelCase, kit_devices, rel_err
 
 #: The checks of the matrix, by test name; ``expected_failures`` keys use these names (or ``"*"``).
 CHECKS = ("identity_at_init", "merged_equals_adapted", "round_trip", "plain_peft", "resume", "optimizer_state")
@@ -62,16 +64,19 @@ class MethodConformance:
     # ------------------------------------------------------------------ parametrisation
 
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
-        """Parametrize every check over :attr:`models`, marking declared cells as strict expected failures."""
+        """Parametrize every check over :attr:`models` and the devices, marking declared cells as strict
+        expected failures."""
         if "case" not in metafunc.fixturenames:
             return
         check = metafunc.function.__name__.removeprefix("test_")
         params = []
-        for case in self.models:
-            reason = self.expected_failures.get((case.name, check)) or self.expected_failures.get((case.name, "*"))
-            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-            params.append(pytest.param(case, id=case.name, marks=marks))
-        metafunc.parametrize("case", params)
+        for device in kit_devices():
+            for case in self.models:
+                reason = self.expected_failures.get((case.name, check)) or self.expected_failures.get((case.name, "*"))
+                marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+                name = case.name if device == "cpu" else f"{case.name}-{device}"
+                params.append(pytest.param(case, device, id=name, marks=marks))
+        metafunc.parametrize("case, device", params)
 
     @pytest.fixture(autouse=True)
     def _method_registered(self) -> None:
@@ -80,62 +85,64 @@ class MethodConformance:
         if self.plugin is not None and self.method not in registry.methods:
             registry.register(self.plugin, name=f"{self.method}-by-hand")
 
-    def _run(self, case: ModelCase, tmp_path_factory: pytest.TempPathFactory) -> contract.TrainedRun:
-        """The method trained on ``case`` once per test class; every check reads the same run."""
+    def _run(self, case: ModelCase, device: str, tmp_path_factory: pytest.TempPathFactory) -> contract.TrainedRun:
+        """The method trained on ``case`` on ``device`` once per test class; every check reads the same run."""
         runs = type(self).__dict__.get("_runs")
         if runs is None:
             runs = {}
             type(self)._runs = runs
-        if case.name not in runs:
-            work = Path(tmp_path_factory.mktemp(f"{self.method}-{case.name}"))
-            runs[case.name] = contract.train_run(case, self.method, dict(self.settings), work, self.load_in_4bit)
-        return runs[case.name]
+        key = f"{case.name}-{device}"
+        if key not in runs:
+            work = Path(tmp_path_factory.mktemp(f"{self.method}-{key}"))
+            runs[key] = contract.train_run(case, self.method, dict(self.settings), work, self.load_in_4bit, device)
+        return runs[key]
 
     def _info(self) -> Any:
         return get_registry().get(self.method)
 
     # ------------------------------------------------------------------ the matrix
 
-    def test_identity_at_init(self, case: ModelCase) -> None:
+    def test_identity_at_init(self, case: ModelCase, device: str) -> None:
         """The output right after ``attach`` equals the base's (where the method declares it)."""
         if not self._info().identity_at_init:
             pytest.skip(f"method '{self.method}' declares identity_at_init=False")
-        assert (
-            contract.identity_error(case, self.method, dict(self.settings), self.load_in_4bit) <= contract.IDENTITY_TOL
-        )
+        error = contract.identity_error(case, self.method, dict(self.settings), self.load_in_4bit, device)
+        assert error <= contract.IDENTITY_TOL
 
-    def test_merged_equals_adapted(self, case: ModelCase, tmp_path_factory: pytest.TempPathFactory) -> None:
+    def test_merged_equals_adapted(
+        self, case: ModelCase, device: str, tmp_path_factory: pytest.TempPathFactory
+    ) -> None:
         """``merged/`` loaded by plain transformers reproduces the trained model."""
-        run = self._run(case, tmp_path_factory)
+        run = self._run(case, device, tmp_path_factory)
         assert run.losses[-1] < run.losses[0], "the run did not train"
         assert rel_err(contract.merged_output(run), run.trained_output) <= contract.MERGE_TOL
 
-    def test_round_trip(self, case: ModelCase, tmp_path_factory: pytest.TempPathFactory) -> None:
+    def test_round_trip(self, case: ModelCase, device: str, tmp_path_factory: pytest.TempPathFactory) -> None:
         """The exported adapter, loaded with ``load_adapter`` onto the base it names, reproduces the trained model."""
         if not self._info().trains_adapter:
             pytest.skip(f"method '{self.method}' trains the weights themselves: merged/ is its deliverable")
-        run = self._run(case, tmp_path_factory)
+        run = self._run(case, device, tmp_path_factory)
         assert rel_err(contract.reloaded_output(run), run.trained_output) <= contract.PLAIN_PEFT_TOL
 
-    def test_plain_peft(self, case: ModelCase, tmp_path_factory: pytest.TempPathFactory) -> None:
+    def test_plain_peft(self, case: ModelCase, device: str, tmp_path_factory: pytest.TempPathFactory) -> None:
         """Plain PEFT, in a process that never imports this package, reproduces the trained model silently."""
         if not self._info().trains_adapter:
             pytest.skip(f"method '{self.method}' trains the weights themselves: merged/ is its deliverable")
-        run = self._run(case, tmp_path_factory)
+        run = self._run(case, device, tmp_path_factory)
         plain, report = contract.plain_peft_output(run)
         assert rel_err(plain, run.trained_output) <= contract.PLAIN_PEFT_TOL
         assert report["warnings"] == [], report["warnings"]
 
-    def test_resume(self, case: ModelCase, tmp_path_factory: pytest.TempPathFactory) -> None:
+    def test_resume(self, case: ModelCase, device: str, tmp_path_factory: pytest.TempPathFactory) -> None:
         """Resuming from the halfway checkpoint logs the uninterrupted run's losses."""
-        run = self._run(case, tmp_path_factory)
+        run = self._run(case, device, tmp_path_factory)
         resumed = contract.resumed_losses(run)
         assert len(resumed) == len(run.losses) == contract.STEPS
         assert resumed[contract.SAVE_AT :] == pytest.approx(run.losses[contract.SAVE_AT :], abs=contract.RESUME_TOL)
 
-    def test_optimizer_state(self, case: ModelCase, tmp_path_factory: pytest.TempPathFactory) -> None:
+    def test_optimizer_state(self, case: ModelCase, device: str, tmp_path_factory: pytest.TempPathFactory) -> None:
         """The checkpointed optimizer state loads with ``weights_only=True`` (no pickled objects)."""
-        contract.optimizer_state_loads_weights_only(self._run(case, tmp_path_factory))
+        contract.optimizer_state_loads_weights_only(self._run(case, device, tmp_path_factory))
 
     # ------------------------------------------------------------------ configuration
 

@@ -55,6 +55,7 @@ class TrainedRun:
     trained_output: torch.Tensor
     exported: ExportResult
     batch: dict[str, torch.Tensor] = field(default_factory=dict)
+    device: str = "cpu"
 
     @property
     def checkpoint(self) -> Path:
@@ -62,15 +63,16 @@ class TrainedRun:
         return self.work_dir / "run" / f"checkpoint-{SAVE_AT}"
 
 
-def load_base(case: ModelCase, base_dir: Path) -> torch.nn.Module:
-    """The saved base, loaded the way users load a checkpoint (so it knows its ``name_or_path``)."""
+def load_base(case: ModelCase, base_dir: Path, device: str = "cpu") -> torch.nn.Module:
+    """The saved base on ``device``, loaded the way users load a checkpoint (so it knows its ``name_or_path``)."""
     import transformers
 
-    return getattr(transformers, case.auto_class).from_pretrained(base_dir, dtype=torch.float32).eval()
+    return getattr(transformers, case.auto_class).from_pretrained(base_dir, dtype=torch.float32).to(device).eval()
 
 
-def training_arguments(output_dir: Path, **overrides: Any) -> Any:
-    """The contract's ``TrainingArguments``: 4 steps of 4 examples, a checkpoint at step 2, cosine schedule."""
+def training_arguments(output_dir: Path, device: str = "cpu", **overrides: Any) -> Any:
+    """The contract's ``TrainingArguments``: 4 steps of 4 examples, a checkpoint at step 2, cosine schedule,
+    on ``device`` (``cpu``, or ``cuda``: the Trainer's own placement)."""
     from transformers import TrainingArguments
 
     kw: dict[str, Any] = dict(
@@ -84,7 +86,7 @@ def training_arguments(output_dir: Path, **overrides: Any) -> Any:
         save_strategy="steps",
         save_steps=SAVE_AT,
         report_to=[],
-        use_cpu=True,
+        use_cpu=device == "cpu",
         disable_tqdm=True,
         seed=0,
         dataloader_num_workers=0,
@@ -101,12 +103,16 @@ def _train(
     load_in_4bit: bool,
     out: Path,
     resume: Path | None = None,
+    device: str = "cpu",
 ) -> tuple[Adapted, list[float]]:
     from transformers import Trainer
 
-    adapted = attach(load_base(case, base_dir), method, load_in_4bit=load_in_4bit, **settings)
+    adapted = attach(load_base(case, base_dir, device), method, load_in_4bit=load_in_4bit, **settings)
     trainer = Trainer(
-        model=adapted.model, args=training_arguments(out), train_dataset=case.dataset(), **adapted.trainer_kwargs()
+        model=adapted.model,
+        args=training_arguments(out, device),
+        train_dataset=case.dataset(),
+        **adapted.trainer_kwargs(),
     )
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -115,17 +121,23 @@ def _train(
 
 
 def train_run(
-    case: ModelCase, method: str, settings: dict[str, Any], work_dir: Path, load_in_4bit: bool = False
+    case: ModelCase,
+    method: str,
+    settings: dict[str, Any],
+    work_dir: Path,
+    load_in_4bit: bool = False,
+    device: str = "cpu",
 ) -> TrainedRun:
-    """Save the case's base, attach ``method``, train 4 steps with a checkpoint at 2, export with ``merge=True``."""
+    """Save the case's base, attach ``method`` on ``device``, train 4 steps with a checkpoint at 2, export
+    with ``merge=True``."""
     base_dir = work_dir / "base"
     case.build().save_pretrained(base_dir)
-    adapted, losses = _train(case, base_dir, method, settings, load_in_4bit, work_dir / "run")
+    adapted, losses = _train(case, base_dir, method, settings, load_in_4bit, work_dir / "run", device=device)
     batch = case.batch()
     trained = output(adapted.model, batch)
     exported = adapted.export(work_dir / "export", merge=True)
     return TrainedRun(
-        case, method, settings, load_in_4bit, base_dir, work_dir, adapted, losses, trained, exported, batch
+        case, method, settings, load_in_4bit, base_dir, work_dir, adapted, losses, trained, exported, batch, device
     )
 
 
@@ -139,17 +151,20 @@ def resumed_losses(run: TrainedRun) -> list[float]:
         run.load_in_4bit,
         run.work_dir / "resumed",
         resume=run.checkpoint,
+        device=run.device,
     )
     return losses
 
 
-def identity_error(case: ModelCase, method: str, settings: dict[str, Any], load_in_4bit: bool = False) -> float:
-    """Relative output difference between the base and the just-attached model.
+def identity_error(
+    case: ModelCase, method: str, settings: dict[str, Any], load_in_4bit: bool = False, device: str = "cpu"
+) -> float:
+    """Relative output difference between the base and the just-attached model, both on ``device``.
 
     With a 4-bit base the reference is the quantized base itself (adapters disabled): quantization is
     not the method's doing.
     """
-    base = case.build()
+    base = case.build().to(device)
     batch = case.batch()
     reference = output(base, batch)
     adapted = attach(base, method, load_in_4bit=load_in_4bit, **settings)
@@ -164,7 +179,7 @@ def identity_error(case: ModelCase, method: str, settings: dict[str, Any], load_
 def merged_output(run: TrainedRun) -> torch.Tensor:
     """Output of ``merged/`` loaded by plain transformers."""
     assert run.exported.merged_dir is not None, "export(merge=True) wrote no merged/"
-    return output(load_base(run.case, run.exported.merged_dir), run.batch)
+    return output(load_base(run.case, run.exported.merged_dir, run.device), run.batch)
 
 
 def adapter_base_dir(adapter_dir: Path) -> Path:
@@ -179,7 +194,7 @@ def reloaded_output(run: TrainedRun) -> torch.Tensor:
     from ..api import load_adapter
 
     assert run.exported.adapter_dir is not None
-    base = load_base(run.case, adapter_base_dir(run.exported.adapter_dir))
+    base = load_base(run.case, adapter_base_dir(run.exported.adapter_dir), run.device)
     if run.load_in_4bit or run.adapted.method.requires_quantized_base:
         from ..quantization import quantize_model
         from ..types import QuantizationSettings

@@ -7,6 +7,7 @@ outputs are comparable between train-mode runs and resumes. Nothing is downloade
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,21 @@ from torch import nn
 
 VOCAB = 128
 SEQ_LEN = 16
+
+
+def kit_devices() -> tuple[str, ...]:
+    """The devices the kit's checks run on: the CPU, and CUDA when a GPU is present.
+
+    ``HF_LOWRANK_TEST_DEVICES`` (comma-separated, e.g. ``cuda``) narrows or names them; a device
+    named there but absent fails the run rather than being skipped silently.
+    """
+    named = os.environ.get("HF_LOWRANK_TEST_DEVICES")
+    if named:
+        devices = tuple(d.strip() for d in named.split(",") if d.strip())
+        if "cuda" in devices and not torch.cuda.is_available():
+            raise RuntimeError("HF_LOWRANK_TEST_DEVICES names cuda, but torch sees no CUDA device")
+        return devices
+    return ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
 
 
 class TokenDataset(torch.utils.data.Dataset):
@@ -76,9 +92,10 @@ class ModelCase:
 
 
 def output(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """The model's logits on ``batch`` in fp32, without gradients."""
+    """The model's logits on ``batch`` in fp32 on the CPU, without gradients (run where the model is)."""
+    device = next(model.parameters()).device
     with torch.no_grad():
-        return model(**batch).logits.float()
+        return model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

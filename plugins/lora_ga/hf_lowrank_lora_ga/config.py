@@ -35,8 +35,12 @@ class LoraGaConfig(LoraMethodConfig):
             randomized SVD). The co-range sketch has ``l = min(2k + 1, m)`` rows.
         ga_layer_groups: ``"full"`` only (ignored by the sketch): split the targets into this many
             groups and run one pass over the (cached) batches per group, so only one group's
-            accumulators exist. 4 keeps the estimate within 1.1x of a LoRA step's peak on an fp32
-            model (measured 1.03x on SmolLM2-135M); 1 is fastest; bf16 weights need about twice as many.
+            accumulators exist; the factors are the same for every count (bit for bit), only time
+            and memory change. ``None`` (default): the fewest groups whose fp32 accumulators fit in
+            a tenth of the memory the process holds when the estimate starts (the resident set on
+            a CPU, allocated CUDA memory on a GPU), so the estimate stays within about 1.1x of a
+            LoRA training step's peak at any model size (measured 1.03x on SmolLM2-135M, 4 groups;
+            1.09x on a 1B model, 9 groups). 1 is fastest.
         svd: ``"randomized"`` (``torch.svd_lowrank`` with ``q = min(4r, min(m, n))``,
             ``svd_niter`` iterations, seeded by ``ga_seed``) or ``"exact"`` (``torch.linalg.svd``).
             The sketch always ends in an exact SVD of its small reconstruction.
@@ -82,10 +86,11 @@ class LoraGaConfig(LoraMethodConfig):
     sketch_rank: int | None = field(
         default=None, metadata={"help": "rank k of the sketch; None: min(4r, m, n)", "min": 1}
     )
-    ga_layer_groups: int = field(
-        default=4,
+    ga_layer_groups: int | None = field(
+        default=None,
         metadata={
-            "help": "full estimator: passes over the cached batches, one layer group each (4: within 1.1x a LoRA step's peak)",
+            "help": "full estimator: passes over the cached batches, one layer group each; None: the fewest whose "
+            "accumulators fit in a tenth of the memory in use (within about 1.1x a LoRA step's peak)",
             "min": 1,
         },
     )
@@ -125,14 +130,13 @@ class LoraGaConfig(LoraMethodConfig):
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
-        positive = {"ga_batches": self.ga_batches, "ga_layer_groups": self.ga_layer_groups, "svd_niter": self.svd_niter}
-        positive.update(
-            {
-                k: v
-                for k, v in (("ga_batch_size", self.ga_batch_size), ("sketch_rank", self.sketch_rank))
-                if v is not None
-            }
-        )
+        positive = {"ga_batches": self.ga_batches, "svd_niter": self.svd_niter}
+        optional = {
+            "ga_batch_size": self.ga_batch_size,
+            "sketch_rank": self.sketch_rank,
+            "ga_layer_groups": self.ga_layer_groups,
+        }
+        positive.update({k: v for k, v in optional.items() if v is not None})
         for name, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")

@@ -8,7 +8,11 @@ accumulator right there. ``x`` is the tensor a LoRA training step keeps for ``lo
 the estimate's activation memory is a LoRA step's. What differs is the accumulator:
 
 * ``"full"``: an exact fp32 ``m x n`` sum per target (one fp32 copy of the targets; with
-  ``ga_layer_groups = g`` only 1/g of it at a time, at g passes over the cached batches).
+  ``ga_layer_groups = g`` only 1/g of it at a time, at g passes over the cached batches). By
+  default g is sized so that one group's sums fit in :data:`ACCUMULATOR_SHARE` of the memory the
+  process already holds (:func:`layer_group_count`): the estimate's activations are a LoRA step's,
+  so its peak stays within about 1.1x of the LoRA training peak at any model size, where a fixed g
+  drifts up as weights outgrow activations (g=4: 1.03x on SmolLM2-135M, 1.12x on a 1B model).
 * ``"sketch"``: a seeded, linear two-sided randomized sketch of the running sum (Tropp, Yurtsever,
   Udell & Cevher 2017): ``Y = G @ Omega`` (m x k) and ``Z = Psi @ G`` (l x n), updated per batch as
   ``Y += dY^T (x Omega)`` and ``Z += (dY Psi^T)^T x`` without forming ``G_b``. The top singular
@@ -32,8 +36,12 @@ from torch import nn
 
 from hf_lowrank_lora import LoraModule, lora_layers
 from hf_lowrank_plugins import ConfigError, LowRankError
+from hf_lowrank_plugins.memory import in_use_bytes
 
 logger = logging.getLogger(__name__)
+
+#: By default one layer group's fp32 accumulators may take this share of the memory in use.
+ACCUMULATOR_SHARE = 0.1
 
 
 @dataclass
@@ -304,6 +312,39 @@ def _groups(names: list[str], layers: dict[str, LoraModule], n_groups: int) -> l
     return groups
 
 
+def layer_group_count(config: Any, layers: dict[str, LoraModule], device: torch.device) -> int:
+    """How many layer groups the ``full`` estimator makes: ``config.ga_layer_groups``, or by default the
+    fewest whose largest group's accumulators fit in :data:`ACCUMULATOR_SHARE` of :func:`in_use_bytes`.
+
+    Every DDP rank makes the largest count any rank asks for: the per-group all-reduces must line up.
+    """
+    if config.ga_layer_groups is not None:
+        return int(config.ga_layer_groups)
+    names = list(layers)
+    budget = ACCUMULATOR_SHARE * in_use_bytes(device)
+    count = len(names)  # without a reading of memory in use (no /proc), the least memory: one layer a pass
+    if budget > 0:
+        count = next(
+            (g for g in range(1, len(names) + 1) if _largest_group_bytes(names, layers, g) <= budget), len(names)
+        )
+    agreed = torch.tensor([float(count)], device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+    count = int(agreed.item())
+    logger.info(
+        "LoRA-GA: %d layer group(s), %.0f MiB of accumulators at a time (%.0f MiB in use)",
+        count,
+        _largest_group_bytes(names, layers, count) / 2**20,
+        budget / ACCUMULATOR_SHARE / 2**20,
+    )
+    return count
+
+
+def _largest_group_bytes(names: list[str], layers: dict[str, LoraModule], n_groups: int) -> int:
+    """Bytes of the fp32 accumulators of the largest of ``n_groups`` groups."""
+    return max(sum(4 * math.prod(layer_dims(layers[n])) for n in group) for group in _groups(names, layers, n_groups))
+
+
 def estimate_gradient_factors(
     model: nn.Module,
     config: Any,
@@ -342,7 +383,7 @@ def estimate_gradient_factors(
                 results[n] = _sketch_svd(sketches[n], inv_batches, 2 * ranks[n])
                 del sketches[n]  # free each sketch once factored
         else:
-            for group in _groups(names, layers, config.ga_layer_groups):
+            for group in _groups(names, layers, layer_group_count(config, layers, device)):
                 sums = {n: FullAccumulator(*layer_dims(layers[n]), device) for n in group}
                 _run_pass(model, layers, dict(sums), batches, config.ga_seed, args, device)
                 for n in group:

@@ -24,7 +24,7 @@ from hf_lowrank_plugins.distributed import end_passes_outside_engine, gathered, 
 from hf_lowrank_plugins.plan import linear_shapes
 
 from .config import LoraGaConfig
-from .gradient import collect_batches, estimate_gradient_factors, layer_dims
+from .gradient import ACCUMULATOR_SHARE, collect_batches, estimate_gradient_factors, layer_dims
 from .init import init_layer
 from .resume import add_checkpoint_buffers, checkpoint_buffers_hidden, record_initial_factors
 
@@ -149,8 +149,12 @@ def plan_memory(model: nn.Module, config: LoraGaConfig, settings: Any, terms: di
         k = config.sketch_rank or 4 * int(config.r)
         per_layer = [2 * min(k, m, n) * (m + n) * 4 + m * n * 4 for m, n in shapes]  # sketches + one gradient
         return {"lora_ga_init": max(per_layer) + sum(per_layer) - max(per_layer) // 2}
-    group = math.ceil(sum(m * n for m, n in shapes) / int(config.ga_layer_groups))
-    return {"lora_ga_init": 2 * group * 4}
+    total = sum(m * n for m, n in shapes) * 4
+    if config.ga_layer_groups is not None:
+        return {"lora_ga_init": 2 * math.ceil(total / int(config.ga_layer_groups))}
+    # sized at run time from the memory in use (gradient.layer_group_count): weights plus, on a CPU, the libraries
+    in_use = terms["weights"] + terms.get("runtime", 0)
+    return {"lora_ga_init": 2 * min(total, int(ACCUMULATOR_SHARE * in_use))}
 
 
 @hookimpl
