@@ -80,8 +80,44 @@ class LowRankDoraLinearLayer(DoraLinearLayer):
         else:  # dropout changed x: the base output must be recomputed on it
             weight = transpose(dequantize_module_weight(base_layer), self.fan_in_fan_out).to(x.dtype)
             base_result = F.linear(x, weight)
-        # (m/n - 1) * base + (m/n) * s * lora, as two passes over the activations instead of four
-        return torch.addcmul(base_result * (mag_norm_scale - 1), lora_result, mag_norm_scale * scaling)
+        return scaled_by_norms(base_result, lora_result, mag_norm_scale, scaling)
+
+
+def scaled_by_norms(base: torch.Tensor, lora: torch.Tensor, scale: torch.Tensor, scaling: float) -> torch.Tensor:
+    """DoRA's output delta ``(m/n - 1) * base + (m/n) * s * lora``, ``scale = m/n`` per output feature.
+
+    Two passes over the activations (PEFT's expression takes four). When a gradient is wanted it
+    goes through :class:`_ScaledByNorms`, which keeps one activation-sized tensor for backward
+    where autograd's graph of the expression keeps two.
+    """
+    if torch.is_grad_enabled() and (base.requires_grad or lora.requires_grad or scale.requires_grad):
+        return cast(torch.Tensor, _ScaledByNorms.apply(base, lora, scale, scaling))
+    return torch.addcmul(base * (scale - 1), lora, scale * scaling)
+
+
+class _ScaledByNorms(torch.autograd.Function):
+    """:func:`scaled_by_norms` with a hand-written backward.
+
+    The gradient of ``scale`` is ``sum_t g_t * (base_t + s lora_t)``, so the sum ``base + s lora``
+    is all backward needs besides ``scale``: saving it instead of ``base`` and ``lora`` halves what
+    DoRA holds for backward beyond LoRA (one tokens x d_out tensor per layer instead of two).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, base: torch.Tensor, lora: torch.Tensor, scale: torch.Tensor, scaling: float) -> torch.Tensor:
+        ctx.scaling = scaling
+        ctx.save_for_backward(torch.add(base, lora, alpha=scaling), scale)
+        return torch.addcmul(base * (scale - 1), lora, scale * scaling)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        combined, scale = ctx.saved_tensors
+        grad_base = grad * (scale - 1) if ctx.needs_input_grad[0] else None
+        grad_lora = grad * (scale * ctx.scaling) if ctx.needs_input_grad[1] else None
+        grad_scale = None
+        if ctx.needs_input_grad[2]:  # scale broadcasts over every leading dimension
+            grad_scale = (grad * combined).sum(dim=tuple(range(grad.dim() - 1))).view_as(scale)
+        return grad_base, grad_lora, grad_scale, None
 
 
 def use_low_rank_norms(model: nn.Module) -> int:

@@ -222,3 +222,23 @@ def test_low_rank_norms_are_as_exact_as_peft_against_float64():
     ours_error = _grad_error(_forward_backward(ours, batch)[1], truth)
     peft_error = _grad_error(_forward_backward(theirs, batch)[1], truth)
     assert ours_error <= 1e-6 and ours_error <= 1.5 * peft_error, (ours_error, peft_error)
+
+
+def test_dora_output_delta_keeps_one_activation_for_backward_and_its_gradients_are_exact():
+    """``scaled_by_norms`` against autograd's graph of the same expression: the same gradients (float64
+    gradcheck), and one saved activation-sized tensor where autograd keeps two."""
+    from hf_lowrank_dora.lowrank_norm import _ScaledByNorms, scaled_by_norms
+
+    generator = torch.Generator().manual_seed(0)
+    base, lora = (torch.randn(3, 5, 8, generator=generator, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    scale = (1 + 0.1 * torch.randn(1, 8, generator=generator, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda b, lo, s: _ScaledByNorms.apply(b, lo, s, 0.5), (base, lora, scale))
+
+    def saved_activations(fn) -> int:
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(t.shape) or t, lambda t: t):
+            fn(base, lora, scale, 0.5)
+        return sum(shape == base.shape for shape in shapes)
+
+    assert saved_activations(scaled_by_norms) == 1
+    assert saved_activations(lambda b, lo, s, k: torch.addcmul(b * (s - 1), lo, s * k)) == 2
