@@ -42,3 +42,20 @@ def test_pissa_from_a_checkpoint_keeps_its_initialisation_exact(tmp_path):
     expected = logits(base, batch)
     adapted = hlp.attach(base, "pissa", r=4)
     assert (logits(adapted.model, batch) - expected).abs().max() <= 1e-4
+
+
+@linux
+def test_memory_in_use_counts_mapped_weights_before_they_are_read(tmp_path):
+    """A tensor over a private file mapping is not in the resident set until read; ``in_use_bytes`` counts
+    it whole either way (LoRA-GA sizes its layer groups from it before its passes read the weights)."""
+    from hf_lowrank_plugins.memory import _not_resident_bytes, in_use_bytes
+
+    path = tmp_path / "weights.bin"
+    n = 4 * 2**20  # 16 MiB of float32
+    path.write_bytes(torch.arange(n, dtype=torch.float32).numpy().tobytes())
+    mapped = torch.from_file(str(path), shared=False, size=n, dtype=torch.float32)
+    assert _not_resident_bytes([mapped]) >= 15 * 2**20  # mapped, not read yet (the page cache does not count)
+    assert torch.equal(mapped.clone(), torch.arange(n, dtype=torch.float32))  # reading pages it in
+    assert _not_resident_bytes([mapped]) <= 2**20
+    assert _not_resident_bytes([torch.ones(2**20)]) == 0  # anonymous memory is resident
+    assert in_use_bytes(torch.device("cpu"), [mapped]) >= 16 * 2**20

@@ -37,8 +37,8 @@ class LoraGaConfig(LoraMethodConfig):
             groups and run one pass over the (cached) batches per group, so only one group's
             accumulators exist; the factors are the same for every count (bit for bit), only time
             and memory change. ``None`` (default): the fewest groups whose fp32 accumulators fit in
-            a tenth of the memory the process holds when the estimate starts (the resident set on
-            a CPU, allocated CUDA memory on a GPU), so the estimate stays within about 1.1x of a
+            a tenth of the memory the process holds when the estimate starts (on a CPU the resident
+            set plus the model's weights not paged in yet; allocated CUDA memory on a GPU), so the estimate stays within about 1.1x of a
             LoRA training step's peak at any model size (measured 1.03x on SmolLM2-135M, 4 groups;
             1.09x on a 1B model, 9 groups). 1 is fastest.
         svd: ``"randomized"`` (``torch.svd_lowrank`` with ``q = min(4r, min(m, n))``,

@@ -312,7 +312,9 @@ def _groups(names: list[str], layers: dict[str, LoraModule], n_groups: int) -> l
     return groups
 
 
-def layer_group_count(config: Any, layers: dict[str, LoraModule], device: torch.device) -> int:
+def layer_group_count(
+    config: Any, layers: dict[str, LoraModule], device: torch.device, model: nn.Module | None = None
+) -> int:
     """How many layer groups the ``full`` estimator makes: ``config.ga_layer_groups``, or by default the
     fewest whose largest group's accumulators fit in :data:`ACCUMULATOR_SHARE` of :func:`in_use_bytes`.
 
@@ -321,7 +323,9 @@ def layer_group_count(config: Any, layers: dict[str, LoraModule], device: torch.
     if config.ga_layer_groups is not None:
         return int(config.ga_layer_groups)
     names = list(layers)
-    budget = ACCUMULATOR_SHARE * in_use_bytes(device)
+    # the passes read every weight: count ``model``'s tensors as held even if not paged in yet
+    tensors = [*model.parameters(), *model.buffers()] if model is not None else []
+    budget = ACCUMULATOR_SHARE * in_use_bytes(device, tensors)
     count = len(names)  # without a reading of memory in use (no /proc), the least memory: one layer a pass
     if budget > 0:
         count = next(
@@ -383,7 +387,7 @@ def estimate_gradient_factors(
                 results[n] = _sketch_svd(sketches[n], inv_batches, 2 * ranks[n])
                 del sketches[n]  # free each sketch once factored
         else:
-            for group in _groups(names, layers, layer_group_count(config, layers, device)):
+            for group in _groups(names, layers, layer_group_count(config, layers, device, model)):
                 sums = {n: FullAccumulator(*layer_dims(layers[n]), device) for n in group}
                 _run_pass(model, layers, dict(sums), batches, config.ga_seed, args, device)
                 for n in group:
