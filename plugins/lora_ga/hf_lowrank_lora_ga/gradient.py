@@ -12,7 +12,7 @@ the estimate's activation memory is a LoRA step's. What differs is the accumulat
   default g is sized so that one group's sums fit in :data:`ACCUMULATOR_SHARE` of the memory the
   process already holds (:func:`layer_group_count`): the estimate's activations are a LoRA step's,
   so its peak stays within about 1.1x of the LoRA training peak at any model size, where a fixed g
-  drifts up as weights outgrow activations (g=4: 1.03x on SmolLM2-135M, 1.12x on a 1B model).
+  drifts up as weights outgrow activations (g=4: 1.03x on SmolLM2-135M, 1.12x on a 0.80B model).
 * ``"sketch"``: a seeded, linear two-sided randomized sketch of the running sum (Tropp, Yurtsever,
   Udell & Cevher 2017): ``Y = G @ Omega`` (m x k) and ``Z = Psi @ G`` (l x n), updated per batch as
   ``Y += dY^T (x Omega)`` and ``Z += (dY Psi^T)^T x`` without forming ``G_b``. The top singular
