@@ -40,7 +40,6 @@ from .models import (
 )
 
 __all__ = [
-    "kit_devices",
     "BERT_CLS",
     "GEMMA",
     "MISTRAL",
@@ -62,6 +61,7 @@ __all__ = [
     "TokenDataset",
     "TrainedRun",
     "identity_error",
+    "kit_devices",
     "merged_output",
     "output",
     "plain_peft_output",
