@@ -114,7 +114,7 @@ class LowRankCallback(TrainerCallback):
             )
         if self.adapted.guard is not None:
             self.adapted.guard.active = True
-        bind_zero_partitions(kwargs.get("optimizer"))  # an optimizer that needs whole weights under ZeRO-1/2
+        bind_zero_partitions(kwargs.get("optimizer"))  # an optimizer that needs whole weights under ZeRO
         if state.global_step > 0:  # resumed: the checkpoint already holds the initialised state
             return
         changed = self.adapted.registry.call_method_hook(

@@ -22,7 +22,7 @@ Methods never import DeepSpeed themselves; they ask here. Three facts drive this
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -243,20 +243,29 @@ def _zero3_partitions(zero_optimizer: Any) -> dict[int, ZeroPartition]:
     return layouts
 
 
+def _layout_reader(optimizer: Any) -> Callable[[Any], dict[int, ZeroPartition]] | None:
+    """How to read ``optimizer``'s partition layout: ZeRO-3's, ZeRO-1/2's, or ``None`` (not a ZeRO optimizer)."""
+    if hasattr(optimizer, "fp32_partitioned_groups_flat"):
+        return _zero3_partitions
+    if hasattr(optimizer, "round_robin_bit16_offsets"):
+        return _zero12_partitions
+    return None
+
+
 def zero_partitions(zero_optimizer: Any) -> dict[int, ZeroPartition]:
     """The layout of each flat parameter of a DeepSpeed ZeRO-1/2/3 optimizer, keyed by ``id()`` of that parameter."""
-    if hasattr(zero_optimizer, "fp32_partitioned_groups_flat"):
-        return _zero3_partitions(zero_optimizer)
-    return _zero12_partitions(zero_optimizer)
+    reader = _layout_reader(zero_optimizer)
+    if reader is None:
+        raise TypeError(f"{type(zero_optimizer).__name__} is not a DeepSpeed ZeRO optimizer")
+    return reader(zero_optimizer)
 
 
 def bind_zero_partitions(optimizer: Any) -> bool:
     """Tell a :class:`ZeroPartitionAware` client optimizer under DeepSpeed ZeRO-1/2/3 how its flat parameters
     are laid out. ``optimizer`` may be wrapped. Returns whether one was told."""
     for inner in _optimizer_chain(optimizer):
-        client = getattr(inner, "optimizer", None)
-        is_zero = hasattr(inner, "round_robin_bit16_offsets") or hasattr(inner, "fp32_partitioned_groups_flat")
-        if is_zero and isinstance(client, ZeroPartitionAware):
-            client.bind_zero_partitions(zero_partitions(inner))
+        reader, client = _layout_reader(inner), getattr(inner, "optimizer", None)
+        if reader is not None and isinstance(client, ZeroPartitionAware):
+            client.bind_zero_partitions(reader(inner))
             return True
     return False

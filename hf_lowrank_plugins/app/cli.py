@@ -310,6 +310,7 @@ def _cmd_merge(ns: argparse.Namespace) -> int:
     )
     outputs.check()
     check_model_dir(base)
+    stored_dtype = checkpoint_dtype(base)
     # A safetensors base is read tensor by tensor under a meta-device skeleton: one layer in memory,
     # so models larger than RAM merge. Other formats load whole (the same merge, more memory).
     source, model = None, None
@@ -318,15 +319,15 @@ def _cmd_merge(ns: argparse.Namespace) -> int:
             source = CheckpointReader(base)
         except (OSError, ValueError, KeyError, struct.error) as exc:
             raise LowRankError(f"the weights in {base} cannot be read ({exc}); the checkpoint is damaged") from None
-        model = meta_model(AutoConfig.from_pretrained(base), dtype=checkpoint_dtype(base))
+        model = meta_model(AutoConfig.from_pretrained(base), dtype=stored_dtype)
         if not {name for name, _ in model.named_parameters()} <= set(source.names()):
             source, model = None, None  # names transformers renames on load (older checkpoints)
     if model is None:
-        model = load_causal_lm(base, checkpoint_dtype(base))
+        model = load_causal_lm(base, stored_dtype)
     adapted = load_adapter(model, ns.adapter_dir)
     has_tokenizer = any((Path(base) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = AutoTokenizer.from_pretrained(base) if has_tokenizer else None
-    dtype = checkpoint_dtype(base) if ns.merged_dtype == "auto" else torch_dtype(ns.merged_dtype)
+    dtype = stored_dtype if ns.merged_dtype == "auto" else torch_dtype(ns.merged_dtype)
     with outputs:
         write_merged(adapted.model, outputs.stage, tokenizer=tokenizer, dtype=dtype, source=source)
         write_model_card(outputs.stage, "merged", adapted.method, adapted.config, {"model": str(base)})

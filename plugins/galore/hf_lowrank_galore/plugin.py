@@ -179,10 +179,11 @@ def wrap_optimizer(
             "layer-wise GaLore updates weights from autograd hooks before DDP averages gradients; "
             "use layerwise=False for multi-process training"
         )
-    if zero_stage(args) and (config.layerwise or config.optimizer != "adamw"):
+    stage = zero_stage(args)
+    if stage and (config.layerwise or config.optimizer != "adamw"):
         raise IncompatibleError(
             f"GaLore with optimizer={config.optimizer!r}, layerwise={bool(config.layerwise)} cannot run under "
-            f"DeepSpeed ZeRO-{zero_stage(args)}: ZeRO hands the optimizer flat slices, so the weights GaLore does "
+            f"DeepSpeed ZeRO-{stage}: ZeRO hands the optimizer flat slices, so the weights GaLore does "
             "not project would lose their shape (Adafactor factors their moments by rows and columns, 8-bit AdamW "
             "quantizes them in per-weight blocks) and layer-wise hooks would fire before ZeRO reduces gradients; "
             "use optimizer='adamw', layerwise=False"

@@ -325,7 +325,8 @@ def layer_group_count(
     names = list(layers)
     # the passes read every weight: count ``model``'s tensors as held even if not paged in yet
     tensors = [*model.parameters(), *model.buffers()] if model is not None else []
-    budget = ACCUMULATOR_SHARE * in_use_bytes(device, tensors)
+    in_use = in_use_bytes(device, tensors)
+    budget = ACCUMULATOR_SHARE * in_use
     count = len(names)  # without a reading of memory in use (no /proc), the least memory: one layer a pass
     if budget > 0:
         count = next(
@@ -339,7 +340,7 @@ def layer_group_count(
         "LoRA-GA: %d layer group(s), %.0f MiB of accumulators at a time (%.0f MiB in use)",
         count,
         _largest_group_bytes(names, layers, count) / 2**20,
-        budget / ACCUMULATOR_SHARE / 2**20,
+        in_use / 2**20,
     )
     return count
 
