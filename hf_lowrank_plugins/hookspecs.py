@@ -128,7 +128,8 @@ def plan_memory(
 
     Method hook, called by :func:`~hf_lowrank_plugins.plan.plan_memory` with ``model`` on the meta
     device (shapes only; for an adapter method, with PEFT's adapter laid on it) and the core's
-    standard ``terms`` (``weights``, ``gradients``, ``optimizer``, ``activations``); ``settings.dtype``
+    standard ``terms`` (``weights``, ``gradients``, ``optimizer``, ``activations``, and ``runtime``:
+    what the libraries hold, 0 for a GPU); ``settings.dtype``
     is the frozen base's dtype, resolved. Return new
     terms (a method's buffers, projectors, accumulators) and/or a replacement for a standard term
     the method changes (an optimizer with other state); ``None`` when the standard terms are right.

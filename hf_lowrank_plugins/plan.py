@@ -247,6 +247,8 @@ def plan_memory(
         "gradients": trainable_params * 4 // (shard if stage >= 2 else 1),
         "optimizer": trainable_params * 8 // (shard if stage >= 1 else 1),
         "activations": int(activations),
+        # what the libraries hold (a CPU process counts them; GPU memory does not)
+        "runtime": status_bytes("VmRSS") if settings.device == "cpu" else 0,
     }
     plan = MemoryPlan(info.name, terms, trainable_params, total_params)
     extras = registry.call_method_hook(
@@ -265,7 +267,6 @@ def plan_memory(
         # transformers memory-maps safetensors on a CPU: the pages of weights read and converted to 4 bits
         # stay mapped (resident, though reclaimable) while any tensor of the file is still in use
         plan.terms["checkpoint_pages"] = mapped_bytes
-    plan.terms["runtime"] = status_bytes("VmRSS") if settings.device == "cpu" else 0  # what the libraries hold
     if settings.device == "cpu":
         plan.notes.append("runtime: this process's resident size with the same libraries imported")
     plan.notes.append(f"frozen base in {'NF4' if four_bit else str(base_dtype).removeprefix('torch.')}")

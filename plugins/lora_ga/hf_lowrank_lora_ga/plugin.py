@@ -153,7 +153,7 @@ def plan_memory(model: nn.Module, config: LoraGaConfig, settings: Any, terms: di
     if config.ga_layer_groups is not None:
         return {"lora_ga_init": 2 * math.ceil(total / int(config.ga_layer_groups))}
     # sized at run time from the memory in use (gradient.layer_group_count): weights plus, on a CPU, the libraries
-    in_use = terms["weights"] + terms.get("runtime", 0)
+    in_use = terms["weights"] + terms["runtime"]
     return {"lora_ga_init": 2 * min(total, int(ACCUMULATOR_SHARE * in_use))}
 
 
