@@ -106,11 +106,9 @@ def rss_kib(field: str) -> int:
 
 def reset_peak_rss() -> bool:
     """Reset VmHWM so the next peak measures what follows only; False where the kernel refuses."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+    from hf_lowrank_plugins.memory import reset_peak_resident
+
+    return reset_peak_resident()
 
 
 def optimizer_state_bytes(optimizer: Any) -> int:

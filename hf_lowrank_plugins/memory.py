@@ -1,7 +1,8 @@
 """Process memory: how much this process holds, and handing back weights a method replaced.
 
-:func:`status_bytes` and :func:`in_use_bytes` are the one place that reads the process's memory
-(the plan's runtime term, the run summary's peaks, LoRA-GA sizing its layer groups).
+:func:`status_bytes`, :func:`reset_peak_resident` and :func:`in_use_bytes` are the one place that
+reads the process's memory (the plan's runtime term, the run summary's peaks, the benchmarks,
+LoRA-GA sizing its layer groups).
 
 The rest concerns weights that a method replaces after transformers memory-mapped them.
 
@@ -41,6 +42,16 @@ def status_bytes(field: str) -> int:
     except OSError:
         pass
     return 0
+
+
+def reset_peak_resident() -> bool:
+    """Reset ``VmHWM`` to the current resident set, so the next peak measures what follows only;
+    False where the kernel refuses (no ``/proc``, or ``clear_refs`` not writable)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def in_use_bytes(device: torch.device, tensors: Iterable[torch.Tensor] = ()) -> int:

@@ -20,7 +20,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from ..errors import LowRankError
-from ..memory import status_bytes
+from ..memory import reset_peak_resident, status_bytes
 
 #: Written into every checkpoint this runner saves: what the run was, and its timings so far.
 RUN_RECORD = "hf_lowrank_run.json"
@@ -54,9 +54,7 @@ class PhaseMemory(TrainerCallback):
         """Start measuring ``phase`` (closing the one in progress, if any)."""
         if self._phase is not None:
             self.end()
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
+        if not reset_peak_resident():
             self.cumulative = True
         for index in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(index)
