@@ -129,13 +129,15 @@ def weight_locations(modules: Iterable[nn.Module]) -> dict[nn.Module, tuple[int,
     return found
 
 
-def release_replaced(locations: dict[nn.Module, tuple[int, int]]) -> int:
+def release_replaced(locations: dict[nn.Module, tuple[int, int]], trim_heap: bool = True) -> int:
     """Advise the kernel to reclaim the old pages of every weight in ``locations`` that has since been
     replaced (its module's weight lies elsewhere now); returns the bytes advised.
 
     Only whole pages inside a weight's old range are advised, so no page shared with a neighbouring
     tensor is touched, and the advice never loses data (see :data:`_MADV_PAGEOUT`): memory that is
-    still in use, or reused by the allocator, is simply kept. Linux only; elsewhere a no-op.
+    still in use, or reused by the allocator, is simply kept. ``trim_heap`` also returns glibc's free
+    heap memory to the system (worth its cost after large temporaries, such as an SVD's workspaces).
+    Linux only; elsewhere a no-op.
     """
     if not sys.platform.startswith("linux"):
         return 0
@@ -148,7 +150,7 @@ def release_replaced(locations: dict[nn.Module, tuple[int, int]]) -> int:
         start, end = -(-address // page) * page, (address + size) // page * page
         if end > start and libc.madvise(start, end - start, _MADV_PAGEOUT) == 0:
             advised += end - start
-    if advised and hasattr(libc, "malloc_trim"):
+    if advised and trim_heap and hasattr(libc, "malloc_trim"):
         # glibc keeps the freed temporaries of the replacement (SVD workspaces) in its heaps; give them back
         libc.malloc_trim(0)
     return advised

@@ -7,12 +7,15 @@ receives ``dL/dy`` the moment autograd produces it and folds ``G_b = (dL/dy)^T x
 accumulator right there. ``x`` is the tensor a LoRA training step keeps for ``lora_A`` anyway, so
 the estimate's activation memory is a LoRA step's. What differs is the accumulator:
 
-* ``"full"``: an exact fp32 ``m x n`` sum per target (one fp32 copy of the targets; with
-  ``ga_layer_groups = g`` only 1/g of it at a time, at g passes over the cached batches). By
-  default g is sized so that one group's sums fit in :data:`ACCUMULATOR_SHARE` of the memory the
-  process already holds (:func:`layer_group_count`): the estimate's activations are a LoRA step's,
-  so its peak stays within about 1.1x of the LoRA training peak at any model size, where a fixed g
-  drifts up as weights outgrow activations (g=4: 1.03x on SmolLM2-135M, 1.12x on a 0.80B model).
+* ``"full"``: the exact sum per target, kept as its per-batch factors ``(x, dL/dy)`` while their
+  ``tokens x (m + n)`` entries are fewer than G's ``m x n`` and as the fp32 G from then on (a few
+  batches of short sequences on wide layers stay factored; either way the same ``addmm_`` calls
+  build G, in the same order). With ``ga_layer_groups = g`` only 1/g of the sums exist at a time,
+  at g passes over the cached batches. By default g is sized so that one group's sums fit in
+  :data:`ACCUMULATOR_SHARE` of the memory the process already holds (:func:`layer_group_count`):
+  the estimate's activations are a LoRA step's, so its peak stays within about 1.1x of the LoRA
+  training peak at any model size, where a fixed g drifts up as weights outgrow activations (g=4:
+  1.03x on SmolLM2-135M, 1.12x on a 0.80B model).
 * ``"sketch"``: a seeded, linear two-sided randomized sketch of the running sum (Tropp, Yurtsever,
   Udell & Cevher 2017): ``Y = G @ Omega`` (m x k) and ``Z = Psi @ G`` (l x n), updated per batch as
   ``Y += dY^T (x Omega)`` and ``Z += (dY Psi^T)^T x`` without forming ``G_b``. The top singular
@@ -112,18 +115,40 @@ class _Accumulator:
 
 
 class FullAccumulator(_Accumulator):
-    """Exact ``G = sum_b (dL_b/dy)^T x`` (m x n)."""
+    """Exact ``G = sum_b (dL_b/dy)^T x`` (m x n): the factors while they are smaller, then G in fp32."""
 
     def __init__(self, m: int, n: int, device: torch.device) -> None:
-        self.G = torch.zeros(m, n, device=device, dtype=torch.float32)
+        self.m, self.n, self.device = m, n, device
+        self.factors: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int]]] = []
+        self.rows = 0
+        self._G: torch.Tensor | None = None
 
     def fold(self, x: torch.Tensor, g: torch.Tensor) -> None:
-        """Add one batch's gradient ``g^T x`` (tokens flattened)."""
-        self.G.addmm_(g.t(), x)
+        """Add one batch's gradient ``g^T x`` (tokens flattened): keep the pair, or add it to G."""
+        if self._G is None and (self.rows + x.shape[0]) * (self.m + self.n) < self.m * self.n:
+            # x as the layer saw it (layers fed the same input share it), with the versions to prove it unchanged
+            self.factors.append((x, g, (x._version, g._version)))
+            self.rows += x.shape[0]
+            return
+        self.dense().addmm_(g.float().t(), x.float())
+
+    def dense(self) -> torch.Tensor:
+        """G itself: the kept pairs summed in the order they came (then dropped)."""
+        if self._G is None:
+            self._G = torch.zeros(self.m, self.n, device=self.device, dtype=torch.float32)
+            for x, g, versions in self.factors:
+                if (x._version, g._version) != versions:
+                    raise LowRankError(
+                        "LoRA-GA kept a layer's input and output gradient to sum later, but the model changed one "
+                        "in place after the pass; use estimator='sketch', which folds each batch at once"
+                    )
+                self._G.addmm_(g.float().t(), x.float())
+            self.factors = []
+        return self._G
 
     def tensors(self) -> list[torch.Tensor]:
         """The tensors to all-reduce across ranks."""
-        return [self.G]
+        return [self.dense()]
 
 
 class SketchAccumulator(_Accumulator):
@@ -136,6 +161,7 @@ class SketchAccumulator(_Accumulator):
 
     def fold(self, x: torch.Tensor, g: torch.Tensor) -> None:
         """Add one batch's ``g^T x`` to both sketches, never forming the m x n product."""
+        x, g = x.float(), g.float()
         self.Y.addmm_(g.t(), x @ self.omega)
         self.Z.addmm_((g @ self.psi.t()).t(), x)
 
@@ -189,10 +215,8 @@ def _fold_hook(accumulator: _Accumulator):
         held = [args[0].detach()]
 
         def on_grad(grad: torch.Tensor) -> None:
-            x = held.pop()  # drop our reference at once: the batch's activations can be freed
-            g2 = grad.reshape(-1, grad.shape[-1]).float()
-            x2 = x.reshape(-1, x.shape[-1]).float()
-            accumulator.fold(x2, g2)
+            x = held.pop()  # the accumulator keeps x only while its factors are smaller than G
+            accumulator.fold(x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1]))
 
         output.register_hook(on_grad)
 
@@ -295,9 +319,28 @@ def _sketch_svd(acc: SketchAccumulator, scale: float, k: int) -> GradientFactors
     return GradientFactors((Q @ Ux)[:, :k].contiguous(), S[:k].contiguous(), Vh[:k].contiguous())
 
 
-def _groups(names: list[str], layers: dict[str, LoraModule], n_groups: int) -> list[list[str]]:
-    """Split ``names`` (in model order) into ``n_groups`` contiguous groups of about equal m*n."""
-    sizes = [math.prod(layer_dims(layers[n])) for n in names]
+def batch_rows(batches: list[dict[str, Any]]) -> int | None:
+    """The rows (tokens) a layer's input has over all ``batches``: per batch, the largest
+    ``batch x sequence`` among its tensors of two or more dimensions; ``None`` when a batch has none."""
+    total = 0
+    for batch in batches:
+        sizes = [v.shape[0] * v.shape[1] for v in batch.values() if torch.is_tensor(v) and v.dim() >= 2]
+        if not sizes:
+            return None
+        total += max(sizes)
+    return total
+
+
+def accumulator_bytes(m: int, n: int, rows: int | None) -> int:
+    """What a :class:`FullAccumulator` of an ``m x n`` layer holds after ``rows`` tokens, at most (fp32
+    factors, each layer's input counted as its own): the factors or, once larger, G."""
+    entries = m * n if rows is None else min(rows * (m + n), m * n)
+    return 4 * entries
+
+
+def _groups(names: list[str], layers: dict[str, LoraModule], n_groups: int, rows: int | None = None) -> list[list[str]]:
+    """Split ``names`` (in model order) into ``n_groups`` contiguous groups of about equal accumulator bytes."""
+    sizes = [accumulator_bytes(*layer_dims(layers[n]), rows) for n in names]
     target, acc = sum(sizes) / n_groups, 0.0
     groups: list[list[str]] = []
     current: list[str] = []
@@ -313,10 +356,15 @@ def _groups(names: list[str], layers: dict[str, LoraModule], n_groups: int) -> l
 
 
 def layer_group_count(
-    config: Any, layers: dict[str, LoraModule], device: torch.device, model: nn.Module | None = None
+    config: Any,
+    layers: dict[str, LoraModule],
+    device: torch.device,
+    model: nn.Module | None = None,
+    rows: int | None = None,
 ) -> int:
     """How many layer groups the ``full`` estimator makes: ``config.ga_layer_groups``, or by default the
-    fewest whose largest group's accumulators fit in :data:`ACCUMULATOR_SHARE` of :func:`in_use_bytes`.
+    fewest whose largest group's accumulators (after ``rows`` tokens, see :func:`accumulator_bytes`) fit
+    in :data:`ACCUMULATOR_SHARE` of :func:`in_use_bytes`.
 
     Every DDP rank makes the largest count any rank asks for: the per-group all-reduces must line up.
     """
@@ -330,7 +378,8 @@ def layer_group_count(
     count = len(names)  # without a reading of memory in use (no /proc), the least memory: one layer a pass
     if budget > 0:
         count = next(
-            (g for g in range(1, len(names) + 1) if _largest_group_bytes(names, layers, g) <= budget), len(names)
+            (g for g in range(1, len(names) + 1) if _largest_group_bytes(names, layers, g, rows) <= budget),
+            len(names),
         )
     agreed = torch.tensor([float(count)], device=device)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -339,15 +388,20 @@ def layer_group_count(
     logger.info(
         "LoRA-GA: %d layer group(s), %.0f MiB of accumulators at a time (%.0f MiB in use)",
         count,
-        _largest_group_bytes(names, layers, count) / 2**20,
+        _largest_group_bytes(names, layers, count, rows) / 2**20,
         in_use / 2**20,
     )
     return count
 
 
-def _largest_group_bytes(names: list[str], layers: dict[str, LoraModule], n_groups: int) -> int:
-    """Bytes of the fp32 accumulators of the largest of ``n_groups`` groups."""
-    return max(sum(4 * math.prod(layer_dims(layers[n])) for n in group) for group in _groups(names, layers, n_groups))
+def _largest_group_bytes(
+    names: list[str], layers: dict[str, LoraModule], n_groups: int, rows: int | None = None
+) -> int:
+    """Bytes of the accumulators of the largest of ``n_groups`` groups after ``rows`` tokens."""
+    return max(
+        sum(accumulator_bytes(*layer_dims(layers[n]), rows) for n in group)
+        for group in _groups(names, layers, n_groups, rows)
+    )
 
 
 def estimate_gradient_factors(
@@ -388,12 +442,13 @@ def estimate_gradient_factors(
                 results[n] = _sketch_svd(sketches[n], inv_batches, 2 * ranks[n])
                 del sketches[n]  # free each sketch once factored
         else:
-            for group in _groups(names, layers, layer_group_count(config, layers, device, model)):
+            rows = batch_rows(batches)
+            for group in _groups(names, layers, layer_group_count(config, layers, device, model, rows), rows):
                 sums = {n: FullAccumulator(*layer_dims(layers[n]), device) for n in group}
                 _run_pass(model, layers, dict(sums), batches, config.ga_seed, args, device)
                 for n in group:
                     _all_reduce(sums[n].tensors())
-                    G = sums.pop(n).G.mul_(inv_batches)
+                    G = sums.pop(n).dense().mul_(inv_batches)
                     results[n] = _truncated_svd(
                         G, 2 * ranks[n], config.svd, config.svd_niter, seed_for(config.ga_seed, n)
                     )

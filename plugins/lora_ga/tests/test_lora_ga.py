@@ -163,10 +163,11 @@ def test_peft_variant_equals_peft_lora_ga_init(batch, direction):
         assert rel_err(logits(adapted.model, batch), ref_out) <= 1e-5, scale
 
 
-def test_streaming_estimate_equals_plain_autograd_and_groups_change_nothing():
+@pytest.mark.parametrize("n_batches, size", [(3, 8), (2, 1)])  # the sums as G; the MLP's as kept factors
+def test_streaming_estimate_equals_plain_autograd_and_groups_change_nothing(n_batches, size):
     """The layer-group count trades passes for memory and nothing else: the factors are bit for bit the same
     (so sizing it from the memory in use, which differs run to run, never changes a result)."""
-    base, batches = make_tiny_model(), _batches()
+    base, batches = make_tiny_model(), _batches(n_batches, size)
     G = _autograd_gradients(base, batches)
     got = {}
     for groups in (1, 3):
@@ -200,6 +201,79 @@ def test_default_layer_groups_fit_a_tenth_of_the_memory_in_use(monkeypatch, shar
         assert gradient._largest_group_bytes(list(layers), layers, count - 1) > targets * share_of_targets
     pinned = hlp.attach(make_tiny_model(), "lora_ga", r=4, ga_layer_groups=3)
     assert gradient.layer_group_count(pinned.config, layers, torch.device("cpu")) == 3
+
+
+@pytest.mark.parametrize("rows_per_batch", [3, 40])
+def test_accumulator_keeps_factors_while_smaller_and_sums_bit_for_bit_like_dense(rows_per_batch):
+    """A 24 x 32 layer: 3 rows a batch stay as factors (3 x 56 entries < 768) until they outgrow G,
+    40 rows go to G at once; either way G is the same ``addmm_`` sequence as a plain fp32 sum."""
+    from hf_lowrank_lora_ga.gradient import FullAccumulator
+
+    gen = torch.Generator().manual_seed(0)
+    pairs = [
+        (torch.randn(rows_per_batch, 32, generator=gen), torch.randn(rows_per_batch, 24, generator=gen))
+        for _ in range(6)
+    ]
+    acc, plain = FullAccumulator(24, 32, torch.device("cpu")), torch.zeros(24, 32)
+    for i, (x, g) in enumerate(pairs):
+        acc.fold(x, g)
+        plain.addmm_(g.t(), x)
+        factored = (i + 1) * rows_per_batch * (24 + 32) < 24 * 32
+        assert (acc._G is None) == factored and len(acc.factors) == (i + 1 if factored else 0)
+    assert torch.equal(acc.dense(), plain)
+    kept = FullAccumulator(24, 32, torch.device("cpu"))
+    x, g = pairs[0]
+    kept.fold(x[:3].clone(), g[:3])
+    kept.factors[0][0].mul_(2)  # a model that rewrites an activation in place after its layer ran
+    with pytest.raises(hlp.LowRankError, match="in place"):
+        kept.dense()
+
+
+def test_layer_groups_count_the_factors_a_few_short_batches_need():
+    """Few tokens: the accumulators hold the factors, fewer bytes than G, so fewer passes fit the budget."""
+    from hf_lowrank_lora_ga import gradient
+
+    adapted = hlp.attach(make_tiny_model(), "lora_ga", r=4)
+    layers = lora_layers(adapted.model)
+    batches = _batches(n=2, size=1)  # 2 x 16 tokens: the 64 x 128 MLP layers stay factored
+    rows = gradient.batch_rows(batches)
+    assert rows == sum(b["input_ids"].numel() for b in batches)
+    dims = list(map(gradient.layer_dims, layers.values()))
+    assert [gradient.accumulator_bytes(m, n, rows) for m, n in dims] == [
+        4 * min(rows * (m + n), m * n) for m, n in dims
+    ]
+    assert gradient.accumulator_bytes(8, 8, None) == 4 * 64 and gradient.batch_rows([{"x": torch.ones(3)}]) is None
+    names = list(layers)
+    dense = gradient._largest_group_bytes(names, layers, 1)
+    factored = gradient._largest_group_bytes(names, layers, 1, rows)
+    assert factored < dense
+    budget = (factored + dense) / 2
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gradient, "in_use_bytes", lambda device, tensors=(): int(budget / gradient.ACCUMULATOR_SHARE))
+        assert gradient.layer_group_count(adapted.config, layers, torch.device("cpu"), rows=rows) == 1
+        assert gradient.layer_group_count(adapted.config, layers, torch.device("cpu")) > 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("zero3_gathered", [False, True])
+def test_subtract_factors_keeps_the_parameter_and_rounds_once(dtype, zero3_gathered):
+    """W - s*B@A in fp32, rounded once to W's dtype; the Parameter object stays. On a CPU the weight gets a
+    new tensor (the old, often memory-mapped, pages are handed back); ZeRO-3's gathered weights
+    (``ds_id``) are written in place, since DeepSpeed partitions the storage they hold."""
+    from hf_lowrank_lora_ga.init import subtract_factors
+
+    adapted = hlp.attach(make_tiny_model().to(dtype), "lora_ga", r=4)
+    layer = next(iter(lora_layers(adapted.model).values()))
+    weight = layer.get_base_layer().weight
+    if zero3_gathered:
+        weight.ds_id = 0
+    before, address = weight.detach().clone(), weight.data_ptr()
+    gen = torch.Generator().manual_seed(0)
+    A, B = torch.randn(4, weight.shape[1], generator=gen), torch.randn(weight.shape[0], 4, generator=gen)
+    subtract_factors(layer, A, B, 0.5)
+    assert layer.get_base_layer().weight is weight
+    assert (weight.data_ptr() == address) == zero3_gathered
+    assert torch.equal(weight.detach(), (before.float() - (B @ A).mul_(0.5)).to(dtype))
 
 
 def test_sketch_is_exact_at_full_rank_and_seeded():
