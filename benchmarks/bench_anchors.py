@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -67,6 +68,17 @@ def plan(only: str | None, installed: set[str]) -> tuple[list[str], dict[str, st
     return [v for v in order if v not in skipped], skipped
 
 
+def median_of_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One variant's repeated runs as one result: the median of every compared figure, each run's
+    figures under ``"runs"``; the first failure instead if a run failed."""
+    failed = next((r for r in runs if "error" in r), None)
+    if failed is not None or len(runs) == 1:
+        return failed or runs[0]
+    result = {**runs[0], "runs": [{k: r[k] for k in RATIO_KEYS} for r in runs]}
+    result.update({k: statistics.median(r[k] for r in runs) for k in RATIO_KEYS})
+    return result
+
+
 def add_ratios(results: dict[str, dict[str, Any]], versus: str | None) -> None:
     """``result["vs_anchor"][key] = ours / anchor`` (or / ``versus`` for every variant)."""
     for name, r in results.items():
@@ -105,6 +117,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", default="benchmarks/results/anchors.json")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per variant")
     parser.add_argument("--table-from", metavar="JSON", help="print the table of an earlier run's JSON and exit")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run the variants this many times, in turn (A B A B ...), and report each figure's median",
+    )
     add_options(parser)
     ns = parser.parse_args(argv)
     if ns.table_from:
@@ -113,12 +131,20 @@ def main(argv: list[str] | None = None) -> None:
     options = options_from(ns)
     order, skipped = plan(ns.only, installed_methods())
     started_on = machine()
-    results: dict[str, dict[str, Any]] = {}
-    for i, variant in enumerate(order, 1):
-        t0 = time.perf_counter()
-        results[variant] = run_isolated(variant, options, ns.timeout)
-        state = "FAILED: " + results[variant]["error"] if "error" in results[variant] else "done"
-        print(f"[{i}/{len(order)}] {variant}: {state} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
+    runs: dict[str, list[dict[str, Any]]] = {variant: [] for variant in order}
+    # in turn rather than each variant's repeats back to back: a slow spell of a shared machine then
+    # lands on every variant alike instead of on one
+    for repeat in range(max(1, ns.repeats)):
+        for i, variant in enumerate(order, 1):
+            t0 = time.perf_counter()
+            runs[variant].append(run_isolated(variant, options, ns.timeout))
+            state = "FAILED: " + runs[variant][-1]["error"] if "error" in runs[variant][-1] else "done"
+            print(
+                f"[{repeat * len(order) + i}/{ns.repeats * len(order)}] {variant}: {state} ({time.perf_counter() - t0:.0f}s)",
+                file=sys.stderr,
+                flush=True,
+            )
+    results = {variant: median_of_runs(variant_runs) for variant, variant_runs in runs.items()}
     add_ratios(results, ns.ratios_vs)
 
     model = (
@@ -128,7 +154,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"\n{model}, batch {options.batch_size} x {options.seq_len} tokens, rank {options.rank} (GaLore {options.galore_rank}), "
-        f"median of {options.steps} steps after {options.warmup} warm-up\n"
+        f"median of {options.steps} steps after {options.warmup} warm-up"
+        + (f"; each figure the median of {ns.repeats} runs" if ns.repeats > 1 else "")
+        + "\n"
     )
     print_table(results)
     for name, reason in skipped.items():

@@ -76,6 +76,9 @@ VARIANTS: dict[str, Variant] = {
     "peft:pissa_fast": Variant("PEFT init_lora_weights='pissa_niter_16'"),
     "ours:lora_ga": Variant("hf-lowrank lora_ga", "peft:lora_ga", "lora_ga"),
     "peft:lora_ga": Variant("PEFT preprocess_loraga + init_lora_weights='lora_ga'"),
+    "ours:lora_ga_one_pass": Variant(
+        "hf-lowrank lora_ga, ga_layer_groups=1 (one pass over the batches)", "peft:lora_ga", "lora_ga"
+    ),
     "ours:qlora": Variant("hf-lowrank qlora (loaded in 4-bit)", "peft:qlora", "qlora"),
     "peft:qlora": Variant("PEFT prepare_model_for_kbit_training + LoRA (loaded in 4-bit)"),
     "ours:galore": Variant("hf-lowrank galore (adamw)", "hf:galore_adamw", "galore"),
@@ -192,6 +195,7 @@ def _ours(name: str, o: BenchOptions) -> tuple[str, dict[str, Any]]:
         "pissa": ("pissa", {"r": o.rank, "svd": "exact"}),
         "pissa_fast": ("pissa", {"r": o.rank, "svd": "fast", "svd_niter": 16}),
         "lora_ga": ("lora_ga", {**lora, "ga_batches": o.ga_batches}),
+        "lora_ga_one_pass": ("lora_ga", {**lora, "ga_batches": o.ga_batches, "ga_layer_groups": 1}),
         "galore": ("galore", galore),
         "galore_layerwise": ("galore", {**galore, "layerwise": True}),
         "galore_8bit": ("galore", {**galore, "optimizer": "adamw8bit"}),

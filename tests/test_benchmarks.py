@@ -39,6 +39,18 @@ def test_ratios_are_ours_over_anchor():
     assert "vs_anchor" not in results["peft:lora"] and "vs_anchor" not in results["ours:dora"]
 
 
+def test_repeated_runs_report_each_figures_median_and_keep_every_run():
+    """``--repeats``: each compared figure is the median over the runs, every run's figures are kept,
+    and one failed run makes the variant's result that failure."""
+    keys = list(bench_anchors.RATIO_KEYS)
+    runs = [{**{k: float(v) for k in keys}, "eval_loss": 2.0} for v in (3, 1, 2)]
+    merged = bench_anchors.median_of_runs(runs)
+    assert {k: merged[k] for k in keys} == {k: 2.0 for k in keys} and merged["eval_loss"] == 2.0
+    assert [r[keys[0]] for r in merged["runs"]] == [3.0, 1.0, 2.0]
+    assert bench_anchors.median_of_runs([runs[0], {"variant": "x", "error": "boom"}])["error"] == "boom"
+    assert bench_anchors.median_of_runs(runs[:1]) is runs[0]
+
+
 def test_galore_adafactor_pair_end_to_end(tmp_path, smol_dir, capsys):
     """Ours and transformers' GaLore Adafactor, each in its own process on a small model: the JSON
     has both, ours keeps less optimizer state, and the two train to the same eval loss (the same
