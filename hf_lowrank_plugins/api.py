@@ -29,6 +29,7 @@ from .cards import write_model_card
 from .distributed import gathered_model
 from .errors import ConfigError, DivergenceError, IncompatibleError, LowRankError
 from .export import METHOD_SETTINGS_FILE, default_export
+from .memory import trim_heap
 from .method import MethodInfo, config_fields
 from .optim import build_default_optimizer
 from .outputs import OutputSet
@@ -332,6 +333,7 @@ def attach(
     adapted_model = registry.call_method_hook(info, "init_adapter", model=model, config=config, quantization=deferred)
     if adapted_model is None:
         raise LowRankError(f"plugin '{info.plugin_name}' declared method '{info.name}' but did not attach it")
+    trim_heap()  # what a method's attach built and freed (DoRA's dense norms, SVDs) need not stay resident
     setattr(model, ATTACHED_FLAG, (info.name, info.trains_adapter))
     adapted = Adapted(model=adapted_model, config=config, method=info, registry=registry)
     trainable = next((p for p in adapted_model.parameters() if p.requires_grad), None)

@@ -15,6 +15,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from .distributed import bind_zero_partitions, check_parallelism, local_values, refresh_master_weights
 from .errors import DivergenceError, LowRankError
+from .memory import trim_heap
 
 if TYPE_CHECKING:
     from .api import Adapted
@@ -127,6 +128,7 @@ class LowRankCallback(TrainerCallback):
         )
         if changed:  # DeepSpeed took its fp32 master copies before this; without a refresh step 1 undoes the init
             refresh_master_weights(kwargs.get("optimizer"))
+            trim_heap()  # the initialisation's temporaries (gradient sums, SVD workspaces)
 
 
 def non_finite_parameters(model: Any, limit: int = 3) -> list[str]:

@@ -102,7 +102,7 @@ def subtract_factors(layer: LoraModule, A: torch.Tensor, B: torch.Tensor, scalin
     if weight.device.type == "cpu" and not hasattr(weight, "ds_id"):
         locations = weight_locations([base])
         weight.data = (weight.data.float() - delta).to(weight.dtype)
-        release_replaced(locations, trim_heap=False)  # the only temporary, delta, is reused layer to layer
+        release_replaced(locations, trim=False)  # the only temporary, delta, is reused layer to layer
     elif weight.dtype == torch.float32:
         weight.data.sub_(delta)  # the same fp32 subtraction, without a second m x n buffer
     else:
