@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .models import VOCAB, TokenDataset, rel_err
+from .models import TINY_DECODER, VOCAB, TokenDataset, rel_err
 
 __all__ = [
     "VOCAB",
@@ -31,17 +31,7 @@ def tiny_llama_config(**overrides: Any) -> Any:
     """A 2-layer Llama config (64 wide) small enough to train in milliseconds."""
     from transformers import LlamaConfig
 
-    cfg: dict[str, Any] = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    cfg.update(overrides)
-    return LlamaConfig(**cfg)
+    return LlamaConfig(**{**TINY_DECODER, **overrides})
 
 
 def make_tiny_model(seed: int = 0, **overrides: Any) -> torch.nn.Module:

@@ -103,20 +103,34 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
+#: The shape of every tiny decoder of the kit: 2 layers, 64 wide, grouped-query attention.
+TINY_DECODER: dict[str, Any] = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+#: The shape of the tiny BERT-family classifiers: 2 layers, 64 wide, two labels, no dropout.
+_TINY_ENCODER: dict[str, Any] = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    num_labels=2,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
+
+
 def _llama() -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-    )
+    return LlamaForCausalLM(LlamaConfig(**TINY_DECODER))
 
 
 def _gpt2() -> nn.Module:
@@ -160,17 +174,7 @@ def _t5() -> nn.Module:
 def _bert_cls() -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
-    config: dict[str, Any] = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        num_labels=2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        max_position_embeddings=64,
-    )
+    config: dict[str, Any] = dict(_TINY_ENCODER, max_position_embeddings=64)
     return BertForSequenceClassification(BertConfig(**config))
 
 
@@ -180,16 +184,7 @@ def _decoder(config_class: str, model_class: str, **extra: Any) -> Callable[[], 
     def build() -> nn.Module:
         import transformers
 
-        config: dict[str, Any] = dict(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            **extra,
-        )
+        config: dict[str, Any] = dict(TINY_DECODER, **extra)
         return getattr(transformers, model_class)(getattr(transformers, config_class)(**config))
 
     return build
@@ -199,18 +194,7 @@ def _roberta_cls() -> nn.Module:
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
     # RoBERTa's classifier is a module of two linear layers (dense, out_proj): the whole head trains in full
-    config: dict[str, Any] = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        num_labels=2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        max_position_embeddings=80,
-        pad_token_id=1,
-    )
+    config: dict[str, Any] = dict(_TINY_ENCODER, max_position_embeddings=80, pad_token_id=1)
     return RobertaForSequenceClassification(RobertaConfig(**config))
 
 
