@@ -24,7 +24,7 @@ from hf_lowrank_plugins.distributed import end_passes_outside_engine, gathered, 
 from hf_lowrank_plugins.plan import linear_shapes
 
 from .config import LoraGaConfig
-from .gradient import ACCUMULATOR_SHARE, collect_batches, estimate_gradient_factors, layer_dims
+from .gradient import ACCUMULATOR_SHARE, accumulator_bytes, collect_batches, estimate_gradient_factors, layer_dims
 from .init import init_layer
 from .resume import add_checkpoint_buffers, checkpoint_buffers_hidden, record_initial_factors
 
@@ -142,14 +142,16 @@ def init_adapter_from_data(model: nn.Module, config: LoraGaConfig, train_dataloa
 
 @hookimpl
 def plan_memory(model: nn.Module, config: LoraGaConfig, settings: Any, terms: dict[str, int]) -> dict[str, int]:
-    """LoRA-GA's initialisation, before the first step: the targets' weight gradients in fp32 and their
-    fp32 accumulators, one layer group at a time (``estimator="full"``), or the sketches (``sketch``)."""
+    """LoRA-GA's initialisation, before the first step: the exact sums (the batches' factors while
+    smaller than fp32 G, :func:`~hf_lowrank_lora_ga.gradient.accumulator_bytes`), one layer group at
+    a time (``estimator="full"``), or the sketches (``sketch``)."""
     shapes = list(linear_shapes(model).values())
     if config.estimator == "sketch":
         k = config.sketch_rank or 4 * int(config.r)
         per_layer = [2 * min(k, m, n) * (m + n) * 4 + m * n * 4 for m, n in shapes]  # sketches + one gradient
         return {"lora_ga_init": max(per_layer) + sum(per_layer) - max(per_layer) // 2}
-    total = sum(m * n for m, n in shapes) * 4
+    rows = int(config.ga_batches) * (config.ga_batch_size or settings.batch_size) * settings.seq_len
+    total = sum(accumulator_bytes(m, n, rows) for m, n in shapes)
     if config.ga_layer_groups is not None:
         return {"lora_ga_init": 2 * math.ceil(total / int(config.ga_layer_groups))}
     # sized at run time from the memory in use (gradient.layer_group_count): weights plus, on a CPU, the libraries

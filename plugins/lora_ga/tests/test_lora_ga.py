@@ -254,6 +254,24 @@ def test_layer_groups_count_the_factors_a_few_short_batches_need():
         assert gradient.layer_group_count(adapted.config, layers, torch.device("cpu")) > 1
 
 
+def test_plan_counts_the_sums_the_estimate_holds():
+    """``hf-lowrank plan``: with one layer group the term is twice the sums after ga_batches x batch x
+    sequence tokens (the factors while smaller than G), so fewer or shorter batches plan less."""
+    from hf_lowrank_lora_ga.gradient import accumulator_bytes
+    from hf_lowrank_plugins.plan import PlanSettings, plan_memory
+    from hf_lowrank_plugins.testing.helpers import tiny_llama_config
+
+    config = tiny_llama_config()
+    shapes = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)] * 2  # q k v o gate up down
+    terms = {}
+    for batches, seq_len in ((1, 8), (8, 64)):
+        settings = PlanSettings(batch_size=2, seq_len=seq_len, dtype=torch.float32)
+        plan = plan_memory(config, "lora_ga", settings, r=4, ga_batches=batches, ga_layer_groups=1)
+        terms[batches] = plan.terms["lora_ga_init"]
+        assert terms[batches] == 2 * sum(accumulator_bytes(m, n, batches * 2 * seq_len) for m, n in shapes)
+    assert terms[1] < terms[8] == 2 * sum(4 * m * n for m, n in shapes)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("zero3_gathered", [False, True])
 def test_subtract_factors_keeps_the_parameter_and_rounds_once(dtype, zero3_gathered):
