@@ -338,13 +338,17 @@ def accumulator_bytes(m: int, n: int, rows: int | None) -> int:
     return 4 * entries
 
 
-def _groups(names: list[str], layers: dict[str, LoraModule], n_groups: int, rows: int | None = None) -> list[list[str]]:
-    """Split ``names`` (in model order) into ``n_groups`` contiguous groups of about equal accumulator bytes."""
-    sizes = [accumulator_bytes(*layer_dims(layers[n]), rows) for n in names]
-    target, acc = sum(sizes) / n_groups, 0.0
+def accumulator_sizes(layers: dict[str, LoraModule], rows: int | None = None) -> dict[str, int]:
+    """:func:`accumulator_bytes` of every layer after ``rows`` tokens, in model order."""
+    return {name: accumulator_bytes(*layer_dims(layer), rows) for name, layer in layers.items()}
+
+
+def _groups(sizes: dict[str, int], n_groups: int) -> list[list[str]]:
+    """Split the layers of ``sizes`` (in model order) into ``n_groups`` contiguous groups of about equal bytes."""
+    target, acc = sum(sizes.values()) / n_groups, 0.0
     groups: list[list[str]] = []
     current: list[str] = []
-    for name, size in zip(names, sizes, strict=False):
+    for name, size in sizes.items():
         current.append(name)
         acc += size
         if acc >= target * (len(groups) + 1) and len(groups) < n_groups - 1:
@@ -370,17 +374,14 @@ def layer_group_count(
     """
     if config.ga_layer_groups is not None:
         return int(config.ga_layer_groups)
-    names = list(layers)
+    sizes = accumulator_sizes(layers, rows)
     # the passes read every weight: count ``model``'s tensors as held even if not paged in yet
     tensors = [*model.parameters(), *model.buffers()] if model is not None else []
     in_use = in_use_bytes(device, tensors)
     budget = ACCUMULATOR_SHARE * in_use
-    count = len(names)  # without a reading of memory in use (no /proc), the least memory: one layer a pass
+    count = len(sizes)  # without a reading of memory in use (no /proc), the least memory: one layer a pass
     if budget > 0:
-        count = next(
-            (g for g in range(1, len(names) + 1) if _largest_group_bytes(names, layers, g, rows) <= budget),
-            len(names),
-        )
+        count = next((g for g in range(1, len(sizes) + 1) if _largest_group_bytes(sizes, g) <= budget), len(sizes))
     agreed = torch.tensor([float(count)], device=device)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
@@ -388,20 +389,15 @@ def layer_group_count(
     logger.info(
         "LoRA-GA: %d layer group(s), %.0f MiB of accumulators at a time (%.0f MiB in use)",
         count,
-        _largest_group_bytes(names, layers, count, rows) / 2**20,
+        _largest_group_bytes(sizes, count) / 2**20,
         in_use / 2**20,
     )
     return count
 
 
-def _largest_group_bytes(
-    names: list[str], layers: dict[str, LoraModule], n_groups: int, rows: int | None = None
-) -> int:
-    """Bytes of the accumulators of the largest of ``n_groups`` groups after ``rows`` tokens."""
-    return max(
-        sum(accumulator_bytes(*layer_dims(layers[n]), rows) for n in group)
-        for group in _groups(names, layers, n_groups, rows)
-    )
+def _largest_group_bytes(sizes: dict[str, int], n_groups: int) -> int:
+    """Bytes of the largest of the ``n_groups`` groups :func:`_groups` makes of ``sizes``."""
+    return max(sum(sizes[n] for n in group) for group in _groups(sizes, n_groups))
 
 
 def estimate_gradient_factors(
@@ -443,7 +439,8 @@ def estimate_gradient_factors(
                 del sketches[n]  # free each sketch once factored
         else:
             rows = batch_rows(batches)
-            for group in _groups(names, layers, layer_group_count(config, layers, device, model, rows), rows):
+            count = layer_group_count(config, layers, device, model, rows)
+            for group in _groups(accumulator_sizes(layers, rows), count):
                 sums = {n: FullAccumulator(*layer_dims(layers[n]), device) for n in group}
                 _run_pass(model, layers, dict(sums), batches, config.ga_seed, args, device)
                 for n in group:

@@ -194,11 +194,10 @@ def test_default_layer_groups_fit_a_tenth_of_the_memory_in_use(monkeypatch, shar
     monkeypatch.setattr(gradient, "in_use_bytes", lambda device, tensors=(): int(targets * share_of_targets / 0.1))
     count = gradient.layer_group_count(adapted.config, layers, torch.device("cpu"))
     assert count == (groups or len(layers))
-    assert (
-        gradient._largest_group_bytes(list(layers), layers, count) <= max(targets * share_of_targets, 0) or not groups
-    )
+    sizes = gradient.accumulator_sizes(layers)
+    assert gradient._largest_group_bytes(sizes, count) <= max(targets * share_of_targets, 0) or not groups
     if count > 1:  # and one group fewer would not fit
-        assert gradient._largest_group_bytes(list(layers), layers, count - 1) > targets * share_of_targets
+        assert gradient._largest_group_bytes(sizes, count - 1) > targets * share_of_targets
     pinned = hlp.attach(make_tiny_model(), "lora_ga", r=4, ga_layer_groups=3)
     assert gradient.layer_group_count(pinned.config, layers, torch.device("cpu")) == 3
 
@@ -243,9 +242,8 @@ def test_layer_groups_count_the_factors_a_few_short_batches_need():
         4 * min(rows * (m + n), m * n) for m, n in dims
     ]
     assert gradient.accumulator_bytes(8, 8, None) == 4 * 64 and gradient.batch_rows([{"x": torch.ones(3)}]) is None
-    names = list(layers)
-    dense = gradient._largest_group_bytes(names, layers, 1)
-    factored = gradient._largest_group_bytes(names, layers, 1, rows)
+    dense = gradient._largest_group_bytes(gradient.accumulator_sizes(layers), 1)
+    factored = gradient._largest_group_bytes(gradient.accumulator_sizes(layers, rows), 1)
     assert factored < dense
     budget = (factored + dense) / 2
     with pytest.MonkeyPatch.context() as mp:
