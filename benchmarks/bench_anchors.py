@@ -131,16 +131,17 @@ def main(argv: list[str] | None = None) -> None:
     options = options_from(ns)
     order, skipped = plan(ns.only, installed_methods())
     started_on = machine()
+    repeats = max(1, ns.repeats)
     runs: dict[str, list[dict[str, Any]]] = {variant: [] for variant in order}
     # in turn rather than each variant's repeats back to back: a slow spell of a shared machine then
     # lands on every variant alike instead of on one
-    for repeat in range(max(1, ns.repeats)):
+    for repeat in range(repeats):
         for i, variant in enumerate(order, 1):
             t0 = time.perf_counter()
             runs[variant].append(run_isolated(variant, options, ns.timeout))
             state = "FAILED: " + runs[variant][-1]["error"] if "error" in runs[variant][-1] else "done"
             print(
-                f"[{repeat * len(order) + i}/{ns.repeats * len(order)}] {variant}: {state} ({time.perf_counter() - t0:.0f}s)",
+                f"[{repeat * len(order) + i}/{repeats * len(order)}] {variant}: {state} ({time.perf_counter() - t0:.0f}s)",
                 file=sys.stderr,
                 flush=True,
             )
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"\n{model}, batch {options.batch_size} x {options.seq_len} tokens, rank {options.rank} (GaLore {options.galore_rank}), "
         f"median of {options.steps} steps after {options.warmup} warm-up"
-        + (f"; each figure the median of {ns.repeats} runs" if ns.repeats > 1 else "")
+        + (f"; each figure the median of {repeats} runs" if repeats > 1 else "")
         + "\n"
     )
     print_table(results)

@@ -92,7 +92,7 @@ def subtract_factors(layer: LoraModule, A: torch.Tensor, B: torch.Tensor, scalin
 
     The Parameter object stays (the optimizer, DDP and DeepSpeed keep their references). On a CPU
     the weight usually lies in the memory-mapped checkpoint, where writing in place copies every
-    page on first touch (1.8x the time of a new tensor plus handing the old pages back, on SmolLM2-135M): there the weight
+    page on first touch (1.6-1.8x the time of a new tensor plus handing the old pages back, on SmolLM2-135M): there the weight
     gets a new tensor and the old pages are handed back (:func:`release_replaced`). Elsewhere, and
     for ZeRO-3's gathered weights (DeepSpeed partitions what ``.data`` holds), it is written in place.
     """
