@@ -1,14 +1,17 @@
-"""Eval-time cost of DoRA on one SmolLM2-sized layer: uncached vs cached vs merged, vs LoRA and the base.
+"""Eval-time cost of DoRA on one SmolLM2-sized layer: PEFT's and ours, cached, merged, vs LoRA and the base.
 
-DoRA's forward rebuilds B@A and the row norms of W + s*B@A on every call; caching reuses both in
-eval mode, merging folds everything into W. Prints median milliseconds per forward and writes JSON.
+PEFT's DoRA forward rebuilds B@A (through an identity matrix) and the row norms of W + s*B@A on
+every call; ours takes the norms from W A^T and A A^T (``lowrank_norm``); caching reuses the norms
+in eval mode, merging folds everything into W. Prints median milliseconds per forward and writes
+JSON beside this script::
 
-    python plugins/dora/benchmarks/inference_speed.py [--out FILE] [--in-features 576 --out-features 1536]
+    .venv/bin/python plugins/dora/benchmarks/inference_speed.py [--in-features 576 --out-features 1536]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -18,6 +21,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from hf_lowrank_dora import fast_inference
+from hf_lowrank_dora.lowrank_norm import use_low_rank_norms
 
 
 def median_ms(fn, x: torch.Tensor, repeats: int, warmup: int = 5) -> float:
@@ -54,15 +58,19 @@ def main() -> None:
     parser.add_argument("--shapes", default="1x1,1x32,8x128", help="batch x tokens, comma separated")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default="inference_speed.json")
+    parser.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lora = build(args.in_features, args.out_features, args.rank, use_dora=False)
-    dora = build(args.in_features, args.out_features, args.rank, use_dora=True)
+    peft_dora = build(args.in_features, args.out_features, args.rank, use_dora=True)
+    dora = copy.deepcopy(peft_dora)
+    use_low_rank_norms(dora)
     base = lora.get_base_model()
     rows = []
     print(f"layer {args.out_features}x{args.in_features}, r={args.rank}, {args.threads} threads, median ms per forward")
-    print(f"{'batch x tokens':>15} {'base':>8} {'LoRA':>8} {'DoRA':>8} {'DoRA cached':>12} {'DoRA merged':>12}")
+    print(
+        f"{'batch x tokens':>15} {'base':>8} {'LoRA':>8} {'PEFT DoRA':>10} {'DoRA':>8} {'DoRA cached':>12} {'DoRA merged':>12}"
+    )
     for shape in args.shapes.split(","):
         b, t = map(int, shape.split("x"))
         x = torch.randn(b, t, args.in_features)
@@ -70,6 +78,7 @@ def main() -> None:
             "shape": shape,
             "base": median_ms(base, x, args.repeats),
             "lora": median_ms(lora, x, args.repeats),
+            "peft_dora": median_ms(peft_dora, x, args.repeats),
             "dora": median_ms(dora, x, args.repeats),
         }
         with fast_inference(dora, mode="cache") as m:
@@ -78,7 +87,8 @@ def main() -> None:
             row["dora_merged"] = median_ms(m, x, args.repeats)
         rows.append(row)
         print(
-            f"{shape:>15} {row['base']:>8.3f} {row['lora']:>8.3f} {row['dora']:>8.3f} {row['dora_cached']:>12.3f} {row['dora_merged']:>12.3f}"
+            f"{shape:>15} {row['base']:>8.3f} {row['lora']:>8.3f} {row['peft_dora']:>10.3f} {row['dora']:>8.3f} "
+            f"{row['dora_cached']:>12.3f} {row['dora_merged']:>12.3f}"
         )
     Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")

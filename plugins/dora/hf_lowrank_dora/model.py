@@ -35,7 +35,7 @@ def attach_dora(model: nn.Module, config: LoraConfig) -> PeftModel:
 
 
 def clear_dora_cache(model: nn.Module) -> int:
-    """Drop every cached DoRA weight norm / ``B@A`` in ``model``; returns how many layers were cleared.
+    """Drop every cached DoRA weight norm in ``model``; returns how many layers were cleared.
 
     Needed whenever adapter weights change while the model stays in eval mode (PEFT only clears
     its cache when a layer switches to training mode).
@@ -49,8 +49,8 @@ def clear_dora_cache(model: nn.Module) -> int:
 def cache_for_inference(model: nn.Module, enabled: bool = True) -> nn.Module:
     """Put ``model`` in eval mode and switch PEFT's DoRA caching on (or off) for good.
 
-    DoRA's forward rebuilds ``B@A`` and the row norms of ``W + s*B@A`` on every call; with caching
-    both are computed once per layer and reused. PEFT's switch is process-wide and has no effect in
+    DoRA's forward recomputes the row norms of ``W + s*B@A`` on every call (from ``W A^T``, see
+    ``lowrank_norm``); with caching they are computed once per layer and reused. PEFT's switch is process-wide and has no effect in
     training mode (the Trainer's ``model.train()`` clears the cache). Prefer :func:`fast_inference`,
     which restores the previous state when it ends.
     """
@@ -63,7 +63,7 @@ def cache_for_inference(model: nn.Module, enabled: bool = True) -> nn.Module:
 def fast_inference(model: nn.Module, mode: Literal["cache", "merge"] = "cache") -> Iterator[nn.Module]:
     """Run a DoRA model in eval mode without re-deriving its weights on every forward.
 
-    ``mode="cache"``: PEFT's ``DoraCaching`` (memory for one ``B@A`` and one norm per layer);
+    ``mode="cache"``: PEFT's ``DoraCaching`` (memory for one norm vector per layer);
     works on 4-bit bases. ``mode="merge"``: fold the adapter into the base weights
     (``merge_adapter``) and unfold it on exit; as fast as the plain base, full precision only.
     The model's train/eval mode is restored on exit and caches are dropped; unmerging subtracts the

@@ -39,9 +39,10 @@ def init_adapter(model: nn.Module, config: LoraConfig) -> nn.Module:
 
 @hookimpl
 def plan_memory(model: nn.Module, config: LoraConfig, settings: Any, terms: dict[str, int]) -> dict[str, int]:
-    """What DoRA's forward keeps beyond LoRA's for the backward pass: per adapted layer, the
-    adapter's and the base's outputs that the magnitude scale multiplies (two tokens x out each).
-    The row norms themselves (out x r per layer, no gradient) are transient and negligible."""
+    """What DoRA's forward keeps beyond LoRA's for the backward pass: per adapted layer, the sum
+    ``base + s * lora`` that the magnitude's gradient needs (one tokens x out tensor; PEFT's own
+    DoRA keeps two, see ``lowrank_norm.dora_output``). The row norms themselves (out x r per layer,
+    no gradient) are transient and negligible."""
     outputs = sum(out for out, _ in linear_shapes(model).values())
     compute = 4 if settings.load_in_4bit else torch.empty((), dtype=settings.dtype or torch.float32).element_size()
-    return {"dora_activations": 2 * settings.tokens * outputs * compute}
+    return {"dora_activations": settings.tokens * outputs * compute}

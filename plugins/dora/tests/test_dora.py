@@ -194,7 +194,7 @@ def test_low_rank_norms_equal_peft_dora(case):
     outputs within 1e-5; gradients within 2e-6 norm-wise (both are fp32: see the float64 test for who is closer)."""
     from peft.tuners.lora.dora import DoraLinearLayer
 
-    from hf_lowrank_dora.lowrank_norm import LowRankDoraLinearLayer
+    from hf_lowrank_dora.lowrank_norm import LowRankDoraLinearLayer, LowRankDoraLinearVariant
     from hf_lowrank_plugins.testing import GPT2, LLAMA
 
     model_case = GPT2 if case == "gpt2" else LLAMA
@@ -202,11 +202,31 @@ def test_low_rank_norms_equal_peft_dora(case):
         model_case, dropout=0.1 if case == "llama-dropout" else 0.0, four_bit=case == "llama-4bit"
     )
     assert any(isinstance(m, LowRankDoraLinearLayer) for m in ours.modules())
+    assert all(
+        type(v) is LowRankDoraLinearVariant for m in ours.modules() for v in getattr(m, "lora_variant", {}).values()
+    )
     assert not any(type(m) is DoraLinearLayer for m in ours.modules())
     batch = model_case.batch()
     (out_ours, g_ours), (out_theirs, g_theirs) = _forward_backward(ours, batch), _forward_backward(theirs, batch)
     assert rel_err(out_ours, out_theirs) <= 1e-5
     assert _grad_error(g_ours, g_theirs) <= 2e-6
+
+
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_base_row_norms_are_computed_at_attach_and_reused_by_training(four_bit):
+    """``||W_i||^2`` is computed once, at attach (not between the first forward's activations), and
+    training forwards reuse it, a 4-bit base too (whose weight is dequantized afresh every call)."""
+    if four_bit:
+        pytest.importorskip("bitsandbytes")
+    from hf_lowrank_dora.lowrank_norm import LowRankDoraLinearLayer
+    from hf_lowrank_plugins.testing import LLAMA
+
+    model = hlp.attach(LLAMA.build(), "dora", r=4, load_in_4bit=four_bit).model
+    layers = [m for m in model.modules() if isinstance(m, LowRankDoraLinearLayer)]
+    cached = [layer._w_sq[1] for layer in layers]
+    model.train()
+    model(**LLAMA.batch()).logits.sum().backward()
+    assert all(layer._w_sq[1] is tensor for layer, tensor in zip(layers, cached, strict=True))
 
 
 def test_low_rank_norms_are_as_exact_as_peft_against_float64():
@@ -224,21 +244,40 @@ def test_low_rank_norms_are_as_exact_as_peft_against_float64():
     assert ours_error <= 1e-6 and ours_error <= 1.5 * peft_error, (ours_error, peft_error)
 
 
-def test_dora_output_delta_keeps_one_activation_for_backward_and_its_gradients_are_exact():
-    """``scaled_by_norms`` against autograd's graph of the same expression: the same gradients (float64
-    gradcheck), and one saved activation-sized tensor where autograd keeps two."""
-    from hf_lowrank_dora.lowrank_norm import _ScaledByNorms, scaled_by_norms
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_dora_output_keeps_one_activation_for_backward_and_equals_peft_expression(with_bias):
+    """``dora_output`` against PEFT's expression ``base + (k - 1) (base - bias) + k lora`` (``k = m/n``) in
+    float64: the same output and the same gradients for base, lora, magnitude and bias, and one saved
+    activation-sized tensor where autograd's graph of PEFT's expression keeps two."""
+    from hf_lowrank_dora.lowrank_norm import dora_output
 
     generator = torch.Generator().manual_seed(0)
     base, lora = (torch.randn(3, 5, 8, generator=generator, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    scale = (1 + 0.1 * torch.randn(1, 8, generator=generator, dtype=torch.float64)).requires_grad_()
-    assert torch.autograd.gradcheck(lambda b, lo, s: _ScaledByNorms.apply(b, lo, s, 0.5), (base, lora, scale))
+    norm = 1 + torch.rand(8, generator=generator, dtype=torch.float64)
+    magnitude = (norm * (1 + 0.1 * torch.randn(8, generator=generator, dtype=torch.float64))).requires_grad_()
+    bias = torch.randn(8, generator=generator, dtype=torch.float64, requires_grad=True) if with_bias else None
+    inputs = (base, lora, magnitude, norm, bias)
+    leaves = [t for t in inputs if t is not None and t.requires_grad]
+    upstream = torch.randn(3, 5, 8, generator=generator, dtype=torch.float64)
+
+    def peft_expression(base, lora, magnitude, norm, bias):
+        scale = magnitude / norm
+        return base + (scale - 1) * (base if bias is None else base - bias) + scale * lora
+
+    def output_and_grads(fn):
+        out = fn(*inputs)
+        return out.detach(), torch.autograd.grad(out, leaves, upstream)
+
+    (ours, our_grads), (theirs, their_grads) = output_and_grads(dora_output), output_and_grads(peft_expression)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    for mine, reference in zip(our_grads, their_grads, strict=True):
+        torch.testing.assert_close(mine, reference, rtol=1e-12, atol=1e-12)
 
     def saved_activations(fn) -> int:
         shapes = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(t.shape) or t, lambda t: t):
-            fn(base, lora, scale, 0.5)
+            fn(*inputs)
         return sum(shape == base.shape for shape in shapes)
 
-    assert saved_activations(scaled_by_norms) == 1
-    assert saved_activations(lambda b, lo, s, k: torch.addcmul(b * (s - 1), lo, s * k)) == 2
+    assert saved_activations(dora_output) == 1
+    assert saved_activations(peft_expression) == 2
