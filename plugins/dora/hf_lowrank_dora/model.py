@@ -8,6 +8,7 @@ from typing import Literal
 
 from peft import LoraConfig, PeftModel
 from peft.helpers import DoraCaching
+from peft.tuners.lora import variants as peft_variants
 from peft.tuners.lora.dora import DoraLinearLayer
 from torch import nn
 
@@ -15,7 +16,7 @@ from hf_lowrank_lora import attach_lora
 from hf_lowrank_plugins import ConfigError, IncompatibleError, is_quantized
 from hf_lowrank_plugins.quantization import prepare_for_training
 
-from .lowrank_norm import use_low_rank_norms
+from .lowrank_norm import LowRankDoraLinearLayer, use_low_rank_norms
 
 
 def attach_dora(model: nn.Module, config: LoraConfig) -> PeftModel:
@@ -29,9 +30,24 @@ def attach_dora(model: nn.Module, config: LoraConfig) -> PeftModel:
         raise ConfigError("DoRA needs use_dora=True in its config; for plain LoRA use method 'lora'")
     if is_quantized(model):
         model = prepare_for_training(model)
-    adapted = attach_lora(model, config)
+    with _low_rank_magnitude_init():
+        adapted = attach_lora(model, config)
     use_low_rank_norms(adapted)  # same maths, no dense W + s*B@A per forward (see lowrank_norm)
     return adapted
+
+
+@contextmanager
+def _low_rank_magnitude_init() -> Iterator[None]:
+    """For this attach only, PEFT's DoRA variant creates our magnitude layer, whose ``update_layer``
+    takes the initial norms from low-rank pieces instead of each layer's dense ``W + s B A``
+    (:meth:`LowRankDoraLinearLayer.update_layer`). PEFT names the class in its variant module and has
+    no other way to choose it; the rest of its initialisation is unchanged."""
+    original = peft_variants.DoraLinearLayer
+    setattr(peft_variants, "DoraLinearLayer", LowRankDoraLinearLayer)  # noqa: B010
+    try:
+        yield
+    finally:
+        setattr(peft_variants, "DoraLinearLayer", original)  # noqa: B010
 
 
 def clear_dora_cache(model: nn.Module) -> int:

@@ -229,6 +229,43 @@ def test_base_row_norms_are_computed_at_attach_and_reused_by_training(four_bit):
     assert all(layer._w_sq[1] is tensor for layer, tensor in zip(layers, cached, strict=True))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_initial_magnitudes_are_pefts_and_the_model_equals_its_base_bit_for_bit(dtype):
+    """The magnitudes our attach computes from low-rank pieces equal PEFT's dense ``||W + s B A||`` (same
+    dtype; within 1e-6 in fp32, one rounding in bf16), PEFT's dense norm is never called, its variant
+    module is left as it was, and in fp32 the adapted model's logits at initialisation are the base's
+    bit for bit (m/n is exactly 1)."""
+    import copy
+    from unittest import mock
+
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import variants as peft_variants
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    from hf_lowrank_plugins.testing import LLAMA
+
+    base = LLAMA.build().to(dtype)
+    batch = LLAMA.batch()
+    with torch.no_grad():
+        expected_logits = base(**batch).logits
+    theirs = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules="all-linear")
+    )
+    with mock.patch.object(DoraLinearLayer, "get_weight_norm", side_effect=AssertionError("dense norm")):
+        ours = hlp.attach(copy.deepcopy(base), "dora", r=4, lora_alpha=8).model
+    assert peft_variants.DoraLinearLayer is DoraLinearLayer
+    their_magnitudes = {n: p for n, p in theirs.named_parameters() if "lora_magnitude_vector" in n}
+    our_magnitudes = {n: p for n, p in ours.named_parameters() if "lora_magnitude_vector" in n}
+    assert their_magnitudes.keys() == our_magnitudes.keys() and our_magnitudes
+    for name, mine in our_magnitudes.items():
+        assert mine.dtype == their_magnitudes[name].dtype
+        rtol = 1e-6 if dtype == torch.float32 else 2**-8  # bf16: one unit in the last place
+        torch.testing.assert_close(mine, their_magnitudes[name], rtol=rtol, atol=0)
+    if dtype == torch.float32:
+        with torch.no_grad():
+            assert torch.equal(ours(**batch).logits, expected_logits)
+
+
 def test_low_rank_norms_are_as_exact_as_peft_against_float64():
     """Against PEFT's DoRA computed in float64, our fp32 gradients are within 1e-6 (norm-wise) and no further
     off than PEFT's own fp32 gradients (the two fp32 versions differ from each other by about that much)."""
