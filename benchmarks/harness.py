@@ -93,6 +93,7 @@ VARIANTS: dict[str, Variant] = {
     "ours:full": Variant("hf-lowrank full (built-in method)", "full", "full"),
     "ours:salor": Variant("hf-lowrank salor (50% pruned base, fast SVD repair)", None, "salor"),
     "limit:frozen": Variant("the floor of any adapter method: frozen base, backward through the activations only"),
+    "limit:bare_lora": Variant("LoRA's maths alone: base + B(A x) in plain torch modules, no PEFT layer around it"),
     "full": Variant("plain Trainer, full fine-tuning with its default AdamW"),
 }
 
@@ -255,7 +256,44 @@ def _frozen_limit(model: Any) -> Any:
     return model
 
 
-def _load(variant: str, o: BenchOptions, tokenizer: Any) -> Any:
+def _bare_lora(model: Any, rank: int) -> Any:
+    """``model`` frozen, every linear layer but the output head computing ``W x + B (A x)`` in plain
+    torch modules (PEFT's initialisation: Kaiming-uniform A, zero B; ``s = alpha / r = 1`` as in
+    every LoRA variant here, so no multiply).
+
+    Between ``limit:frozen`` and ``ours:lora``/``peft:lora`` it separates what LoRA's maths costs
+    (its six rank-r matrix products per layer and the sum) from what a full adapter layer (PEFT's
+    wrapper: adapters by name, dropout, dtype casts, merging) adds.
+    """
+    import math
+
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class BareLoraLinear(nn.Module):
+        def __init__(self, base: nn.Linear) -> None:
+            super().__init__()
+            self.base = base
+            self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=base.weight.dtype))
+            self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=base.weight.dtype))
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.base(x) + F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+    head = model.get_output_embeddings()
+    targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+    for name in targets:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, BareLoraLinear(model.get_submodule(name)))
+    return model
+
+
+def load_model(variant: str, o: BenchOptions, tokenizer: Any) -> Any:
+    """The base model every variant starts from (fp32; loaded straight in 4-bit for the QLoRA pair)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -283,26 +321,11 @@ def _load(variant: str, o: BenchOptions, tokenizer: Any) -> Any:
     return AutoModelForCausalLM.from_pretrained(source, **load_kw)
 
 
-def run_variant(variant: str, o: BenchOptions) -> dict[str, Any]:
-    """Build ``variant``, train ``warmup + steps`` steps in this process and return its measurements."""
-    import torch
-    from transformers import AutoTokenizer, Trainer, TrainingArguments
-
+def build_variant(variant: str, model: Any, train: Any, o: BenchOptions) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """Turn the loaded ``model`` into ``variant``: the model to train, the Trainer's keyword arguments
+    (callbacks, optimizer factory) and extra ``TrainingArguments`` fields (``optim`` and its settings)."""
     from hf_lowrank_plugins import attach
-    from hf_lowrank_plugins.app.data import load_blocks
-    from hf_lowrank_plugins.app.embedded import default_model_dir
-    from hf_lowrank_plugins.app.train import StepTimer, count_trainable
 
-    if o.threads:
-        torch.set_num_threads(o.threads)
-    tokenizer = AutoTokenizer.from_pretrained(o.model if o.model and o.width is None else default_model_dir())
-    total = o.steps + o.warmup
-    train, held_out = load_blocks(
-        None, tokenizer, o.seq_len, max_blocks=total * o.batch_size + o.eval_blocks, eval_blocks=o.eval_blocks
-    )
-    started = time.perf_counter()
-    model = _load(variant, o, tokenizer)
-    loaded = time.perf_counter()
     kind, _, name = variant.partition(":")
     trainer_kw: dict[str, Any] = {}
     extra_args: dict[str, Any] = {}
@@ -315,13 +338,36 @@ def run_variant(variant: str, o: BenchOptions) -> dict[str, Any]:
     elif kind == "peft":
         model = _peft_model(name, model, train, o)
     elif kind == "limit":
-        model = _frozen_limit(model)
+        model = _frozen_limit(model) if name == "frozen" else _bare_lora(model, o.rank)
     elif kind == "hf":
         extra_args = {
             "optim": name,
             "optim_target_modules": HF_GALORE_TARGETS,
             "optim_args": f"rank={o.galore_rank},update_proj_gap={o.update_proj_gap},scale={o.scale}",
         }
+    return model, trainer_kw, extra_args
+
+
+def run_variant(variant: str, o: BenchOptions) -> dict[str, Any]:
+    """Build ``variant``, train ``warmup + steps`` steps in this process and return its measurements."""
+    import torch
+    from transformers import AutoTokenizer, Trainer, TrainingArguments
+
+    from hf_lowrank_plugins.app.data import load_blocks
+    from hf_lowrank_plugins.app.embedded import default_model_dir
+    from hf_lowrank_plugins.app.train import StepTimer, count_trainable
+
+    if o.threads:
+        torch.set_num_threads(o.threads)
+    tokenizer = AutoTokenizer.from_pretrained(o.model if o.model and o.width is None else default_model_dir())
+    total = o.steps + o.warmup
+    train, held_out = load_blocks(
+        None, tokenizer, o.seq_len, max_blocks=total * o.batch_size + o.eval_blocks, eval_blocks=o.eval_blocks
+    )
+    started = time.perf_counter()
+    model = load_model(variant, o, tokenizer)
+    loaded = time.perf_counter()
+    model, trainer_kw, extra_args = build_variant(variant, model, train, o)
     attach_s = time.perf_counter() - loaded
     rss_setup = rss_kib("VmHWM")
 

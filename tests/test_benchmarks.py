@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import hf_lowrank_plugins as hlp
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_anchors  # noqa: E402  (needs the path above)
@@ -49,6 +51,29 @@ def test_repeated_runs_report_each_figures_median_and_keep_every_run():
     assert [r[keys[0]] for r in merged["runs"]] == [3.0, 1.0, 2.0]
     assert bench_anchors.median_of_runs([runs[0], {"variant": "x", "error": "boom"}])["error"] == "boom"
     assert bench_anchors.median_of_runs(runs[:1]) is runs[0]
+
+
+def test_bare_lora_limit_is_lora_maths_without_peft():
+    """``limit:bare_lora`` trains exactly PEFT's LoRA parameters (same count, same layers, output
+    head excluded), equals the base at initialisation, and leaves every base weight frozen."""
+    import copy
+
+    import harness
+    import torch
+
+    from hf_lowrank_plugins.testing import LLAMA
+
+    base = LLAMA.build()
+    batch = LLAMA.batch()
+    bare = harness._bare_lora(copy.deepcopy(base), rank=4)
+    peft_lora = hlp.attach(copy.deepcopy(base), "lora", r=4, lora_alpha=4).model
+    trainable = {n: p.numel() for n, p in bare.named_parameters() if p.requires_grad}
+    assert set(trainable) and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
+    assert sum(trainable.values()) == sum(p.numel() for p in peft_lora.parameters() if p.requires_grad)
+    with torch.no_grad():
+        torch.testing.assert_close(bare(**batch).logits, base(**batch).logits, rtol=0, atol=0)
+    bare(**batch).logits.sum().backward()
+    assert all(p.grad is not None for n, p in bare.named_parameters() if n.endswith("lora_B"))
 
 
 def test_galore_adafactor_pair_end_to_end(tmp_path, smol_dir, capsys):
@@ -117,3 +142,29 @@ def test_lr_sweep_reuses_finished_runs_and_marks_the_best(tmp_path, monkeypatch)
     assert [list(point) for point in runs[0]["curve"]] == [[0, 4.0], [10, pytest.approx(1e-3)]]  # one point per step
     lr_sweep.run_sweep({"lora": [1e-3]}, 20, out)  # another budget: nothing reused
     assert trained[-1] == ("lora", 1e-3) and len(trained) == 4
+
+
+def test_paired_ratios_are_taken_within_each_round():
+    """A machine that slows down by half midway moves every variant's step time, not the ratios."""
+    import paired_steps
+
+    times = {"ref": [1.0, 1.0, 2.0, 2.0, 2.0], "other": [1.2, 1.2, 2.4, 2.4, 2.4]}
+    ratios = paired_steps.paired_ratios(times, "ref")
+    assert ratios == {"ref": 1.0, "other": pytest.approx(1.2)}
+
+
+def test_paired_steps_end_to_end_and_refuses_variants_needing_trainer_hooks(tmp_path, monkeypatch, capsys):
+    """The limits interleaved on a small config-built model: one JSON row per variant, the reference at
+    ratio 1; a method whose training needs the Trainer's callbacks (LoRA-GA) is refused, not mis-timed."""
+    import paired_steps
+
+    out = tmp_path / "paired.json"
+    common = ["--width", "64", "--layers", "2", "--steps", "2", "--warmup", "1", "--output", str(out)]
+    monkeypatch.setattr(sys, "argv", ["paired_steps.py", "--variants", "limit:frozen,limit:bare_lora", *common])
+    paired_steps.main()
+    results = json.loads(out.read_text())["results"]
+    assert list(results) == ["limit:frozen", "limit:bare_lora"] and results["limit:frozen"]["ratio"] == 1.0
+    assert all(len(row["step_s"]) == 2 and row["median_step_s"] > 0 for row in results.values())
+    monkeypatch.setattr(sys, "argv", ["paired_steps.py", "--variants", "ours:lora,ours:lora_ga", *common])
+    with pytest.raises(SystemExit, match="ours:lora_ga needs the Trainer's callbacks"):
+        paired_steps.main()
