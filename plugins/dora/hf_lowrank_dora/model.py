@@ -66,9 +66,9 @@ def cache_for_inference(model: nn.Module, enabled: bool = True) -> nn.Module:
     """Put ``model`` in eval mode and switch PEFT's DoRA caching on (or off) for good.
 
     DoRA's forward recomputes the row norms of ``W + s*B@A`` on every call (from ``W A^T``, see
-    ``lowrank_norm``); with caching they are computed once per layer and reused. PEFT's switch is process-wide and has no effect in
-    training mode (the Trainer's ``model.train()`` clears the cache). Prefer :func:`fast_inference`,
-    which restores the previous state when it ends.
+    ``lowrank_norm``); with caching they are computed once per layer and reused. PEFT's switch is
+    process-wide and has no effect in training mode (the Trainer's ``model.train()`` clears the
+    cache). Prefer :func:`fast_inference`, which restores the previous state when it ends.
     """
     clear_dora_cache(model)
     DoraCaching()(enabled=enabled)
