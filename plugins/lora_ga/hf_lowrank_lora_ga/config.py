@@ -29,18 +29,20 @@ class LoraGaConfig(LoraMethodConfig):
         estimator: ``"full"`` (default) keeps the exact sum per target weight, as the batches'
             factors ``(x, dL/dy)`` while those are smaller than the fp32 ``m x n`` sum and as that
             sum from then on, for 1/``ga_layer_groups`` of the targets at a time (one pass over the
-            cached batches per group); ``"sketch"`` folds every gradient into a seeded randomized two-sided sketch of
-            the running sum, ``k*(m+n) + l*n`` floats per layer instead of ``m*n``, in one pass,
-            but only approximates the directions r+1..2r (see the README's measurements).
+            cached batches per group); ``"sketch"`` folds every gradient into a seeded randomized
+            two-sided sketch of the running sum, ``k*(m+n) + l*n`` floats per layer instead of
+            ``m*n``, in one pass, but only approximates the directions r+1..2r (see the README's
+            measurements).
         sketch_rank: k, the sketch's rank; default ``min(4r, min(m, n))`` (the q of the paper's
             randomized SVD). The co-range sketch has ``l = min(2k + 1, m)`` rows.
         ga_layer_groups: ``"full"`` only (ignored by the sketch): split the targets into this many
             groups and run one pass over the (cached) batches per group, so only one group's
             accumulators exist; the factors are the same for every count (bit for bit), only time
             and memory change. ``None`` (default): the fewest groups whose sums (after the
-            batches' tokens) fit in a tenth of the memory the process holds when the estimate starts (on a CPU the resident
-            set plus the model's weights not paged in yet; allocated CUDA memory on a GPU), so the estimate stays within about 1.1x of a
-            LoRA training step's peak at any model size (measured 1.03x on SmolLM2-135M, 4 groups;
+            batches' tokens) fit in a tenth of the memory the process holds when the estimate
+            starts (on a CPU the resident set plus the model's weights not paged in yet; allocated
+            CUDA memory on a GPU), so the estimate stays within about 1.1x of a LoRA training
+            step's peak at any model size (measured 1.03x on SmolLM2-135M, 4 groups;
             1.02x on a 0.80B model, 8 groups; 1.04x on a 1.07B one, before the sums were kept as
             factors; 1.03x on the 0.80B model since). 1 is fastest: on SmolLM2-135M with two
             batches of 2 x 64 tokens, 0.89x PEFT's ``preprocess_loraga`` time at 0.83x its peak.
