@@ -3,7 +3,17 @@
 from importlib.metadata import version
 
 from .config import LORA_ALIASES, LoraMethodConfig, peft_meta
+from .fused_add import FusedAddLoraVariant, use_fused_add
 from .model import LoraModule, attach_lora, lora_layers
 
-__all__ = ["LORA_ALIASES", "LoraMethodConfig", "LoraModule", "attach_lora", "lora_layers", "peft_meta"]
+__all__ = [
+    "LORA_ALIASES",
+    "FusedAddLoraVariant",
+    "LoraMethodConfig",
+    "LoraModule",
+    "attach_lora",
+    "lora_layers",
+    "peft_meta",
+    "use_fused_add",
+]
 __version__ = version("hf-lowrank-lora")  # the version lives in pyproject.toml only

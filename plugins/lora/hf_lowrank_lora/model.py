@@ -12,6 +12,8 @@ from torch import nn
 from hf_lowrank_plugins import check_rank, find_target_modules
 from hf_lowrank_plugins.targets import ALL_LINEAR, head_layers, is_transposed
 
+from .fused_add import use_fused_add
+
 #: A PEFT LoRA layer (an ``nn.Module`` with PEFT's ``LoraLayer`` mixin); PEFT leaves its attributes
 #: (``lora_A``, ``r``, ``scaling``, ``base_layer``) untyped, so code reading them is typed ``Any``.
 LoraModule: TypeAlias = Any
@@ -30,7 +32,9 @@ def attach_lora(model: nn.Module, config: LoraConfig) -> PeftModel:
     Two things are settled before PEFT sees the config, so the saved config says what was trained:
     ``fan_in_fan_out`` is set when the targets store their weights transposed (GPT-2's ``Conv1D``;
     PEFT would flip it with a warning), and with ``all-linear`` a classifier's or QA model's task
-    head is excluded (PEFT trains it in full through ``modules_to_save``).
+    head is excluded (PEFT trains it in full through ``modules_to_save``). Plain LoRA adapters then
+    add their update inside their own GEMM (:mod:`hf_lowrank_lora.fused_add`): PEFT's maths, fewer
+    passes over each layer's output.
     """
     targets = find_target_modules(model, config.target_modules, config.exclude_modules)
     check_rank(targets, config.r, what="rank r")
@@ -43,4 +47,6 @@ def attach_lora(model: nn.Module, config: LoraConfig) -> PeftModel:
             config.exclude_modules = "|".join([f"(?:{config.exclude_modules})", *map(re.escape, heads)])
         elif heads:
             config.exclude_modules = sorted(set(config.exclude_modules or []) | set(heads))
-    return get_peft_model(model, config)
+    adapted = get_peft_model(model, config)
+    use_fused_add(adapted)
+    return adapted

@@ -1,0 +1,112 @@
+"""One LoRA layer's training step (forward and backward): PEFT's plain forward against ours.
+
+PEFT's forward adds ``lora_B(lora_A(x)) * scaling`` to the base output in two passes over a
+``tokens x out`` tensor, and its backward makes one more; ours (``hf_lowrank_lora.fused_add``)
+scales the rank-r hidden and lets ``addmm`` take the sum. The same layer object runs both ways
+(the variant put in and taken out of PEFT's ``lora_variant`` slot), one step each per round in
+alternating order, and the ratio is the median over rounds of the two steps' ratio, so the
+machine's drift cancels. The base weight stays frozen and the input requires a gradient, as in a
+model. Prints a table and writes JSON beside this script::
+
+    .venv/bin/python plugins/lora/benchmarks/fused_add.py [--tokens 128,1024] [--rounds 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from hf_lowrank_lora import FusedAddLoraVariant
+
+#: (in, out) of SmolLM2-135M's projections: q/o, gate/up, down (k/v are 576 x 192)
+SHAPES = ((576, 576), (576, 1536), (1536, 576))
+
+
+def peft_layer(in_features: int, out_features: int, rank: int) -> torch.nn.Module:
+    """A frozen linear layer with one PEFT LoRA adapter whose B is non-zero (a trained-looking adapter)."""
+    model = get_peft_model(
+        torch.nn.Sequential(torch.nn.Linear(in_features, out_features, bias=False)),
+        LoraConfig(r=rank, lora_alpha=rank, target_modules=["0"]),
+    )
+    layer = model.base_model.model[0]
+    torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.01)
+    return layer
+
+
+def step_seconds(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
+    """Wall seconds of one forward and backward (gradients of x, A and B), gradients then dropped."""
+    start = time.perf_counter()
+    layer(x).backward(grad)
+    elapsed = time.perf_counter() - start
+    x.grad = None
+    for param in layer.parameters():
+        param.grad = None
+    return elapsed
+
+
+def measure(in_features: int, out_features: int, tokens: int, rank: int, rounds: int) -> dict[str, float]:
+    """Median step times of both forwards and the median over rounds of ours / PEFT's."""
+    torch.manual_seed(0)
+    layer = peft_layer(in_features, out_features, rank)
+    x = torch.randn(tokens, in_features, requires_grad=True)
+    grad = torch.randn(tokens, out_features)
+    times: dict[str, list[float]] = {"peft": [], "ours": []}
+    for index in range(rounds + 5):  # the first five rounds warm up
+        order = ("peft", "ours") if index % 2 == 0 else ("ours", "peft")
+        for name in order:
+            if name == "ours":
+                layer.lora_variant["default"] = FusedAddLoraVariant()
+            else:
+                layer.lora_variant.pop("default", None)
+            seconds = step_seconds(layer, x, grad)
+            if index >= 5:
+                times[name].append(seconds)
+    ratio = statistics.median(o / p for o, p in zip(times["ours"], times["peft"], strict=True))
+    return {
+        "peft_ms": statistics.median(times["peft"]) * 1e3,
+        "ours_ms": statistics.median(times["ours"]) * 1e3,
+        "ratio": ratio,
+    }
+
+
+def main() -> None:
+    """Measure every shape at every token count, print the table, write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", default="128,1024", help="rows of the layer input, comma separated")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", default=str(Path(__file__).with_suffix(".json")))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    print("| tokens | in x out | PEFT ms | ours ms | ours / PEFT (paired median) |\n|---|---|---|---|---|")
+    for tokens in (int(t) for t in args.tokens.split(",")):
+        for in_features, out_features in SHAPES:
+            result = measure(in_features, out_features, tokens, args.rank, args.rounds)
+            rows.append({"tokens": tokens, "in": in_features, "out": out_features, **result})
+            print(
+                f"| {tokens} | {in_features} x {out_features} | {result['peft_ms']:.3f} | {result['ours_ms']:.3f} "
+                f"| {result['ratio']:.3f} |",
+                flush=True,
+            )
+    document = {
+        "command": " ".join(sys.argv),
+        "settings": vars(args),
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads},
+        "results": rows,
+    }
+    Path(args.output).write_text(json.dumps(document, indent=2) + "\n")
+    print(f"\nwrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Plain LoRA with its update added inside the rank-r product: ``addmm(W x, s A x, B^T)``.
+
+PEFT's plain LoRA forward is ``result + lora_B(lora_A(dropout(x))) * scaling``: after the two
+rank-r products it makes two more passes over a ``tokens x out`` tensor (the multiply by
+``scaling``, even at ``s = 1``, then the sum), each allocating a new output, and backward makes
+one more for the multiply's gradient. Here ``s`` multiplies the ``tokens x r`` hidden instead and
+the sum happens in the second product's own GEMM (``torch.addmm`` with ``beta = 1``), whose
+backward hands the incoming gradient to ``result`` unchanged. Same maths, up to float rounding
+(``B (s h)`` against ``s (B h)``, and the GEMM's accumulation order).
+
+The variant sits in PEFT's own per-layer ``lora_variant`` slot, as DoRA's does, so PEFT keeps
+everything else: adapters by name, dropout, dtype casts, mixed-batch inference, merging (through
+:meth:`FusedAddLoraVariant.merge_safe` and friends, which do exactly PEFT's plain merge). What is
+saved is untouched: the adapter is a plain PEFT LoRA adapter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
+from peft.tuners.lora.layer import LoraVariant
+from torch import nn
+
+
+class FusedAddLoraVariant(LoraVariant):
+    """Plain LoRA whose ``s B A x`` is added to the base output by ``addmm``; see the module docstring."""
+
+    @staticmethod
+    def init(module: Any, adapter_name: str, **kwargs: Any) -> None:
+        """Nothing to create: the variant uses PEFT's own ``lora_A``, ``lora_B`` and ``scaling``."""
+
+    @staticmethod
+    def merge_safe(module: Any, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        """``W + s B A`` as a new tensor, as PEFT's plain safe merge computes it."""
+        return orig_weight + module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def merge_unsafe(module: Any, active_adapter: str, orig_weight: torch.Tensor) -> None:
+        """``W += s B A`` in place, as PEFT's plain merge does."""
+        orig_weight.data += module.get_delta_weight(active_adapter)
+
+    @staticmethod
+    def unmerge(module: Any, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        """``W - s B A``, the base weight again up to float rounding."""
+        return orig_weight.data - module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def forward(module: Any, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """``result + s B A dropout(x)``, the sum taken by the GEMM of ``B``."""
+        lora_B = module.lora_B[active_adapter]
+        hidden = module.lora_A[active_adapter](module.lora_dropout[active_adapter](x))
+        scaling = module.scaling[active_adapter]
+        if scaling != 1:
+            hidden = hidden * scaling  # tokens x r entries, where PEFT scales tokens x out
+        weight = lora_B.weight
+        if hasattr(weight, "ds_id"):
+            # DeepSpeed ZeRO-3 gathers a partitioned weight only inside its module's own call
+            return result + lora_B(hidden)
+        # PEFT's sum promotes a lower-precision base output to the adapter's dtype and its caller
+        # casts back; addmm needs one dtype, so the promotion is made explicit
+        summed = torch.addmm(
+            result.reshape(-1, result.shape[-1]).to(hidden.dtype), hidden.reshape(-1, hidden.shape[-1]), weight.t()
+        )
+        return summed.view(*result.shape[:-1], summed.shape[-1])
+
+
+def use_fused_add(model: nn.Module) -> int:
+    """Give every plain LoRA adapter of ``model``'s PEFT ``Linear`` layers :class:`FusedAddLoraVariant`;
+    returns how many were switched.
+
+    Left as PEFT has them: adapters that already have a variant (DoRA), adapters with a trained
+    ``lora_bias`` (PEFT scales the bias with the product, which scaling the hidden would not), and
+    layers of other classes (quantized bases, embeddings, convolutions), whose forwards differ.
+    """
+    count = 0
+    for module in model.modules():
+        if type(module) is not PeftLoraLinear:
+            continue
+        for name in module.lora_A:
+            if name in module.lora_variant or module.lora_bias.get(name, False):
+                continue
+            module.lora_variant[name] = FusedAddLoraVariant()
+            count += 1
+    return count

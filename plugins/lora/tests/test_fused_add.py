@@ -1,0 +1,127 @@
+"""Plain LoRA's update added inside its GEMM (``hf_lowrank_lora.fused_add``) against PEFT's own forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
+import hf_lowrank_plugins as hlp
+from hf_lowrank_lora import FusedAddLoraVariant, lora_layers
+from hf_lowrank_plugins.testing.helpers import make_tiny_model, rel_err
+from hf_lowrank_plugins.testing.models import GPT2, LLAMA
+
+
+def _adapted(model, **kw):
+    """``lora`` on ``model`` with s = 2 and a non-zero B, so the update shows in every output."""
+    adapted = hlp.attach(model, "lora", r=4, lora_alpha=8, **kw)
+    generator = torch.Generator().manual_seed(3)
+    for layer in lora_layers(adapted.model).values():
+        weight = layer.lora_B["default"].weight
+        weight.data.copy_(torch.randn(weight.shape, generator=generator).to(weight.dtype) * 0.1)
+    return adapted
+
+
+def _peft_forward(model) -> None:
+    """Back to PEFT's plain forward: drop the variant from every layer."""
+    for layer in lora_layers(model).values():
+        assert isinstance(layer.lora_variant.pop("default"), FusedAddLoraVariant)
+
+
+def _loss_and_grads(model, batch, seed: int = 0):
+    torch.manual_seed(seed)  # the same dropout masks on both sides
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=batch, labels=batch)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.logits.detach(), grads
+
+
+def test_every_plain_lora_layer_gets_the_variant(tiny_model):
+    adapted = hlp.attach(tiny_model, "lora", r=4)
+    layers = lora_layers(adapted.model)
+    assert len(layers) == 14
+    assert all(type(m.lora_variant["default"]) is FusedAddLoraVariant for m in layers.values())
+
+
+def test_left_to_peft_where_its_forward_differs():
+    # a trained bias is scaled with the product in PEFT's forward: those layers keep PEFT's path
+    with_bias = hlp.attach(make_tiny_model(), "lora", r=4, lora_bias=True)
+    assert all(not m.lora_variant for m in lora_layers(with_bias.model).values())
+    # DoRA keeps its own variant
+    dora = hlp.attach(make_tiny_model(), "dora", r=4)
+    assert all(not isinstance(m.lora_variant["default"], FusedAddLoraVariant) for m in lora_layers(dora.model).values())
+
+
+@pytest.mark.parametrize("case", [LLAMA, GPT2], ids=lambda c: c.name)  # GPT-2: transposed Conv1D weights, biases
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_outputs_and_gradients_equal_peft(case, dropout):
+    model = _adapted(case.build(), lora_dropout=dropout).model.train()
+    batch = case.batch()["input_ids"]
+    assert all(type(m) is PeftLoraLinear for m in lora_layers(model).values())
+    ours, our_grads = _loss_and_grads(model, batch)
+    _peft_forward(model)
+    theirs, their_grads = _loss_and_grads(model, batch)
+    assert rel_err(ours, theirs) <= 1e-6
+    assert our_grads.keys() == their_grads.keys() and our_grads
+    for name, grad in our_grads.items():
+        assert rel_err(grad, their_grads[name]) <= 1e-5, name
+
+
+def test_mixed_adapter_batch_equals_peft(tiny_model, batch):
+    model = _adapted(tiny_model).model.eval()
+    names = ["default", "__base__"]  # one row adapted, one row the base model
+    with torch.no_grad():
+        ours = model(input_ids=batch, adapter_names=names).logits
+        _peft_forward(model)
+        theirs = model(input_ids=batch, adapter_names=names).logits
+        with model.disable_adapter():
+            base = model(input_ids=batch).logits
+    assert rel_err(ours, theirs) <= 1e-6
+    assert torch.equal(ours[1], base[1]) and not torch.allclose(ours[0], base[0])
+
+
+@pytest.mark.parametrize("safe_merge", [True, False])
+def test_merge_and_unmerge_equal_peft(safe_merge):
+    ours, theirs = _adapted(make_tiny_model()).model, _adapted(make_tiny_model()).model
+    _peft_forward(theirs)
+    before = {n: p.detach().clone() for n, p in ours.named_parameters() if "base_layer" in n}
+    for model in (ours, theirs):
+        model.base_model.merge_adapter(safe_merge=safe_merge)
+    merged = dict(ours.named_parameters())
+    for name, param in theirs.named_parameters():
+        if "base_layer" in name:
+            assert torch.equal(merged[name], param), name  # the same delta, added the same way
+    ours.base_model.unmerge_adapter()
+    for name, param in ours.named_parameters():
+        if name in before:
+            assert rel_err(param, before[name]) <= 1e-6, name
+
+
+def test_lower_precision_base_sums_in_the_adapter_dtype(batch):
+    # PEFT keeps fp32 adapters on a bf16 base, sums in fp32 and rounds the sum to bf16 once
+    model = _adapted(make_tiny_model().to(torch.bfloat16)).model.eval()
+    layer = next(iter(lora_layers(model).values()))
+    assert (
+        layer.get_base_layer().weight.dtype == torch.bfloat16 and layer.lora_A["default"].weight.dtype == torch.float32
+    )
+    with torch.no_grad():
+        ours = model(input_ids=batch).logits
+        _peft_forward(model)
+        theirs = model(input_ids=batch).logits
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+    assert rel_err(ours.float(), theirs.float()) <= 1e-2  # the same sums, rounded to bf16 in each layer
+
+
+def test_partitioned_weight_goes_through_its_module(tiny_model, batch):
+    # DeepSpeed ZeRO-3 gathers a partitioned weight only inside its module's call (the weight carries ``ds_id``)
+    model = _adapted(tiny_model).model.eval()
+    with torch.no_grad():
+        fused = model(input_ids=batch).logits
+    calls = []
+    for layer in lora_layers(model).values():
+        layer.lora_B["default"].weight.ds_id = 0
+        layer.lora_B["default"].register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        through_module = model(input_ids=batch).logits
+    assert len(calls) == 14 and rel_err(through_module, fused) <= 1e-6
