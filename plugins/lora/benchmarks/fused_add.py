@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -30,8 +31,10 @@ from hf_lowrank_lora import FusedAddLoraVariant
 SHAPES = ((576, 576), (576, 1536), (1536, 576))
 
 
-def peft_layer(in_features: int, out_features: int, rank: int) -> torch.nn.Module:
-    """A frozen linear layer with one PEFT LoRA adapter whose B is non-zero (a trained-looking adapter)."""
+def peft_layer(in_features: int, out_features: int, rank: int) -> Any:
+    """A frozen linear layer with one PEFT LoRA adapter whose B is non-zero (a trained-looking adapter).
+
+    Typed ``Any``: PEFT leaves its layers' attributes (``lora_variant``, ``lora_B``) untyped."""
     model = get_peft_model(
         torch.nn.Sequential(torch.nn.Linear(in_features, out_features, bias=False)),
         LoraConfig(r=rank, lora_alpha=rank, target_modules=["0"]),
@@ -41,7 +44,7 @@ def peft_layer(in_features: int, out_features: int, rank: int) -> torch.nn.Modul
     return layer
 
 
-def step_seconds(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
+def step_seconds(layer: Any, x: torch.Tensor, grad: torch.Tensor) -> float:
     """Wall seconds of one forward and backward (gradients of x, A and B), gradients then dropped."""
     start = time.perf_counter()
     layer(x).backward(grad)
