@@ -28,6 +28,8 @@ from peft.utils.integrations import dequantize_module_weight, gather_params_ctx
 from peft.utils.other import transpose
 from torch import nn
 
+from hf_lowrank_lora import add_scaled_lora
+
 
 class LowRankDoraLinearLayer(DoraLinearLayer):
     """PEFT's DoRA magnitude layer, computing the detached row norms (each step's and the initial
@@ -127,43 +129,30 @@ class LowRankDoraLinearVariant(DoraLinearVariant):
         base_layer = module.get_base_layer()
         norm = dora.low_rank_weight_norm(base_layer, lora_A, lora_B, scaling, x.dtype, adapter_name=active_adapter)
         if isinstance(dropout, nn.Identity) or not module.training:
-            return dora_output(
-                result, _scaled_lora(x, lora_A, lora_B, scaling), dora.weight, norm, getattr(base_layer, "bias", None)
-            )
+            combined = add_scaled_lora(result, x, lora_A, lora_B, scaling)
+            return dora_output(combined, dora.weight, norm, getattr(base_layer, "bias", None))
         # dropout changes x, so (as PEFT does) the magnitude scales the base output recomputed on it
         x = dropout(x)
         base = F.linear(x, transpose(dequantize_module_weight(base_layer), dora.fan_in_fan_out).to(x.dtype))
-        return result + (dora_output(base, _scaled_lora(x, lora_A, lora_B, scaling), dora.weight, norm) - base)
-
-
-def _scaled_lora(x: torch.Tensor, lora_A: nn.Module, lora_B: nn.Module, scaling: float) -> torch.Tensor:
-    """``s * B A x``, the scale applied to the rank-r ``A x``: r columns to multiply instead of d_out.
-
-    Equal to PEFT's ``s * (B A x)`` up to one rounding (bit for bit when ``s`` is a power of two), and
-    the backward then needs no pass over the output's gradient for ``s``.
-    """
-    hidden = lora_A(x)
-    return cast(torch.Tensor, lora_B(hidden if scaling == 1 else hidden * scaling))
+        return result + (dora_output(add_scaled_lora(base, x, lora_A, lora_B, scaling), dora.weight, norm) - base)
 
 
 def dora_output(
-    base: torch.Tensor,
-    lora: torch.Tensor,
+    combined: torch.Tensor,
     magnitude: torch.Tensor,
     norm: torch.Tensor,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """DoRA's output ``(m/n) * (base - bias + lora) + bias``, ``lora`` already scaled by ``s``.
+    """DoRA's output ``(m/n) * (c - bias) + bias`` from ``c = base + s lora``.
 
-    ``base`` is the base layer's output (``bias`` included), ``n`` the detached row norms. PEFT adds
-    ``(m/n - 1) * (base - bias) + (m/n) * lora`` to ``base``, and autograd keeps both ``base`` and
-    ``lora`` for the magnitude's gradient; in this form it keeps only their sum (the gradient of
-    ``m/n`` is ``sum_t g_t (c_t - bias)`` with ``c = base + lora``), one tokens x d_out tensor per
-    layer instead of two, and the sum is two passes over the activations forward and three
-    backward instead of six and eight.
+    ``base`` is the base layer's output (``bias`` included), ``n`` the detached row norms; ``c`` comes
+    from :func:`hf_lowrank_lora.add_scaled_lora`, whose GEMM takes the sum. PEFT adds
+    ``(m/n - 1) * (base - bias) + (m/n) * s lora`` to ``base``, and autograd keeps both ``base`` and
+    ``lora`` for the magnitude's gradient; in this form it keeps only ``c`` (the gradient of ``m/n``
+    is ``sum_t g_t (c_t - bias)``), one tokens x d_out tensor per layer instead of two, and the rest
+    is one pass over the activations forward and two backward instead of six and eight.
     """
     scale = magnitude / norm
-    combined = base + lora
     if bias is None:
         return combined * scale
     return torch.addcmul(bias * (1 - scale), combined, scale)

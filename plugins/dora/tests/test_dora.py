@@ -283,10 +283,13 @@ def test_low_rank_norms_are_as_exact_as_peft_against_float64():
 
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_dora_output_keeps_one_activation_for_backward_and_equals_peft_expression(with_bias):
-    """``dora_output`` against PEFT's expression ``base + (k - 1) (base - bias) + k lora`` (``k = m/n``) in
-    float64: the same output and the same gradients for base, lora, magnitude and bias, and one saved
-    activation-sized tensor where autograd's graph of PEFT's expression keeps two."""
+    """``dora_output`` of ``base + lora`` against PEFT's expression ``base + (k - 1) (base - bias) + k lora``
+    (``k = m/n``) in float64: the same output and the same gradients for base, lora, magnitude and bias,
+    and one saved activation-sized tensor where autograd's graph of PEFT's expression keeps two."""
     from hf_lowrank_dora.lowrank_norm import dora_output
+
+    def from_sum(base, lora, magnitude, norm, bias):
+        return dora_output(base + lora, magnitude, norm, bias)  # the forward's addmm takes this sum
 
     generator = torch.Generator().manual_seed(0)
     base, lora = (torch.randn(3, 5, 8, generator=generator, dtype=torch.float64, requires_grad=True) for _ in range(2))
@@ -305,7 +308,7 @@ def test_dora_output_keeps_one_activation_for_backward_and_equals_peft_expressio
         out = fn(*inputs)
         return out.detach(), torch.autograd.grad(out, leaves, upstream)
 
-    (ours, our_grads), (theirs, their_grads) = output_and_grads(dora_output), output_and_grads(peft_expression)
+    (ours, our_grads), (theirs, their_grads) = output_and_grads(from_sum), output_and_grads(peft_expression)
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
     for mine, reference in zip(our_grads, their_grads, strict=True):
         torch.testing.assert_close(mine, reference, rtol=1e-12, atol=1e-12)
@@ -316,5 +319,5 @@ def test_dora_output_keeps_one_activation_for_backward_and_equals_peft_expressio
             fn(*inputs)
         return sum(shape == base.shape for shape in shapes)
 
-    assert saved_activations(dora_output) == 1
+    assert saved_activations(from_sum) == 1
     assert saved_activations(peft_expression) == 2

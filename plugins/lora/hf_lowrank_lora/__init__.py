@@ -3,7 +3,7 @@
 from importlib.metadata import version
 
 from .config import LORA_ALIASES, LoraMethodConfig, peft_meta
-from .fused_add import FusedAddLoraVariant, use_fused_add
+from .fused_add import FusedAddLoraVariant, add_scaled_lora, use_fused_add
 from .model import LoraModule, attach_lora, lora_layers
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "FusedAddLoraVariant",
     "LoraMethodConfig",
     "LoraModule",
+    "add_scaled_lora",
     "attach_lora",
     "lora_layers",
     "peft_meta",

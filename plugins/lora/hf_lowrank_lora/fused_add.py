@@ -48,22 +48,33 @@ class FusedAddLoraVariant(LoraVariant):
 
     @staticmethod
     def forward(module: Any, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        """``result + s B A dropout(x)``, the sum taken by the GEMM of ``B``."""
-        lora_B = module.lora_B[active_adapter]
-        hidden = module.lora_A[active_adapter](module.lora_dropout[active_adapter](x))
-        scaling = module.scaling[active_adapter]
-        if scaling != 1:
-            hidden = hidden * scaling  # tokens x r entries, where PEFT scales tokens x out
-        weight = lora_B.weight
-        if hasattr(weight, "ds_id"):
-            # DeepSpeed ZeRO-3 gathers a partitioned weight only inside its module's own call
-            return result + lora_B(hidden)
-        # PEFT's sum promotes a lower-precision base output to the adapter's dtype and its caller
-        # casts back; addmm needs one dtype, so the promotion is made explicit
-        summed = torch.addmm(
-            result.reshape(-1, result.shape[-1]).to(hidden.dtype), hidden.reshape(-1, hidden.shape[-1]), weight.t()
-        )
-        return summed.view(*result.shape[:-1], summed.shape[-1])
+        """``result + s B A dropout(x)``, the sum taken by the GEMM of ``B`` (:func:`add_scaled_lora`)."""
+        lora_A, lora_B = module.lora_A[active_adapter], module.lora_B[active_adapter]
+        x = module.lora_dropout[active_adapter](x)
+        return add_scaled_lora(result, x, lora_A, lora_B, module.scaling[active_adapter])
+
+
+def add_scaled_lora(
+    result: torch.Tensor, x: torch.Tensor, lora_A: nn.Module, lora_B: nn.Module, scaling: float
+) -> torch.Tensor:
+    """``result + s * B A x`` as a new tensor: ``s`` scales the rank-r ``A x`` (r columns where PEFT
+    scales ``out``) and ``torch.addmm`` adds ``B``'s product to ``result`` in the same GEMM.
+
+    ``lora_A`` and ``lora_B`` are the bias-free ``nn.Linear`` factors PEFT creates. DoRA's forward
+    builds its ``base + s lora`` with it too.
+    """
+    hidden = lora_A(x)
+    if scaling != 1:
+        hidden = hidden * scaling
+    weight = lora_B.weight
+    if hasattr(weight, "ds_id"):
+        # DeepSpeed ZeRO-3 gathers a partitioned weight only inside its module's own call
+        return result + lora_B(hidden)
+    # PEFT's sum promotes a lower-precision base output to the adapter's dtype and its caller casts
+    # back; addmm needs one dtype, so the promotion is made explicit
+    flat_result = result.reshape(-1, result.shape[-1]).to(hidden.dtype)
+    summed = torch.addmm(flat_result, hidden.reshape(-1, hidden.shape[-1]), weight.t())
+    return summed.view(*result.shape[:-1], summed.shape[-1])
 
 
 def use_fused_add(model: nn.Module) -> int:
