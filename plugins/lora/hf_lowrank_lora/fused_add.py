@@ -81,17 +81,28 @@ def use_fused_add(model: nn.Module) -> int:
     """Give every plain LoRA adapter of ``model``'s PEFT ``Linear`` layers :class:`FusedAddLoraVariant`;
     returns how many were switched.
 
-    Left as PEFT has them: adapters that already have a variant (DoRA), adapters with a trained
-    ``lora_bias`` (PEFT scales the bias with the product, which scaling the hidden would not), and
-    layers of other classes (quantized bases, embeddings, convolutions), whose forwards differ.
+    Covered: PEFT's ``Linear`` (``nn.Linear`` and GPT-2's ``Conv1D`` bases) and its bitsandbytes
+    ``Linear4bit`` (QLoRA), whose forwards call the variant the same way. Left as PEFT has them:
+    adapters that already have a variant (DoRA), adapters with a trained ``lora_bias`` (PEFT scales
+    the bias with the product, which scaling the hidden would not), and layers of other classes
+    (8-bit bases, embeddings, convolutions).
     """
+    classes = _fused_classes()
+    layers: list[Any] = [m for m in model.modules() if type(m) in classes]  # PEFT types its attributes loosely
     count = 0
-    for module in model.modules():
-        if type(module) is not PeftLoraLinear:
-            continue
-        for name in module.lora_A:
-            if name in module.lora_variant or module.lora_bias.get(name, False):
+    for layer in layers:
+        for name in layer.lora_A:
+            if name in layer.lora_variant or layer.lora_bias.get(name, False):
                 continue
-            module.lora_variant[name] = FusedAddLoraVariant()
+            layer.lora_variant[name] = FusedAddLoraVariant()
             count += 1
     return count
+
+
+def _fused_classes() -> tuple[type, ...]:
+    """PEFT's layer classes whose forward hands a plain adapter's sum to its variant as ``Linear``'s does."""
+    try:
+        from peft.tuners.lora.bnb import Linear4bit  # defined only when bitsandbytes has 4-bit layers
+    except ImportError:
+        return (PeftLoraLinear,)
+    return (PeftLoraLinear, Linear4bit)

@@ -68,6 +68,18 @@ def test_outputs_and_gradients_equal_peft(case, dropout):
         assert rel_err(grad, their_grads[name]) <= 1e-5, name
 
 
+def test_four_bit_base_equals_peft(batch):
+    pytest.importorskip("bitsandbytes")
+    model = _adapted(make_tiny_model(), load_in_4bit=True).model.train()
+    assert all(type(m).__name__ == "Linear4bit" for m in lora_layers(model).values())
+    ours, our_grads = _loss_and_grads(model, batch)
+    _peft_forward(model)
+    theirs, their_grads = _loss_and_grads(model, batch)
+    assert rel_err(ours, theirs) <= 1e-6
+    for name, grad in our_grads.items():
+        assert rel_err(grad, their_grads[name]) <= 1e-5, name
+
+
 def test_mixed_adapter_batch_equals_peft(tiny_model, batch):
     model = _adapted(tiny_model).model.eval()
     names = ["default", "__base__"]  # one row adapted, one row the base model
