@@ -78,7 +78,7 @@ def add_scaled_lora(
 
 
 def use_fused_add(model: nn.Module) -> int:
-    """Give every plain LoRA adapter of ``model``'s PEFT ``Linear`` layers :class:`FusedAddLoraVariant`;
+    """Give every plain LoRA adapter of ``model``'s PEFT linear layers :class:`FusedAddLoraVariant`;
     returns how many were switched.
 
     Covered: PEFT's ``Linear`` (``nn.Linear`` and GPT-2's ``Conv1D`` bases) and its bitsandbytes
