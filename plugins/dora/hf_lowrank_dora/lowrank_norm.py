@@ -29,6 +29,7 @@ from peft.utils.other import transpose
 from torch import nn
 
 from hf_lowrank_lora import add_scaled_lora
+from hf_lowrank_plugins.distributed import is_partitioned
 
 
 class LowRankDoraLinearLayer(DoraLinearLayer):
@@ -180,7 +181,7 @@ def use_low_rank_norms(model: nn.Module) -> int:
             dora.__class__ = LowRankDoraLinearLayer
             variants[name] = LowRankDoraLinearVariant()
             base_layer = module.get_base_layer()
-            if not hasattr(base_layer.weight, "ds_id"):  # the forward sees x in the adapter's dtype
+            if not is_partitioned(base_layer.weight):  # the forward sees x in the adapter's dtype
                 cast(LowRankDoraLinearLayer, dora).row_norms_squared(base_layer, module.lora_A[name].weight.dtype)
             count += 1
     return count

@@ -16,12 +16,14 @@ saved is untouched: the adapter is a plain PEFT LoRA adapter.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.lora.layer import LoraVariant
 from torch import nn
+
+from hf_lowrank_plugins.distributed import is_partitioned
 
 
 class FusedAddLoraVariant(LoraVariant):
@@ -66,8 +68,8 @@ def add_scaled_lora(
     hidden = lora_A(x)
     if scaling != 1:
         hidden = hidden * scaling
-    weight = lora_B.weight
-    if hasattr(weight, "ds_id"):
+    weight = cast(torch.Tensor, lora_B.weight)
+    if is_partitioned(weight):
         # DeepSpeed ZeRO-3 gathers a partitioned weight only inside its module's own call
         return result + lora_B(hidden)
     # PEFT's sum promotes a lower-precision base output to the adapter's dtype and its caller casts

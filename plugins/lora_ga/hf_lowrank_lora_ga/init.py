@@ -6,6 +6,7 @@ import torch
 from peft.utils.other import transpose
 
 from hf_lowrank_lora import LoraModule
+from hf_lowrank_plugins.distributed import is_partitioned
 from hf_lowrank_plugins.memory import release_replaced, weight_locations
 
 from .gradient import GradientFactors, seed_for
@@ -99,7 +100,7 @@ def subtract_factors(layer: LoraModule, A: torch.Tensor, B: torch.Tensor, scalin
     base = layer.get_base_layer()
     weight = base.weight
     delta = transpose((B.float() @ A.float()).mul_(sign * scaling), getattr(layer, "fan_in_fan_out", False))
-    if weight.device.type == "cpu" and not hasattr(weight, "ds_id"):
+    if weight.device.type == "cpu" and not is_partitioned(weight):
         locations = weight_locations([base])
         weight.data = (weight.data.float() - delta).to(weight.dtype)
         release_replaced(locations, trim=False)  # the only temporary, delta, is reused layer to layer
