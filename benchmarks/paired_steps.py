@@ -11,7 +11,9 @@ Trainer's optimizer from ``Trainer.create_optimizer``), and each of ``--steps`` 
 step of every variant back to back (forward, backward, gradient clipping at the Trainer's 1.0, optimizer
 step, gradients released), in an order that rotates from round to round. A variant's ratio to
 the reference is taken within each round and the median over rounds is reported, beside each
-variant's median step time. Memory is not measured here (the variants share the process): use
+variant's median step time and the medians of its three phases (:data:`PHASES`: forward and
+backward, clipping, optimizer step with the gradients released), so that a gap between two
+variants can be put where it is spent. Memory is not measured here (the variants share the process): use
 ``bench_anchors.py`` for that. Variants that need the Trainer's callbacks (LoRA-GA's data-dependent
 initialisation, GaLore's optimizer hooks) are refused: their steps here would not be theirs.
 """
@@ -57,16 +59,23 @@ def build(variant: str, o: BenchOptions, tokenizer: Any, workdir: str) -> tuple[
     return model, trainer.create_optimizer()
 
 
-def train_step(model: Any, optimizer: Any, batch: dict[str, Any], max_grad_norm: float = 1.0) -> float:
-    """One training step as the Trainer takes it; returns its wall seconds."""
+#: The parts of :func:`train_step` timed on their own, in order.
+PHASES = ("forward_backward", "clip", "optimizer")
+
+
+def train_step(model: Any, optimizer: Any, batch: dict[str, Any], max_grad_norm: float = 1.0) -> dict[str, float]:
+    """One training step as the Trainer takes it; returns the wall seconds of each of :data:`PHASES`."""
     import torch
 
-    start = time.perf_counter()
+    marks = [time.perf_counter()]
     model(**batch).loss.backward()
+    marks.append(time.perf_counter())
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+    marks.append(time.perf_counter())
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
+    marks.append(time.perf_counter())
+    return {phase: end - start for phase, start, end in zip(PHASES, marks, marks[1:], strict=False)}
 
 
 def paired_ratios(times: dict[str, list[float]], reference: str) -> dict[str, float]:
@@ -110,25 +119,37 @@ def main() -> None:
         for model, _ in built.values():
             model.train()
         times: dict[str, list[float]] = {name: [] for name in names}
+        phases: dict[str, dict[str, list[float]]] = {name: {phase: [] for phase in PHASES} for name in names}
         for round_index in range(o.warmup + o.steps):
             shift = round_index % len(names)
             for name in names[shift:] + names[:shift]:
-                seconds = train_step(*built[name], batch)
+                step_phases = train_step(*built[name], batch)
                 if round_index >= o.warmup:
-                    times[name].append(seconds)
+                    times[name].append(sum(step_phases.values()))
+                    for phase, seconds in step_phases.items():
+                        phases[name][phase].append(seconds)
             print(f"round {round_index + 1}/{o.warmup + o.steps}", file=sys.stderr, flush=True)
     ratios = paired_ratios(times, reference)
     rows = {
-        name: {"median_step_s": statistics.median(steps), "ratio": ratios[name], "step_s": steps}
+        name: {
+            "median_step_s": statistics.median(steps),
+            "ratio": ratios[name],
+            "phases_median_s": {phase: statistics.median(seconds) for phase, seconds in phases[name].items()},
+            "step_s": steps,
+        }
         for name, steps in times.items()
     }
     print(
         f"\n{o.batch_size} x {o.seq_len} tokens, rank {o.rank}, {o.steps} rounds after {o.warmup} warm-up; "
         f"ratio: median over rounds of step / {reference}'s step in the same round\n"
     )
-    print("| variant | median step s | ratio | description |\n|---|---|---|---|")
+    print(f"| variant | median step s | ratio | {' | '.join(f'{p} s' for p in PHASES)} | description |")
+    print("|---" * (4 + len(PHASES)) + "|")
     for name, row in rows.items():
-        print(f"| {name} | {figure(row['median_step_s'])} | {row['ratio']:.3f} | {VARIANTS[name].description} |")
+        parts = " | ".join(figure(row["phases_median_s"][p]) for p in PHASES)
+        print(
+            f"| {name} | {figure(row['median_step_s'])} | {row['ratio']:.3f} | {parts} | {VARIANTS[name].description} |"
+        )
     document = {
         "command": " ".join(sys.argv),
         "settings": vars(ns),

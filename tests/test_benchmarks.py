@@ -165,6 +165,9 @@ def test_paired_steps_end_to_end_and_refuses_variants_needing_trainer_hooks(tmp_
     results = json.loads(out.read_text())["results"]
     assert list(results) == ["limit:frozen", "limit:bare_lora"] and results["limit:frozen"]["ratio"] == 1.0
     assert all(len(row["step_s"]) == 2 and row["median_step_s"] > 0 for row in results.values())
+    for row in results.values():  # each phase timed, none longer than the step it is part of
+        assert tuple(row["phases_median_s"]) == paired_steps.PHASES
+        assert all(0 < seconds <= max(row["step_s"]) for seconds in row["phases_median_s"].values())
     monkeypatch.setattr(sys, "argv", ["paired_steps.py", "--variants", "ours:lora,ours:lora_ga", *common])
     with pytest.raises(SystemExit, match="ours:lora_ga needs the Trainer's callbacks"):
         paired_steps.main()
