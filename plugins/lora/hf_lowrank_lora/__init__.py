@@ -3,12 +3,14 @@
 from importlib.metadata import version
 
 from .config import LORA_ALIASES, LoraMethodConfig, peft_meta
-from .fused_add import FusedAddLoraVariant, add_scaled_lora, use_fused_add
+from .fused_add import FusedAddLoraVariant, FusedLoraLinear, LoraLinearFunction, add_scaled_lora, use_fused_add
 from .model import LoraModule, attach_lora, lora_layers
 
 __all__ = [
     "LORA_ALIASES",
     "FusedAddLoraVariant",
+    "FusedLoraLinear",
+    "LoraLinearFunction",
     "LoraMethodConfig",
     "LoraModule",
     "add_scaled_lora",

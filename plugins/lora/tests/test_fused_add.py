@@ -7,7 +7,7 @@ import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
 import hf_lowrank_plugins as hlp
-from hf_lowrank_lora import FusedAddLoraVariant, lora_layers
+from hf_lowrank_lora import FusedAddLoraVariant, FusedLoraLinear, LoraLinearFunction, lora_layers
 from hf_lowrank_plugins.testing.helpers import make_tiny_model, rel_err
 from hf_lowrank_plugins.testing.models import GPT2, LLAMA
 
@@ -26,6 +26,20 @@ def _peft_forward(model) -> None:
     """Back to PEFT's plain forward: drop the variant from every layer."""
     for layer in lora_layers(model).values():
         assert isinstance(layer.lora_variant.pop("default"), FusedAddLoraVariant)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """A list that gets one entry per call of :class:`LoraLinearFunction` (the whole-layer path)."""
+    calls: list[int] = []
+    original = LoraLinearFunction.apply
+
+    def counted(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(LoraLinearFunction, "apply", counted)
+    return calls
 
 
 def _loss_and_grads(model, batch, seed: int = 0):
@@ -55,17 +69,63 @@ def test_left_to_peft_where_its_forward_differs():
 
 @pytest.mark.parametrize("case", [LLAMA, GPT2], ids=lambda c: c.name)  # GPT-2: transposed Conv1D weights, biases
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_outputs_and_gradients_equal_peft(case, dropout):
+def test_outputs_and_gradients_equal_peft(case, dropout, fused_calls):
     model = _adapted(case.build(), lora_dropout=dropout).model.train()
     batch = case.batch()["input_ids"]
-    assert all(type(m) is PeftLoraLinear for m in lora_layers(model).values())
+    layers = lora_layers(model)
+    assert all(type(m) is FusedLoraLinear and isinstance(m, PeftLoraLinear) for m in layers.values())
     ours, our_grads = _loss_and_grads(model, batch)
+    # the whole layer in one node on a Llama without dropout; Conv1D bases and dropout take the variant
+    assert len(fused_calls) == (len(layers) if case is LLAMA and dropout == 0 else 0)
     _peft_forward(model)
     theirs, their_grads = _loss_and_grads(model, batch)
     assert rel_err(ours, theirs) <= 1e-6
     assert our_grads.keys() == their_grads.keys() and our_grads
     for name, grad in our_grads.items():
         assert rel_err(grad, their_grads[name]) <= 1e-5, name
+
+
+def _trainable_bias(model) -> None:
+    for layer in lora_layers(model).values():
+        if layer.get_base_layer().bias is not None:  # Llama's attention projections with attention_bias
+            layer.get_base_layer().bias.requires_grad_(True)
+
+
+def _hooked_base(model) -> None:
+    for layer in lora_layers(model).values():
+        layer.get_base_layer().register_forward_hook(lambda module, args, out: out * 1.5)
+
+
+@pytest.mark.parametrize(
+    "blocker",
+    [
+        pytest.param(None, id="nothing-in-the-way"),
+        pytest.param(_trainable_bias, id="trainable-base-bias"),
+        pytest.param(_hooked_base, id="hook-on-base"),
+        pytest.param("autocast", id="autocast"),
+        pytest.param("second-adapter", id="two-active-adapters"),
+    ],
+)
+def test_whole_layer_path_steps_aside_where_it_would_differ(blocker, fused_calls):
+    """Each thing the one-node layer leaves out sends the call to PEFT's forward, with PEFT's result
+    (frozen biases on every base: with nothing in the way, all 14 layers take the one-node path)."""
+    model = _adapted(make_tiny_model(attention_bias=True, mlp_bias=True)).model.train()
+    batch = LLAMA.batch()["input_ids"]
+    if callable(blocker):
+        blocker(model)
+    elif blocker == "second-adapter":
+        from peft import LoraConfig
+
+        model.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj"]))
+        model.base_model.set_adapter(["default", "other"])
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=blocker == "autocast"):
+        ours, our_grads = _loss_and_grads(model, batch)
+        assert len(fused_calls) == (14 if blocker is None else 0)
+        _peft_forward(model)
+        theirs, their_grads = _loss_and_grads(model, batch)
+    assert rel_err(ours, theirs) <= (1e-2 if blocker == "autocast" else 1e-6)
+    for name, grad in our_grads.items():
+        assert rel_err(grad, their_grads[name]) <= (5e-2 if blocker == "autocast" else 1e-5), name
 
 
 def test_four_bit_base_equals_peft(batch):
