@@ -68,6 +68,9 @@ class Variant:
 VARIANTS: dict[str, Variant] = {
     "ours:lora": Variant("hf-lowrank lora", "peft:lora", "lora"),
     "peft:lora": Variant("PEFT LoraConfig"),
+    "ours:lora_variant_only": Variant(
+        "hf-lowrank lora through PEFT's layer call (the fused add only, no one-node layer)", "ours:lora", "lora"
+    ),
     "ours:dora": Variant("hf-lowrank dora", "peft:dora", "dora"),
     "peft:dora": Variant("PEFT LoraConfig(use_dora=True)"),
     "ours:pissa": Variant("hf-lowrank pissa, exact SVD", "peft:pissa", "pissa"),
@@ -191,6 +194,7 @@ def _ours(name: str, o: BenchOptions) -> tuple[str, dict[str, Any]]:
     galore = {"rank": o.galore_rank, "update_proj_gap": o.update_proj_gap, "scale": o.scale}
     return {
         "lora": ("lora", lora),
+        "lora_variant_only": ("lora", lora),
         "dora": ("dora", lora),
         "qlora": ("qlora", lora),
         "pissa": ("pissa", {"r": o.rank, "svd": "exact"}),
@@ -204,6 +208,18 @@ def _ours(name: str, o: BenchOptions) -> tuple[str, dict[str, Any]]:
         "salor": ("salor", {**lora, "svd": "fast"}),
         "full": ("full", {}),
     }[name]
+
+
+def _peft_layer_call(model: Any) -> None:
+    """Our LoRA's layers back on PEFT's ``Linear`` class: each step goes through PEFT's layer call and the
+    fused-add variant, without :class:`hf_lowrank_lora.FusedLoraLinear`'s one autograd node per layer."""
+    from peft.tuners.lora.layer import Linear
+
+    from hf_lowrank_lora import FusedLoraLinear
+
+    for module in model.modules():
+        if type(module) is FusedLoraLinear:
+            module.__class__ = Linear
 
 
 def _peft_model(name: str, model: Any, train: Any, o: BenchOptions) -> Any:
@@ -335,6 +351,8 @@ def build_variant(variant: str, model: Any, train: Any, o: BenchOptions) -> tupl
         model, trainer_kw = adapted.model, adapted.trainer_kwargs()
         if name == "galore_adafactor":
             extra_args = {"optim": "adafactor"}  # the Trainer's Adafactor settings, as transformers' galore_adafactor
+        elif name == "lora_variant_only":
+            _peft_layer_call(model)
     elif kind == "peft":
         model = _peft_model(name, model, train, o)
     elif kind == "limit":

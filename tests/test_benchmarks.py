@@ -76,6 +76,28 @@ def test_bare_lora_limit_is_lora_maths_without_peft():
     assert all(p.grad is not None for n, p in bare.named_parameters() if n.endswith("lora_B"))
 
 
+def test_lora_variant_only_ablation_is_our_lora_through_peft_layer_call():
+    """``ours:lora_variant_only``: the same adapters as ``ours:lora`` (fused-add variant on every layer),
+    on PEFT's ``Linear`` class, so no step takes the one-node layer; the same outputs as ``ours:lora``."""
+    import copy
+
+    import harness
+    import torch
+    from peft.tuners.lora.layer import Linear
+
+    from hf_lowrank_lora import FusedAddLoraVariant, FusedLoraLinear, lora_layers
+    from hf_lowrank_plugins.testing import LLAMA
+
+    base, batch, o = LLAMA.build(), LLAMA.batch(), harness.BenchOptions(rank=4)
+    ablation, _, _ = harness.build_variant("ours:lora_variant_only", copy.deepcopy(base), None, o)
+    ours, _, _ = harness.build_variant("ours:lora", copy.deepcopy(base), None, o)
+    layers = lora_layers(ablation).values()
+    assert layers and all(type(m) is Linear and type(m.lora_variant["default"]) is FusedAddLoraVariant for m in layers)
+    assert all(type(m) is FusedLoraLinear for m in lora_layers(ours).values())
+    with torch.no_grad():
+        torch.testing.assert_close(ablation(**batch).logits, ours(**batch).logits, rtol=1e-6, atol=1e-6)
+
+
 def test_galore_adafactor_pair_end_to_end(tmp_path, smol_dir, capsys):
     """Ours and transformers' GaLore Adafactor, each in its own process on a small model: the JSON
     has both, ours keeps less optimizer state, and the two train to the same eval loss (the same

@@ -16,9 +16,10 @@ saved is untouched: the adapter is a plain PEFT LoRA adapter.
 Where nothing else needs the base layer's own call, :class:`FusedLoraLinear` goes one step further
 and computes the whole layer in one autograd node (:class:`LoraLinearFunction`): ``x W^T`` with the
 update added into it by ``addmm_``, and in backward ``dL/dx = g W + (s g B) A`` accumulated by one
-``addmm_`` instead of two products and autograd's separate sum. That saved 8% of a training step's
-forward and backward on SmolLM2-135M at 2 x 64 tokens (``benchmarks/paired_steps.py``); PEFT's own
-layer call costs as much as LoRA's rank-r products there.
+``addmm_`` instead of two products and autograd's separate sum, and one autograd node and Python
+call where PEFT's path makes about eight. On SmolLM2-135M that is 1-2% of a training step on a
+2-core CPU (``benchmarks/paired_steps.py``, ``ours:lora`` against ``ours:lora_variant_only``); what
+LoRA costs beyond the frozen base there is mostly its rank-r products, which are the same here.
 """
 
 from __future__ import annotations
