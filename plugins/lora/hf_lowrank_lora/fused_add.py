@@ -182,9 +182,14 @@ def _has_hooks(module: nn.Module) -> bool:
     replaced ``forward`` (accelerate's offloading)."""
     from torch.nn.modules import module as torch_module
 
-    own = module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-    hooks = (torch_module._global_forward_hooks, torch_module._global_forward_pre_hooks)
-    return bool(own or any(hooks) or torch_module._global_backward_hooks or "forward" in vars(module))
+    own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+    hooks = (
+        torch_module._global_forward_hooks,
+        torch_module._global_forward_pre_hooks,
+        torch_module._global_backward_hooks,
+        torch_module._global_backward_pre_hooks,
+    )
+    return any(own) or any(hooks) or "forward" in vars(module)
 
 
 def use_fused_add(model: nn.Module) -> int:

@@ -85,6 +85,24 @@ def test_outputs_and_gradients_equal_peft(case, dropout, fused_calls):
         assert rel_err(grad, their_grads[name]) <= 1e-5, name
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_recomputes_the_one_node_layer(use_reentrant, fused_calls):
+    """With transformers' gradient checkpointing the one-node layers run again in backward and give
+    the gradients of the run without it."""
+    batch = LLAMA.batch()["input_ids"]
+    plain = _adapted(make_tiny_model()).model.train()
+    _, expected = _loss_and_grads(plain, batch)
+    checkpointed = _adapted(make_tiny_model()).model.train()
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    checkpointed.enable_input_require_grads()  # what PEFT and the Trainer do for reentrant checkpoints
+    calls_before = len(fused_calls)
+    _, grads = _loss_and_grads(checkpointed, batch)
+    assert len(fused_calls) - calls_before == 2 * 14  # each layer's forward, then its recomputation
+    assert grads.keys() == expected.keys()
+    for name, grad in grads.items():
+        assert rel_err(grad, expected[name]) <= 1e-6, name
+
+
 def _trainable_bias(model) -> None:
     for layer in lora_layers(model).values():
         if layer.get_base_layer().bias is not None:  # Llama's attention projections with attention_bias
