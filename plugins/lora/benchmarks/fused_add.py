@@ -2,9 +2,11 @@
 
 PEFT's forward adds ``lora_B(lora_A(x)) * scaling`` to the base output in two passes over a
 ``tokens x out`` tensor, and its backward makes one more; ours (``hf_lowrank_lora.fused_add``)
-scales the rank-r hidden and lets ``addmm`` take the sum. The same layer object runs both ways
-(the variant put in and taken out of PEFT's ``lora_variant`` slot), one step each per round in
-alternating order, and the ratio is the median over rounds of the two steps' ratio, so the
+scales the rank-r hidden and lets ``addmm`` take the sum, and on a plain frozen ``nn.Linear`` base
+:class:`~hf_lowrank_lora.FusedLoraLinear` makes the whole layer one autograd node. The same layer
+object runs all three ways (the variant put in and taken out of PEFT's ``lora_variant`` slot, the
+class switched between PEFT's ``Linear`` and ``FusedLoraLinear``), one step each per round in an
+order that rotates, and each ratio to PEFT's is the median over rounds of the steps' ratio, so the
 machine's drift cancels. The base weight stays frozen and the input requires a gradient, as in a
 model. Prints a table and writes JSON beside this script::
 
@@ -24,8 +26,12 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
-from hf_lowrank_lora import FusedAddLoraVariant
+from hf_lowrank_lora import FusedAddLoraVariant, FusedLoraLinear
+
+#: How each timed step runs the layer: its class, and whether it has the fused-add variant.
+MODES = {"peft": (PeftLoraLinear, False), "variant": (PeftLoraLinear, True), "one_node": (FusedLoraLinear, True)}
 
 #: (in, out) of SmolLM2-135M's projections: q/o, gate/up, down (k/v are 576 x 192)
 SHAPES = ((576, 576), (576, 1536), (1536, 576))
@@ -56,28 +62,29 @@ def step_seconds(layer: Any, x: torch.Tensor, grad: torch.Tensor) -> float:
 
 
 def measure(in_features: int, out_features: int, tokens: int, rank: int, rounds: int) -> dict[str, float]:
-    """Median step times of both forwards and the median over rounds of ours / PEFT's."""
+    """Median step time of every one of :data:`MODES` and the median over rounds of each mode / PEFT's."""
     torch.manual_seed(0)
     layer = peft_layer(in_features, out_features, rank)
     x = torch.randn(tokens, in_features, requires_grad=True)
     grad = torch.randn(tokens, out_features)
-    times: dict[str, list[float]] = {"peft": [], "ours": []}
+    names = list(MODES)
+    times: dict[str, list[float]] = {name: [] for name in names}
     for index in range(rounds + 5):  # the first five rounds warm up
-        order = ("peft", "ours") if index % 2 == 0 else ("ours", "peft")
-        for name in order:
-            if name == "ours":
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            layer_class, with_variant = MODES[name]
+            layer.__class__ = layer_class
+            if with_variant:
                 layer.lora_variant["default"] = FusedAddLoraVariant()
             else:
                 layer.lora_variant.pop("default", None)
             seconds = step_seconds(layer, x, grad)
             if index >= 5:
                 times[name].append(seconds)
-    ratio = statistics.median(o / p for o, p in zip(times["ours"], times["peft"], strict=True))
-    return {
-        "peft_ms": statistics.median(times["peft"]) * 1e3,
-        "ours_ms": statistics.median(times["ours"]) * 1e3,
-        "ratio": ratio,
-    }
+    result = {f"{name}_ms": statistics.median(times[name]) * 1e3 for name in names}
+    for name in names[1:]:
+        result[f"{name}_ratio"] = statistics.median(o / p for o, p in zip(times[name], times["peft"], strict=True))
+    return result
 
 
 def main() -> None:
@@ -91,14 +98,17 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
-    print("| tokens | in x out | PEFT ms | ours ms | ours / PEFT (paired median) |\n|---|---|---|---|---|")
+    print(
+        "| tokens | in x out | PEFT ms | variant ms | one node ms | variant / PEFT | one node / PEFT |\n"
+        "|---|---|---|---|---|---|---|"
+    )
     for tokens in (int(t) for t in args.tokens.split(",")):
         for in_features, out_features in SHAPES:
             result = measure(in_features, out_features, tokens, args.rank, args.rounds)
             rows.append({"tokens": tokens, "in": in_features, "out": out_features, **result})
             print(
-                f"| {tokens} | {in_features} x {out_features} | {result['peft_ms']:.3f} | {result['ours_ms']:.3f} "
-                f"| {result['ratio']:.3f} |",
+                f"| {tokens} | {in_features} x {out_features} | {result['peft_ms']:.3f} | {result['variant_ms']:.3f} "
+                f"| {result['one_node_ms']:.3f} | {result['variant_ratio']:.3f} | {result['one_node_ratio']:.3f} |",
                 flush=True,
             )
     document = {
