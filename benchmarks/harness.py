@@ -72,6 +72,9 @@ VARIANTS: dict[str, Variant] = {
         "hf-lowrank lora through PEFT's layer call (the fused add only, no one-node layer)", "ours:lora", "lora"
     ),
     "ours:dora": Variant("hf-lowrank dora", "peft:dora", "dora"),
+    "ours:dora_variant_only": Variant(
+        "hf-lowrank dora through PEFT's layer call (its variant only, no one-node layer)", "ours:dora", "dora"
+    ),
     "peft:dora": Variant("PEFT LoraConfig(use_dora=True)"),
     "ours:pissa": Variant("hf-lowrank pissa, exact SVD", "peft:pissa", "pissa"),
     "peft:pissa": Variant("PEFT init_lora_weights='pissa'"),
@@ -196,6 +199,7 @@ def _ours(name: str, o: BenchOptions) -> tuple[str, dict[str, Any]]:
         "lora": ("lora", lora),
         "lora_variant_only": ("lora", lora),
         "dora": ("dora", lora),
+        "dora_variant_only": ("dora", lora),
         "qlora": ("qlora", lora),
         "pissa": ("pissa", {"r": o.rank, "svd": "exact"}),
         "pissa_fast": ("pissa", {"r": o.rank, "svd": "fast", "svd_niter": 16}),
@@ -211,8 +215,9 @@ def _ours(name: str, o: BenchOptions) -> tuple[str, dict[str, Any]]:
 
 
 def _peft_layer_call(model: Any) -> None:
-    """Our LoRA's layers back on PEFT's ``Linear`` class: each step goes through PEFT's layer call and the
-    fused-add variant, without :class:`hf_lowrank_lora.FusedLoraLinear`'s one autograd node per layer."""
+    """Our layers back on PEFT's ``Linear`` class: each step goes through PEFT's layer call and the
+    method's variant (LoRA's fused add, DoRA's), without :class:`hf_lowrank_lora.FusedLoraLinear`'s
+    one autograd node per layer."""
     from peft.tuners.lora.layer import Linear
 
     from hf_lowrank_lora import FusedLoraLinear
@@ -351,7 +356,7 @@ def build_variant(variant: str, model: Any, train: Any, o: BenchOptions) -> tupl
         model, trainer_kw = adapted.model, adapted.trainer_kwargs()
         if name == "galore_adafactor":
             extra_args = {"optim": "adafactor"}  # the Trainer's Adafactor settings, as transformers' galore_adafactor
-        elif name == "lora_variant_only":
+        elif name.endswith("_variant_only"):
             _peft_layer_call(model)
     elif kind == "peft":
         model = _peft_model(name, model, train, o)

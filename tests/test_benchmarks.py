@@ -96,6 +96,8 @@ def test_lora_variant_only_ablation_is_our_lora_through_peft_layer_call():
     assert all(type(m) is FusedLoraLinear for m in lora_layers(ours).values())
     with torch.no_grad():
         torch.testing.assert_close(ablation(**batch).logits, ours(**batch).logits, rtol=1e-6, atol=1e-6)
+    dora, _, _ = harness.build_variant("ours:dora_variant_only", copy.deepcopy(base), None, o)
+    assert all(type(m) is Linear for m in lora_layers(dora).values())
 
 
 def test_galore_adafactor_pair_end_to_end(tmp_path, smol_dir, capsys):

@@ -266,6 +266,36 @@ def test_initial_magnitudes_are_pefts_and_the_model_equals_its_base_bit_for_bit(
             assert torch.equal(ours(**batch).logits, expected_logits)
 
 
+@pytest.mark.parametrize("case", ["llama", "llama-dropout", "gpt2"])
+def test_one_node_layer_where_nothing_needs_the_base_call(case, monkeypatch):
+    """Our DoRA layers compute the whole layer in one autograd node (``DoraLinearFunction``) on a Llama
+    without dropout, all 14 of them, and take the variant's path for dropout and GPT-2's Conv1D; on
+    the Llama the one-node gradients equal the variant path's within 1e-6 norm-wise (the PEFT
+    comparison of this file covers both paths)."""
+    from peft.tuners.lora.layer import Linear
+
+    from hf_lowrank_dora.lowrank_norm import DoraLinearFunction
+    from hf_lowrank_plugins.testing import GPT2, LLAMA
+
+    calls: list[int] = []
+    original = DoraLinearFunction.apply
+    monkeypatch.setattr(DoraLinearFunction, "apply", lambda *args: calls.append(1) or original(*args))
+    model_case = GPT2 if case == "gpt2" else LLAMA
+    ours, _ = _dora_pair(model_case, dropout=0.1 if case == "llama-dropout" else 0.0)
+    batch = model_case.batch()
+    out_fused, grads_fused = _forward_backward(ours, batch)
+    assert len(calls) == (14 if case == "llama" else 0)
+    if case == "llama":
+        for module in ours.modules():
+            if type(module).__name__ == "FusedLoraLinear":
+                module.__class__ = Linear  # PEFT's layer call with our variant
+        ours.zero_grad(set_to_none=True)
+        out_variant, grads_variant = _forward_backward(ours, batch)
+        assert len(calls) == 14
+        assert rel_err(out_fused, out_variant) <= 1e-6
+        assert _grad_error(grads_fused, grads_variant) <= 1e-6
+
+
 def test_low_rank_norms_are_as_exact_as_peft_against_float64():
     """Against PEFT's DoRA computed in float64, our fp32 gradients are within 1e-6 (norm-wise) and no further
     off than PEFT's own fp32 gradients (the two fp32 versions differ from each other by about that much)."""

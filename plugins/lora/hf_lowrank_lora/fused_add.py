@@ -57,6 +57,14 @@ class FusedAddLoraVariant(LoraVariant):
         return orig_weight.data - module.get_delta_weight(active_adapter).to(orig_weight.dtype)
 
     @staticmethod
+    def fused_forward(module: Any, active_adapter: str, x: torch.Tensor) -> torch.Tensor | None:
+        """The whole layer as one autograd node (:class:`LoraLinearFunction`); called by
+        :class:`FusedLoraLinear` only where nothing needs the base layer's own call."""
+        base, scaling = module.base_layer, module.scaling[active_adapter]
+        lora_A, lora_B = module.lora_A[active_adapter].weight, module.lora_B[active_adapter].weight
+        return cast(torch.Tensor, LoraLinearFunction.apply(x, base.weight, base.bias, lora_A, lora_B, scaling))
+
+    @staticmethod
     def forward(module: Any, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """``result + s B A dropout(x)``, the sum taken by the GEMM of ``B`` (:func:`add_scaled_lora`)."""
         lora_A, lora_B = module.lora_A[active_adapter], module.lora_B[active_adapter]
@@ -135,46 +143,42 @@ class LoraLinearFunction(torch.autograd.Function):
 
 
 class FusedLoraLinear(PeftLoraLinear):
-    """PEFT's LoRA ``Linear`` that computes a plain adapter on a frozen ``nn.Linear`` with
-    :class:`LoraLinearFunction`; every other call is PEFT's own ``forward``.
+    """PEFT's LoRA ``Linear`` whose adapter variant may compute the whole layer itself; every other call
+    is PEFT's own ``forward``.
 
-    The fused path needs what it leaves out to be absent: one active, unmerged adapter with
-    :class:`FusedAddLoraVariant` and no dropout; a plain frozen ``nn.Linear`` base with no hooks
-    (LoRA-GA's gradient hooks, accelerate's offloading, DeepSpeed's partitioned weights all need its
-    call); one dtype throughout and no autocast (whose casts PEFT's modules make op by op); no
-    extra arguments (mixed-adapter batches).
+    A variant with a ``fused_forward(module, adapter, x)`` (:class:`FusedAddLoraVariant`, DoRA's)
+    returns the layer's output from ``x`` in one autograd node, or ``None`` to leave the call to
+    PEFT. It is asked only when what the node leaves out is absent: one active, unmerged adapter
+    and no dropout; a plain frozen ``nn.Linear`` base with no hooks (LoRA-GA's gradient hooks,
+    accelerate's offloading, DeepSpeed's partitioned weights all need its call); one dtype throughout
+    and no autocast (whose casts PEFT's modules make op by op); no extra arguments (mixed-adapter
+    batches).
     """
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """:class:`LoraLinearFunction` where it computes what PEFT's forward would, else PEFT's forward."""
-        factors = None if args or kwargs else self._fused_factors(x)
-        if factors is None:
-            return super().forward(x, *args, **kwargs)
-        base = self.base_layer
-        lora_A, lora_B, scaling = factors
-        output = LoraLinearFunction.apply(x, base.weight, base.bias, lora_A, lora_B, scaling)
-        return cast(torch.Tensor, output)
+        """The variant's ``fused_forward`` where it computes what PEFT's forward would, else PEFT's forward."""
+        variant = None if args or kwargs else self._fusable_variant(x)
+        output = variant.fused_forward(self, self.active_adapters[0], x) if variant is not None else None
+        return super().forward(x, *args, **kwargs) if output is None else output
 
-    def _fused_factors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-        """``(A, B, s)`` of the one adapter when the fused path applies to ``x``, else ``None``."""
+    def _fusable_variant(self, x: torch.Tensor) -> Any:
+        """The one active adapter's variant when it has ``fused_forward`` and nothing stands in its way, else ``None``."""
         if self.disable_adapters or self.merged or len(self.active_adapters) != 1:
             return None
         name = self.active_adapters[0]
-        if type(self.lora_variant.get(name)) is not FusedAddLoraVariant:
-            return None
-        if type(self.lora_dropout[name]) is not nn.Identity:
+        variant = self.lora_variant.get(name)
+        if getattr(variant, "fused_forward", None) is None or type(self.lora_dropout[name]) is not nn.Identity:
             return None
         base = self.base_layer
         if type(base) is not nn.Linear or _has_hooks(base):
             return None
-        lora_A = cast(torch.Tensor, self.lora_A[name].weight)
-        lora_B = cast(torch.Tensor, self.lora_B[name].weight)
         frozen = [base.weight] if base.bias is None else [base.weight, base.bias]
-        if any(t.requires_grad for t in frozen) or any(t.dtype != x.dtype for t in (*frozen, lora_A, lora_B)):
+        factors = [cast(torch.Tensor, self.lora_A[name].weight), cast(torch.Tensor, self.lora_B[name].weight)]
+        if any(t.requires_grad for t in frozen) or any(t.dtype != x.dtype for t in (*frozen, *factors)):
             return None
-        if torch.is_autocast_enabled(x.device.type) or any(is_partitioned(t) for t in (*frozen, lora_A, lora_B)):
+        if torch.is_autocast_enabled(x.device.type) or any(is_partitioned(t) for t in (*frozen, *factors)):
             return None
-        return lora_A, lora_B, self.scaling[name]
+        return variant
 
 
 def _has_hooks(module: nn.Module) -> bool:
