@@ -209,7 +209,7 @@ class DoraLinearFunction(torch.autograd.Function):
         combined = flat_x @ weight.t()
         combined.addmm_(hidden, lora_B.t())
         scale = magnitude / norm
-        out = combined * scale if bias is None else torch.addcmul(bias * (1 - scale), combined, scale)
+        out = combined * scale if bias is None else torch.addcmul(bias, combined, scale)  # c has no bias here
         ctx.save_for_backward(flat_x, weight, lora_A, lora_B, hidden, combined, scale, norm)
         ctx.scaling, ctx.input_shape = scaling, x.shape
         return out.view(*x.shape[:-1], out.shape[-1])

@@ -188,16 +188,35 @@ def _grad_error(grads, reference):
     return max(float((grads[n] - reference[n]).norm() / reference[n].norm()) for n in grads)
 
 
-@pytest.mark.parametrize("case", ["llama", "gpt2", "llama-dropout", "llama-4bit"])
+def _model_case(case: str):
+    """The conformance model of ``case``; ``llama-bias``: the tiny Llama with biases on every projection."""
+    import types
+
+    from hf_lowrank_plugins.testing import GPT2, LLAMA
+
+    def with_biases():
+        model = make_tiny_model(attention_bias=True, mlp_bias=True)
+        generator = torch.Generator().manual_seed(5)
+        with torch.no_grad():  # transformers initialises biases to zero, which would hide how they are added
+            for name, param in model.named_parameters():
+                if name.endswith(".bias"):
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+        return model
+
+    if case == "llama-bias":
+        return types.SimpleNamespace(name=case, build=with_biases, batch=LLAMA.batch)
+    return GPT2 if case == "gpt2" else LLAMA
+
+
+@pytest.mark.parametrize("case", ["llama", "llama-bias", "gpt2", "llama-dropout", "llama-4bit"])
 def test_low_rank_norms_equal_peft_dora(case):
     """Our DoRA layers (row norms from W A^T and A A^T) against PEFT's (dense W + s B A), same factors:
     outputs within 1e-5; gradients within 2e-6 norm-wise (both are fp32: see the float64 test for who is closer)."""
     from peft.tuners.lora.dora import DoraLinearLayer
 
     from hf_lowrank_dora.lowrank_norm import LowRankDoraLinearLayer, LowRankDoraLinearVariant
-    from hf_lowrank_plugins.testing import GPT2, LLAMA
 
-    model_case = GPT2 if case == "gpt2" else LLAMA
+    model_case = _model_case(case)
     ours, theirs = _dora_pair(
         model_case, dropout=0.1 if case == "llama-dropout" else 0.0, four_bit=case == "llama-4bit"
     )
@@ -209,7 +228,8 @@ def test_low_rank_norms_equal_peft_dora(case):
     batch = model_case.batch()
     (out_ours, g_ours), (out_theirs, g_theirs) = _forward_backward(ours, batch), _forward_backward(theirs, batch)
     assert rel_err(out_ours, out_theirs) <= 1e-5
-    assert _grad_error(g_ours, g_theirs) <= 2e-6
+    # biases make the fp32 gradients noisier: PEFT's own are 3.7e-6 off its float64 ones there
+    assert _grad_error(g_ours, g_theirs) <= (1e-5 if case == "llama-bias" else 2e-6)
 
 
 @pytest.mark.parametrize("four_bit", [False, True])
@@ -266,26 +286,32 @@ def test_initial_magnitudes_are_pefts_and_the_model_equals_its_base_bit_for_bit(
             assert torch.equal(ours(**batch).logits, expected_logits)
 
 
-@pytest.mark.parametrize("case", ["llama", "llama-dropout", "gpt2"])
+@pytest.mark.parametrize("case", ["llama", "llama-bias", "llama-dropout", "gpt2"])
 def test_one_node_layer_where_nothing_needs_the_base_call(case, monkeypatch):
     """Our DoRA layers compute the whole layer in one autograd node (``DoraLinearFunction``) on a Llama
-    without dropout, all 14 of them, and take the variant's path for dropout and GPT-2's Conv1D; on
-    the Llama the one-node gradients equal the variant path's within 1e-6 norm-wise (the PEFT
-    comparison of this file covers both paths)."""
+    without dropout (with or without biases), all 14 of them, and take the variant's path for dropout
+    and GPT-2's Conv1D. Where fused: outputs equal the variant path's within 1e-6, and against PEFT's
+    DoRA in float64 the gradients are no further off than PEFT's own fp32 ones (and within 1e-5 of
+    the variant path's; with biases the fp32 gradients differ by a few 1e-6 whichever way they are taken)."""
+    import copy
+
     from peft.tuners.lora.layer import Linear
 
     from hf_lowrank_dora.lowrank_norm import DoraLinearFunction
-    from hf_lowrank_plugins.testing import GPT2, LLAMA
 
     calls: list[int] = []
     original = DoraLinearFunction.apply
     monkeypatch.setattr(DoraLinearFunction, "apply", lambda *args: calls.append(1) or original(*args))
-    model_case = GPT2 if case == "gpt2" else LLAMA
-    ours, _ = _dora_pair(model_case, dropout=0.1 if case == "llama-dropout" else 0.0)
+    model_case = _model_case(case)
+    ours, theirs = _dora_pair(model_case, dropout=0.1 if case == "llama-dropout" else 0.0)
     batch = model_case.batch()
     out_fused, grads_fused = _forward_backward(ours, batch)
-    assert len(calls) == (14 if case == "llama" else 0)
-    if case == "llama":
+    fused = case in ("llama", "llama-bias")
+    assert len(calls) == (14 if fused else 0)
+    if fused:
+        _, truth = _forward_backward(copy.deepcopy(theirs).double(), batch)
+        peft_error = _grad_error(_forward_backward(theirs, batch)[1], truth)
+        assert _grad_error(grads_fused, truth) <= 1.5 * peft_error, (_grad_error(grads_fused, truth), peft_error)
         for module in ours.modules():
             if type(module).__name__ == "FusedLoraLinear":
                 module.__class__ = Linear  # PEFT's layer call with our variant
@@ -293,7 +319,7 @@ def test_one_node_layer_where_nothing_needs_the_base_call(case, monkeypatch):
         out_variant, grads_variant = _forward_backward(ours, batch)
         assert len(calls) == 14
         assert rel_err(out_fused, out_variant) <= 1e-6
-        assert _grad_error(grads_fused, grads_variant) <= 1e-6
+        assert _grad_error(grads_fused, grads_variant) <= 1e-5
 
 
 def test_low_rank_norms_are_as_exact_as_peft_against_float64():
