@@ -28,7 +28,7 @@ from peft.utils.integrations import dequantize_module_weight, gather_params_ctx
 from peft.utils.other import transpose
 from torch import nn
 
-from hf_lowrank_lora import add_scaled_lora
+from hf_lowrank_lora import add_scaled_lora, lora_linear_backward, lora_linear_forward
 from hf_lowrank_plugins.distributed import is_partitioned
 
 
@@ -181,9 +181,10 @@ class DoraLinearFunction(torch.autograd.Function):
 
     ``n`` is the detached row norm (computed outside, without gradient). Forward builds
     ``c = x W^T + s h B^T`` (``h = x A^T``) in one buffer by ``addmm_`` and keeps ``x``, ``h`` and
-    ``c``, as :func:`dora_output` does. Backward is LoRA's with the incoming gradient scaled by
-    ``m/n`` (``g_k = g * m/n``): ``g_k^T (s h)`` for ``B``, ``(s g_k B)^T x`` for ``A``, and the input's
-    gradient ``g_k W + (s g_k B) A`` by one ``addmm_``; the magnitude's gradient is
+    ``c``, as :func:`dora_output` does. Backward is LoRA's (``hf_lowrank_lora.lora_linear_backward``)
+    with the incoming gradient scaled by ``m/n`` (``g_k = g * m/n``): ``g_k^T (s h)`` for ``B``,
+    ``(s g_k B)^T x`` for ``A``, and the input's gradient ``g_k W + (s g_k B) A`` by one ``addmm_``; the
+    magnitude's gradient is
     ``sum_t g_t c_t / n``, the order autograd takes it in :func:`dora_output`. On SmolLM2-135M (2 x 64
     tokens, a 2-core CPU) a step takes 0.96x the variant path's (``benchmarks/paired_steps.py``,
     ``ours:dora`` against ``ours:dora_variant_only``; round by round 0.82-1.33x, so a few percent).
@@ -203,11 +204,7 @@ class DoraLinearFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         """The layer's output; see the class docstring."""
         flat_x = x.reshape(-1, x.shape[-1])
-        hidden = flat_x @ lora_A.t()
-        if scaling != 1:
-            hidden = hidden * scaling
-        combined = flat_x @ weight.t()
-        combined.addmm_(hidden, lora_B.t())
+        combined, hidden = lora_linear_forward(flat_x, weight, None, lora_A, lora_B, scaling)
         scale = magnitude / norm
         out = combined * scale if bias is None else torch.addcmul(bias, combined, scale)  # c has no bias here
         ctx.save_for_backward(flat_x, weight, lora_A, lora_B, hidden, combined, scale, norm)
@@ -219,16 +216,12 @@ class DoraLinearFunction(torch.autograd.Function):
         """Gradients of ``x``, ``lora_A``, ``lora_B`` and the magnitude (none for the frozen base or the norm)."""
         flat_x, weight, lora_A, lora_B, hidden, combined, scale, norm = ctx.saved_tensors
         flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_magnitude = (flat_grad * combined).sum(0) / norm if ctx.needs_input_grad[5] else None
-        grad_scaled = flat_grad * scale
-        grad_hidden = grad_scaled @ lora_B
-        grad_B = grad_scaled.t() @ hidden if ctx.needs_input_grad[4] else None
-        if ctx.scaling != 1:
-            grad_hidden = grad_hidden * ctx.scaling
-        grad_A = grad_hidden.t() @ flat_x if ctx.needs_input_grad[3] else None
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad_scaled @ weight).addmm_(grad_hidden, lora_A).view(ctx.input_shape)
+        needs = ctx.needs_input_grad
+        grad_magnitude = (flat_grad * combined).sum(0) / norm if needs[5] else None
+        grad_x, grad_A, grad_B = lora_linear_backward(
+            flat_grad * scale, flat_x, weight, lora_A, lora_B, hidden, ctx.scaling, (needs[0], needs[3], needs[4])
+        )
+        grad_x = grad_x.view(ctx.input_shape) if grad_x is not None else None
         return grad_x, None, None, grad_A, grad_B, grad_magnitude, None, None
 
 

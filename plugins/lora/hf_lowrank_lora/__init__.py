@@ -3,7 +3,15 @@
 from importlib.metadata import version
 
 from .config import LORA_ALIASES, LoraMethodConfig, peft_meta
-from .fused_add import FusedAddLoraVariant, FusedLoraLinear, LoraLinearFunction, add_scaled_lora, use_fused_add
+from .fused_add import (
+    FusedAddLoraVariant,
+    FusedLoraLinear,
+    LoraLinearFunction,
+    add_scaled_lora,
+    lora_linear_backward,
+    lora_linear_forward,
+    use_fused_add,
+)
 from .model import LoraModule, attach_lora, lora_layers
 
 __all__ = [
@@ -16,6 +24,8 @@ __all__ = [
     "add_scaled_lora",
     "attach_lora",
     "lora_layers",
+    "lora_linear_backward",
+    "lora_linear_forward",
     "peft_meta",
     "use_fused_add",
 ]

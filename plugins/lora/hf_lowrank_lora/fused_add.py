@@ -95,14 +95,60 @@ def add_scaled_lora(
     return summed.view(*result.shape[:-1], summed.shape[-1])
 
 
+def lora_linear_forward(
+    flat_x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x W^T (+ b) + s (x A^T) B^T`` of a ``tokens x in`` input, the update added into the base
+    product by ``addmm_``; returns it with the scaled hidden ``s x A^T`` that backward needs.
+
+    The forward of :class:`LoraLinearFunction` and, without the bias, of DoRA's one-node layer.
+    """
+    hidden = flat_x @ lora_A.t()
+    if scaling != 1:
+        hidden = hidden * scaling
+    out = flat_x @ weight.t() if bias is None else torch.addmm(bias, flat_x, weight.t())
+    out.addmm_(hidden, lora_B.t())
+    return out, hidden
+
+
+def lora_linear_backward(
+    flat_grad: torch.Tensor,
+    flat_x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    hidden: torch.Tensor,
+    scaling: float,
+    needs_grad: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of the flat input, ``A`` and ``B`` (each only where ``needs_grad`` asks) of
+    :func:`lora_linear_forward`'s output, given its gradient ``g``: ``g^T h`` for ``B``, ``(s g B)^T x``
+    for ``A``, and ``g W`` with ``(s g B) A`` added into it by ``addmm_`` for the input.
+
+    DoRA's one-node layer calls it with its gradient scaled by ``m/n``.
+    """
+    needs_x, needs_A, needs_B = needs_grad
+    grad_hidden = flat_grad @ lora_B
+    grad_B = flat_grad.t() @ hidden if needs_B else None
+    if scaling != 1:
+        grad_hidden = grad_hidden * scaling
+    grad_A = grad_hidden.t() @ flat_x if needs_A else None
+    grad_x = (flat_grad @ weight).addmm_(grad_hidden, lora_A) if needs_x else None
+    return grad_x, grad_A, grad_B
+
+
 class LoraLinearFunction(torch.autograd.Function):
     """``x W^T + b + s (x A^T) B^T`` for a frozen ``W``/``b`` as one autograd node.
 
     Forward keeps ``x``, the three weights and the ``tokens x r`` hidden ``s x A^T``, what PEFT's
-    layer keeps too. Backward computes PEFT's gradients with the same products: ``g B`` and ``g^T h``
-    for ``B``, ``(s g B)^T x`` for ``A``, and the input's gradient ``g W`` with ``(s g B) A`` added into
-    it by ``addmm_``. The base weight and bias get no gradient: :meth:`FusedLoraLinear.forward` takes
-    this path only while they are frozen.
+    layer keeps too. Backward computes PEFT's gradients with the same products
+    (:func:`lora_linear_backward`). The base weight and bias get no gradient:
+    :meth:`FusedLoraLinear.forward` takes this path only while they are frozen.
     """
 
     @staticmethod
@@ -117,11 +163,7 @@ class LoraLinearFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         """The layer's output; see the class docstring."""
         flat_x = x.reshape(-1, x.shape[-1])
-        hidden = flat_x @ lora_A.t()
-        if scaling != 1:
-            hidden = hidden * scaling
-        out = flat_x @ weight.t() if bias is None else torch.addmm(bias, flat_x, weight.t())
-        out.addmm_(hidden, lora_B.t())
+        out, hidden = lora_linear_forward(flat_x, weight, bias, lora_A, lora_B, scaling)
         ctx.save_for_backward(flat_x, weight, lora_A, lora_B, hidden)
         ctx.scaling, ctx.input_shape = scaling, x.shape
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -131,14 +173,11 @@ class LoraLinearFunction(torch.autograd.Function):
         """Gradients of ``x``, ``lora_A`` and ``lora_B`` (none for the frozen base)."""
         flat_x, weight, lora_A, lora_B, hidden = ctx.saved_tensors
         flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_hidden = flat_grad @ lora_B
-        grad_B = flat_grad.t() @ hidden if ctx.needs_input_grad[4] else None
-        if ctx.scaling != 1:
-            grad_hidden = grad_hidden * ctx.scaling
-        grad_A = grad_hidden.t() @ flat_x if ctx.needs_input_grad[3] else None
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (flat_grad @ weight).addmm_(grad_hidden, lora_A).view(ctx.input_shape)
+        needs = ctx.needs_input_grad
+        grad_x, grad_A, grad_B = lora_linear_backward(
+            flat_grad, flat_x, weight, lora_A, lora_B, hidden, ctx.scaling, (needs[0], needs[3], needs[4])
+        )
+        grad_x = grad_x.view(ctx.input_shape) if grad_x is not None else None
         return grad_x, None, None, grad_A, grad_B, None
 
 
