@@ -197,9 +197,7 @@ def _ours(name: str, o: BenchOptions) -> tuple[str, dict[str, Any]]:
     galore = {"rank": o.galore_rank, "update_proj_gap": o.update_proj_gap, "scale": o.scale}
     return {
         "lora": ("lora", lora),
-        "lora_variant_only": ("lora", lora),
         "dora": ("dora", lora),
-        "dora_variant_only": ("dora", lora),
         "qlora": ("qlora", lora),
         "pissa": ("pissa", {"r": o.rank, "svd": "exact"}),
         "pissa_fast": ("pissa", {"r": o.rank, "svd": "fast", "svd_niter": 16}),
@@ -211,20 +209,7 @@ def _ours(name: str, o: BenchOptions) -> tuple[str, dict[str, Any]]:
         "galore_adafactor": ("galore", {**galore, "optimizer": "adafactor"}),
         "salor": ("salor", {**lora, "svd": "fast"}),
         "full": ("full", {}),
-    }[name]
-
-
-def _peft_layer_call(model: Any) -> None:
-    """Our layers back on PEFT's ``Linear`` class: each step goes through PEFT's layer call and the
-    method's variant (LoRA's fused add, DoRA's), without :class:`hf_lowrank_lora.FusedLoraLinear`'s
-    one autograd node per layer."""
-    from peft.tuners.lora.layer import Linear
-
-    from hf_lowrank_lora import FusedLoraLinear
-
-    for module in model.modules():
-        if type(module) is FusedLoraLinear:
-            module.__class__ = Linear
+    }[name.removesuffix("_variant_only")]  # the ablations attach the method itself (see build_variant)
 
 
 def _peft_model(name: str, model: Any, train: Any, o: BenchOptions) -> Any:
@@ -356,8 +341,10 @@ def build_variant(variant: str, model: Any, train: Any, o: BenchOptions) -> tupl
         model, trainer_kw = adapted.model, adapted.trainer_kwargs()
         if name == "galore_adafactor":
             extra_args = {"optim": "adafactor"}  # the Trainer's Adafactor settings, as transformers' galore_adafactor
-        elif name.endswith("_variant_only"):
-            _peft_layer_call(model)
+        elif name.endswith("_variant_only"):  # through PEFT's layer call, without the one-node layer
+            from hf_lowrank_lora import use_peft_layer_call
+
+            use_peft_layer_call(model)
     elif kind == "peft":
         model = _peft_model(name, model, train, o)
     elif kind == "limit":

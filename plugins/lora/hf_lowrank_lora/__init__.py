@@ -11,6 +11,7 @@ from .fused_add import (
     lora_linear_backward,
     lora_linear_forward,
     use_fused_add,
+    use_peft_layer_call,
 )
 from .model import LoraModule, attach_lora, lora_layers
 
@@ -28,5 +29,6 @@ __all__ = [
     "lora_linear_forward",
     "peft_meta",
     "use_fused_add",
+    "use_peft_layer_call",
 ]
 __version__ = version("hf-lowrank-lora")  # the version lives in pyproject.toml only

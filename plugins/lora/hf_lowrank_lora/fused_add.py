@@ -260,6 +260,16 @@ def use_fused_add(model: nn.Module) -> int:
     return count
 
 
+def use_peft_layer_call(model: nn.Module) -> int:
+    """Put every :class:`FusedLoraLinear` of ``model`` back on PEFT's ``Linear`` class, variants kept:
+    each call then goes through PEFT's layer forward, as before :func:`use_fused_add`'s class swap
+    (the one-node layer's ablation); returns how many layers were switched."""
+    layers: list[nn.Module] = [m for m in model.modules() if type(m) is FusedLoraLinear]
+    for layer in layers:
+        layer.__class__ = PeftLoraLinear
+    return len(layers)
+
+
 def _fused_classes() -> tuple[type, ...]:
     """PEFT's layer classes whose forward hands a plain adapter's sum to its variant as ``Linear``'s does."""
     try:

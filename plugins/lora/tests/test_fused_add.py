@@ -7,7 +7,7 @@ import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
 import hf_lowrank_plugins as hlp
-from hf_lowrank_lora import FusedAddLoraVariant, FusedLoraLinear, LoraLinearFunction, lora_layers
+from hf_lowrank_lora import FusedAddLoraVariant, FusedLoraLinear, LoraLinearFunction, lora_layers, use_peft_layer_call
 from hf_lowrank_plugins.testing.helpers import make_tiny_model, rel_err
 from hf_lowrank_plugins.testing.models import GPT2, LLAMA
 
@@ -148,8 +148,7 @@ def test_whole_layer_path_steps_aside_where_it_would_differ(blocker, fused_calls
         if blocker is None:
             _peft_forward(model)
         else:
-            for layer in lora_layers(model).values():
-                layer.__class__ = PeftLoraLinear
+            assert use_peft_layer_call(model) == 14
         theirs, their_grads = _loss_and_grads(model, batch)
     if blocker is None:
         assert rel_err(ours, theirs) <= 1e-6
