@@ -118,17 +118,16 @@ def main() -> None:
         built = {name: build(name, o, tokenizer, workdir) for name in names}
         for model, _ in built.values():
             model.train()
-        times: dict[str, list[float]] = {name: [] for name in names}
         phases: dict[str, dict[str, list[float]]] = {name: {phase: [] for phase in PHASES} for name in names}
         for round_index in range(o.warmup + o.steps):
             shift = round_index % len(names)
             for name in names[shift:] + names[:shift]:
                 step_phases = train_step(*built[name], batch)
                 if round_index >= o.warmup:
-                    times[name].append(sum(step_phases.values()))
                     for phase, seconds in step_phases.items():
                         phases[name][phase].append(seconds)
             print(f"round {round_index + 1}/{o.warmup + o.steps}", file=sys.stderr, flush=True)
+    times = {name: [sum(step) for step in zip(*phases[name].values(), strict=True)] for name in names}
     ratios = paired_ratios(times, reference)
     rows = {
         name: {

@@ -196,17 +196,19 @@ class FusedLoraLinear(PeftLoraLinear):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The variant's ``fused_forward`` where it computes what PEFT's forward would, else PEFT's forward."""
-        variant = None if args or kwargs else self._fusable_variant(x)
-        output = variant.fused_forward(self, self.active_adapters[0], x) if variant is not None else None
+        name = None if args or kwargs else self._fusable_adapter(x)
+        variants: dict[str, Any] = self.lora_variant  # fused_forward is our extension of PEFT's variant
+        output = None if name is None else variants[name].fused_forward(self, name, x)
         return super().forward(x, *args, **kwargs) if output is None else output
 
-    def _fusable_variant(self, x: torch.Tensor) -> Any:
-        """The one active adapter's variant when it has ``fused_forward`` and nothing stands in its way, else ``None``."""
+    def _fusable_adapter(self, x: torch.Tensor) -> str | None:
+        """The one active adapter when its variant has ``fused_forward`` and nothing stands in its way, else ``None``."""
         if self.disable_adapters or self.merged or len(self.active_adapters) != 1:
             return None
         name = self.active_adapters[0]
-        variant = self.lora_variant.get(name)
-        if getattr(variant, "fused_forward", None) is None or type(self.lora_dropout[name]) is not nn.Identity:
+        if getattr(self.lora_variant.get(name), "fused_forward", None) is None:
+            return None
+        if type(self.lora_dropout[name]) is not nn.Identity:
             return None
         base = self.base_layer
         if type(base) is not nn.Linear or _has_hooks(base):
@@ -217,7 +219,7 @@ class FusedLoraLinear(PeftLoraLinear):
             return None
         if torch.is_autocast_enabled(x.device.type) or any(is_partitioned(t) for t in (*frozen, *factors)):
             return None
-        return variant
+        return name
 
 
 def _has_hooks(module: nn.Module) -> bool:
