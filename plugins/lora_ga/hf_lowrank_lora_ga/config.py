@@ -38,14 +38,14 @@ class LoraGaConfig(LoraMethodConfig):
         ga_layer_groups: ``"full"`` only (ignored by the sketch): split the targets into this many
             groups and run one pass over the (cached) batches per group, so only one group's
             accumulators exist; the factors are the same for every count (bit for bit), only time
-            and memory change. ``None`` (default): the fewest groups whose sums (after the
-            batches' tokens) fit in a tenth of the memory the process holds when the estimate
-            starts (on a CPU the resident set plus the model's weights not paged in yet; allocated
-            CUDA memory on a GPU), so the estimate stays within about 1.1x of a LoRA training
-            step's peak at any model size (measured 1.03x on SmolLM2-135M, 4 groups;
-            1.02x on a 0.80B model, 8 groups; 1.04x on a 1.07B one, before the sums were kept as
-            factors; 1.03x on the 0.80B model since). 1 is fastest: on SmolLM2-135M with two
-            batches of 2 x 64 tokens, 0.89x PEFT's ``preprocess_loraga`` time at 0.83x its peak.
+            and memory change. ``None`` (default): the fewest groups whose sums add at most a tenth
+            of the memory in use to a pass's peak, sized in the first pass after its first forward
+            (the memory then holds the weights, on a CPU the libraries, and one batch's
+            activations: about a LoRA step's peak; the sums of every batch but the last are what they
+            add at the peak; layers that read the same input keep it once). The estimate's peak stays
+            within about 1.1x of a LoRA training step's at any model size; on SmolLM2-135M with two
+            batches of 2 x 64 tokens that is one pass, 0.83x the time of PEFT's
+            ``preprocess_loraga`` at 0.82x its peak (``benchmarks/results/lora_ga_init.json``).
         svd: ``"randomized"`` (``torch.svd_lowrank`` with ``q = min(4r, min(m, n))``,
             ``svd_niter`` iterations, seeded by ``ga_seed``) or ``"exact"`` (``torch.linalg.svd``).
             The sketch always ends in an exact SVD of its small reconstruction.
@@ -95,7 +95,7 @@ class LoraGaConfig(LoraMethodConfig):
         default=None,
         metadata={
             "help": "full estimator: passes over the cached batches, one layer group each; None: the fewest whose "
-            "sums fit in a tenth of the memory in use (within about 1.1x a LoRA step's peak); 1 is fastest",
+            "sums add at most a tenth of the memory in use to a pass (within about 1.1x a LoRA step's peak)",
             "min": 1,
         },
     )

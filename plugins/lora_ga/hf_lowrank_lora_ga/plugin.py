@@ -144,19 +144,24 @@ def init_adapter_from_data(model: nn.Module, config: LoraGaConfig, train_dataloa
 def plan_memory(model: nn.Module, config: LoraGaConfig, settings: Any, terms: dict[str, int]) -> dict[str, int]:
     """LoRA-GA's initialisation, before the first step: the exact sums (the batches' factors while
     smaller than fp32 G, :func:`~hf_lowrank_lora_ga.gradient.accumulator_bytes`), one layer group at
-    a time (``estimator="full"``), or the sketches (``sketch``)."""
+    a time (``estimator="full"``; by default what :func:`~hf_lowrank_lora_ga.gradient.layer_group_count`
+    allows), or the sketches (``sketch``)."""
     shapes = list(linear_shapes(model).values())
     if config.estimator == "sketch":
         k = config.sketch_rank or 4 * int(config.r)
         per_layer = [2 * min(k, m, n) * (m + n) * 4 + m * n * 4 for m, n in shapes]  # sketches + one gradient
         return {"lora_ga_init": max(per_layer) + sum(per_layer) - max(per_layer) // 2}
-    rows = int(config.ga_batches) * (config.ga_batch_size or settings.batch_size) * settings.seq_len
+    per_batch = (config.ga_batch_size or settings.batch_size) * settings.seq_len
+    rows = int(config.ga_batches) * per_batch
     total = sum(accumulator_bytes(m, n, rows) for m, n in shapes)
     if config.ga_layer_groups is not None:
         return {"lora_ga_init": 2 * math.ceil(total / int(config.ga_layer_groups))}
-    # sized at run time from the memory in use (gradient.layer_group_count): weights plus, on a CPU, the libraries
-    in_use = terms["weights"] + terms["runtime"]
-    return {"lora_ga_init": 2 * min(total, int(ACCUMULATOR_SHARE * in_use))}
+    # sized at run time (gradient.layer_group_count): what a group's sums add to a pass's peak (all but the
+    # last batch's inputs) is at most a share of the memory in use after the first forward (the weights, on a
+    # CPU the libraries, one batch's activations)
+    added = sum(accumulator_bytes(m, n, rows, input_rows=rows - per_batch) for m, n in shapes)
+    in_use = terms["weights"] + terms["runtime"] + terms["activations"]
+    return {"lora_ga_init": 2 * min(added, int(ACCUMULATOR_SHARE * in_use))}
 
 
 @hookimpl

@@ -25,6 +25,7 @@ from hf_lowrank_plugins.testing.helpers import (
     rel_err,
     training_args,
 )
+from hf_lowrank_plugins.testing.models import SEQ_LEN
 
 HERE = Path(__file__).resolve().parent
 
@@ -181,31 +182,177 @@ def test_streaming_estimate_equals_plain_autograd_and_groups_change_nothing(n_ba
         assert all(torch.equal(a, b) for a, b in zip(vars(got[3][name]).values(), vars(f).values(), strict=True))
 
 
-@pytest.mark.parametrize("share_of_targets, groups", [(2.0, 1), (0.5, 2), (0.3, 4), (0.0, None)])
-def test_default_layer_groups_fit_a_tenth_of_the_memory_in_use(monkeypatch, share_of_targets, groups):
-    """Unset ``ga_layer_groups``: the fewest groups whose largest one's fp32 sums fit in 10% of the memory
-    in use (here pretended: the targets' fp32 bytes times ``share_of_targets`` / 0.1); 0 (no reading):
-    one layer per pass."""
+def _assumed_inputs(layers):
     from hf_lowrank_lora_ga import gradient
 
-    adapted = hlp.attach(make_tiny_model(), "lora_ga", r=4)
-    layers = lora_layers(adapted.model)
+    return {
+        n: gradient.LayerInput.assumed(*gradient.layer_dims(layer), i) for i, (n, layer) in enumerate(layers.items())
+    }
+
+
+@pytest.mark.parametrize("share_of_targets, groups", [(1.0, 1), (0.5, 2), (0.3, 4), (0.0, None)])
+def test_default_layer_groups_are_the_fewest_whose_sums_fit_a_tenth_of_the_memory_in_use(share_of_targets, groups):
+    """Unset ``ga_layer_groups``: the fewest groups whose largest one's sums add at most 10% of the memory in
+    use to a pass (here the sums are fp32 G, and the memory in use is the targets' fp32 bytes times
+    ``share_of_targets`` / 0.1); 0 (no reading): one layer a pass."""
+    from hf_lowrank_lora_ga import gradient
+
+    layers = lora_layers(hlp.attach(make_tiny_model(), "lora_ga", r=4).model)
+    inputs = _assumed_inputs(layers)
     targets = sum(4 * m * n for m, n in map(gradient.layer_dims, layers.values()))
-    monkeypatch.setattr(gradient, "in_use_bytes", lambda device, tensors=(): int(targets * share_of_targets / 0.1))
-    count = gradient.layer_group_count(adapted.config, layers, torch.device("cpu"))
+    budget = targets * share_of_targets
+    memory = gradient.PassMemory(int(budget / gradient.ACCUMULATOR_SHARE), None, None)
+    count = gradient.layer_group_count(inputs, memory)
     assert count == (groups or len(layers))
-    sizes = gradient.accumulator_sizes(layers)
-    assert gradient._largest_group_bytes(sizes, count) <= max(targets * share_of_targets, 0) or not groups
+
+    def largest(n):
+        return max(memory.peak_bytes(group, inputs) for group in gradient.layer_groups(inputs, None, n))
+
+    assert largest(count) <= budget or not groups
     if count > 1:  # and one group fewer would not fit
-        assert gradient._largest_group_bytes(sizes, count - 1) > targets * share_of_targets
-    pinned = hlp.attach(make_tiny_model(), "lora_ga", r=4, ga_layer_groups=3)
-    assert gradient.layer_group_count(pinned.config, layers, torch.device("cpu")) == 3
+        assert largest(count - 1) > budget
+
+
+def test_sums_count_a_shared_input_once_and_the_earlier_batches_at_the_peak():
+    """What the sums hold: the factors (fp32 G once larger, :class:`FullAccumulator`'s switch), an input
+    that several layers of a group read counted once; what they add to a pass's peak: the sums of every
+    batch but the last."""
+    from hf_lowrank_lora_ga import gradient
+    from hf_lowrank_lora_ga.gradient import LayerInput, PassMemory, accumulator_bytes, held_bytes
+
+    q, k = LayerInput(64, 32, 1, 4 * 32, 4 * 64), LayerInput(16, 32, 1, 4 * 32, 4 * 16)
+    down = LayerInput(32, 128, 2, 2 * 128, 2 * 32)  # bf16 rows
+    inputs = {"q": q, "k": k, "down": down}
+    assert held_bytes(["q", "k"], inputs, 3) == 3 * 4 * (64 + 16) + 3 * 4 * 32  # x once
+    assert held_bytes(["q"], inputs, 3) + held_bytes(["k"], inputs, 3) == held_bytes(["q", "k"], inputs, 3) + 3 * 4 * 32
+    assert held_bytes(["k"], inputs, 10) == 10 * 4 * (16 + 32)  # 10 x 48 entries < 16 x 32: factors
+    assert held_bytes(["k"], inputs, 11) == 4 * 16 * 32  # 11 x 48 entries >= 16 x 32: G
+    assert held_bytes(["down"], inputs, 5) == 5 * 2 * (128 + 32) and held_bytes(["down"], inputs, None) == 4 * 32 * 128
+    assert [accumulator_bytes(64, 32, rows) for rows in (3, 30, None)] == [4 * 3 * 96, 4 * 64 * 32, 4 * 64 * 32]
+    group = ["q", "k", "down"]
+    assert PassMemory(10**6, 3, 6).peak_bytes(group, inputs) == held_bytes(group, inputs, 3)
+    assert PassMemory(10**6, 0, 3).peak_bytes(["q"], inputs) == 0  # one batch: nothing kept before it
+    assert PassMemory(10**6, 11, 22).peak_bytes(["k"], inputs) == 4 * 16 * 32  # G by then
+    assert (
+        gradient.batch_rows(_batches(2, 3)) == 2 * 3 * SEQ_LEN and gradient.batch_rows([{"x": torch.ones(3)}]) is None
+    )
+
+
+def test_default_sizing_reads_the_first_forward_and_changes_nothing_but_the_passes(monkeypatch):
+    """Unset ``ga_layer_groups``: the first pass records what every layer's sum will hold (q/k/v and
+    gate/up each share their input) and the memory in use after its first forward, then goes on with
+    the first group only; each budget gives its count of passes, and the factors are bit for bit those
+    of one pinned group."""
+    from hf_lowrank_lora_ga import gradient
+
+    base, batches = make_tiny_model(), _batches(2, 1)
+    pinned = hlp.attach(copy.deepcopy(base), "lora_ga", r=4, estimator="full", svd="exact", ga_layer_groups=1)
+    expected = estimate_gradient_factors(pinned.model, pinned.config, batches)
+    adapted = hlp.attach(copy.deepcopy(base), "lora_ga", r=4, estimator="full", svd="exact")
+    layers = lora_layers(adapted.model)
+    recorded: list[dict] = []
+    passes: list[int] = []
+    folded: list[int] = []
+    original_count, original_pass = gradient.layer_group_count, gradient._run_pass
+    monkeypatch.setattr(
+        gradient, "layer_group_count", lambda inputs, memory: recorded.append(inputs) or original_count(inputs, memory)
+    )
+
+    def counting_pass(model, layers, taps, *args, **kwargs):
+        passes.append(len(taps.accumulators))
+        original_pass(model, layers, taps, *args, **kwargs)
+        folded.append(len(taps.accumulators))  # the first pass keeps folding its first group only
+        assert all(kept.x is None for name in taps.kept for kept in taps.kept[name])  # no input left behind
+
+    monkeypatch.setattr(gradient, "_run_pass", counting_pass)
+    rows, rows_before_last = gradient.batch_rows(batches), gradient.batch_rows(batches[:-1])
+
+    def estimate(in_use):
+        readings = iter([in_use])  # read once, after the first forward
+        monkeypatch.setattr(gradient, "in_use_bytes", lambda device, tensors=(): next(readings))
+        passes.clear()
+        got = estimate_gradient_factors(adapted.model, adapted.config, batches)
+        assert all(
+            torch.equal(a, b)
+            for n in expected
+            for a, b in zip(vars(got[n]).values(), vars(expected[n]).values(), strict=True)
+        )
+        assert passes[0] == len(layers)  # the first pass starts with every layer
+        return len(passes)
+
+    no_reading = estimate(0)
+    inputs = recorded[-1]
+    assert no_reading == len(gradient.layer_groups(inputs, rows, len(layers))) > 1  # as many groups as layers
+    total = gradient.held_bytes(list(inputs), inputs, rows)
+    assert total < sum(4 * m * n for m, n in map(gradient.layer_dims, layers.values()))  # 2 x 16 tokens: factors
+    for share in (1.0, 0.4):
+        in_use = int(share * total / gradient.ACCUMULATOR_SHARE)
+        count = original_count(inputs, gradient.PassMemory(in_use, rows_before_last, rows))
+        assert estimate(in_use) == count and (count == 1) == (share == 1.0)
+        assert folded[-count:] == [len(group) for group in gradient.layer_groups(inputs, rows, count)]
+    first = [n for n in inputs if ".layers.0." in n]
+    keys = {n.rsplit(".", 1)[-1]: inputs[n].input_key for n in first}
+    assert keys["q_proj"] == keys["k_proj"] == keys["v_proj"] != keys["o_proj"]
+    assert keys["gate_proj"] == keys["up_proj"] != keys["down_proj"]
+    assert all(inputs[n].input_row_bytes == 4 * layers[n].in_features for n in first)
+
+
+def test_compacted_factors_share_one_aligned_buffer_and_sum_bit_for_bit():
+    """``compact_factors`` moves the pairs kept since its last call into one buffer: an input that two sums
+    share is copied once, every copy starts 64-byte aligned, G is the plain sum bit for bit, and a kept
+    tensor changed in place before the move is refused as before."""
+    from hf_lowrank_lora_ga.gradient import FullAccumulator, compact_factors
+
+    gen = torch.Generator().manual_seed(0)
+    cpu = torch.device("cpu")
+    q, k = FullAccumulator(24, 32, cpu), FullAccumulator(16, 32, cpu)  # 9 rows stay factors in both
+    plain = {id(q): torch.zeros(24, 32), id(k): torch.zeros(16, 32)}
+    for batch in range(3):
+        x = torch.randn(3, 32, generator=gen)  # one input read by both layers
+        for acc in (q, k):
+            g = torch.randn(3, acc.m, generator=gen)
+            acc.fold(x, g)
+            plain[id(acc)].addmm_(g.t(), x)
+        if batch < 2:  # x: 384 bytes; q's g: 288 -> 320 aligned; k's g: 192
+            assert compact_factors([q, k], cpu) == 384 + 320 + 192
+    first, second = q.factors[0], q.factors[1]
+    storage = first[0].untyped_storage().data_ptr()
+    assert first[0].data_ptr() == k.factors[0][0].data_ptr()  # the shared input copied once
+    assert first[1].untyped_storage().data_ptr() == storage != second[0].untyped_storage().data_ptr()
+    assert all(t.data_ptr() % 64 == 0 for acc in (q, k) for pair in acc.factors[:2] for t in pair[:2])
+    assert q.factors[2][0].untyped_storage().data_ptr() != storage  # the last batch's stay where they are
+    assert torch.equal(q.dense(), plain[id(q)]) and torch.equal(k.dense(), plain[id(k)])
+    changed = FullAccumulator(24, 32, cpu)
+    x = torch.randn(3, 32, generator=gen)
+    changed.fold(x, torch.randn(3, 24, generator=gen))
+    x.mul_(2)
+    with pytest.raises(hlp.LowRankError, match="in place"):
+        compact_factors([changed], cpu)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_estimate_under_gradient_checkpointing_equals_the_plain_one(reentrant):
+    """With the model's gradient checkpointing on (each decoder layer's forward run again in backward), the
+    default estimate gives the factors of a plain pass bit for bit: a recomputed call's kept input is
+    dropped with its output (non-reentrant), or the recomputation is the call that folds (reentrant)."""
+    base, batches = make_tiny_model(), _batches(2, 1)
+    plain = hlp.attach(copy.deepcopy(base), "lora_ga", r=4, estimator="full", svd="exact", ga_layer_groups=1)
+    expected = estimate_gradient_factors(plain.model, plain.config, batches)
+    adapted = hlp.attach(copy.deepcopy(base), "lora_ga", r=4, estimator="full", svd="exact")
+    adapted.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    got = estimate_gradient_factors(adapted.model, adapted.config, batches)
+    assert got.keys() == expected.keys()
+    for name, factors in got.items():
+        assert all(
+            torch.equal(a, b) for a, b in zip(vars(factors).values(), vars(expected[name]).values(), strict=True)
+        )
 
 
 @pytest.mark.parametrize("rows_per_batch", [3, 40])
 def test_accumulator_keeps_factors_while_smaller_and_sums_bit_for_bit_like_dense(rows_per_batch):
     """A 24 x 32 layer: 3 rows a batch stay as factors (3 x 56 entries < 768) until they outgrow G,
-    40 rows go to G at once; either way G is the same ``addmm_`` sequence as a plain fp32 sum."""
+    40 rows go to G at once, and told the rows to come, a sum that ends as G is G from the first batch;
+    either way G is the same ``addmm_`` sequence as a plain fp32 sum."""
     from hf_lowrank_lora_ga.gradient import FullAccumulator
 
     gen = torch.Generator().manual_seed(0)
@@ -220,36 +367,17 @@ def test_accumulator_keeps_factors_while_smaller_and_sums_bit_for_bit_like_dense
         factored = (i + 1) * rows_per_batch * (24 + 32) < 24 * 32
         assert (acc._G is None) == factored and len(acc.factors) == (i + 1 if factored else 0)
     assert torch.equal(acc.dense(), plain)
+    told = FullAccumulator(24, 32, torch.device("cpu"), total_rows=6 * rows_per_batch)  # 6 x 3 x 56 >= 768
+    for x, g in pairs:
+        told.fold(x, g)
+        assert told._G is not None and not told.factors
+    assert torch.equal(told.dense(), plain)
     kept = FullAccumulator(24, 32, torch.device("cpu"))
     x, g = pairs[0]
     kept.fold(x[:3].clone(), g[:3])
     kept.factors[0][0].mul_(2)  # a model that rewrites an activation in place after its layer ran
     with pytest.raises(hlp.LowRankError, match="in place"):
         kept.dense()
-
-
-def test_layer_groups_count_the_factors_a_few_short_batches_need():
-    """Few tokens: the accumulators hold the factors, fewer bytes than G, so fewer passes fit the budget."""
-    from hf_lowrank_lora_ga import gradient
-
-    adapted = hlp.attach(make_tiny_model(), "lora_ga", r=4)
-    layers = lora_layers(adapted.model)
-    batches = _batches(n=2, size=1)  # 2 x 16 tokens: the 64 x 128 MLP layers stay factored
-    rows = gradient.batch_rows(batches)
-    assert rows == sum(b["input_ids"].numel() for b in batches)
-    dims = list(map(gradient.layer_dims, layers.values()))
-    assert [gradient.accumulator_bytes(m, n, rows) for m, n in dims] == [
-        4 * min(rows * (m + n), m * n) for m, n in dims
-    ]
-    assert gradient.accumulator_bytes(8, 8, None) == 4 * 64 and gradient.batch_rows([{"x": torch.ones(3)}]) is None
-    dense = gradient._largest_group_bytes(gradient.accumulator_sizes(layers), 1)
-    factored = gradient._largest_group_bytes(gradient.accumulator_sizes(layers, rows), 1)
-    assert factored < dense
-    budget = (factored + dense) / 2
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gradient, "in_use_bytes", lambda device, tensors=(): int(budget / gradient.ACCUMULATOR_SHARE))
-        assert gradient.layer_group_count(adapted.config, layers, torch.device("cpu"), rows=rows) == 1
-        assert gradient.layer_group_count(adapted.config, layers, torch.device("cpu")) > 1
 
 
 def test_plan_counts_the_sums_the_estimate_holds():
