@@ -7,6 +7,7 @@ The library knows no method. Methods come from installed plugins (entry-point gr
 
 from importlib.metadata import PackageNotFoundError, version
 
+from . import _import_notices  # noqa: F401 - first: before PEFT imports bitsandbytes
 from .api import Adapted, attach, infer_task_type, load_adapter, load_config, make_config
 from .callback import LowRankCallback
 from .errors import ConfigError, IncompatibleError, LowRankError, PluginError, TargetError, UnknownMethodError
