@@ -122,26 +122,18 @@ class _Accumulator:
 
 
 class FullAccumulator(_Accumulator):
-    """Exact ``G = sum_b (dL_b/dy)^T x`` (m x n): the factors while they are smaller, then G in fp32.
+    """Exact ``G = sum_b (dL_b/dy)^T x`` (m x n): the factors while they are smaller, then G in fp32."""
 
-    Given the ``total_rows`` to come, a sum that will end as G is G from the first batch: the same
-    ``addmm_`` calls in the same order, without the factors it would drop at the switch (freed
-    memory that a CPU process keeps resident beside G: 23 MiB of SmolLM2's k/v sums at the second
-    of two short batches).
-    """
-
-    def __init__(self, m: int, n: int, device: torch.device, total_rows: int | None = None) -> None:
+    def __init__(self, m: int, n: int, device: torch.device) -> None:
         self.m, self.n, self.device = m, n, device
         self.factors: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int]]] = []
         self.rows = 0
         self._G: torch.Tensor | None = None
-        self.ends_dense = total_rows is not None and total_rows * (m + n) >= m * n
         self.compacted = 0  # factors already moved by compact_factors
 
     def fold(self, x: torch.Tensor, g: torch.Tensor) -> None:
         """Add one batch's gradient ``g^T x`` (tokens flattened): keep the pair, or add it to G."""
-        smaller = (self.rows + x.shape[0]) * (self.m + self.n) < self.m * self.n
-        if self._G is None and smaller and not self.ends_dense:
+        if self._G is None and (self.rows + x.shape[0]) * (self.m + self.n) < self.m * self.n:
             # x as the layer saw it (layers fed the same input share it), with the versions to prove it unchanged
             self.factors.append((x, g, (x._version, g._version)))
             self.rows += x.shape[0]
@@ -180,9 +172,10 @@ def compact_factors(accumulators: Iterable[_Accumulator], device: torch.device) 
     freed space, fits the next batch's activations only partly around them. Copied out into one block
     (above glibc's mmap threshold, so outside the heap) and the heap's free pages handed back, the
     next forward lays its activations out as the first did. SmolLM2-135M, two batches of 2 x 64
-    tokens, one group: the pass peaked at 1,586 MiB without this and 1,555 MiB with it, against
-    1,450 MiB for a LoRA training step; the copy (118 MiB) and the trim took 55 ms. An input that layers share (q/k/v's)
-    is copied once; every copy starts 64-byte aligned, as the allocator's own tensors do.
+    tokens, one group: the pass peaked at 1,586 MiB without this and 1,522-1,525 MiB with it,
+    against 1,450 MiB for a LoRA training step; the copy (118 MiB) and the trim took 55 ms. An input
+    that layers share (q/k/v's) is copied once; every copy starts 64-byte aligned, as the
+    allocator's own tensors do.
     """
     pending = [
         (acc, index)
@@ -469,29 +462,26 @@ class LayerInput:
         return rows is None or rows * (self.out_features + self.in_features) >= self.out_features * self.in_features
 
 
-def held_bytes(
-    group: Iterable[str], inputs: dict[str, LayerInput], rows: int | None, input_rows: int | None = None
-) -> int:
+def held_bytes(group: Iterable[str], inputs: dict[str, LayerInput], rows: int | None) -> int:
     """What the sums of the layers in ``group`` hold after ``rows`` tokens: fp32 G for a layer past
-    :class:`FullAccumulator`'s switch, else its rows of ``dL/dy`` and of its input (``input_rows`` of
-    them when given), an input that several layers of the group read counted once."""
-    input_rows = rows if input_rows is None else input_rows
+    :class:`FullAccumulator`'s switch, else its rows of ``dL/dy`` and of its input, an input that
+    several layers of the group read counted once."""
     total, kept_inputs = 0, {}
     for name in group:
         layer = inputs[name]
         if layer.is_dense(rows):
             total += 4 * layer.out_features * layer.in_features
         else:
-            assert rows is not None and input_rows is not None  # for mypy: is_dense(None) is True
+            assert rows is not None  # for mypy: is_dense(None) is True
             total += rows * layer.grad_row_bytes
-            kept_inputs[layer.input_key] = input_rows * layer.input_row_bytes
+            kept_inputs[layer.input_key] = rows * layer.input_row_bytes
     return total + sum(kept_inputs.values())
 
 
-def accumulator_bytes(m: int, n: int, rows: int | None, input_rows: int | None = None) -> int:
+def accumulator_bytes(m: int, n: int, rows: int | None) -> int:
     """What a :class:`FullAccumulator` of an ``m x n`` layer holds after ``rows`` tokens, at most (fp32
-    factors, the layer's input counted as its own): the factors or, once larger, G (see :func:`held_bytes`)."""
-    return held_bytes(["layer"], {"layer": LayerInput.assumed(m, n, 0)}, rows, input_rows)
+    factors, the layer's input counted as its own): the factors or, once larger, G (:func:`held_bytes`)."""
+    return held_bytes(["layer"], {"layer": LayerInput.assumed(m, n, 0)}, rows)
 
 
 def layer_groups(inputs: dict[str, LayerInput], rows: int | None, count: int) -> list[list[str]]:
@@ -615,9 +605,7 @@ def _estimate_exact(
     pending = [list(layers)] if sizing else layer_groups(assumed, rows, int(config.ga_layer_groups))
     results: dict[str, GradientFactors] = {}
     while pending:
-        sums: dict[str, _Accumulator] = {
-            n: FullAccumulator(*layer_dims(layers[n]), device, total_rows=rows) for n in pending.pop(0)
-        }
+        sums: dict[str, _Accumulator] = {n: FullAccumulator(*layer_dims(layers[n]), device) for n in pending.pop(0)}
         taps = _Taps(sums, record_inputs=sizing)
         sized: list[list[str]] = []
 

@@ -156,10 +156,10 @@ def plan_memory(model: nn.Module, config: LoraGaConfig, settings: Any, terms: di
     total = sum(accumulator_bytes(m, n, rows) for m, n in shapes)
     if config.ga_layer_groups is not None:
         return {"lora_ga_init": 2 * math.ceil(total / int(config.ga_layer_groups))}
-    # sized at run time (gradient.layer_group_count): what a group's sums add to a pass's peak (all but the
-    # last batch's inputs) is at most a share of the memory in use after the first forward (the weights, on a
+    # sized at run time (gradient.layer_group_count): what a group's sums add to a pass's peak (those of every
+    # batch but the last) is at most a share of the memory in use after the first forward (the weights, on a
     # CPU the libraries, one batch's activations)
-    added = sum(accumulator_bytes(m, n, rows, input_rows=rows - per_batch) for m, n in shapes)
+    added = sum(accumulator_bytes(m, n, rows - per_batch) for m, n in shapes)
     in_use = terms["weights"] + terms["runtime"] + terms["activations"]
     return {"lora_ga_init": 2 * min(added, int(ACCUMULATOR_SHARE * in_use))}
 

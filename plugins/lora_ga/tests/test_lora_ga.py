@@ -351,8 +351,7 @@ def test_estimate_under_gradient_checkpointing_equals_the_plain_one(reentrant):
 @pytest.mark.parametrize("rows_per_batch", [3, 40])
 def test_accumulator_keeps_factors_while_smaller_and_sums_bit_for_bit_like_dense(rows_per_batch):
     """A 24 x 32 layer: 3 rows a batch stay as factors (3 x 56 entries < 768) until they outgrow G,
-    40 rows go to G at once, and told the rows to come, a sum that ends as G is G from the first batch;
-    either way G is the same ``addmm_`` sequence as a plain fp32 sum."""
+    40 rows go to G at once; either way G is the same ``addmm_`` sequence as a plain fp32 sum."""
     from hf_lowrank_lora_ga.gradient import FullAccumulator
 
     gen = torch.Generator().manual_seed(0)
@@ -367,11 +366,6 @@ def test_accumulator_keeps_factors_while_smaller_and_sums_bit_for_bit_like_dense
         factored = (i + 1) * rows_per_batch * (24 + 32) < 24 * 32
         assert (acc._G is None) == factored and len(acc.factors) == (i + 1 if factored else 0)
     assert torch.equal(acc.dense(), plain)
-    told = FullAccumulator(24, 32, torch.device("cpu"), total_rows=6 * rows_per_batch)  # 6 x 3 x 56 >= 768
-    for x, g in pairs:
-        told.fold(x, g)
-        assert told._G is not None and not told.factors
-    assert torch.equal(told.dense(), plain)
     kept = FullAccumulator(24, 32, torch.device("cpu"))
     x, g = pairs[0]
     kept.fold(x[:3].clone(), g[:3])
