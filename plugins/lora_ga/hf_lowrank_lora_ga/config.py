@@ -45,7 +45,8 @@ class LoraGaConfig(LoraMethodConfig):
             add at the peak; layers that read the same input keep it once). The estimate's peak stays
             within about 1.1x of a LoRA training step's at any model size; on SmolLM2-135M with two
             batches of 2 x 64 tokens that is one pass, level with PEFT's ``preprocess_loraga`` in
-            time (0.90-0.92x, within this machine's noise) at 0.80x its peak (``benchmarks/results/lora_ga_init_sized.json``).
+            time (0.90-0.92x, within this machine's noise) at 0.80x its peak
+            (``benchmarks/results/lora_ga_init_sized.json``).
         svd: ``"randomized"`` (``torch.svd_lowrank`` with ``q = min(4r, min(m, n))``,
             ``svd_niter`` iterations, seeded by ``ga_seed``) or ``"exact"`` (``torch.linalg.svd``).
             The sketch always ends in an exact SVD of its small reconstruction.
