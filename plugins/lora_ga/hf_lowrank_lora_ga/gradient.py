@@ -68,6 +68,12 @@ def layer_dims(layer: LoraModule) -> tuple[int, int]:
     return int(layer.out_features), int(layer.in_features)
 
 
+def factors_outgrow_sum(rows: int, m: int, n: int) -> bool:
+    """Whether ``rows`` tokens of an ``m x n`` layer's factors, ``rows x (m + n)`` entries, are at least
+    its sum G's ``m x n``: from then on :class:`FullAccumulator` holds G instead."""
+    return rows * (m + n) >= m * n
+
+
 def seed_for(*parts: Any) -> int:
     """A stable 31-bit seed from ``parts`` (same on every process and run, unlike ``hash``)."""
     return zlib.crc32(":".join(map(str, parts)).encode()) & 0x7FFFFFFF
@@ -133,7 +139,7 @@ class FullAccumulator(_Accumulator):
 
     def fold(self, x: torch.Tensor, g: torch.Tensor) -> None:
         """Add one batch's gradient ``g^T x`` (tokens flattened): keep the pair, or add it to G."""
-        if self._G is None and (self.rows + x.shape[0]) * (self.m + self.n) < self.m * self.n:
+        if self._G is None and not factors_outgrow_sum(self.rows + x.shape[0], self.m, self.n):
             # x as the layer saw it (layers fed the same input share it), with the versions to prove it unchanged
             self.factors.append((x, g, (x._version, g._version)))
             self.rows += x.shape[0]
@@ -294,7 +300,7 @@ class _Taps:
                 return  # a dropped layer, or a no-grad forward (the first pass of reentrant checkpointing)
             x = args[0].detach()
             if self.inputs is not None:
-                self.inputs[name] = LayerInput.of(module, x, output)
+                self.inputs[name] = LayerInput.of(x, output)
             kept = _Kept(x)  # the accumulator keeps x only while its factors are smaller than G
             self.kept[name].add(kept)
 
@@ -446,8 +452,8 @@ class LayerInput:
     grad_row_bytes: int  # one row of dL/dy, in the output's dtype
 
     @classmethod
-    def of(cls, module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> LayerInput:
-        """The layer ``module`` that read ``x`` and wrote ``output``."""
+    def of(cls, x: torch.Tensor, output: torch.Tensor) -> LayerInput:
+        """The layer that read ``x`` and wrote ``output``."""
         n, m = x.shape[-1], output.shape[-1]
         return cls(m, n, x.untyped_storage().data_ptr(), n * x.element_size(), m * output.element_size())
 
@@ -459,7 +465,7 @@ class LayerInput:
     def is_dense(self, rows: int | None) -> bool:
         """Whether after ``rows`` tokens the sum is fp32 G (:meth:`FullAccumulator.fold`'s switch);
         ``None``: unknown tokens, counted as G."""
-        return rows is None or rows * (self.out_features + self.in_features) >= self.out_features * self.in_features
+        return rows is None or factors_outgrow_sum(rows, self.out_features, self.in_features)
 
 
 def held_bytes(group: Iterable[str], inputs: dict[str, LayerInput], rows: int | None) -> int:
