@@ -1,7 +1,8 @@
 """Step-time ratios measured in one process, round by round, so that the machine's drift cancels.
 
     .venv/bin/python benchmarks/paired_steps.py --variants ours:lora,ours:dora,peft:dora,limit:frozen \
-        --reference ours:lora [--steps 20] [--warmup 3] [--batch-size 2] [--seq-len 64] [--rank 16] [--output FILE]
+        --reference ours:lora [--steps 20] [--warmup 3] [--batch-size 2] [--seq-len 64] [--rank 16] [--output FILE] \
+        [--compile]
 
 ``bench_anchors.py`` runs each variant in its own process, which isolates its memory but leaves its
 step time exposed to the machine's speed at that moment: on a shared 2-core machine that drifts by
@@ -92,6 +93,12 @@ def main() -> None:
     parser.add_argument("--variants", required=True, help="comma-separated variants of harness.VARIANTS")
     parser.add_argument("--reference", help="the variant every ratio is taken against (default: the first)")
     parser.add_argument("--output", default="benchmarks/results/paired_steps.json")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="wrap every variant's model in torch.compile (inductor), as TrainingArguments(torch_compile=True) "
+        "does; the warm-up rounds then include the compilation",
+    )
     add_options(parser, BenchOptions(steps=20, warmup=3))  # --steps: rounds measured
     ns = parser.parse_args()
     o = options_from(ns)
@@ -118,6 +125,8 @@ def main() -> None:
         built = {name: build(name, o, tokenizer, workdir) for name in names}
         for model, _ in built.values():
             model.train()
+        if ns.compile:
+            built = {name: (torch.compile(model), optimizer) for name, (model, optimizer) in built.items()}
         phases: dict[str, dict[str, list[float]]] = {name: {phase: [] for phase in PHASES} for name in names}
         for round_index in range(o.warmup + o.steps):
             shift = round_index % len(names)
@@ -139,7 +148,8 @@ def main() -> None:
         for name, steps in times.items()
     }
     print(
-        f"\n{o.batch_size} x {o.seq_len} tokens, rank {o.rank}, {o.steps} rounds after {o.warmup} warm-up; "
+        f"\n{o.batch_size} x {o.seq_len} tokens, rank {o.rank}, {'compiled, ' if ns.compile else ''}"
+        f"{o.steps} rounds after {o.warmup} warm-up; "
         f"ratio: median over rounds of step / {reference}'s step in the same round\n"
     )
     print(f"| variant | median step s | ratio | {' | '.join(f'{p} s' for p in PHASES)} | description |")

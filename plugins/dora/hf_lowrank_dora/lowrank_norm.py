@@ -32,6 +32,16 @@ from hf_lowrank_lora import add_scaled_lora, lora_linear_backward, lora_linear_f
 from hf_lowrank_plugins.distributed import is_partitioned
 
 
+def _dense_weight(base_layer: nn.Module) -> torch.Tensor:
+    """The base layer's weight as a dense tensor: a plain parameter as it is, a quantized one through
+    PEFT's ``dequantize_module_weight``, which returns a plain parameter unchanged too but inspects
+    type names in ways ``torch.compile`` cannot trace (a graph break in every DoRA layer)."""
+    weight = base_layer.weight
+    if type(weight) is nn.Parameter and not hasattr(base_layer, "W_q"):  # W_q: HQQ's quantized layers
+        return weight
+    return dequantize_module_weight(base_layer)
+
+
 class LowRankDoraLinearLayer(DoraLinearLayer):
     """PEFT's DoRA magnitude layer, computing the detached row norms (each step's and the initial
     magnitudes) from low-rank pieces."""
@@ -40,18 +50,27 @@ class LowRankDoraLinearLayer(DoraLinearLayer):
         """``||W_i||^2`` of the frozen base weight in ``dtype``, kept until that weight changes.
 
         The key is the base layer's own weight (storage and version counter), not the tensor the
-        forward derives from it: a 4-bit weight is dequantized afresh on every call.
+        forward derives from it: a 4-bit weight is dequantized afresh on every call. Inside a
+        ``torch.compile`` graph the key cannot be read without a graph break in every layer (DoRA
+        compiled ran at 0.71x its eager speed for them), and a cache that is not checked could go
+        stale silently, so a compiled forward computes the norms from the weight: one more read of
+        it per step.
         """
+        if torch.compiler.is_compiling():
+            return self._base_row_norms_squared(base_layer, dtype)
         source = cast(torch.Tensor, base_layer.weight)
         key = (source.data_ptr(), source._version, tuple(source.shape), dtype)
         cached = getattr(self, "_w_sq", None)
         if cached is None or cached[0] != key:
-            with torch.no_grad():
-                weight = transpose(dequantize_module_weight(base_layer), self.fan_in_fan_out).to(dtype)
-                # row-wise dot products: no out x in temporary of squares (see update_layer)
-                cached = (key, torch.einsum("ij,ij->i", weight, weight))
+            cached = (key, self._base_row_norms_squared(base_layer, dtype))
             self._w_sq = cached
         return cached[1]
+
+    def _base_row_norms_squared(self, base_layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+        with torch.no_grad():
+            weight = transpose(_dense_weight(base_layer), self.fan_in_fan_out).to(dtype)
+            # row-wise dot products: no out x in temporary of squares (see update_layer)
+            return torch.einsum("ij,ij->i", weight, weight)
 
     @cache_decorator("weight-norm")
     def low_rank_weight_norm(
@@ -72,7 +91,7 @@ class LowRankDoraLinearLayer(DoraLinearLayer):
         self, base_layer: nn.Module, a: torch.Tensor, b: torch.Tensor, scaling: float, dtype: torch.dtype
     ) -> torch.Tensor:
         with torch.no_grad():
-            weight = transpose(dequantize_module_weight(base_layer), self.fan_in_fan_out).to(dtype)
+            weight = transpose(_dense_weight(base_layer), self.fan_in_fan_out).to(dtype)
             a, b = a.to(dtype), b.to(dtype)
             # 2s W A^T + s^2 B (A A^T), out x r, in one fused op; then the row-wise dot with B
             cross = torch.addmm(F.linear(weight, a), b, F.linear(a, a), beta=2 * scaling, alpha=scaling * scaling)
@@ -151,7 +170,7 @@ class LowRankDoraLinearVariant(DoraLinearVariant):
             return dora_output(combined, dora.weight, norm, getattr(base_layer, "bias", None))
         # dropout changes x, so (as PEFT does) the magnitude scales the base output recomputed on it
         x = dropout(x)
-        base = F.linear(x, transpose(dequantize_module_weight(base_layer), dora.fan_in_fan_out).to(x.dtype))
+        base = F.linear(x, transpose(_dense_weight(base_layer), dora.fan_in_fan_out).to(x.dtype))
         return result + (dora_output(add_scaled_lora(base, x, lora_A, lora_B, scaling), dora.weight, norm) - base)
 
 
