@@ -36,7 +36,15 @@ from . import contract
 from .models import MODEL_CASES, ModelCase, kit_devices, rel_err
 
 #: The checks of the matrix, by test name; ``expected_failures`` keys use these names (or ``"*"``).
-CHECKS = ("identity_at_init", "merged_equals_adapted", "round_trip", "plain_peft", "resume", "optimizer_state")
+CHECKS = (
+    "identity_at_init",
+    "merged_equals_adapted",
+    "round_trip",
+    "plain_peft",
+    "resume",
+    "optimizer_state",
+    "compiles",
+)
 
 
 class MethodConformance:
@@ -143,6 +151,11 @@ class MethodConformance:
     def test_optimizer_state(self, case: ModelCase, device: str, tmp_path_factory: pytest.TempPathFactory) -> None:
         """The checkpointed optimizer state loads with ``weights_only=True`` (no pickled objects)."""
         contract.optimizer_state_loads_weights_only(self._run(case, device, tmp_path_factory))
+
+    def test_compiles(self, case: ModelCase, device: str) -> None:
+        """``torch.compile`` finds no graph break in a training forward that the base model does not have."""
+        base, adapted = contract.graph_breaks(case, self.method, dict(self.settings), self.load_in_4bit, device)
+        assert len(adapted) <= len(base), f"graph breaks added: {adapted} (the base model alone: {base})"
 
     # ------------------------------------------------------------------ configuration
 

@@ -9,7 +9,10 @@ Every check compares numbers with a stated tolerance:
 * plain PEFT: the same adapter loaded by ``peft.PeftModel.from_pretrained`` in a process that never
   imports this package reproduces it too, with no warning;
 * resume: a run resumed from a checkpoint logs the uninterrupted run's losses;
-* the optimizer state of every checkpoint loads with ``torch.load(weights_only=True)``.
+* the optimizer state of every checkpoint loads with ``torch.load(weights_only=True)``;
+* compiles: ``torch.compile`` finds no graph break in a training forward that the base model's own
+  forward does not have (each break splits the graph and costs speed: DoRA's per-layer breaks once
+  made it slower compiled than eager).
 """
 
 from __future__ import annotations
@@ -174,6 +177,31 @@ def identity_error(
     from .models import rel_err
 
     return rel_err(output(adapted.model, batch), reference)
+
+
+_BASE_GRAPH_BREAKS: dict[tuple[str, str], list[str]] = {}
+
+
+def graph_breaks(
+    case: ModelCase, method: str, settings: dict[str, Any], load_in_4bit: bool = False, device: str = "cpu"
+) -> tuple[list[str], list[str]]:
+    """Why dynamo breaks the graph of a training-mode forward of ``case``'s base model, and of the same
+    model with ``method`` attached: one reason per break (``torch._dynamo.explain`` traces the
+    forward; nothing is compiled)."""
+    import torch._dynamo
+
+    def reasons(model: torch.nn.Module) -> list[str]:
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model.train())(**{k: v.to(device) for k, v in case.batch().items()})
+        return [str(reason.reason).splitlines()[0] for reason in explained.break_reasons]
+
+    key = (case.name, device)
+    if key not in _BASE_GRAPH_BREAKS:  # the same for every method: traced once per process
+        _BASE_GRAPH_BREAKS[key] = reasons(case.build().to(device))
+    adapted = attach(case.build().to(device), method, load_in_4bit=load_in_4bit, **settings)
+    adapted_reasons = reasons(adapted.model)
+    torch._dynamo.reset()
+    return _BASE_GRAPH_BREAKS[key], adapted_reasons
 
 
 def merged_output(run: TrainedRun) -> torch.Tensor:

@@ -25,21 +25,24 @@ import torch.nn.functional as F
 from peft.tuners.lora.dora import DoraLinearLayer, cache_decorator
 from peft.tuners.lora.variants import DoraLinearVariant
 from peft.utils.integrations import dequantize_module_weight, gather_params_ctx
-from peft.utils.other import transpose
 from torch import nn
 
 from hf_lowrank_lora import add_scaled_lora, lora_linear_backward, lora_linear_forward
 from hf_lowrank_plugins.distributed import is_partitioned
 
 
-def _dense_weight(base_layer: nn.Module) -> torch.Tensor:
-    """The base layer's weight as a dense tensor: a plain parameter as it is, a quantized one through
-    PEFT's ``dequantize_module_weight``, which returns a plain parameter unchanged too but inspects
-    type names in ways ``torch.compile`` cannot trace (a graph break in every DoRA layer)."""
+def _dense_weight(base_layer: nn.Module, fan_in_fan_out: bool) -> torch.Tensor:
+    """The base layer's weight as a dense ``out x in`` tensor.
+
+    What PEFT's ``transpose(dequantize_module_weight(layer), fan_in_fan_out)`` gives, without the
+    steps ``torch.compile`` cannot trace, each a graph break in every DoRA layer: the dequantizer
+    inspects type names even for a plain parameter, and ``transpose`` wraps a transposed parameter
+    in a new ``nn.Parameter`` (GPT-2's ``Conv1D`` stores ``in x out``).
+    """
     weight = base_layer.weight
-    if type(weight) is nn.Parameter and not hasattr(base_layer, "W_q"):  # W_q: HQQ's quantized layers
-        return weight
-    return dequantize_module_weight(base_layer)
+    if type(weight) is not nn.Parameter or hasattr(base_layer, "W_q"):  # quantized (W_q: HQQ's layers)
+        weight = dequantize_module_weight(base_layer)
+    return weight.T if fan_in_fan_out else weight
 
 
 class LowRankDoraLinearLayer(DoraLinearLayer):
@@ -68,7 +71,7 @@ class LowRankDoraLinearLayer(DoraLinearLayer):
 
     def _base_row_norms_squared(self, base_layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
         with torch.no_grad():
-            weight = transpose(_dense_weight(base_layer), self.fan_in_fan_out).to(dtype)
+            weight = _dense_weight(base_layer, self.fan_in_fan_out).to(dtype)
             # row-wise dot products: no out x in temporary of squares (see update_layer)
             return torch.einsum("ij,ij->i", weight, weight)
 
@@ -91,7 +94,7 @@ class LowRankDoraLinearLayer(DoraLinearLayer):
         self, base_layer: nn.Module, a: torch.Tensor, b: torch.Tensor, scaling: float, dtype: torch.dtype
     ) -> torch.Tensor:
         with torch.no_grad():
-            weight = transpose(_dense_weight(base_layer), self.fan_in_fan_out).to(dtype)
+            weight = _dense_weight(base_layer, self.fan_in_fan_out).to(dtype)
             a, b = a.to(dtype), b.to(dtype)
             # 2s W A^T + s^2 B (A A^T), out x r, in one fused op; then the row-wise dot with B
             cross = torch.addmm(F.linear(weight, a), b, F.linear(a, a), beta=2 * scaling, alpha=scaling * scaling)
@@ -170,7 +173,7 @@ class LowRankDoraLinearVariant(DoraLinearVariant):
             return dora_output(combined, dora.weight, norm, getattr(base_layer, "bias", None))
         # dropout changes x, so (as PEFT does) the magnitude scales the base output recomputed on it
         x = dropout(x)
-        base = F.linear(x, transpose(_dense_weight(base_layer), dora.fan_in_fan_out).to(x.dtype))
+        base = F.linear(x, _dense_weight(base_layer, dora.fan_in_fan_out).to(x.dtype))
         return result + (dora_output(add_scaled_lora(base, x, lora_A, lora_B, scaling), dora.weight, norm) - base)
 
 
