@@ -4,6 +4,9 @@
         --reference ours:lora [--steps 20] [--warmup 3] [--batch-size 2] [--seq-len 64] [--rank 16] [--output FILE] \
         [--compile]
 
+A variant named with ``+compiled`` (``ours:lora+compiled``) is that variant wrapped in ``torch.compile``;
+``--compile`` compiles every variant.
+
 ``bench_anchors.py`` runs each variant in its own process, which isolates its memory but leaves its
 step time exposed to the machine's speed at that moment: on a shared 2-core machine that drifts by
 10-25% over minutes, the ratio of two separate runs moves by as much as the differences being
@@ -60,6 +63,16 @@ def build(variant: str, o: BenchOptions, tokenizer: Any, workdir: str) -> tuple[
     return model, trainer.create_optimizer()
 
 
+#: Appended to a variant's name (``ours:dora+compiled``): that variant's model wrapped in ``torch.compile``,
+#: so eager and compiled steps of one method are paired round by round.
+COMPILED = "+compiled"
+
+
+def base_variant(name: str) -> str:
+    """The harness variant a (possibly ``+compiled``) name builds."""
+    return name.removesuffix(COMPILED)
+
+
 #: The parts of :func:`train_step` timed on their own, in order.
 PHASES = ("forward_backward", "clip", "optimizer")
 
@@ -97,13 +110,14 @@ def main() -> None:
         "--compile",
         action="store_true",
         help="wrap every variant's model in torch.compile (inductor), as TrainingArguments(torch_compile=True) "
-        "does; the warm-up rounds then include the compilation",
+        "does; the warm-up rounds then include the compilation. A single variant is compiled by appending "
+        f"{COMPILED} to its name (ours:lora,ours:lora{COMPILED}: the compile gain, paired)",
     )
     add_options(parser, BenchOptions(steps=20, warmup=3))  # --steps: rounds measured
     ns = parser.parse_args()
     o = options_from(ns)
     names = [v.strip() for v in ns.variants.split(",") if v.strip()]
-    unknown = [v for v in names if v not in VARIANTS or v.startswith("hf:")]
+    unknown = [v for v in names if base_variant(v) not in VARIANTS or v.startswith("hf:")]
     if unknown:
         raise SystemExit(f"unknown or unsupported variant(s): {', '.join(unknown)} (hf: optimizers need the Trainer)")
     reference = ns.reference or names[0]
@@ -122,11 +136,13 @@ def main() -> None:
     ids = torch.randint(0, len(tokenizer), (o.batch_size, o.seq_len), generator=generator)
     batch = {"input_ids": ids, "labels": ids}
     with tempfile.TemporaryDirectory() as workdir:
-        built = {name: build(name, o, tokenizer, workdir) for name in names}
+        built = {name: build(base_variant(name), o, tokenizer, workdir) for name in names}
         for model, _ in built.values():
             model.train()
-        if ns.compile:
-            built = {name: (torch.compile(model), optimizer) for name, (model, optimizer) in built.items()}
+        built = {
+            name: (torch.compile(model) if ns.compile or name.endswith(COMPILED) else model, optimizer)
+            for name, (model, optimizer) in built.items()
+        }
         phases: dict[str, dict[str, list[float]]] = {name: {phase: [] for phase in PHASES} for name in names}
         for round_index in range(o.warmup + o.steps):
             shift = round_index % len(names)
@@ -157,7 +173,8 @@ def main() -> None:
     for name, row in rows.items():
         parts = " | ".join(figure(row["phases_median_s"][p]) for p in PHASES)
         print(
-            f"| {name} | {figure(row['median_step_s'])} | {row['ratio']:.3f} | {parts} | {VARIANTS[name].description} |"
+            f"| {name} | {figure(row['median_step_s'])} | {row['ratio']:.3f} | {parts} | "
+            f"{VARIANTS[base_variant(name)].description} |"
         )
     document = {
         "command": " ".join(sys.argv),
