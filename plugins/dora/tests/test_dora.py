@@ -378,8 +378,8 @@ def test_dora_output_keeps_one_activation_for_backward_and_equals_peft_expressio
 
 def test_training_forward_compiles_to_one_graph_that_reads_the_weight_as_it_is():
     """Under ``torch.compile`` DoRA's training forward is one graph: no graph break in any layer (with
-    one per layer, from checking the cached ``||W_i||^2`` against its weight, DoRA compiled ran at 0.71x
-    its eager speed). Its loss and gradients equal eager's, and the compiled forward takes the base
+    two per layer, from PEFT's weight helper and from checking the cached ``||W_i||^2`` against its
+    weight, DoRA compiled ran at 0.71x its eager speed). Its loss and gradients equal eager's, and the compiled forward takes the base
     row norms from the weight as it is at each call: after a base weight is changed in place between
     two compiled calls, compiled and eager outputs still agree."""
     import torch._dynamo
