@@ -77,6 +77,10 @@ class TrainSpec:
     )
     bf16: bool = field(default=False, metadata=opt("bf16 mixed precision"))
     gradient_checkpointing: bool = field(default=False, metadata=opt("recompute activations in backward (less memory)"))
+    torch_compile: bool = field(
+        default=False,
+        metadata=opt("compile the model with torch.compile (faster steps after minutes of compiling on a CPU)"),
+    )
     loss_on_prompt: bool = field(
         default=False, metadata=opt("instruction data: train on the prompt tokens too (default: the answers only)")
     )

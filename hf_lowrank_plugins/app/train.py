@@ -66,6 +66,7 @@ def training_arguments(spec: TrainSpec, output_dir: Path, steps: int | None) -> 
         gradient_checkpointing=spec.gradient_checkpointing,
         # non-reentrant: frozen embeddings give inputs without grad, which reentrant checkpointing drops
         gradient_checkpointing_kwargs={"use_reentrant": False} if spec.gradient_checkpointing else None,
+        torch_compile=spec.torch_compile,
         report_to=[b for b in spec.report_to if b != "none"] or "none",
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),  # torchrun on CPU then gets a gloo process group
