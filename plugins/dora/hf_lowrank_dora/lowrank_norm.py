@@ -39,14 +39,14 @@ def _dense_weight(base_layer: nn.Module, fan_in_fan_out: bool) -> torch.Tensor:
     inspects type names even for a plain parameter, and ``transpose`` wraps a transposed parameter
     in a new ``nn.Parameter`` (GPT-2's ``Conv1D`` stores ``in x out``).
     """
-    weight = base_layer.weight
+    weight: Any = base_layer.weight  # a Parameter, or a quantized one carrying its quantization state
     if type(weight).__name__ == "Params4bit":  # bitsandbytes 4-bit, as PEFT's helper dequantizes it
         import bitsandbytes as bnb
 
         weight = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
     elif type(weight) is not nn.Parameter or hasattr(base_layer, "W_q"):  # other quantizations (W_q: HQQ's)
         weight = dequantize_module_weight(base_layer)
-    return weight.T if fan_in_fan_out else weight
+    return cast(torch.Tensor, weight.T if fan_in_fan_out else weight)
 
 
 class LowRankDoraLinearLayer(DoraLinearLayer):
