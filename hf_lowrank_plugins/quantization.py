@@ -46,6 +46,18 @@ def is_quantized(model: nn.Module) -> bool:
     )
 
 
+def dequantized_4bit_weight(module: Any) -> torch.Tensor:
+    """``deq(Q(W))`` of a bitsandbytes 4-bit layer's weight, in the layout the layer stores it.
+
+    bitsandbytes' own ``dequantize_4bit``, the call PEFT's ``dequantize_module_weight`` ends in, made
+    directly: ``torch.compile`` traces it, where PEFT's helper breaks the graph (it reads the weight's
+    ``__class__`` and, on a CPU, reassigns the module's weight on every call).
+    """
+    import bitsandbytes as bnb
+
+    return bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+
+
 def _require_bitsandbytes() -> None:
     try:
         import bitsandbytes  # noqa: F401

@@ -40,6 +40,8 @@ from peft.utils import ModulesToSaveWrapper
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .quantization import dequantized_4bit_weight
+
 #: transformers' own default shard size for ``save_pretrained``.
 DEFAULT_MAX_SHARD_SIZE = 50 * 10**9
 
@@ -139,13 +141,6 @@ def _is_4bit(module: nn.Module) -> bool:
     return type(module).__name__ == "Linear4bit" and type(getattr(module, "weight", None)).__name__ == "Params4bit"
 
 
-def _dequantized_weight(module: Any) -> torch.Tensor:
-    """``deq(Q(W))`` of a bitsandbytes ``Linear4bit`` in the (out, in) layout of ``nn.Linear``."""
-    import bitsandbytes as bnb
-
-    return bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
-
-
 def _conv1d_source(module: nn.Module) -> bool:
     """A 4-bit layer quantized from GPT-2's ``Conv1D`` (stored (in, out) in the checkpoint)."""
     return issubclass(getattr(module, "source_cls", nn.Module), Conv1D)
@@ -185,7 +180,7 @@ def _merged_weight(
         return work.get_base_layer().weight.detach()
     # PEFT's 4-bit merge re-quantizes the merged weight (losing the update), so the same maths as its
     # bnb merge runs here in full precision: deq(W) + delta, DoRA's row scale on top.
-    weight = _dequantized_weight(base).to(dequant_dtype)
+    weight = dequantized_4bit_weight(base).to(dequant_dtype)
     delta = layer.get_delta_weight(adapter).to(dequant_dtype)
     merged = weight + delta
     if getattr(layer, "use_dora", {}).get(adapter, False):
@@ -253,7 +248,7 @@ def _base_weight(base: Any, dequant_dtype: torch.dtype) -> torch.Tensor:
     """A base layer's weight as a plain checkpoint stores it (dequantized when 4-bit)."""
     if not _is_4bit(base):
         return base.weight.detach()
-    weight = _dequantized_weight(base).to(dequant_dtype)
+    weight = dequantized_4bit_weight(base).to(dequant_dtype)
     return weight.t() if _conv1d_source(base) else weight
 
 

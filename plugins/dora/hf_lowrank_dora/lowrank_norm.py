@@ -29,6 +29,7 @@ from torch import nn
 
 from hf_lowrank_lora import add_scaled_lora, lora_linear_backward, lora_linear_forward
 from hf_lowrank_plugins.distributed import is_partitioned
+from hf_lowrank_plugins.quantization import dequantized_4bit_weight
 
 
 def _dense_weight(base_layer: nn.Module, fan_in_fan_out: bool) -> torch.Tensor:
@@ -41,9 +42,7 @@ def _dense_weight(base_layer: nn.Module, fan_in_fan_out: bool) -> torch.Tensor:
     """
     weight: Any = base_layer.weight  # a Parameter, or a quantized one carrying its quantization state
     if type(weight).__name__ == "Params4bit":  # bitsandbytes 4-bit, as PEFT's helper dequantizes it
-        import bitsandbytes as bnb
-
-        weight = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+        weight = dequantized_4bit_weight(base_layer)
     elif type(weight) is not nn.Parameter or hasattr(base_layer, "W_q"):  # other quantizations (W_q: HQQ's)
         weight = dequantize_module_weight(base_layer)
     return cast(torch.Tensor, weight.T if fan_in_fan_out else weight)
