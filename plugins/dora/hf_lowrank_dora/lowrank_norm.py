@@ -52,8 +52,11 @@ class LowRankDoraLinearLayer(DoraLinearLayer):
     """PEFT's DoRA magnitude layer, computing the detached row norms (each step's and the initial
     magnitudes) from low-rank pieces."""
 
-    def row_norms_squared(self, base_layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-        """``||W_i||^2`` of the frozen base weight in ``dtype``, kept until that weight changes.
+    def row_norms_squared(
+        self, base_layer: nn.Module, dtype: torch.dtype, dense_weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``||W_i||^2`` of the frozen base weight in ``dtype``, kept until that weight changes;
+        ``dense_weight`` is that weight already dense in ``dtype`` (``out x in``), when the caller has it.
 
         The key is the base layer's own weight (storage and version counter), not the tensor the
         forward derives from it: a 4-bit weight is dequantized afresh on every call. Inside a
@@ -63,18 +66,21 @@ class LowRankDoraLinearLayer(DoraLinearLayer):
         it per step.
         """
         if torch.compiler.is_compiling():
-            return self._base_row_norms_squared(base_layer, dtype)
+            return self._base_row_norms_squared(base_layer, dtype, dense_weight)
         source = cast(torch.Tensor, base_layer.weight)
         key = (source.data_ptr(), source._version, tuple(source.shape), dtype)
         cached = getattr(self, "_w_sq", None)
         if cached is None or cached[0] != key:
-            cached = (key, self._base_row_norms_squared(base_layer, dtype))
+            cached = (key, self._base_row_norms_squared(base_layer, dtype, dense_weight))
             self._w_sq = cached
         return cached[1]
 
-    def _base_row_norms_squared(self, base_layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    def _base_row_norms_squared(
+        self, base_layer: nn.Module, dtype: torch.dtype, weight: torch.Tensor | None
+    ) -> torch.Tensor:
         with torch.no_grad():
-            weight = _dense_weight(base_layer, self.fan_in_fan_out).to(dtype)
+            if weight is None:
+                weight = _dense_weight(base_layer, self.fan_in_fan_out).to(dtype)
             # row-wise dot products: no out x in temporary of squares (see update_layer)
             return torch.einsum("ij,ij->i", weight, weight)
 
@@ -101,7 +107,8 @@ class LowRankDoraLinearLayer(DoraLinearLayer):
             a, b = a.to(dtype), b.to(dtype)
             # 2s W A^T + s^2 B (A A^T), out x r, in one fused op; then the row-wise dot with B
             cross = torch.addmm(F.linear(weight, a), b, F.linear(a, a), beta=2 * scaling, alpha=scaling * scaling)
-            squared = torch.linalg.vecdot(b, cross).add_(self.row_norms_squared(base_layer, dtype))
+            # a 4-bit weight dequantized once a call, where a compiled forward also takes ||W_i||^2 from it
+            squared = torch.linalg.vecdot(b, cross).add_(self.row_norms_squared(base_layer, dtype, weight))
             return squared.clamp_min_(0).sqrt_()
 
     def update_layer(
