@@ -63,11 +63,12 @@ class LowRankDoraLinearLayer(DoraLinearLayer):
         ``torch.compile`` graph the key cannot be read without a graph break in every layer (DoRA
         compiled ran at 0.71x its eager speed for them), and a cache that is not checked could go
         stale silently, so a compiled forward computes the norms from the weight: one more read of
-        it per step.
+        it per step. So does a forward whose base weight is trained: optimizers that write through
+        ``.data`` or raw pointers (bitsandbytes' 8-bit ones, DeepSpeed's) leave the version alone.
         """
-        if torch.compiler.is_compiling():
-            return self._base_row_norms_squared(base_layer, dtype, dense_weight)
         source = cast(torch.Tensor, base_layer.weight)
+        if torch.compiler.is_compiling() or source.requires_grad:
+            return self._base_row_norms_squared(base_layer, dtype, dense_weight)
         key = (source.data_ptr(), source._version, tuple(source.shape), dtype)
         cached = getattr(self, "_w_sq", None)
         if cached is None or cached[0] != key:

@@ -249,6 +249,25 @@ def test_base_row_norms_are_computed_at_attach_and_reused_by_training(four_bit):
     assert all(layer._w_sq[1] is tensor for layer, tensor in zip(layers, cached, strict=True))
 
 
+def test_a_trained_base_weight_written_through_data_is_read_afresh():
+    """Where the base weight itself trains, ``||W_i||^2`` is not cached: optimizers that write through
+    ``.data`` (DeepSpeed's) or raw pointers (bitsandbytes' 8-bit) leave its version counter alone, so a
+    cache keyed on it would keep the old norms. After such a write our outputs still equal PEFT's DoRA
+    within 1e-5, on the same written weights."""
+    ours, theirs = _dora_pair(_model_case("llama"))
+    batch = _model_case("llama").batch()
+    generator = torch.Generator().manual_seed(11)
+    for model in (ours, theirs):
+        model.requires_grad_(True)  # the whole model trains, base weights included
+        _forward_backward(model, batch)  # a first step's forward fills whatever it caches
+    for (name, p), (_, q) in zip(ours.named_parameters(), theirs.named_parameters(), strict=True):
+        if "base_layer.weight" in name:
+            update = torch.randn(p.shape, generator=generator) * 0.05
+            p.data.add_(update)  # as an optimizer outside autograd writes it: the version stays
+            q.data.add_(update)
+    assert rel_err(_forward_backward(ours, batch)[0], _forward_backward(theirs, batch)[0]) <= 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_initial_magnitudes_are_pefts_and_the_model_equals_its_base_bit_for_bit(dtype):
     """The magnitudes our attach computes from low-rank pieces equal PEFT's dense ``||W + s B A||`` (same
