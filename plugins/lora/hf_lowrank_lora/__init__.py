@@ -8,8 +8,10 @@ from .fused_add import (
     FusedLoraLinear,
     LoraLinearFunction,
     add_scaled_lora,
+    has_hooks,
     lora_linear_backward,
     lora_linear_forward,
+    unflatten_output,
     use_fused_add,
     use_peft_layer_call,
 )
@@ -24,10 +26,12 @@ __all__ = [
     "LoraModule",
     "add_scaled_lora",
     "attach_lora",
+    "has_hooks",
     "lora_layers",
     "lora_linear_backward",
     "lora_linear_forward",
     "peft_meta",
+    "unflatten_output",
     "use_fused_add",
     "use_peft_layer_call",
 ]

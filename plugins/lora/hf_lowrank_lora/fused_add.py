@@ -24,12 +24,14 @@ LoRA costs beyond the frozen base there is mostly its rank-r products, which are
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, cast
 
 import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.lora.layer import LoraVariant
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from hf_lowrank_plugins.distributed import is_partitioned
 
@@ -62,7 +64,8 @@ class FusedAddLoraVariant(LoraVariant):
         :class:`FusedLoraLinear` only where nothing needs the base layer's own call."""
         base, scaling = module.base_layer, module.scaling[active_adapter]
         lora_A, lora_B = module.lora_A[active_adapter].weight, module.lora_B[active_adapter].weight
-        return cast(torch.Tensor, LoraLinearFunction.apply(x, base.weight, base.bias, lora_A, lora_B, scaling))
+        flat_out = LoraLinearFunction.apply(x, base.weight, base.bias, lora_A, lora_B, scaling)
+        return unflatten_output(cast(torch.Tensor, flat_out), x)
 
     @staticmethod
     def forward(module: Any, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -73,13 +76,20 @@ class FusedAddLoraVariant(LoraVariant):
 
 
 def add_scaled_lora(
-    result: torch.Tensor, x: torch.Tensor, lora_A: nn.Module, lora_B: nn.Module, scaling: float
+    result: torch.Tensor,
+    x: torch.Tensor,
+    lora_A: nn.Module,
+    lora_B: nn.Module,
+    scaling: float,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``result + s * B A x`` as a new tensor: ``s`` scales the rank-r ``A x`` (r columns where PEFT
     scales ``out``) and ``torch.addmm`` adds ``B``'s product to ``result`` in the same GEMM.
 
-    ``lora_A`` and ``lora_B`` are the bias-free ``nn.Linear`` factors PEFT creates. DoRA's forward
-    builds its ``base + s lora`` with it too.
+    ``lora_A`` and ``lora_B`` are the bias-free ``nn.Linear`` factors PEFT creates. The sum is taken in
+    the wider of ``result``'s and the update's dtypes, or ``dtype`` where that is wider still: DoRA's
+    forward builds its ``base + s lora`` with it too, in its magnitude's dtype, since PEFT's DoRA sums
+    a 16-bit base output (autocast's) and its update in fp32.
     """
     hidden = lora_A(x)
     if scaling != 1:
@@ -88,10 +98,15 @@ def add_scaled_lora(
     if is_partitioned(weight):
         # DeepSpeed ZeRO-3 gathers a partitioned weight only inside its module's own call
         return result + lora_B(hidden)
-    # PEFT's sum promotes a lower-precision base output to the adapter's dtype and its caller casts
-    # back; addmm needs one dtype, so the promotion is made explicit
-    flat_result = result.reshape(-1, result.shape[-1]).to(hidden.dtype)
-    summed = torch.addmm(flat_result, hidden.reshape(-1, hidden.shape[-1]), weight.t())
+    # PEFT's sum promotes to the wider of the base output's and the adapter's dtypes, and its caller
+    # casts back to the base's; addmm needs one dtype, so the promotion is made explicit (an fp32 base
+    # output is never rounded to a bf16 adapter's precision)
+    dtype = torch.promote_types(torch.promote_types(result.dtype, hidden.dtype), dtype or result.dtype)
+    flat_result = result.reshape(-1, result.shape[-1]).to(dtype)
+    device = result.device.type
+    # autocast, where on, would take the sum in 16 bits again: off for this one GEMM
+    with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
+        summed = torch.addmm(flat_result, hidden.reshape(-1, hidden.shape[-1]).to(dtype), weight.t().to(dtype))
     return summed.view(*result.shape[:-1], summed.shape[-1])
 
 
@@ -142,13 +157,25 @@ def lora_linear_backward(
     return grad_x, grad_A, grad_B
 
 
+def unflatten_output(flat_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A one-node layer's ``tokens x out`` output in the leading shape of its input ``x``.
+
+    The reshape happens outside the autograd node: a view made inside a custom ``Function`` may not be
+    modified in place afterwards, and models do modify a projection's output in place (Llama 4's
+    MoE adds into its shared expert's ``down_proj`` output), which PEFT's layer allows.
+    """
+    return flat_out if x.dim() == 2 else flat_out.view(*x.shape[:-1], flat_out.shape[-1])
+
+
 class LoraLinearFunction(torch.autograd.Function):
     """``x W^T + b + s (x A^T) B^T`` for a frozen ``W``/``b`` as one autograd node.
 
     Forward keeps ``x``, the three weights and the ``tokens x r`` hidden ``s x A^T``, what PEFT's
-    layer keeps too. Backward computes PEFT's gradients with the same products
-    (:func:`lora_linear_backward`). The base weight and bias get no gradient:
-    :meth:`FusedLoraLinear.forward` takes this path only while they are frozen.
+    layer keeps too, and returns the ``tokens x out`` output (:func:`unflatten_output` shapes it).
+    Backward computes PEFT's gradients with the same products (:func:`lora_linear_backward`). The base
+    weight and bias get no gradient: :meth:`FusedLoraLinear.forward` takes this path only while they
+    are frozen. Backward is once differentiable: a second derivative (``create_graph=True``) raises,
+    where PEFT's layer gives one (:func:`use_peft_layer_call` switches a model back to it).
     """
 
     @staticmethod
@@ -166,9 +193,10 @@ class LoraLinearFunction(torch.autograd.Function):
         out, hidden = lora_linear_forward(flat_x, weight, bias, lora_A, lora_B, scaling)
         ctx.save_for_backward(flat_x, weight, lora_A, lora_B, hidden)
         ctx.scaling, ctx.input_shape = scaling, x.shape
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out  # tokens x out: see unflatten_output
 
     @staticmethod
+    @once_differentiable  # saved x and hidden carry no graph: a second derivative would be silently wrong
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """Gradients of ``x``, ``lora_A`` and ``lora_B`` (none for the frozen base)."""
         flat_x, weight, lora_A, lora_B, hidden = ctx.saved_tensors
@@ -188,8 +216,9 @@ class FusedLoraLinear(PeftLoraLinear):
     A variant with a ``fused_forward(module, adapter, x)`` (:class:`FusedAddLoraVariant`, DoRA's)
     returns the layer's output from ``x`` in one autograd node, or ``None`` to leave the call to
     PEFT. It is asked only when what the node leaves out is absent: one active, unmerged adapter
-    and no dropout; a plain frozen ``nn.Linear`` base with no hooks (LoRA-GA's gradient hooks,
-    accelerate's offloading, DeepSpeed's partitioned weights all need its call); one dtype throughout
+    and no dropout; a plain frozen ``nn.Linear`` base, with no hooks on it or on the adapter's modules
+    (LoRA-GA's gradient hooks, accelerate's offloading, DeepSpeed's partitioned weights, a user's
+    forward hook on ``lora_A`` all need PEFT's calls); one dtype throughout
     and no autocast (whose casts PEFT's modules make op by op); no extra arguments (mixed-adapter
     batches).
     """
@@ -201,6 +230,13 @@ class FusedLoraLinear(PeftLoraLinear):
         output = None if name is None else variants[name].fused_forward(self, name, x)
         return super().forward(x, *args, **kwargs) if output is None else output
 
+    def _adapter_modules(self, name: str) -> list[nn.Module]:
+        """The modules PEFT's forward calls for adapter ``name``; a hook on any of them needs that call."""
+        modules = [self.base_layer, self.lora_A[name], self.lora_B[name], self.lora_dropout[name]]
+        if name in self.lora_magnitude_vector:  # DoRA's
+            modules.append(self.lora_magnitude_vector[name])
+        return modules
+
     def _fusable_adapter(self, x: torch.Tensor) -> str | None:
         """The one active adapter when its variant has ``fused_forward`` and nothing stands in its way, else ``None``."""
         if self.disable_adapters or self.merged or len(self.active_adapters) != 1:
@@ -211,7 +247,7 @@ class FusedLoraLinear(PeftLoraLinear):
         if type(self.lora_dropout[name]) is not nn.Identity:
             return None
         base = self.base_layer
-        if type(base) is not nn.Linear or _has_hooks(base):
+        if type(base) is not nn.Linear or any(has_hooks(m) for m in self._adapter_modules(name)):
             return None
         frozen = [base.weight] if base.bias is None else [base.weight, base.bias]
         factors = [cast(torch.Tensor, self.lora_A[name].weight), cast(torch.Tensor, self.lora_B[name].weight)]
@@ -222,7 +258,7 @@ class FusedLoraLinear(PeftLoraLinear):
         return name
 
 
-def _has_hooks(module: nn.Module) -> bool:
+def has_hooks(module: nn.Module) -> bool:
     """Whether calling ``module`` runs more than its class's ``forward``: its own or global hooks, or a
     replaced ``forward`` (accelerate's offloading)."""
     from torch.nn.modules import module as torch_module

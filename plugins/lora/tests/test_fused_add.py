@@ -114,12 +114,18 @@ def _hooked_base(model) -> None:
         layer.get_base_layer().register_forward_hook(lambda module, args, out: out * 1.5)
 
 
+def _hooked_factor(model) -> None:
+    for layer in lora_layers(model).values():
+        layer.lora_A["default"].register_forward_hook(lambda module, args, out: out * 1.5)
+
+
 @pytest.mark.parametrize(
     "blocker",
     [
         pytest.param(None, id="nothing-in-the-way"),
         pytest.param(_trainable_bias, id="trainable-base-bias"),
         pytest.param(_hooked_base, id="hook-on-base"),
+        pytest.param(_hooked_factor, id="hook-on-lora_A"),
         pytest.param("autocast", id="autocast"),
         pytest.param("second-adapter", id="two-active-adapters"),
     ],
@@ -156,6 +162,31 @@ def test_whole_layer_path_steps_aside_where_it_would_differ(blocker, fused_calls
     else:
         assert torch.equal(ours, theirs)
         assert all(torch.equal(grad, their_grads[name]) for name, grad in our_grads.items())
+
+
+def test_output_modified_in_place_trains_as_on_peft(batch, fused_calls):
+    """A model may modify a projection's output in place (Llama 4's MoE adds into its shared expert's
+    ``down_proj`` output). The one-node layer's output allows it, as PEFT's does: the same loss and
+    gradients within 1e-6 / 1e-5 of PEFT's forward."""
+    model = _adapted(make_tiny_model()).model.train()
+    for layer in lora_layers(model).values():
+        layer.register_forward_hook(lambda module, args, out: out.mul_(1.5))  # in place, after the layer
+    ours, our_grads = _loss_and_grads(model, batch)
+    assert len(fused_calls) == 14
+    _peft_forward(model)
+    theirs, their_grads = _loss_and_grads(model, batch)
+    assert rel_err(ours, theirs) <= 1e-6
+    assert all(rel_err(grad, their_grads[name]) <= 1e-5 for name, grad in our_grads.items())
+
+
+def test_second_derivative_raises_rather_than_being_wrong(batch):
+    """The one-node layer keeps ``x`` and ``s x A^T`` without their graph, so a gradient of a gradient
+    through it would leave out terms: it raises instead (PEFT's layer call gives the right one)."""
+    model = _adapted(make_tiny_model()).model.train()
+    factor = next(iter(lora_layers(model).values())).lora_A["default"].weight
+    (grad,) = torch.autograd.grad(model(input_ids=batch, labels=batch).loss, factor, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.pow(2).sum().backward()
 
 
 def test_four_bit_base_equals_peft(batch):
@@ -213,6 +244,33 @@ def test_lower_precision_base_sums_in_the_adapter_dtype(batch):
         theirs = model(input_ids=batch).logits
     assert ours.dtype == theirs.dtype == torch.bfloat16
     assert rel_err(ours.float(), theirs.float()) <= 1e-2  # the same sums, rounded to bf16 in each layer
+
+
+def test_full_precision_base_output_is_not_rounded_to_a_16_bit_adapter(batch):
+    """An fp32 base with bf16 adapters: PEFT adds the bf16 update to the fp32 base output, in fp32, and
+    so do we (the base output was rounded to bf16 once). With ``B = 0`` the output is the base
+    model's bit for bit (the old sum in bf16 rounded it); with a trained ``B``, as close to the same
+    factors in fp32 as PEFT's forward is (both round the input and ``A x`` to bf16; about 6e-3)."""
+    import copy
+
+    model = hlp.attach(make_tiny_model(), "lora", r=4, lora_alpha=8).model.eval()
+    for layer in lora_layers(model).values():
+        for factor in (layer.lora_A["default"], layer.lora_B["default"]):
+            factor.to(torch.bfloat16)
+    with torch.no_grad():
+        with model.disable_adapter():
+            base = model(input_ids=batch).logits
+        assert torch.equal(model(input_ids=batch).logits, base)  # B = 0 at initialisation
+        generator = torch.Generator().manual_seed(3)
+        for layer in lora_layers(model).values():
+            weight = layer.lora_B["default"].weight
+            weight.copy_(torch.randn(weight.shape, generator=generator) * 0.1)
+        ours = model(input_ids=batch).logits
+        _peft_forward(model)
+        theirs = model(input_ids=batch).logits
+        exact = copy.deepcopy(model).float()(input_ids=batch).logits  # the same bf16 values, in fp32
+    assert ours.dtype == theirs.dtype == torch.float32 and not torch.equal(ours, base)
+    assert rel_err(ours, exact) <= 1e-2 and rel_err(theirs, exact) <= 1e-2
 
 
 def test_partitioned_weight_goes_through_its_module(tiny_model, batch):
