@@ -166,15 +166,21 @@ class Adapted:
         """
         if self.guard is not None:
             self.guard.active = True
-        result = self.registry.call_method_hook(
-            self.method,
-            "init_adapter_from_data",
-            model=self.model,
-            config=self.config,
-            train_dataloader=dataloader,
-            args=args or self.training_args,
+        changed = bool(
+            self.registry.call_method_hook(
+                self.method,
+                "init_adapter_from_data",
+                model=self.model,
+                config=self.config,
+                train_dataloader=dataloader,
+                args=args or self.training_args,
+            )
         )
-        return bool(result)
+        if changed:
+            # the hook writes through ``param.data``, which leaves version counters alone; what is derived
+            # from a parameter and kept until its version moves (DoRA's ||W_i||^2) must see the new values
+            torch.autograd.graph.increment_version([p for p in self.model.parameters() if not p.is_inference()])
+        return changed
 
     def write_deliverables(
         self,

@@ -118,15 +118,8 @@ class LowRankCallback(TrainerCallback):
         bind_zero_partitions(kwargs.get("optimizer"))  # an optimizer that needs whole weights under ZeRO
         if state.global_step > 0:  # resumed: the checkpoint already holds the initialised state
             return
-        changed = self.adapted.registry.call_method_hook(
-            info,
-            "init_adapter_from_data",
-            model=self.adapted.model,
-            config=self.adapted.config,
-            train_dataloader=kwargs.get("train_dataloader"),
-            args=args,
-        )
-        if changed:  # DeepSpeed took its fp32 master copies before this; without a refresh step 1 undoes the init
+        if self.adapted.initialise_from_data(kwargs.get("train_dataloader"), args):
+            # DeepSpeed took its fp32 master copies before this; without a refresh step 1 undoes the init
             refresh_master_weights(kwargs.get("optimizer"))
             trim_heap()  # the initialisation's temporaries (gradient sums, SVD workspaces)
 

@@ -95,7 +95,9 @@ def init_adapter_from_data(
     optimizer and prepared the model, before the first step, with the Trainer's own training
     dataloader. It is *not* called when the run resumes from a checkpoint (the adapter state is
     restored from the checkpoint instead). Change parameters in place (``param.data.copy_``) so the
-    optimizer keeps its references. Return ``True`` when something was initialised.
+    optimizer keeps its references. Return ``True`` when something was initialised: the caller then
+    advances every parameter's version counter, which writes through ``.data`` leave alone, so that
+    values derived from a parameter and kept until it changes (DoRA's ``||W_i||^2``) are recomputed.
     """
 
 

@@ -26,8 +26,15 @@ from peft.tuners.lora.dora import DoraLinearLayer, cache_decorator
 from peft.tuners.lora.variants import DoraLinearVariant
 from peft.utils.integrations import dequantize_module_weight, gather_params_ctx
 from torch import nn
+from torch.autograd.function import once_differentiable
 
-from hf_lowrank_lora import add_scaled_lora, lora_linear_backward, lora_linear_forward
+from hf_lowrank_lora import (
+    add_scaled_lora,
+    has_hooks,
+    lora_linear_backward,
+    lora_linear_forward,
+    unflatten_output,
+)
 from hf_lowrank_plugins.distributed import is_partitioned
 from hf_lowrank_plugins.quantization import dequantized_4bit_weight
 
@@ -48,6 +55,15 @@ def _dense_weight(base_layer: nn.Module, fan_in_fan_out: bool) -> torch.Tensor:
     return cast(torch.Tensor, weight.T if fan_in_fan_out else weight)
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype DoRA's row norms of a ``dtype`` forward are summed in: fp32 for a 16-bit one.
+
+    A squared row norm above 65504 (a row of norm 256) is infinite in fp16, which would zero that
+    output row silently, and bf16 sums lose digits; PEFT's ``linalg.norm`` accumulates in fp32 as well.
+    """
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 class LowRankDoraLinearLayer(DoraLinearLayer):
     """PEFT's DoRA magnitude layer, computing the detached row norms (each step's and the initial
     magnitudes) from low-rank pieces."""
@@ -55,8 +71,9 @@ class LowRankDoraLinearLayer(DoraLinearLayer):
     def row_norms_squared(
         self, base_layer: nn.Module, dtype: torch.dtype, dense_weight: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``||W_i||^2`` of the frozen base weight in ``dtype``, kept until that weight changes;
-        ``dense_weight`` is that weight already dense in ``dtype`` (``out x in``), when the caller has it.
+        """``||W_i||^2`` of the frozen base weight, summed in :func:`accumulation_dtype` of ``dtype`` and
+        kept until that weight changes; ``dense_weight`` is that weight already dense (``out x in``),
+        when the caller has it.
 
         The key is the base layer's own weight (storage and version counter), not the tensor the
         forward derives from it: a 4-bit weight is dequantized afresh on every call. Inside a
@@ -67,6 +84,7 @@ class LowRankDoraLinearLayer(DoraLinearLayer):
         ``.data`` or raw pointers (bitsandbytes' 8-bit ones, DeepSpeed's) leave the version alone.
         """
         source = cast(torch.Tensor, base_layer.weight)
+        dtype = accumulation_dtype(dtype)
         if torch.compiler.is_compiling() or source.requires_grad:
             return self._base_row_norms_squared(base_layer, dtype, dense_weight)
         key = (source.data_ptr(), source._version, tuple(source.shape), dtype)
@@ -79,8 +97,8 @@ class LowRankDoraLinearLayer(DoraLinearLayer):
     def _base_row_norms_squared(
         self, base_layer: nn.Module, dtype: torch.dtype, weight: torch.Tensor | None
     ) -> torch.Tensor:
-        with torch.no_grad():
-            if weight is None:
+        with torch.no_grad(), torch.autocast(cast(torch.Tensor, base_layer.weight).device.type, enabled=False):
+            if weight is None or weight.dtype != dtype:
                 weight = _dense_weight(base_layer, self.fan_in_fan_out).to(dtype)
             # row-wise dot products: no out x in temporary of squares (see update_layer)
             return torch.einsum("ij,ij->i", weight, weight)
@@ -95,7 +113,8 @@ class LowRankDoraLinearLayer(DoraLinearLayer):
         dtype: torch.dtype,
         adapter_name: str | None = None,
     ) -> torch.Tensor:
-        """``||W_i + s (B A)_i||`` for every output row i, in ``dtype``, with no gradient."""
+        """``||W_i + s (B A)_i||`` for every output row i, in ``dtype`` (summed in fp32 for a 16-bit
+        ``dtype``), with no gradient."""
         return self._norms(
             base_layer, cast(torch.Tensor, lora_A.weight), cast(torch.Tensor, lora_B.weight), scaling, dtype
         )
@@ -103,14 +122,23 @@ class LowRankDoraLinearLayer(DoraLinearLayer):
     def _norms(
         self, base_layer: nn.Module, a: torch.Tensor, b: torch.Tensor, scaling: float, dtype: torch.dtype
     ) -> torch.Tensor:
-        with torch.no_grad():
-            weight = _dense_weight(base_layer, self.fan_in_fan_out).to(dtype)
-            a, b = a.to(dtype), b.to(dtype)
+        compute = accumulation_dtype(dtype)
+        weight = _dense_weight(base_layer, self.fan_in_fan_out)
+        # autocast would run the products, and with them the sums, in 16 bits again
+        with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+            if weight.dtype == a.dtype != compute:
+                # all 16-bit: W A^T in that dtype (the GEMM accumulates in fp32; only its out x r result
+                # is rounded), where widening W would make an out x in copy of it
+                weight_a = F.linear(weight, a).to(compute)
+            else:
+                weight = weight.to(compute)
+                weight_a = F.linear(weight, a.to(compute))
+            a, b = a.to(compute), b.to(compute)
             # 2s W A^T + s^2 B (A A^T), out x r, in one fused op; then the row-wise dot with B
-            cross = torch.addmm(F.linear(weight, a), b, F.linear(a, a), beta=2 * scaling, alpha=scaling * scaling)
+            cross = torch.addmm(weight_a, b, F.linear(a, a), beta=2 * scaling, alpha=scaling * scaling)
             # a 4-bit weight dequantized once a call, where a compiled forward also takes ||W_i||^2 from it
-            squared = torch.linalg.vecdot(b, cross).add_(self.row_norms_squared(base_layer, dtype, weight))
-            return squared.clamp_min_(0).sqrt_()
+            squared = torch.linalg.vecdot(b, cross).add_(self.row_norms_squared(base_layer, compute, weight))
+            return squared.clamp_min_(0).sqrt_().to(dtype)
 
     def update_layer(
         self,
@@ -126,20 +154,18 @@ class LowRankDoraLinearLayer(DoraLinearLayer):
         PEFT builds the dense ``B A`` and ``W + s B A`` of every layer for it; freed one layer at a
         time, those temporaries still piled up in glibc's heap on some runs (a DoRA attach to a
         0.38B model peaked at 3.1-4.1 GB against 1.8 GB on others, and a training peak of 2.5 GB).
-        The result has PEFT's dtype (the base weight's promoted with the adapter's), computed in fp32
-        for 16-bit types and rounded once. In fp32, with ``B = 0``, the magnitude is bit for bit the
-        norm the first forward computes, so the adapted model equals its base exactly at
-        initialisation (a 16-bit magnitude is off by its rounding, as PEFT's is).
+        The result has PEFT's dtype (the base weight's promoted with the adapter's), summed in fp32
+        for 16-bit types and rounded once, as every forward's norms are (:meth:`low_rank_weight_norm`).
+        With ``B = 0`` the magnitude is bit for bit the norm the first forward computes in that dtype,
+        so the adapted model equals its base exactly at initialisation, in 16 bits too.
         """
         base_weight = cast(torch.Tensor, base_layer.weight)
         dtype = torch.promote_types(base_weight.dtype, lora_A.dtype)
         if not dtype.is_floating_point:  # a 4-bit weight: its dequantized values are in the adapter's dtype
             dtype = lora_A.dtype
-        compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
         with gather_params_ctx(base_layer.parameters()):
             device = base_weight.device
-            magnitude = self._norms(base_layer, lora_A.to(device), lora_B.to(device), scaling, compute)
-        magnitude = magnitude.to(dtype)
+            magnitude = self._norms(base_layer, lora_A.to(device), lora_B.to(device), scaling, dtype)
         self.weight = nn.Parameter(magnitude.to("cpu") if place_on_cpu else magnitude, requires_grad=True)
 
 
@@ -168,24 +194,28 @@ class LowRankDoraLinearVariant(DoraLinearVariant):
         output = DoraLinearFunction.apply(
             x, base.weight, base.bias, lora_A.weight, lora_B.weight, magnitude, scaling, norm
         )
-        return cast(torch.Tensor, output)
+        return unflatten_output(cast(torch.Tensor, output), x)
 
     @staticmethod
     def forward(module: Any, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        """The layer's output with adapter ``active_adapter`` applied on top of ``result`` (PEFT's contract)."""
+        """The layer's output with adapter ``active_adapter`` applied on top of ``result`` (PEFT's contract);
+        PEFT's own variant where hooks on the adapter's modules need PEFT's calls of them."""
         dora = module.lora_magnitude_vector[active_adapter]
         lora_A, lora_B = module.lora_A[active_adapter], module.lora_B[active_adapter]
+        if any(has_hooks(m) for m in (dora, lora_A, lora_B)):
+            return DoraLinearVariant.forward(module, active_adapter, x, result, **kwargs)
         scaling = module.scaling[active_adapter]
         dropout = module.lora_dropout[active_adapter]
         base_layer = module.get_base_layer()
         norm = dora.low_rank_weight_norm(base_layer, lora_A, lora_B, scaling, x.dtype, adapter_name=active_adapter)
         if isinstance(dropout, nn.Identity) or not module.training:
-            combined = add_scaled_lora(result, x, lora_A, lora_B, scaling)
+            combined = add_scaled_lora(result, x, lora_A, lora_B, scaling, dora.weight.dtype)
             return dora_output(combined, dora.weight, norm, getattr(base_layer, "bias", None))
         # dropout changes x, so (as PEFT does) the magnitude scales the base output recomputed on it
         x = dropout(x)
         base = F.linear(x, _dense_weight(base_layer, dora.fan_in_fan_out).to(x.dtype))
-        return result + (dora_output(add_scaled_lora(base, x, lora_A, lora_B, scaling), dora.weight, norm) - base)
+        combined = add_scaled_lora(base, x, lora_A, lora_B, scaling, dora.weight.dtype)
+        return result + (dora_output(combined, dora.weight, norm) - base)
 
 
 def dora_output(
@@ -199,26 +229,40 @@ def dora_output(
     ``base`` is the base layer's output (``bias`` included), ``n`` the detached row norms; ``c`` comes
     from :func:`hf_lowrank_lora.add_scaled_lora`, whose GEMM takes the sum. PEFT adds
     ``(m/n - 1) * (base - bias) + (m/n) * s lora`` to ``base``, and autograd keeps both ``base`` and
-    ``lora`` for the magnitude's gradient; in this form it keeps only ``c`` (the gradient of ``m/n``
-    is ``sum_t g_t (c_t - bias)``), one tokens x d_out tensor per layer instead of two, and the rest
-    is one pass over the activations forward and two backward instead of six and eight.
+    ``lora`` for the magnitude's gradient; in this form it keeps only ``c - bias`` (the gradient of
+    ``m/n`` is ``sum_t g_t (c_t - bias)``), one tokens x d_out tensor per layer instead of two, and the
+    rest is one pass over the activations forward (two with a bias) and two backward instead of six
+    and eight (:func:`_rescaled`).
     """
-    scale = magnitude / norm
-    if bias is None:
-        return combined * scale
-    return torch.addcmul(bias * (1 - scale), combined, scale)
+    return _rescaled(combined, magnitude, norm, bias)[0]
+
+
+def _rescaled(
+    combined: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(m/n) (c - bias) + bias``, computed as ``c + ((m - n)/n) (c - bias)``, and ``c - bias`` (what the
+    magnitude's gradient needs).
+
+    The correction's rounding errors are relative to the correction, small while ``m`` is near ``n``,
+    where ``(m/n) c`` rounds ``m/n`` and the product: in 16 bits that doubled the error against
+    float64 (PEFT adds a correction to the base output too). With ``m = n`` it is exactly ``c``, so an
+    adapter at initialisation returns the base layer's output bit for bit, bias included.
+    """
+    centered = combined if bias is None else combined - bias
+    return torch.addcmul(combined, centered, (magnitude - norm) / norm), centered
 
 
 class DoraLinearFunction(torch.autograd.Function):
     """DoRA's layer ``(m/n) * (x W^T + s (x A^T) B^T) + b`` for a frozen ``W``/``b`` as one autograd node.
 
     ``n`` is the detached row norm (computed outside, without gradient). Forward builds
-    ``c = x W^T + s h B^T`` (``h = x A^T``) in one buffer by ``addmm_`` and keeps ``x``, ``h`` and
-    ``c``, as :func:`dora_output` does. Backward is LoRA's (``hf_lowrank_lora.lora_linear_backward``)
-    with the incoming gradient scaled by ``m/n`` (``g_k = g * m/n``): ``g_k^T (s h)`` for ``B``,
-    ``(s g_k B)^T x`` for ``A``, and the input's gradient ``g_k W + (s g_k B) A`` by one ``addmm_``; the
-    magnitude's gradient is
-    ``sum_t g_t c_t / n``, the order autograd takes it in :func:`dora_output`. On SmolLM2-135M (2 x 64
+    ``c = x W^T + b + s h B^T`` (``h = x A^T``) in one buffer by ``addmm_`` (the bias inside, as the
+    base layer's own GEMM adds it, so a 16-bit ``c`` is rounded where the base output is), rescales it
+    as :func:`dora_output` does and keeps ``x``, ``h`` and ``c - b``. Backward is LoRA's
+    (``hf_lowrank_lora.lora_linear_backward``) with the incoming gradient scaled by ``m/n``
+    (``g_k = g * m/n``): ``g_k^T (s h)`` for ``B``, ``(s g_k B)^T x`` for ``A``, and the input's gradient
+    ``g_k W + (s g_k B) A`` by one ``addmm_``; the magnitude's gradient is ``sum_t g_t (c_t - b) / n``,
+    the order autograd takes it in :func:`dora_output`. On SmolLM2-135M (2 x 64
     tokens, a 2-core CPU) a step takes 0.96x the variant path's (``benchmarks/paired_steps.py``,
     ``ours:dora`` against ``ours:dora_variant_only``; round by round 0.82-1.33x, so a few percent).
     """
@@ -237,20 +281,20 @@ class DoraLinearFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         """The layer's output; see the class docstring."""
         flat_x = x.reshape(-1, x.shape[-1])
-        combined, hidden = lora_linear_forward(flat_x, weight, None, lora_A, lora_B, scaling)
-        scale = magnitude / norm
-        out = combined * scale if bias is None else torch.addcmul(bias, combined, scale)  # c has no bias here
-        ctx.save_for_backward(flat_x, weight, lora_A, lora_B, hidden, combined, scale, norm)
+        combined, hidden = lora_linear_forward(flat_x, weight, bias, lora_A, lora_B, scaling)
+        out, centered = _rescaled(combined, magnitude, norm, bias)
+        ctx.save_for_backward(flat_x, weight, lora_A, lora_B, hidden, centered, magnitude / norm, norm)
         ctx.scaling, ctx.input_shape = scaling, x.shape
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out  # tokens x out, shaped outside the node (hf_lowrank_lora.unflatten_output)
 
     @staticmethod
+    @once_differentiable  # saved x, hidden and c carry no graph: a second derivative would be silently wrong
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """Gradients of ``x``, ``lora_A``, ``lora_B`` and the magnitude (none for the frozen base or the norm)."""
-        flat_x, weight, lora_A, lora_B, hidden, combined, scale, norm = ctx.saved_tensors
+        flat_x, weight, lora_A, lora_B, hidden, centered, scale, norm = ctx.saved_tensors
         flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
         needs = ctx.needs_input_grad
-        grad_magnitude = (flat_grad * combined).sum(0) / norm if needs[5] else None
+        grad_magnitude = (flat_grad * centered).sum(0) / norm if needs[5] else None
         grad_x, grad_A, grad_B = lora_linear_backward(
             flat_grad * scale, flat_x, weight, lora_A, lora_B, hidden, ctx.scaling, (needs[0], needs[3], needs[4])
         )

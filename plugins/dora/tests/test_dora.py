@@ -8,6 +8,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Trainer
 
 import hf_lowrank_plugins as hlp
+from hf_lowrank_lora import lora_layers
 from hf_lowrank_plugins.testing.helpers import logits, make_tiny_model, rel_err, training_args
 
 
@@ -431,3 +432,142 @@ def test_training_forward_compiles_to_one_graph_that_reads_the_weight_as_it_is(f
         if not four_bit:
             with torch.no_grad():  # the second round runs on a changed base weight
                 model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.add_(0.05)
+
+
+@pytest.mark.parametrize("precision", ["float16", "bfloat16", "autocast-float16", "autocast-bfloat16"])
+def test_sixteen_bit_row_norms_are_summed_in_fp32(precision):
+    """In 16 bits (the adapters too, as after ``model.half()`` or under DeepSpeed's bf16) and for an fp32
+    model under 16-bit autocast, DoRA's row norms are summed in fp32, as PEFT's are: a row of norm 300,
+    whose square (9e4) overflows fp16, keeps its output (summed in 16 bits, its norm was infinite and
+    the row became its bias alone). At initialisation, biases included, the model is its base bit for
+    bit, as PEFT's is; with trained factors, every layer's output is within 1.5x PEFT's own error
+    against PEFT's DoRA in float64 (the two round differently; the median ratio is about 1)."""
+    import copy
+
+    dtype = torch.bfloat16 if precision.endswith("bfloat16") else torch.float16
+    autocast = precision.startswith("autocast")
+    base = _model_case("llama-bias").build()
+    with torch.no_grad():
+        for layer in base.model.layers:
+            row = layer.mlp.down_proj.weight[0]
+            row.mul_(300 / row.norm())
+    if not autocast:
+        base = base.to(dtype)
+    batch = _model_case("llama-bias").batch()
+    config = LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules="all-linear")
+    ours = hlp.attach(copy.deepcopy(base), "dora", r=4, lora_alpha=8).model.to(base.dtype)
+    theirs = get_peft_model(copy.deepcopy(base), config).to(base.dtype)
+    truth = get_peft_model(copy.deepcopy(base).double(), config)
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=autocast):
+        expected = base(**batch).logits
+        assert torch.equal(ours(**batch).logits, expected) and torch.equal(theirs(**batch).logits, expected)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        their_params, true_params = dict(theirs.named_parameters()), dict(truth.named_parameters())
+        for name, param in ours.named_parameters():
+            if param.requires_grad:
+                param.add_((torch.randn(param.shape, generator=generator) * 0.05).to(param.dtype))
+                their_params[name].copy_(param)
+                true_params[name].copy_(param)
+    our_layers, their_layers, true_layers = lora_layers(ours), lora_layers(theirs), lora_layers(truth)
+    for name, layer in our_layers.items():
+        x = torch.randn(4, 8, layer.in_features, generator=generator).to(base.dtype)
+        with torch.no_grad():
+            with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+                mine, reference = layer(x).double(), their_layers[name](x).double()
+            exact = true_layers[name](x.double())
+        assert torch.isfinite(mine).all(), name
+        assert rel_err(mine, exact) <= 1.5 * rel_err(reference, exact), name
+
+
+def test_one_node_layer_output_may_be_modified_in_place():
+    """A model may modify a projection's output in place (Llama 4's MoE adds into its shared expert's
+    ``down_proj`` output); the one-node layer's output allows it, as PEFT's does: outputs and
+    gradients equal PEFT's DoRA within 1e-5 and 2e-6."""
+    from hf_lowrank_plugins.testing import LLAMA
+
+    ours, theirs = _dora_pair(LLAMA)
+    for model in (ours, theirs):
+        for layer in lora_layers(model).values():
+            layer.register_forward_hook(lambda module, args, out: out.mul_(1.5))
+    batch = LLAMA.batch()
+    (out_ours, g_ours), (out_theirs, g_theirs) = _forward_backward(ours, batch), _forward_backward(theirs, batch)
+    assert rel_err(out_ours, out_theirs) <= 1e-5
+    assert _grad_error(g_ours, g_theirs) <= 2e-6
+
+
+def test_one_node_layer_refuses_a_second_derivative():
+    """The one-node layer keeps ``x``, ``s x A^T`` and ``c`` without their graph, so a gradient of a
+    gradient through it would leave out terms: it raises instead of returning a wrong one."""
+    from hf_lowrank_plugins.testing import LLAMA
+
+    ours, _ = _dora_pair(LLAMA)
+    ours.train()
+    factor = next(iter(lora_layers(ours).values())).lora_A["default"].weight
+    (grad,) = torch.autograd.grad(ours(**LLAMA.batch()).logits.pow(2).mean(), factor, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.pow(2).sum().backward()
+
+
+@pytest.mark.parametrize("hooked", ["lora_A", "lora_magnitude_vector"])
+def test_hooks_on_the_adapters_modules_get_pefts_calls(hooked):
+    """A forward hook on an adapter's own module (``lora_A``, or DoRA's magnitude layer) runs where PEFT's
+    DoRA calls that module: our layers then take PEFT's DoRA forward, bit for bit PEFT's outputs."""
+    from hf_lowrank_plugins.testing import LLAMA
+
+    ours, theirs = _dora_pair(LLAMA)
+    calls = {"ours": 0, "theirs": 0}
+
+    def hook(side):
+        def scale(module, args, out):
+            calls[side] += 1
+            return out * 1.5
+
+        return scale
+
+    for side, model in (("ours", ours), ("theirs", theirs)):
+        for layer in lora_layers(model).values():
+            getattr(layer, hooked)["default"].register_forward_hook(hook(side))
+    batch = LLAMA.batch()
+    out_ours, out_theirs = _forward_backward(ours, batch)[0], _forward_backward(theirs, batch)[0]
+    assert calls["ours"] == calls["theirs"] > 0
+    assert torch.equal(out_ours, out_theirs)
+
+
+def test_a_data_dependent_init_that_writes_the_base_through_data_is_seen():
+    """A method built on DoRA whose ``init_adapter_from_data`` rewrites the frozen base weights through
+    ``param.data.copy_`` (what the hook specification asks for) leaves their version counters alone;
+    ``initialise_from_data`` advances them, so the next forward takes ``||W_i||^2`` of the new weights:
+    the logits equal those of a copy that computes everything afresh."""
+    import copy
+
+    import hf_lowrank_dora.plugin as dora_plugin
+    from hf_lowrank_dora import DoraConfig
+    from hf_lowrank_plugins.testing import LLAMA
+
+    class RescaledBase:
+        cfg = type("RescaledBaseConfig", (DoraConfig,), {})
+
+        @hlp.hookimpl
+        def describe_methods(self):
+            return [hlp.MethodInfo(name="rescaled_dora", config_class=self.cfg)]
+
+        @hlp.hookimpl
+        def init_adapter(self, model, config):
+            return dora_plugin.init_adapter(model, config)
+
+        @hlp.hookimpl
+        def init_adapter_from_data(self, model, config, train_dataloader, args):
+            for layer in lora_layers(model).values():
+                weight = layer.get_base_layer().weight
+                weight.data.copy_(weight * 1.5)
+            return True
+
+    registry = hlp.Registry(autoload=False)
+    registry.register(RescaledBase(), name="rescaled_dora")
+    adapted = hlp.attach(LLAMA.build(), "rescaled_dora", r=4, registry=registry)
+    batch = LLAMA.batch()
+    before = logits(adapted.model, batch["input_ids"])
+    assert adapted.initialise_from_data([batch])
+    after, afresh = logits(adapted.model, batch["input_ids"]), logits(copy.deepcopy(adapted.model), batch["input_ids"])
+    assert torch.equal(after, afresh) and not torch.allclose(after, before)
