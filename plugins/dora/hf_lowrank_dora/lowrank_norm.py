@@ -34,6 +34,7 @@ from hf_lowrank_lora import (
     lora_linear_backward,
     lora_linear_forward,
     unflatten_output,
+    without_autocast,
 )
 from hf_lowrank_plugins.distributed import is_partitioned
 from hf_lowrank_plugins.quantization import dequantized_4bit_weight
@@ -97,7 +98,7 @@ class LowRankDoraLinearLayer(DoraLinearLayer):
     def _base_row_norms_squared(
         self, base_layer: nn.Module, dtype: torch.dtype, weight: torch.Tensor | None
     ) -> torch.Tensor:
-        with torch.no_grad(), torch.autocast(cast(torch.Tensor, base_layer.weight).device.type, enabled=False):
+        with torch.no_grad(), without_autocast(cast(torch.Tensor, base_layer.weight).device.type):
             if weight is None or weight.dtype != dtype:
                 weight = _dense_weight(base_layer, self.fan_in_fan_out).to(dtype)
             # row-wise dot products: no out x in temporary of squares (see update_layer)
@@ -125,7 +126,7 @@ class LowRankDoraLinearLayer(DoraLinearLayer):
         compute = accumulation_dtype(dtype)
         weight = _dense_weight(base_layer, self.fan_in_fan_out)
         # autocast would run the products, and with them the sums, in 16 bits again
-        with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+        with torch.no_grad(), without_autocast(weight.device.type):
             if weight.dtype == a.dtype != compute:
                 # all 16-bit: W A^T in that dtype (the GEMM accumulates in fp32; only its out x r result
                 # is rounded), where widening W would make an out x in copy of it

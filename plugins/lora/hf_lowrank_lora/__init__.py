@@ -14,6 +14,7 @@ from .fused_add import (
     unflatten_output,
     use_fused_add,
     use_peft_layer_call,
+    without_autocast,
 )
 from .model import LoraModule, attach_lora, lora_layers
 
@@ -34,5 +35,6 @@ __all__ = [
     "unflatten_output",
     "use_fused_add",
     "use_peft_layer_call",
+    "without_autocast",
 ]
 __version__ = version("hf-lowrank-lora")  # the version lives in pyproject.toml only
