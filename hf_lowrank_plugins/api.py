@@ -178,7 +178,8 @@ class Adapted:
         )
         if changed:
             # the hook writes through ``param.data``, which leaves version counters alone; what is derived
-            # from a parameter and kept until its version moves (DoRA's ||W_i||^2) must see the new values
+            # from a parameter and kept until its version moves (cached norms of a frozen weight) must
+            # see the new values
             torch.autograd.graph.increment_version([p for p in self.model.parameters() if not p.is_inference()])
         return changed
 

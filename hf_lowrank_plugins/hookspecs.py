@@ -97,7 +97,8 @@ def init_adapter_from_data(
     restored from the checkpoint instead). Change parameters in place (``param.data.copy_``) so the
     optimizer keeps its references. Return ``True`` when something was initialised: the caller then
     advances every parameter's version counter, which writes through ``.data`` leave alone, so that
-    values derived from a parameter and kept until it changes (DoRA's ``||W_i||^2``) are recomputed.
+    values derived from a parameter and kept until it changes (a plugin's cached norms of a frozen
+    weight) are recomputed.
     """
 
 

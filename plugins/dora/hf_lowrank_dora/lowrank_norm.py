@@ -245,8 +245,8 @@ def _rescaled(
     magnitude's gradient needs).
 
     The correction's rounding errors are relative to the correction, small while ``m`` is near ``n``,
-    where ``(m/n) c`` rounds ``m/n`` and the product: in 16 bits that doubled the error against
-    float64 (PEFT adds a correction to the base output too). With ``m = n`` it is exactly ``c``, so an
+    where ``(m/n) c`` rounds ``m/n`` and the product: in 16 bits that put layers beyond 1.5x PEFT's own
+    error against float64 (PEFT adds a correction to the base output too). With ``m = n`` it is exactly ``c``, so an
     adapter at initialisation returns the base layer's output bit for bit, bias included.
     """
     centered = combined if bias is None else combined - bias
