@@ -99,8 +99,9 @@ class LowRankDoraLinearLayer(DoraLinearLayer):
         self, base_layer: nn.Module, dtype: torch.dtype, weight: torch.Tensor | None
     ) -> torch.Tensor:
         with torch.no_grad(), without_autocast(cast(torch.Tensor, base_layer.weight).device.type):
-            if weight is None or weight.dtype != dtype:
-                weight = _dense_weight(base_layer, self.fan_in_fan_out).to(dtype)
+            if weight is None:
+                weight = _dense_weight(base_layer, self.fan_in_fan_out)
+            weight = weight.to(dtype)  # the caller's dense weight is widened, not dequantized again
             # row-wise dot products: no out x in temporary of squares (see update_layer)
             return torch.einsum("ij,ij->i", weight, weight)
 
