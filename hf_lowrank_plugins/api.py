@@ -102,7 +102,8 @@ class Adapted:
         config: the method's ``PeftConfig``.
         method: the :class:`MethodInfo` of the method.
         registry: the registry whose plugins serve this run.
-        training_args: set by the callback when the Trainer is built.
+        training_args: the arguments of the Trainer built (or, once it trains, training) last; set by
+            the callback.
     """
 
     model: nn.Module
@@ -116,7 +117,9 @@ class Adapted:
 
     @property
     def callback(self) -> LowRankCallback:
-        """The ``TrainerCallback`` that drives this method's life cycle (one per run)."""
+        """The ``TrainerCallback`` that drives this method's life cycle, paired with
+        :meth:`optimizer_factory` (for a Trainer built by hand; :meth:`trainer_kwargs` makes a fresh pair
+        per Trainer)."""
         if self._callback is None:
             self._callback = LowRankCallback(self)
         return self._callback
@@ -125,34 +128,34 @@ class Adapted:
         """What to pass to ``Trainer(...)`` for this method; the same for every method.
 
         Without ``args``: ``callbacks`` and ``optimizer_cls_and_kwargs``, so the Trainer builds its
-        optimizer through :meth:`optimizer_factory` when it creates one (the Trainer's own slot).
+        optimizer through the callback's factory when it creates one (the Trainer's own slot).
         With ``args`` (the ``TrainingArguments`` or TRL config the Trainer gets): the optimizer is
         built now and passed as ``optimizers=(optimizer, None)``, which every Trainer subclass
         accepts, also those without ``optimizer_cls_and_kwargs`` (TRL's ``DPOTrainer``); the
         Trainer still builds the scheduler, clips, checkpoints and resumes it.
+
+        Each call makes its own callback, whose factory builds from the arguments of the Trainer that
+        callback belongs to: two Trainers on one adapted model each train with their own settings.
         """
+        callback = LowRankCallback(self)
         if args is None:
-            return {"callbacks": [self.callback], "optimizer_cls_and_kwargs": (self.optimizer_factory, {})}
-        self.training_args = args
-        return {"callbacks": [self.callback], "optimizers": (self._build_optimizer(self.model), None)}
+            return {"callbacks": [callback], "optimizer_cls_and_kwargs": (callback.optimizer_factory, {})}
+        callback.training_args = self.training_args = args
+        return {"callbacks": [callback], "optimizers": (self.build_optimizer(self.model, args), None)}
 
     def optimizer_factory(self) -> Any:
-        """Factory for ``Trainer(optimizer_cls_and_kwargs=(adapted.optimizer_factory, {}))``.
+        """Factory for ``Trainer(callbacks=[adapted.callback], optimizer_cls_and_kwargs=(adapted.optimizer_factory, {}))``.
 
-        The Trainer calls ``factory()(model)`` inside ``create_optimizer``; we build the optimizer
-        the Trainer would have built from its arguments and pass it through ``wrap_optimizer``.
+        The Trainer calls ``factory()(model)`` inside ``create_optimizer``; the optimizer is built from
+        the arguments :attr:`callback` saw (:meth:`build_optimizer`).
         """
-        return self._build_optimizer
+        return self.callback.optimizer_factory()
 
-    def _build_optimizer(self, model: nn.Module, **_: Any) -> torch.optim.Optimizer:
-        if self.training_args is None:
-            raise LowRankError(
-                "the optimizer factory ran before the callback saw the Trainer's arguments; "
-                "pass both with Trainer(..., **adapted.trainer_kwargs())"
-            )
-        optimizer = build_default_optimizer(model, self.training_args)
+    def build_optimizer(self, model: nn.Module, args: TrainingArguments) -> torch.optim.Optimizer:
+        """The optimizer the Trainer would build from ``args``, passed through the method's ``wrap_optimizer``."""
+        optimizer = build_default_optimizer(model, args)
         wrapped = self.registry.call_method_hook(
-            self.method, "wrap_optimizer", model=model, optimizer=optimizer, config=self.config, args=self.training_args
+            self.method, "wrap_optimizer", model=model, optimizer=optimizer, config=self.config, args=args
         )
         optimizer = wrapped if wrapped is not None else optimizer
         optimizer._hf_lowrank_factory = True  # lets the callback check the factory was used

@@ -54,10 +54,25 @@ class TrainerHooksGuard:
 
 
 class LowRankCallback(TrainerCallback):
-    """Runs the method's Trainer-time hooks; obtain it as ``adapted.callback``."""
+    """Runs the method's Trainer-time hooks for one Trainer; obtain it from ``adapted.trainer_kwargs()``
+    (or as ``adapted.callback``, paired with ``adapted.optimizer_factory``)."""
 
     def __init__(self, adapted: Adapted) -> None:
         self.adapted = adapted
+        #: the arguments of this callback's Trainer, from ``on_init_end``; its optimizer is built from them
+        self.training_args: TrainingArguments | None = None
+
+    def optimizer_factory(self) -> Any:
+        """The factory for ``optimizer_cls_and_kwargs``: the Trainer calls ``factory()(model)``."""
+        return self._build_optimizer
+
+    def _build_optimizer(self, model: Any, **_: Any) -> Any:
+        if self.training_args is None:
+            raise LowRankError(
+                "the optimizer factory ran before the callback saw the Trainer's arguments; "
+                "pass both with Trainer(..., **adapted.trainer_kwargs())"
+            )
+        return self.adapted.build_optimizer(model, self.training_args)
 
     def on_log(
         self,
@@ -83,7 +98,7 @@ class LowRankCallback(TrainerCallback):
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         """Remember the Trainer's arguments; check it trains the adapted model, sharded as the method allows."""
-        self.adapted.training_args = args
+        self.training_args = self.adapted.training_args = args
         check_parallelism(self.adapted.method, args)
         model = kwargs.get("model")
         if model is not None and model is not self.adapted.model:
@@ -113,6 +128,7 @@ class LowRankCallback(TrainerCallback):
                 "copy; on CPU pass TrainingArguments(use_cpu=True) (hf-lowrank train does) and launch with torchrun "
                 f"--nproc_per_node {world}"
             )
+        self.adapted.training_args = args
         if self.adapted.guard is not None:
             self.adapted.guard.active = True
         bind_zero_partitions(kwargs.get("optimizer"))  # an optimizer that needs whole weights under ZeRO
@@ -122,6 +138,12 @@ class LowRankCallback(TrainerCallback):
             # DeepSpeed took its fp32 master copies before this; without a refresh step 1 undoes the init
             refresh_master_weights(kwargs.get("optimizer"))
             trim_heap()  # the initialisation's temporaries (gradient sums, SVD workspaces)
+
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """Arm the guard again: a later Trainer built without this method's hooks is refused, as on a fresh model."""
+        if self.adapted.guard is not None:
+            self.adapted.guard.active = False
 
 
 def non_finite_parameters(model: Any, limit: int = 3) -> list[str]:

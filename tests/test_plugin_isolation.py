@@ -156,9 +156,15 @@ def test_declarations_are_derived_from_the_hooks():
         hlp.attach(make_tiny_model(), "lora_ga", r=2, load_in_4bit=True)
 
 
+@pytest.mark.parametrize("after_a_run", [False, True], ids=["fresh", "after-a-run-with-them"])
 @pytest.mark.parametrize("method, settings", [("galore", {"rank": 4}), ("salor", {"r": 2}), ("lora_ga", {"r": 2})])
-def test_training_without_the_trainer_hooks_is_refused_at_the_first_step(tmp_path, method, settings):
+def test_training_without_the_trainer_hooks_is_refused_at_the_first_step(tmp_path, method, settings, after_a_run):
+    """Also once a Trainer with the hooks has trained the model: a later plain Trainer would otherwise train
+    GaLore as plain AdamW, SALOR without its schedule."""
     adapted = hlp.attach(make_tiny_model(), method, **settings)
+    if after_a_run:
+        args = training_args(tmp_path / "with", max_steps=1)
+        Trainer(model=adapted.model, args=args, train_dataset=TokenDataset(), **adapted.trainer_kwargs()).train()
     trainer = Trainer(model=adapted.model, args=training_args(tmp_path, max_steps=2), train_dataset=TokenDataset())
     with pytest.raises(hlp.LowRankError, match=rf"method '{method}' needs its Trainer hooks .*trainer_kwargs"):
         trainer.train()

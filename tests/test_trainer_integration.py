@@ -78,6 +78,21 @@ def test_the_factory_builds_the_trainers_own_optimizer(tmp_path):
         assert [id(p) for p in g_ours["params"]] == [id(p) for p in g_plain["params"]]
 
 
+@pytest.mark.parametrize("method", ["lora", "galore"])
+def test_two_trainers_on_one_adapted_model_each_build_from_their_own_arguments(tmp_path, method):
+    """The second Trainer built must not hand its settings to the first one's optimizer."""
+    adapted = hlp.attach(make_tiny_model(), method, rank=4)
+    first_args = training_args(tmp_path / "a", learning_rate=5e-3, adam_beta2=0.95, weight_decay=0.1)
+    second_args = training_args(tmp_path / "b", learning_rate=1e-6, adam_beta2=0.999, weight_decay=0.0)
+    first = Trainer(model=adapted.model, args=first_args, train_dataset=TokenDataset(), **adapted.trainer_kwargs())
+    second = Trainer(model=adapted.model, args=second_args, train_dataset=TokenDataset(), **adapted.trainer_kwargs())
+    for trainer, args in ((first, first_args), (second, second_args)):
+        trainer.create_optimizer()
+        groups = trainer.optimizer.param_groups
+        assert {(g["lr"], g["betas"][1]) for g in groups} == {(args.learning_rate, args.adam_beta2)}
+        assert max(g["weight_decay"] for g in groups) == args.weight_decay
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_bf16_mixed_precision_trains(tmp_path, method):
     trainer, _ = _run(tmp_path, "bf16", method=method, bf16=True)
