@@ -69,8 +69,9 @@ class LowRankCallback(TrainerCallback):
     def _build_optimizer(self, model: Any, **_: Any) -> Any:
         if self.training_args is None:
             raise LowRankError(
-                "the optimizer factory ran before the callback saw the Trainer's arguments; "
-                "pass both with Trainer(..., **adapted.trainer_kwargs())"
+                "the optimizer factory ran before its callback saw the Trainer's arguments: pass a callback with "
+                "its own factory, Trainer(..., **adapted.trainer_kwargs()) or callbacks=[adapted.callback] with "
+                "optimizer_cls_and_kwargs=(adapted.optimizer_factory, {})"
             )
         return self.adapted.build_optimizer(model, self.training_args)
 

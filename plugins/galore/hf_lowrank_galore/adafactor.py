@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import cast
 
 import torch
 from transformers.optimization import Adafactor
@@ -82,6 +83,12 @@ class GaLoreAdafactor(GaLoreOptimizer):
         )
         super().__init__(params, defaults, layerwise)
 
+    def _projection_input(self, p: torch.Tensor) -> torch.Tensor:
+        """A 16-bit gradient is projected in fp32 (galore-torch's Adafactor computes in fp32), so the
+        projector and the factored moments are fp32, in layer-wise mode too."""
+        grad = cast(torch.Tensor, p.grad)
+        return grad.float() if grad.dtype in _HALF else grad
+
     def _update_param(self, p: torch.Tensor, group: dict) -> None:
         """Adafactor on the projected gradient for target weights, plain Adafactor for the rest."""
         if not group["galore"] and p.grad is None:
@@ -89,7 +96,7 @@ class GaLoreAdafactor(GaLoreOptimizer):
         state = self.state[p]
         if group["galore"]:
             side = projection_side(p.shape, group["proj_type"])
-            grad = self._low_rank_grad(p, group, state, side, dtype=torch.float32 if p.dtype in _HALF else None)
+            grad = self._low_rank_grad(p, group, state, side)
         else:
             grad = p.grad
         if grad is None:
@@ -125,11 +132,6 @@ class GaLoreAdafactor(GaLoreOptimizer):
             else:
                 state["exp_avg_sq"] = torch.zeros_like(grad)
             state["RMS"] = 0
-        else:
-            # Checkpoint loading casts moments to the parameter's dtype; compute in the gradient's.
-            for key in ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"):
-                if key in state:
-                    state[key] = state[key].to(grad)
         state["step"] += 1
         state["RMS"] = Adafactor._rms(param)
         lr = Adafactor._get_lr(group, state)

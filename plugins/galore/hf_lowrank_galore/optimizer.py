@@ -38,23 +38,27 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
+from torch.utils.hooks import RemovableHandle
+from torch.utils.weak import WeakIdKeyDictionary
 
 from hf_lowrank_plugins import LowRankError
 from hf_lowrank_plugins.distributed import ZeroPartition
 
 from .projector import compute_projection, project, project_back, projection_side
 
-#: State keys kept in their saved dtype on load (torch would cast them to the parameter's dtype).
-_EXACT_DTYPE_KEYS = ("state1", "state2", "absmax1", "absmax2")
 #: bitsandbytes' blockwise quantisation block size (fixed in its kernels).
 _BNB_BLOCKSIZE = 256
 #: Accumulator for layer-wise mode; never present when a checkpoint is written (``step`` pops it).
 _ACCUM_KEY = "lowrank_grad"
 #: Under ZeRO, the state of a flat parameter's whole weights, by their index in its group.
 _ZERO_WEIGHTS_KEY = "galore_weights"
+#: Each target weight's layer-wise hook, by weight (compared by identity), whichever optimizer made it: a
+#: second layer-wise optimizer for the same model takes the hooks over, where the first one's would
+#: otherwise take each gradient and free it before the new optimizer saw it.
+_LAYERWISE_HOOKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _import_bnb_functional() -> Any:
@@ -94,13 +98,19 @@ class GaLoreOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ layer-wise mode
 
     def _register_layerwise_hooks(self) -> None:
-        """Install one post-accumulate-grad hook per target weight (see module docs)."""
+        """Install one post-accumulate-grad hook per target weight (see module docs), removing the hook an
+        earlier layer-wise optimizer put on it."""
         for group in self.param_groups:
             if not group["galore"]:
                 continue
             for p in group["params"]:
                 if p.requires_grad:
-                    self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(group)))
+                    earlier: RemovableHandle | None = _LAYERWISE_HOOKS.get(p)
+                    if earlier is not None:
+                        earlier.remove()
+                    handle = p.register_post_accumulate_grad_hook(self._make_hook(group))
+                    _LAYERWISE_HOOKS[p] = handle
+                    self._hooks.append(handle)
 
     def _make_hook(self, group: dict) -> Callable[[torch.Tensor], None]:
         def hook(p: torch.Tensor) -> None:
@@ -115,14 +125,15 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             return
         state = self.state[p]
         side = projection_side(p.shape, group["proj_type"])
+        grad = self._projection_input(p)
         if _ACCUM_KEY not in state:
             # First micro-batch of this optimizer step: refresh the projector here, because the
             # full accumulated gradient will never exist in this mode. With gradient accumulation
             # the SVD therefore sees the first micro-batch only (documented in the README).
-            self._maybe_refresh(p, p.grad, state, group, side)
-            state[_ACCUM_KEY] = project(p.grad, state, side)
+            self._maybe_refresh(p, grad, state, group, side)
+            state[_ACCUM_KEY] = project(grad, state, side)
         else:
-            state[_ACCUM_KEY].add_(project(p.grad, state, side))
+            state[_ACCUM_KEY].add_(project(grad, state, side))
         p.grad = None  # why layer-wise exists: the full gradient is gone before the next one is made
 
     def remove_hooks(self) -> None:
@@ -193,21 +204,43 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         """Update one parameter of ``group`` (GaLore-projected when ``group["galore"]``)."""
         raise NotImplementedError
 
-    def _low_rank_grad(
-        self, p: torch.Tensor, group: dict, state: dict, side: str, dtype: torch.dtype | None = None
-    ) -> torch.Tensor | None:
+    def _projection_input(self, p: torch.Tensor) -> torch.Tensor:
+        """``p.grad`` as it is projected: in its own dtype here; a subclass may widen it (Adafactor
+        projects a 16-bit gradient in fp32, as galore-torch does). The projector takes this dtype, so
+        the hooks of layer-wise mode and :meth:`_low_rank_grad` must agree on it."""
+        return cast(torch.Tensor, p.grad)
+
+    def _low_rank_grad(self, p: torch.Tensor, group: dict, state: dict, side: str) -> torch.Tensor | None:
         """This step's projected gradient of target weight ``p`` (refreshing the projector when due).
 
         Layer-wise mode hands over (and clears) the accumulator its hooks filled; otherwise
-        ``p.grad`` (cast to ``dtype`` first when given) is projected. None when there is no gradient.
+        ``p.grad`` (:meth:`_projection_input`) is projected. None when there is no gradient.
         """
         if self.layerwise and _ACCUM_KEY in state:
             return state.pop(_ACCUM_KEY)
         if p.grad is None:
             return None
-        grad = p.grad if dtype is None else p.grad.to(dtype)
+        grad = self._projection_input(p)
         self._maybe_refresh(p, grad, state, group, side)
         return project(grad, state, side)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a ``state_dict`` with every state tensor in the dtype it was saved in.
+
+        ``torch.optim.Optimizer.load_state_dict`` casts each floating-point parameter's state to the
+        parameter's dtype. Ours is not always in it: 8-bit moments are uint8 with fp32 block scales,
+        and Adafactor keeps the projector and moments of a 16-bit weight in fp32. Cast, a resumed
+        run would differ from the uninterrupted one, or fail at its first step; the saved tensors
+        are put back afterwards, moved to their parameter's device.
+        """
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, entries in saved.items():
+            p = params[int(index)]
+            self.state[p] = {key: _on_device(value, p.device) for key, value in entries.items()}
 
 
 class GaLoreAdamW(GaLoreOptimizer):
@@ -367,22 +400,12 @@ class GaLoreAdamW(GaLoreOptimizer):
             weight_decay=0.0,
         )
 
-    # ------------------------------------------------------------------ checkpoints
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a ``state_dict``; 8-bit moments and their scales keep their saved dtype.
-
-        ``torch.optim.Optimizer.load_state_dict`` casts every floating-point parameter's state to
-        the parameter's dtype, which would turn uint8 moments into floats and bf16-round float32
-        block scales; we put the saved tensors back afterwards.
-        """
-        saved = {
-            index: {k: v for k, v in s.items() if k in _EXACT_DTYPE_KEYS and torch.is_tensor(v)}
-            for index, s in state_dict["state"].items()
-        }
-        super().load_state_dict(state_dict)
-        params = [p for group in self.param_groups for p in group["params"]]
-        for index, entries in saved.items():
-            p = params[int(index)]
-            for key, value in entries.items():
-                self.state[p][key] = value.to(p.device, copy=True)  # never share with the source dict
+def _on_device(value: Any, device: torch.device) -> Any:
+    """A saved state entry on ``device`` in its own dtype, a copy never shared with the source dict (nested
+    dicts too: under ZeRO a flat parameter's state holds its weights' states)."""
+    if torch.is_tensor(value):
+        return value.to(device, copy=True)
+    if isinstance(value, dict):
+        return {key: _on_device(item, device) for key, item in value.items()}
+    return value

@@ -125,20 +125,24 @@ ADAFACTOR_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _hyperparameters(group: dict, args: Any, optimizer: str, built_adafactor: bool) -> dict[str, Any]:
-    """The hyperparameters of one group of the Trainer-built optimizer, ``args`` where it has none.
+def _hyperparameters(group: dict, args: Any, optimizer: str, trainer_optim: str) -> dict[str, Any]:
+    """The hyperparameters of one group of the Trainer-built optimizer (``trainer_optim``), ``args``
+    where it has none.
 
-    For GaLore Adafactor the Adafactor settings are read from the group only when the Trainer built
-    an Adafactor (``built_adafactor``); an AdamW group's ``eps`` means something else.
+    The settings of GaLore's own optimizer are read from the group only when the Trainer built one of
+    the same kind: an Adafactor group's ``eps`` is a pair of floors, an AdamW one's a float, and
+    other optimizers have no betas; otherwise GaLore AdamW takes ``args.adam_*`` and GaLore Adafactor
+    the Trainer's Adafactor settings.
     """
     common = {"lr": group.get("lr", args.learning_rate), "weight_decay": group.get("weight_decay", 0.0)}
     if optimizer == "adafactor":
-        source = group if built_adafactor else {}
+        source = group if trainer_optim == "adafactor" else {}
         return {**common, **{key: source.get(key, default) for key, default in ADAFACTOR_DEFAULTS.items()}}
+    source = group if trainer_optim.startswith("adamw") else {}
     return {
         **common,
-        "betas": tuple(group.get("betas", (args.adam_beta1, args.adam_beta2))),
-        "eps": group.get("eps", args.adam_epsilon),
+        "betas": tuple(source.get("betas", (args.adam_beta1, args.adam_beta2))),
+        "eps": source.get("eps", args.adam_epsilon),
     }
 
 
@@ -170,9 +174,22 @@ def wrap_optimizer(
         )
     elif not adafactor and not optim_name.startswith("adamw"):
         logger.warning(
-            "GaLore replaces optim=%s by AdamW (%s moments); only lr, betas, eps and weight decay are taken over",
+            "GaLore replaces optim=%s by AdamW (%s moments); lr and weight decay are taken over, betas and eps "
+            "come from adam_beta1, adam_beta2 and adam_epsilon",
             optim_name,
             "8-bit" if config.optimizer == "adamw8bit" else "32-bit",
+        )
+    elif config.optimizer == "adamw" and "8bit" in optim_name:
+        logger.warning(
+            "GaLore replaces optim=%s by AdamW with 32-bit moments for every weight; for 8-bit moments set "
+            "GaLore's optimizer='adamw8bit' (--set optimizer=adamw8bit)",
+            optim_name,
+        )
+    if config.layerwise and getattr(args, "fp16", False):
+        raise IncompatibleError(
+            "layer-wise GaLore cannot train with fp16 loss scaling: its hooks consume each gradient inside "
+            "backward, before the loss scaler unscales it and skips steps that overflowed, so one overflow would "
+            "put inf into the weights; use bf16=True or layerwise=False"
         )
     if config.layerwise and getattr(args, "world_size", 1) > 1:
         raise IncompatibleError(
@@ -191,7 +208,7 @@ def wrap_optimizer(
     targets = {id(p) for p in target_weights(model, config).values() if p.requires_grad}
     groups: list[dict] = []
     for group in optimizer.param_groups:
-        hyper = _hyperparameters(group, args, config.optimizer, built_adafactor=optim_name == "adafactor")
+        hyper = _hyperparameters(group, args, config.optimizer, optim_name)
         projected = [p for p in group["params"] if id(p) in targets]
         plain = [p for p in group["params"] if id(p) not in targets]
         # Empty groups are kept out; the split is a deterministic function of the model, so a

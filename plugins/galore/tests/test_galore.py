@@ -30,8 +30,8 @@ def _losses(trainer: Trainer) -> dict[int, float]:
     return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
 
 
-def _train(tmp_path, name="run", seed=0, attach_kw=None, resume=None, **arg_kw):
-    model = make_tiny_model(seed)
+def _train(tmp_path, name="run", seed=0, attach_kw=None, resume=None, dtype=None, **arg_kw):
+    model = make_tiny_model(seed) if dtype is None else make_tiny_model(seed).to(dtype)
     adapted = attach(model, "galore", **{"rank": 4, "update_proj_gap": 5, **(attach_kw or {})})
     args = training_args(tmp_path / name, **arg_kw)
     trainer = Trainer(model=adapted.model, args=args, train_dataset=TokenDataset(), **adapted.trainer_kwargs())
@@ -186,10 +186,14 @@ def test_resume_gives_same_losses(tmp_path, optimizer):
         assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
 
 
-def test_adafactor_through_trainer_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16-weights"])
+def test_adafactor_through_trainer_resumes_exactly(tmp_path, dtype):
     """optimizer='adafactor' with optim='adafactor': the Trainer's Adafactor settings are kept, loss
-    falls, and resuming from the middle checkpoint reproduces the uninterrupted run."""
+    falls, and resuming from the middle checkpoint reproduces the uninterrupted run; with bf16 weights
+    too, whose projector and moments are fp32 and must load as fp32 (torch casts state to the weight's
+    dtype: the resumed step failed on a bf16 projector, or drifted after a refresh)."""
     kw = dict(
+        dtype=dtype,
         attach_kw={"update_proj_gap": 3, "optimizer": "adafactor"},
         max_steps=10,
         save_strategy="steps",
@@ -206,7 +210,8 @@ def test_adafactor_through_trainer_resumes_exactly(tmp_path):
     losses = list(_losses(full).values())
     assert losses[-1] < losses[0] * 0.8
     ckpt = tmp_path / "full" / "checkpoint-5"
-    torch.load(ckpt / "optimizer.pt", weights_only=True)
+    saved = torch.load(ckpt / "optimizer.pt", weights_only=True)["state"].values()
+    assert {s["proj"].dtype for s in saved if "proj" in s} == {torch.float32}
     _, resumed = _train(tmp_path, "resumed", resume=str(ckpt), **kw)
     a, b = _losses(full), _losses(resumed)
     for step in range(6, 11):
@@ -228,28 +233,61 @@ def test_layerwise_matches_and_accumulates(tmp_path):
             )
 
     common = dict(max_steps=6, max_grad_norm=0.0)
-    for optimizer in ("adamw", "adafactor"):
-        _, plain = _train(tmp_path, f"plain-{optimizer}", attach_kw={"optimizer": optimizer}, **common)
+    # bf16 weights: Adafactor projects in fp32, in the hooks as in step() (the hooks projected in bf16 and
+    # the first step failed on the dtype mismatch)
+    for optimizer, dtype in (("adamw", None), ("adafactor", None), ("adafactor", torch.bfloat16)):
+        name = f"{optimizer}-{dtype}"
+        _, plain = _train(tmp_path, f"plain-{name}", attach_kw={"optimizer": optimizer}, dtype=dtype, **common)
         _, layer = _train(
-            tmp_path, f"layer-{optimizer}", attach_kw={"optimizer": optimizer, "layerwise": True}, **common
+            tmp_path, f"layer-{name}", attach_kw={"optimizer": optimizer, "layerwise": True}, dtype=dtype, **common
         )
         a, b = _losses(plain), _losses(layer)
-        assert all(abs(a[s] - b[s]) <= 1e-5 for s in a), optimizer
+        assert all(abs(a[s] - b[s]) <= 1e-5 for s in a), name
 
     model = make_tiny_model(0)
     adapted = attach(model, "galore", rank=4, update_proj_gap=5, layerwise=True)
     args = training_args(tmp_path / "ga2", max_steps=10, per_device_train_batch_size=4, gradient_accumulation_steps=2)
-    trainer = Trainer(
-        model=adapted.model,
-        args=args,
-        train_dataset=TokenDataset(),
-        callbacks=[NoTargetGrads(), adapted.callback],
-        optimizer_cls_and_kwargs=adapted.trainer_kwargs()["optimizer_cls_and_kwargs"],
-    )
+    trainer_kwargs = adapted.trainer_kwargs()
+    trainer_kwargs["callbacks"].insert(0, NoTargetGrads())
+    trainer = Trainer(model=adapted.model, args=args, train_dataset=TokenDataset(), **trainer_kwargs)
     trainer.train()
     losses = list(_losses(trainer).values())
     assert losses[-1] < losses[0] * 0.8
     assert seen and all(seen)
+
+
+def test_a_second_layerwise_optimizer_takes_the_hooks_over(tmp_path):
+    """A second Trainer on the same model: its optimizer's hooks replace the first one's, which would
+    otherwise take every target gradient and free it before the new optimizer saw it (the weights stopped
+    training, silently)."""
+    adapted = attach(make_tiny_model(0), "galore", rank=4, update_proj_gap=3, layerwise=True)
+    weight = adapted.model.model.layers[0].self_attn.q_proj.weight
+    for run in ("first", "second"):
+        args = training_args(tmp_path / run, max_steps=2)
+        trainer = Trainer(model=adapted.model, args=args, train_dataset=TokenDataset(), **adapted.trainer_kwargs())
+        before = weight.detach().clone()
+        trainer.train()
+        assert (weight - before).abs().max() > 1e-4, run
+        assert len(weight._post_accumulate_grad_hooks) == 1, run
+
+
+def test_adamw_takes_adam_settings_from_the_arguments_when_the_trainer_built_another_optimizer(tmp_path):
+    """optim='adafactor' with GaLore AdamW: an Adafactor group's eps is a pair of floors, not AdamW's eps
+    (it was taken over, and the first step failed adding a tuple)."""
+    _, trainer = _train(tmp_path, optim="adafactor", max_steps=2, adam_epsilon=1e-7, adam_beta2=0.99)
+    groups = _unwrap(trainer.optimizer).param_groups
+    assert {(g["eps"], g["betas"]) for g in groups} == {(1e-7, (0.9, 0.99))}
+
+
+def test_layerwise_refuses_fp16_loss_scaling(tmp_path):
+    """The hooks consume gradients before the loss scaler unscales them and skips overflowed steps."""
+    from hf_lowrank_galore.plugin import wrap_optimizer
+
+    adapted = attach(make_tiny_model(0), "galore", rank=4, layerwise=True)
+    args = training_args(tmp_path)
+    args.fp16 = True
+    with pytest.raises(IncompatibleError, match="fp16 loss scaling.*use bf16=True or layerwise=False"):
+        wrap_optimizer(adapted.model, torch.optim.AdamW(adapted.model.parameters()), adapted.config, args)
 
 
 def test_export_writes_loadable_full_checkpoint(tmp_path):
