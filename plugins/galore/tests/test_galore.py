@@ -279,6 +279,17 @@ def test_adamw_takes_adam_settings_from_the_arguments_when_the_trainer_built_ano
     assert {(g["eps"], g["betas"]) for g in groups} == {(1e-7, (0.9, 0.99))}
 
 
+@pytest.mark.parametrize("galore_optimizer, warns", [("adamw", True), ("adamw8bit", False)])
+def test_an_8bit_trainer_optim_with_32bit_galore_moments_warns(tmp_path, caplog, galore_optimizer, warns):
+    from hf_lowrank_galore.plugin import wrap_optimizer
+
+    adapted = attach(make_tiny_model(0), "galore", rank=4, optimizer=galore_optimizer)
+    args = training_args(tmp_path)
+    args.optim = "adamw_bnb_8bit"
+    wrap_optimizer(adapted.model, torch.optim.AdamW(adapted.model.parameters()), adapted.config, args)
+    assert ("optimizer='adamw8bit'" in caplog.text) is warns
+
+
 def test_layerwise_refuses_fp16_loss_scaling(tmp_path):
     """The hooks consume gradients before the loss scaler unscales them and skips overflowed steps."""
     from hf_lowrank_galore.plugin import wrap_optimizer
