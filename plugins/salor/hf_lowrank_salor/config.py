@@ -12,6 +12,8 @@ from hf_lowrank_plugins import ConfigError
 PATTERNS = ("unstructured", "global", "2:4")
 TARGETS = ("base", "adapter", "both")
 REPAIR_INITS = ("auto", "svd", "lora")
+#: PEFT's ``init_lora_weights`` values that leave the base weights alone and need no data
+DATA_FREE_LORA_INITS = (True, False, "gaussian")
 SCHEDULES = ("static", "cubic")
 
 
@@ -134,6 +136,13 @@ class SalorConfig(LoraMethodConfig):
             )
         if self.use_dora:
             raise ConfigError("SALOR cannot be combined with use_dora=True (DoRA rescales the sparse base rows)")
+        if self.init_lora_weights not in DATA_FREE_LORA_INITS:
+            raise ConfigError(
+                f"SALOR cannot be combined with init_lora_weights={self.init_lora_weights!r}: that initialisation "
+                "rewrites the base weights (or needs data) before SALOR prunes them, and SALOR's repair then replaces "
+                "its factors, so the model would be neither; SALOR initialises its adapter itself (repair_init). "
+                "Use True, False or 'gaussian'"
+            )
         super().__post_init__()
 
     @property

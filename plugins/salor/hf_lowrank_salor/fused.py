@@ -33,6 +33,7 @@ from torch import nn
 
 from hf_lowrank_lora import lora_layers
 from hf_lowrank_plugins import ConfigError, IncompatibleError
+from hf_lowrank_plugins.targets import is_transposed
 
 from .export import pruned_base_copy
 from .model import apply_adapter_masks
@@ -247,5 +248,7 @@ def build_inference_model(
         parent_name, _, child = name.rpartition(".")
         parent = modules[parent_name] if parent_name else plain
         linear = getattr(parent, child)
-        setattr(parent, child, SparseLowRankLinear(linear.weight, linear.bias, A, B, s, base_format=base_format))
+        # GPT-2's Conv1D stores its weight (in, out); the adapter's B A is (out, in), as for nn.Linear
+        weight = linear.weight.t() if is_transposed(linear) else linear.weight
+        setattr(parent, child, SparseLowRankLinear(weight, linear.bias, A, B, s, base_format=base_format))
     return plain

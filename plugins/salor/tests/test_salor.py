@@ -221,6 +221,24 @@ def test_fused_adapters_equal_unfused_outputs(batch):
         build_inference_model(adapted.model, base_format="2:4")
 
 
+@pytest.mark.parametrize("targets", [None, r".*attn\.c_proj"], ids=["default-targets", "square-c_proj"])
+def test_the_inference_model_of_gpt2_conv1d_layers_equals_the_adapted_model(targets):
+    """GPT-2's Conv1D stores its weight (in, out): the inference module reads it as (out, in). A square
+    layer gave wrong logits silently, the others failed to reshape."""
+    from hf_lowrank_plugins.testing.models import GPT2, output
+
+    fields = {} if targets is None else {"target_modules": targets}
+    adapted = hlp.attach(GPT2.build(), "salor", r=4, **fields)
+    with torch.no_grad():  # stand-in for training: move every factor off its init
+        for name, param in adapted.model.named_parameters():
+            if "lora_" in name:
+                param.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(0)))
+    batch = GPT2.batch()
+    reference = output(adapted.model, batch)
+    for fuse in (False, True):
+        assert rel_err(output(build_inference_model(adapted.model, fuse=fuse), batch), reference) <= 1e-5, fuse
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_bitmap_round_trip_is_bit_exact(dtype):
     g = torch.Generator().manual_seed(0)
@@ -290,6 +308,9 @@ def test_bad_input_is_refused_clearly():
         hlp.make_config("salor", sparsity_target="adapter", repair_init="svd")
     with pytest.raises(hlp.ConfigError, match="adapter_schedule_steps >= 1"):
         hlp.make_config("salor", sparsity_target="adapter", adapter_schedule="cubic")
+    for init in ("pissa", "olora", "eva"):  # they rewrite the base before pruning (or need data)
+        with pytest.raises(hlp.ConfigError, match=f"init_lora_weights='{init}'.*Use True, False or 'gaussian'"):
+            hlp.make_config("salor", init_lora_weights=init)
     odd = make_tiny_model(intermediate_size=130)  # down_proj reads 130 inputs
     with pytest.raises(hlp.ConfigError, match=r"down_proj has 130 inputs .*not divisible by 4"):
         hlp.attach(odd, "salor", r=2, sparsity_pattern="2:4")
