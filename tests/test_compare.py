@@ -84,6 +84,21 @@ def test_compare_trains_each_method_in_its_own_process_and_reports_a_failure(
     assert (out / "loss_curves.png").stat().st_size > 1000 and (out / "cost.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize("length, said", [([], "30 steps of"), (["--epochs", "1"], "1 epoch(s) of")])
+def test_compare_runs_as_long_as_the_defaults_or_epochs_say(tmp_path, tiny_model_dir, text_file, capsys, length, said):
+    """Without --max-steps every method failed at its first step (a progress interval of None // 10)."""
+    out = tmp_path / "cmp"
+    args = _tiny_run_args(tiny_model_dir, text_file, out)
+    at = args.index("--max-steps")
+    del args[at : at + 2]
+    assert main(["compare", "--methods", "lora", *args, *length]) == 0
+    printed = capsys.readouterr().out
+    assert "overall: 1/1 methods done" in printed and "FAILED" not in printed
+    row = json.loads((out / "comparison.json").read_text())["results"][0]
+    assert row["status"] == "ok" and row["eval_history"][-1]["step"] == (30 if not length else row["steps"])
+    assert said in (out / "comparison.md").read_text()
+
+
 def test_train_full_writes_a_plain_checkpoint_equal_to_the_trained_model(tmp_path, tiny_model_dir, text_file):
     """`train --method full` exports merged/ only; plain transformers loads exactly the trained weights."""
 

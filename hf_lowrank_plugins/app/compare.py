@@ -34,7 +34,7 @@ from ..method import MethodInfo
 from ..outputs import OutputSet
 from ..registry import Registry, get_registry
 from .embedded import dataset_path
-from .spec import TrainSpec
+from .spec import DEFAULT_MAX_STEPS, TrainSpec
 
 #: Learning rate per method when ``--lr`` does not name one, with the reason (shown in comparison.md).
 #: Figures compared as ratios to the reference method (key in a method's result -> label).
@@ -172,8 +172,9 @@ def reference_method(spec: CompareSpec, runs: list[PlannedRun]) -> str:
 class ProgressReporter:
     """A ``TrainerCallback`` printing machine-readable progress lines for the parent to re-format."""
 
-    def __init__(self, every: int) -> None:
-        self.every = max(1, every)
+    def __init__(self, every: int | None) -> None:
+        #: report every this many steps; ``None``: a tenth of the run, known once training starts (``--epochs``)
+        self.every = None if every is None else max(1, every)
         self.started = time.perf_counter()
         self.last_eval_step: int | None = None
 
@@ -187,9 +188,14 @@ class ProgressReporter:
         reporter = self
 
         class _Callback(TrainerCallback):
+            def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                if reporter.every is None:
+                    reporter.every = max(1, state.max_steps // 10)
+
             def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
                 logs = logs or {}
-                if "loss" in logs and (state.global_step % reporter.every == 0 or state.global_step == state.max_steps):
+                every = reporter.every or 1
+                if "loss" in logs and (state.global_step % every == 0 or state.global_step == state.max_steps):
                     reporter._emit(event="step", step=state.global_step, max_steps=state.max_steps, loss=logs["loss"])
                 # run_training evaluates before training (max_steps still 0) and again after the last step
                 if "eval_loss" in logs and state.global_step != reporter.last_eval_step:
@@ -210,7 +216,8 @@ def worker_main(argv: list[str]) -> int:
     spec, error_file = TrainSpec(**json.loads(argv[0])), Path(argv[1])
     hf_logging.disable_progress_bar()
     try:
-        reporter = ProgressReporter(every=max(1, spec.max_steps // 10))
+        steps = spec.steps_or_default
+        reporter = ProgressReporter(every=None if steps is None else steps // 10)
         run_training(spec, callbacks=[reporter.callback()])
     except BaseException as exc:
         message = str(exc) if isinstance(exc, LowRankError) else f"{type(exc).__name__}: {exc}"
@@ -407,6 +414,15 @@ def _cell(row: dict[str, Any], key: str) -> str:
     return f"{text} ({ratio:.2f}x)" if ratio is not None else text
 
 
+def _run_length(shared: dict[str, Any]) -> str:
+    """How long each method trained, as the run's settings say (``--max-steps``, ``--epochs`` or the default)."""
+    if shared.get("max_steps") is not None:
+        return f"{shared['max_steps']} steps"
+    if shared.get("epochs") is not None:
+        return f"{shared['epochs']:g} epoch(s)"
+    return f"{DEFAULT_MAX_STEPS} steps"
+
+
 def render_markdown(comparison: dict[str, Any]) -> str:
     """``comparison.md``: the main table with ratios, eval loss per step, learning rates and errors."""
     s, rows, ref = comparison["shared_settings"], comparison["results"], comparison["reference"]
@@ -415,7 +431,7 @@ def render_markdown(comparison: dict[str, Any]) -> str:
         "# Method comparison",
         "",
         f"Model `{s['model'] or 'SmolLM2-135M-Instruct (embedded)'}`, data `{s['dataset'] or 'KJV (embedded)'}`; "
-        f"{s['max_steps']} steps of {s['batch_size']} x {s['seq_len']} tokens (grad accum {s['grad_accum']}), seed {s['seed']}, "
+        f"{_run_length(s)} of {s['batch_size']} x {s['seq_len']} tokens (grad accum {s['grad_accum']}), seed {s['seed']}, "
         f"rank {s['rank'] if s['rank'] is not None else 'per-method default'}; eval every {s['eval_every'] or '-'} steps on "
         f"{s['eval_blocks']} held-out blocks. Each method ran in a fresh process. Ratios `(1.00x)` are to **{ref}**.",
         "",
@@ -492,7 +508,7 @@ def run_comparison(spec: CompareSpec, registry: Any = None, log: Callable[[str],
             # in it is replaced; each worker then claims its folder as a new set of its own.
             shutil.rmtree(run.spec.resolved_output_dir(), ignore_errors=True)
             log(
-                f"{label}: training (lr {format_lr(run.spec.lr)}, {run.spec.steps_or_default} steps) -> {run.spec.resolved_output_dir()}"
+                f"{label}: training (lr {format_lr(run.spec.lr)}, {_run_length(dataclasses.asdict(run.spec))}) -> {run.spec.resolved_output_dir()}"
             )
             row = method_result(run, run_method(run, label, log, spec.timeout, logs_dir=out_dir / "logs"))
             rows.append(row)

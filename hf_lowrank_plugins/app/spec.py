@@ -28,6 +28,10 @@ def opt(help: str, scope: str = "run", **meta: Any) -> dict[str, Any]:
     return {"help": help, "scope": scope, **meta}
 
 
+#: optimizer steps of a run given neither ``--max-steps`` nor ``--epochs``
+DEFAULT_MAX_STEPS = 30
+
+
 @dataclass
 class TrainSpec:
     """Inputs of one run; ``None`` model/dataset mean the embedded SmolLM2-135M-Instruct and KJV text."""
@@ -116,7 +120,7 @@ class TrainSpec:
         """``max_steps``, 30 when neither it nor ``epochs`` is given, ``None`` when ``epochs`` decides."""
         if self.max_steps is not None:
             return self.max_steps
-        return None if self.epochs is not None else 30
+        return None if self.epochs is not None else DEFAULT_MAX_STEPS
 
     def method_fields(self) -> dict[str, Any]:
         """Config fields for the method: ``--set`` values plus ``--rank``/``--alpha`` where given."""
