@@ -36,7 +36,7 @@ import logging
 import math
 import weakref
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -84,15 +84,18 @@ def collect_batches(
 ) -> list[dict[str, Any]]:
     """The first ``n_batches`` estimate batches from ``dataloader``, each split to ``batch_size`` examples.
 
-    Batches are dicts of tensors batched along dim 0 (what the Trainer's collators produce).
+    Batches are mappings of tensors batched along dim 0 (what the Trainer's collators produce: a
+    ``dict``, or the ``BatchEncoding`` of tokenizer-based collators such as ``DataCollatorForSeq2Seq``).
     Returns fewer batches when the dataloader runs out (a warning says so); raises when it is empty.
     """
     if dataloader is None:
         raise LowRankError("LoRA-GA needs the Trainer's training dataloader to estimate gradients; got none")
     out: list[dict[str, Any]] = []
     for batch in dataloader:
-        if not isinstance(batch, dict):
-            raise LowRankError(f"LoRA-GA expects dict batches from the training dataloader, got {type(batch).__name__}")
+        if not isinstance(batch, Mapping):
+            raise LowRankError(
+                f"LoRA-GA expects dict batches from the training dataloader, got {type(batch).__name__}"
+            )
         size = next((v.shape[0] for v in batch.values() if torch.is_tensor(v) and v.dim() > 0), None)
         if size is None:
             raise LowRankError("LoRA-GA found no batched tensor in a training batch")

@@ -34,6 +34,21 @@ def _batches(n=3, size=8):
     return collect_batches(torch.utils.data.DataLoader(TokenDataset(), batch_size=size), n, None)
 
 
+def test_batches_of_a_tokenizer_collator_are_taken_like_dicts():
+    """DataCollatorForSeq2Seq (instruction data in `hf-lowrank train`) yields a BatchEncoding, a mapping but
+    no dict: LoRA-GA refused every instruction dataset."""
+    from transformers import BatchEncoding
+
+    def encoded(rows):
+        return BatchEncoding(torch.utils.data.default_collate(rows))
+
+    loader = torch.utils.data.DataLoader(TokenDataset(), batch_size=8, collate_fn=encoded)
+    got, expected = collect_batches(loader, 3, None), _batches(3, 8)
+    assert len(got) == 3
+    for mine, reference in zip(got, expected, strict=True):
+        assert mine.keys() == reference.keys() and all(torch.equal(mine[k], reference[k]) for k in mine)
+
+
 def _autograd_gradients(model, batches):
     """Reference: mean of per-batch mean-loss gradients by plain autograd on a copy, weights requiring grad."""
     ref = copy.deepcopy(model).train()
