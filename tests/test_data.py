@@ -71,6 +71,34 @@ def test_prompt_completion_and_alpaca_records(tmp_path, tokenizer):
     assert _labelled_text(tokenizer, data.train[0]) == "4<|im_end|>\n"
 
 
+def test_structured_records_win_over_a_rendered_text_field(tmp_path, tokenizer):
+    """Alpaca's own dump (instruction, input, output, text) was trained as plain text, the loss on the prompt."""
+    path = tmp_path / "alpaca.jsonl"
+    record = {"instruction": "Add the numbers.", "input": "2, 2", "output": "4", "text": "Add 2, 2: 4"}
+    path.write_text("\n".join(json.dumps(record) for _ in range(4)))
+    data = load_training_data(path, tokenizer, seq_len=128, eval_examples=1)
+    assert data.kind == "alpaca" and _labelled_text(tokenizer, data.train[0]) == "4<|im_end|>\n"
+
+
+def test_a_byte_order_mark_and_windows_line_ends_are_not_data(tmp_path, tokenizer):
+    """Excel's "CSV UTF-8" starts with a BOM, which became part of the first column's name (or broke the
+    first JSON line); a CRLF text file kept a carriage return at the end of every line."""
+    bom = "\ufeff".encode()
+    csv_file, jsonl_file, text_file = tmp_path / "pc.csv", tmp_path / "pc.jsonl", tmp_path / "t.txt"
+    csv_file.write_bytes(bom + "prompt,completion\r\n".encode() + b"Q?,yes\r\n" * 4)
+    jsonl_file.write_bytes(
+        bom + b"\n".join(json.dumps({"prompt": "Q?", "completion": "yes"}).encode() for _ in range(4))
+    )
+    for path in (csv_file, jsonl_file):
+        data = load_training_data(path, tokenizer, seq_len=64, eval_examples=1)
+        assert (
+            data.kind == "prompt_completion" and _labelled_text(tokenizer, data.train[0]) == "yes" + tokenizer.eos_token
+        )
+    text_file.write_bytes(bom + b"In the beginning God created the heaven and the earth.\r\n" * 40)
+    blocks = load_training_data(text_file, tokenizer, seq_len=16, eval_examples=1).train.blocks
+    assert "\r" not in tokenizer.decode(blocks.flatten()) and "\ufeff" not in tokenizer.decode(blocks.flatten())
+
+
 def test_parquet_and_datasets_folders(tmp_path, tokenizer):
     pytest.importorskip("pyarrow")
     from datasets import Dataset

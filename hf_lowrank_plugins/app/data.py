@@ -35,12 +35,15 @@ from torch.utils.data import Dataset
 from ..errors import LowRankError
 
 SUFFIXES = (".txt", ".text", ".md", ".jsonl", ".json", ".csv", ".parquet")
+#: Record shapes by the fields they need, the most specific first: structured records often carry a
+#: rendered ``text`` too (Alpaca's own dump has instruction, input, output and text), which must not turn
+#: them into plain text with the loss on the prompt.
 KINDS = {
-    "text": ("text",),
     "messages": ("messages",),
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
     "tokens": ("input_ids",),
+    "text": ("text",),
 }
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task{context}. Write a response that appropriately completes the "
@@ -113,7 +116,9 @@ def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
     with open(path, "rb") as handle:
         for n, raw in enumerate(handle, 1):
             try:
-                yield n, raw.decode("utf-8")
+                # utf-8-sig drops the byte-order mark Excel's "CSV UTF-8" and Windows editors write first,
+                # which would otherwise become part of the first field's name or break the first JSON line
+                yield n, raw.decode("utf-8-sig" if n == 1 else "utf-8")
             except UnicodeDecodeError as exc:
                 raise LowRankError(
                     f"{path}:{n}: not UTF-8 text (byte {exc.start + 1} of the line); save the file as UTF-8"
@@ -129,7 +134,7 @@ def read_records(path: Path) -> Iterator[Record]:
     if suffix in (".txt", ".text", ".md"):
         for n, line in _decoded_lines(path):
             if line.strip():
-                yield Record({"text": line.rstrip("\n")}, f"{path}:{n}")
+                yield Record({"text": line.rstrip("\r\n")}, f"{path}:{n}")
     elif suffix == ".jsonl":
         for n, line in _decoded_lines(path):
             if not line.strip():
