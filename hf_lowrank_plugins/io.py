@@ -27,6 +27,7 @@ def atomic_directory(final: str | os.PathLike[str], replace: bool = False) -> It
         raise FileExistsError(f"{final} already exists and is not empty; refusing to replace it")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    os.chmod(tmp, default_mode(directory=True))  # mkdtemp makes it 0700, and it is renamed into place
     try:
         yield tmp
     except BaseException:
@@ -49,11 +50,23 @@ def atomic_file(final: str | os.PathLike[str]) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=final.suffix, dir=final.parent)
     os.close(fd)
+    os.chmod(tmp, default_mode(directory=False))  # mkstemp makes it 0600, and it is renamed into place
     try:
         yield Path(tmp)
         os.replace(tmp, final)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def default_mode(directory: bool) -> int:
+    """The permissions ``mkdir`` or ``open`` would give a new folder or file under the process's umask.
+
+    Temporary names from :mod:`tempfile` are private (0700/0600), fit for scratch but not for a
+    deliverable renamed into place: a serving account or a colleague could not read the model.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:

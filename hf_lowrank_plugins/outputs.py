@@ -13,7 +13,10 @@ an output folder through an :class:`OutputSet`:
   complete set; a kill at any moment before leaves no manifest, and the next run names (or, for
   staging leftovers, removes) what it finds.
 * ``overwrite=True`` replaces an earlier set of ours as a whole: entries of the old set that the
-  new one does not produce are removed when the new set is committed, so two runs never mix.
+  new one does not produce are removed when the new set is committed, so two runs never mix; what
+  the new run writes straight into the folder (logs) starts empty. Entries the folder held beside
+  an earlier set (a user's notes) are recorded in the marker as not ours and stay, also when a run
+  that claimed the folder failed and a later one replaces it.
 
 Stdlib only: this module is the library's, and every application command builds on it.
 """
@@ -33,7 +36,7 @@ from types import TracebackType
 from typing import Any
 
 from .errors import LowRankError
-from .io import write_json_atomic
+from .io import default_mode, write_json_atomic
 
 MANIFEST_NAME = "hf-lowrank-manifest.json"
 MARKER_NAME = ".hf-lowrank-run.json"
@@ -174,6 +177,10 @@ class OutputSet:
         overwrite: replace an earlier set of ours (complete or unfinished); never anything else.
         resume_from: a checkpoint the run resumes from; when it lies in this folder, the folder's
             unfinished run is continued instead of refused, and its checkpoints are kept.
+        in_place: names the run writes straight into the folder rather than the stage (a
+            ``tensorboard/`` log); an earlier set's entries of these names are removed when the
+            folder is claimed, so the new run's logs do not mix with the old, and they belong to the
+            set at :meth:`commit`.
     """
 
     def __init__(
@@ -184,8 +191,10 @@ class OutputSet:
         inputs: Mapping[str, str | os.PathLike[str] | None] | None = None,
         overwrite: bool = False,
         resume_from: str | os.PathLike[str] | None = None,
+        in_place: Iterable[str] = (),
     ) -> None:
         self.path = Path(path)
+        self.in_place = tuple(in_place)
         self.command = command
         self.inputs = dict(inputs or {})
         self.overwrite = overwrite
@@ -194,6 +203,8 @@ class OutputSet:
         self._stage: Path | None = None
         self._created: list[Path] = []
         self._previous: list[str] = []
+        #: entries that were in the folder beside an earlier set, not ours: never replaced
+        self._foreign: list[str] = []
         self._open = False
 
     # ------------------------------------------------------------------ checks
@@ -267,20 +278,25 @@ class OutputSet:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
                 self.cleaned.append(entry.name)
         old_marker = _read_marker(self.path)
-        if old_marker is not None:  # an unfinished run of ours: whatever it left is replaced at commit
-            present = {e.name for e in self.path.iterdir()} - {MANIFEST_NAME, MARKER_NAME, CHECKPOINTS}
-            self._previous = sorted(set(old_marker.get("previous", [])) | present)
+        present = {e.name for e in self.path.iterdir()} - {MANIFEST_NAME, MARKER_NAME, CHECKPOINTS}
+        if old_marker is not None:  # an unfinished run of ours: what it left is replaced at commit, not what it found
+            self._foreign = sorted(set(old_marker.get("foreign", [])) & present)
+            self._previous = sorted((set(old_marker.get("previous", [])) | present) - set(self._foreign))
         if state == "complete":
             manifest = read_manifest(self.path) or {}
             self._previous = sorted(
                 {rel.split("/", 1)[0] for rel in manifest.get("files", {})} | set(manifest.get("entries", []))
             )
+            self._foreign = sorted(present - set(self._previous))
         self._write_marker("running")
         if state == "complete":
             (self.path / MANIFEST_NAME).unlink()  # the old set stops being complete from here on
         resume_inside = self.resume_from is not None and _is_within(_resolved(self.resume_from), _resolved(self.path))
         if state in ("complete", "unfinished") and self.overwrite and not resume_inside:
             shutil.rmtree(self.path / CHECKPOINTS, ignore_errors=True)  # the old run's, never mixed with ours
+            for name in set(self.in_place) & set(self._previous):  # the old run's logs, never mixed with ours
+                target = self.path / name
+                shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink(missing_ok=True)
         self._open = True
         return self
 
@@ -296,6 +312,7 @@ class OutputSet:
                 "host": socket.gethostname(),
                 "started": _now(),
                 "previous": self._previous,
+                "foreign": self._foreign,
             },
         )
 
@@ -312,13 +329,14 @@ class OutputSet:
         """Move every staged entry into the folder, drop the old set's other entries, write the manifest last.
 
         ``in_place`` names entries written straight into the folder (progress reports such as
-        ``comparison.json``) that belong to the set too. ``info`` is stored in the manifest.
-        Returns the manifest's path.
+        ``comparison.json``) that belong to the set too, besides the constructor's that exist.
+        ``info`` is stored in the manifest. Returns the manifest's path.
         """
         if not self._open:
             raise RuntimeError("OutputSet.commit() without open()")
         staged = sorted(p.name for p in self._stage.iterdir()) if self._stage is not None else []
-        entries = sorted(set(staged) | set(in_place))
+        in_place = {*in_place, *(name for name in self.in_place if (self.path / name).exists())}
+        entries = sorted(set(staged) | in_place)
         trash = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX + "old-", dir=self.path))
         for name in sorted(set(self._previous) | set(staged)):
             if name in in_place or name in (MANIFEST_NAME, MARKER_NAME, CHECKPOINTS):
@@ -328,6 +346,7 @@ class OutputSet:
                 os.replace(target, trash / name)
         for name in staged:
             assert self._stage is not None
+            _give_default_modes(self._stage / name)
             os.replace(self._stage / name, self.path / name)
         checkpoints = self.path / CHECKPOINTS
         if checkpoints.is_dir() and not any(checkpoints.iterdir()):
@@ -387,6 +406,20 @@ class OutputSet:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.abort()  # a no-op after commit(); otherwise the set was never completed
+
+
+def _give_default_modes(root: Path) -> None:
+    """Give ``root`` and everything in it the modes the umask gives new files and folders.
+
+    Writers that go through a private temporary name (safetensors' ``save_file``, ``tempfile``) leave
+    a deliverable readable by its owner only (0600), so a serving account or a colleague could not
+    read the model; everything else in a set gets the umask's modes already.
+    """
+    file_mode, dir_mode = default_mode(directory=False), default_mode(directory=True)
+    paths = [root, *root.rglob("*")] if root.is_dir() else [root]
+    for path in paths:
+        if not path.is_symlink():
+            os.chmod(path, dir_mode if path.is_dir() else file_mode)
 
 
 def _now() -> str:

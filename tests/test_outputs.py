@@ -168,6 +168,67 @@ def test_output_set_life_cycle(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def _killed(out):
+    """Make the marker's writer a process that no longer exists, as after a kill."""
+    marker = json.loads((out / MARKER_NAME).read_text())
+    marker["pid"] = 2**22 + 12345
+    (out / MARKER_NAME).write_text(json.dumps(marker))
+
+
+def test_a_users_file_beside_a_set_survives_a_failed_overwrite_and_the_next_one(tmp_path):
+    """The retry after a failed --overwrite took everything in the folder for the failed run's, notes too."""
+    out = tmp_path / "o"
+    with OutputSet(out, command="test") as outputs:
+        (outputs.stage / "adapter").mkdir()
+        outputs.commit()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(RuntimeError), OutputSet(out, command="test", overwrite=True):
+        raise RuntimeError("the export failed")
+    assert (out / "notes.txt").read_text() == "mine" and (out / MARKER_NAME).exists()
+    _killed(out)
+    with OutputSet(out, command="test", overwrite=True) as outputs:
+        (outputs.stage / "merged").mkdir()
+        outputs.commit()
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME, "merged", "notes.txt"]
+
+
+def test_an_overwrite_starts_the_logs_it_writes_in_place_empty(tmp_path):
+    """A rerun's tensorboard/ (or compare's logs/) kept the old run's event files and listed them as its own."""
+    out = tmp_path / "o"
+    with OutputSet(out, command="test", in_place=["logs"]) as outputs:
+        (out / "logs").mkdir()
+        (out / "logs" / "old-run.log").write_text("old")
+        outputs.commit()
+    with OutputSet(out, command="test", overwrite=True, in_place=["logs"]) as outputs:
+        assert not (out / "logs").exists()
+        (out / "logs").mkdir()
+        (out / "logs" / "new-run.log").write_text("new")
+        outputs.commit()
+    assert set(read_manifest(out)["files"]) == {"logs/new-run.log"}
+    with OutputSet(out, command="test", overwrite=True) as outputs:  # a run that writes no logs
+        (outputs.stage / "adapter").mkdir()
+        outputs.commit()
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", MANIFEST_NAME]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_deliverables_get_the_modes_the_umask_gives(tmp_path, umask):
+    """Temporary names (mkdtemp, mkstemp, safetensors' writer) are private; a model only its owner can read
+    is useless to a serving account."""
+    adapted = hlp.attach(make_tiny_model(), "lora", r=2)
+    previous = os.umask(umask)
+    try:
+        adapted.export(tmp_path / "out", merge=True)
+    finally:
+        os.umask(previous)
+    out = tmp_path / "out"
+    modes = {p.relative_to(out).as_posix(): p.stat().st_mode & 0o777 for p in out.rglob("*")}
+    assert "adapter/adapter_model.safetensors" in modes and "merged/model.safetensors" in modes
+    for name, mode in modes.items():
+        expected = 0o777 if (out / name).is_dir() else 0o666
+        assert mode == expected & ~umask, (name, oct(mode))
+
+
 def test_a_running_writer_is_not_disturbed(tmp_path):
     out = tmp_path / "o"
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

@@ -497,10 +497,11 @@ def run_comparison(spec: CompareSpec, registry: Any = None, log: Callable[[str],
         command="compare",
         overwrite=spec.overwrite,
         inputs={"model": spec.run.model, "dataset": dataset_path(spec.run.dataset) if spec.run.dataset else None},
+        in_place=["logs"],
     )
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
-    written: list[str] = ["logs"]
+    written: list[str] = []
     with outputs:
         for i, run in enumerate(runs, 1):
             label = f"[{i}/{len(runs)}] {run.method}"

@@ -43,6 +43,11 @@ from .spec import TrainSpec
 TENSORBOARD = "tensorboard"
 
 
+def reports_to_tensorboard(spec: TrainSpec) -> bool:
+    """Whether the run logs to TensorBoard, into ``tensorboard/`` of its output folder."""
+    return "tensorboard" in spec.report_to or "all" in spec.report_to
+
+
 def training_arguments(spec: TrainSpec, output_dir: Path, steps: int | None) -> TrainingArguments:
     """The Trainer's arguments for ``spec``; checkpoints go to ``output_dir/checkpoints``."""
     log_every = max(1, min(10, (steps or 50) // 5))
@@ -115,6 +120,7 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
         overwrite=spec.overwrite,
         inputs={"base model": model_dir, "dataset": dataset_path(spec.dataset) if spec.dataset else None},
         resume_from=spec.resume_from_checkpoint,
+        in_place=[TENSORBOARD] if reports_to_tensorboard(spec) else [],
     )
     outputs.check()  # before loading anything: a folder we may not write fails in a second
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -134,7 +140,7 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
     record = check_checkpoint(spec.resume_from_checkpoint, identity) if spec.resume_from_checkpoint else {}
 
     with outputs:
-        if "tensorboard" in spec.report_to or "all" in spec.report_to:
+        if reports_to_tensorboard(spec):
             # transformers reads the folder from the environment (else ./runs/...): keep it in this run's set
             os.environ["TENSORBOARD_LOGGING_DIR"] = str(outputs.path / TENSORBOARD)
         args = training_arguments(spec, outputs.path, spec.steps_or_default)
@@ -223,6 +229,5 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
             "artifact_bytes": {role: directory_bytes(path) for role, path in exported.paths().items()},
         }
         (outputs.stage / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str) + "\n")
-        in_place = [TENSORBOARD] if (outputs.path / TENSORBOARD).is_dir() else []
-        outputs.commit(in_place=in_place, info={"method": spec.method, "steps": steps})
+        outputs.commit(info={"method": spec.method, "steps": steps})
     return metrics
