@@ -176,6 +176,8 @@ def _merged_weight(
         work = copy.deepcopy(layer)  # one layer and its factors; the live model is never touched
         if stored is not None:
             work.get_base_layer().weight = nn.Parameter(stored(), requires_grad=False)
+        if adapter in getattr(work, "lora_bias", {}):
+            work.lora_bias[adapter] = False  # the bias is an entry of its own (_merged_bias), maybe still on meta
         work.merge(safe_merge=True, adapter_names=[adapter])
         return work.get_base_layer().weight.detach()
     # PEFT's 4-bit merge re-quantizes the merged weight (losing the update), so the same maths as its
@@ -188,6 +190,17 @@ def _merged_weight(
         norm = magnitude.get_weight_norm(weight, delta, scaling=1).detach()
         merged = (magnitude.weight / norm).view(-1, 1) * merged
     return merged.t() if _conv1d_source(base) else merged
+
+
+def _merged_bias(layer: Any, adapter: str, bias: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``b + s b_B``: a ``lora_bias`` adapter's ``lora_B`` bias is scaled with its product in the forward.
+
+    As PEFT's merge of a full-precision layer computes it; PEFT's 4-bit merge adds ``b_B`` unscaled,
+    which is not the adapted model where ``s != 1``, so this formula serves both.
+    """
+    base_bias = bias()
+    update = layer.lora_B[adapter].bias.detach() * layer.scaling[adapter]
+    return (base_bias + update.to(base_bias.device)).to(base_bias.dtype)
 
 
 def _lazy_weight(
@@ -217,8 +230,13 @@ def _walk(
         base = layer.get_base_layer() if isinstance(module, BaseTunerLayer) else module
         adapter = layer.active_adapters[0] if isinstance(module, BaseTunerLayer) else None
         stored = partial(_read, source, prefix + "weight") if base.weight.is_meta else None
+        merges_bias = merge and adapter is not None and getattr(layer, "lora_bias", {}).get(adapter, False)
         for name, tensor, _ in _plain_entries(prefix, base):
-            if name != prefix + "weight" or not (_is_4bit(base) or (merge and adapter is not None)):
+            if name == prefix + "bias" and merges_bias:
+                bias = partial(_read, source, name) if tensor.is_meta else tensor.detach
+                dtype = None if tensor.is_meta else tensor.dtype
+                yield name, None, (tuple(tensor.shape), dtype, partial(_merged_bias, layer, adapter, bias))
+            elif name != prefix + "weight" or not (_is_4bit(base) or (merge and adapter is not None)):
                 yield name, tensor, None
             elif merge and adapter is not None:
                 merged = partial(_merged_weight, layer, adapter, _is_4bit(base), dequant_dtype, stored)

@@ -84,6 +84,25 @@ def test_streamed_merge_of_a_4bit_base_equals_the_dequantized_merge(case, method
     assert rel_err(output(loaded, batch), output(model, batch)) <= 1e-4
 
 
+@pytest.mark.parametrize("where", ["in_memory", "4bit", "from_disk"])
+def test_a_trained_lora_bias_is_merged_as_the_adapter_computes_it(where, tmp_path):
+    """``lora_bias=True``: the merged bias is ``b + s b_B``. It was left out (the base bias written as it
+    was), and from disk the merge failed on the skeleton's meta bias."""
+    if where == "4bit":
+        pytest.importorskip("bitsandbytes")
+    fields = {"lora_bias": True, "lora_alpha": 8, "load_in_4bit": where == "4bit"}  # r = 4: s = 2
+    model = _perturbed(GPT2, "lora", **fields)
+    if where == "from_disk":
+        GPT2.build(0).save_pretrained(str(tmp_path / "base"))
+        hlp.save_adapter(model, tmp_path / "adapter")
+        adapted = hlp.load_adapter(_skeleton(GPT2, tmp_path / "base"), tmp_path / "adapter").model
+        write_checkpoint(adapted, tmp_path / "merged", source=CheckpointReader(tmp_path / "base"))
+    else:
+        write_checkpoint(model, tmp_path / "merged")
+    batch = GPT2.batch()
+    assert rel_err(output(_load(GPT2, tmp_path / "merged"), batch), output(model, batch)) <= 1e-5
+
+
 def test_shards_index_dtype_and_tied_weights(tmp_path):
     """Small shards come with an index naming every tensor once; the tied output head is stored once;
     ``dtype`` casts every floating tensor and the config says so."""
