@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils import ModulesToSaveWrapper
+from peft.utils import ModulesToSaveWrapper, TrainableTokensWrapper
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -99,6 +99,14 @@ class CheckpointReader:
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
+
+    def add_tied_names(self, tied: Mapping[str, str]) -> None:
+        """Make each tied name (``lm_head.weight``) readable as the name it is tied to, which a tied
+        checkpoint stores alone; an adapter that trains a copy of one of the two (``modules_to_save``)
+        leaves the other to be read under its own name."""
+        for name, stored in tied.items():
+            if name not in self._entries and stored in self._entries:
+                self._entries[name] = self._entries[stored]
 
     def names(self) -> list[str]:
         """Every tensor name in the checkpoint."""
@@ -220,6 +228,9 @@ def _walk(
 ) -> Iterator[tuple[str, Any, Any]]:
     """``(name, tensor, None)`` or ``(name, None, (shape, dtype, producer))`` for every tensor of the
     plain checkpoint, in module order."""
+    if isinstance(module, TrainableTokensWrapper):  # trained rows of an embedding, under the embedding's name
+        yield from _token_rows_entries(prefix, module.token_adapter, merge, source)
+        return
     if isinstance(module, ModulesToSaveWrapper):  # a trained head: the trained copy, under the head's name
         active = module.active_adapters[0] if module.active_adapters else None
         inner = module.modules_to_save[active] if active in module.modules_to_save else module.original_module
@@ -248,6 +259,31 @@ def _walk(
     for name, child in module._modules.items():
         if child is not None:
             yield from _walk(f"{prefix}{name}.", child, merge, dequant_dtype, source)
+
+
+def _token_rows_entries(
+    prefix: str, layer: Any, merge: bool, source: CheckpointReader | None
+) -> Iterator[tuple[str, Any, Any]]:
+    """The entries of an embedding (or tied head) with PEFT's ``trainable_token_indices``: its weight with
+    the trained rows put in (what PEFT's merge does), or as it was with ``merge=False``. A head tied to
+    such an embedding shares its weight and its rows, so it is left out (listed once, as tied weights are)."""
+    base = layer.get_base_layer()
+    adapter = layer.active_adapters[0] if layer.active_adapters else None
+    tied = layer.tied_adapter is not None and layer.tied_adapter.get_base_layer().weight is base.weight
+    for name, tensor, _ in _plain_entries(prefix, base):
+        if name != prefix + "weight" or not merge or adapter not in layer.trainable_tokens_delta:
+            yield name, tensor, None
+        elif not tied:
+            dtype = None if tensor.is_meta else tensor.dtype
+            yield name, None, (tuple(tensor.shape), dtype, partial(_with_token_rows, layer, adapter, name, source))
+
+
+def _with_token_rows(layer: Any, adapter: str, name: str, source: CheckpointReader | None) -> torch.Tensor:
+    """The embedding weight with the adapter's trained rows in place of the original ones."""
+    weight = layer.get_base_layer().weight
+    weight = _read(source, name) if weight.is_meta else weight.detach()
+    rows = torch.tensor(layer.token_indices[adapter], device=weight.device)
+    return weight.index_copy(0, rows, layer.trainable_tokens_delta[adapter].detach().to(weight))
 
 
 def _holding(source: CheckpointReader | None, name: str) -> CheckpointReader:
@@ -291,6 +327,8 @@ def checkpoint_tensors(
         (p.dtype for p in model.parameters() if p.dtype in (torch.float32, torch.bfloat16, torch.float16)),
         torch.float32,
     )
+    if source is not None:
+        source.add_tied_names(tied_weight_names(model))
     entries: list[CheckpointTensor] = []
     seen: set[int] = set()  # data pointers of real tensors
     seen_meta: set[int] = set()  # ids of meta tensors (tied ones are the same Parameter)
@@ -404,10 +442,22 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
         return len(self._tensors)
 
 
+def tied_weight_names(model: nn.Module) -> dict[str, str]:
+    """The model's tied weights, ``{"lm_head.weight": "model.embed_tokens.weight"}`` (none when untied)."""
+    return dict(getattr(plain_model(model), "all_tied_weights_keys", None) or {})
+
+
 def plain_config(model: nn.Module, tensors: list[CheckpointTensor]) -> Any:
-    """A copy of the config that goes with ``tensors``: no quantization, the architecture, their dtype."""
+    """A copy of the config that goes with ``tensors``: no quantization, the architecture, their dtype,
+    and word embeddings untied when the tied pair is written as two different tensors (a merged adapter
+    on the head, a trained embedding copy), which loaders that tie by the config would overwrite."""
     plain: Any = plain_model(model)
     config = copy.deepcopy(plain.config)
+    written = {t.name for t in tensors}
+    if any(name in written and stored in written for name, stored in tied_weight_names(model).items()):
+        for sub in {id(c): c for c in (config, config.get_text_config())}.values():
+            if getattr(sub, "tie_word_embeddings", False):
+                sub.tie_word_embeddings = False
     for attribute in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(config, attribute):
             delattr(config, attribute)

@@ -103,6 +103,44 @@ def test_a_trained_lora_bias_is_merged_as_the_adapter_computes_it(where, tmp_pat
     assert rel_err(output(_load(GPT2, tmp_path / "merged"), batch), output(model, batch)) <= 1e-5
 
 
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"target_modules": ["q_proj"], "trainable_token_indices": [3, 5]},  # PEFT's way to train new tokens
+        {"target_modules": ["q_proj"], "modules_to_save": ["embed_tokens"]},
+        {"target_modules": ["q_proj", "lm_head"]},
+    ],
+    ids=["trainable-tokens", "embedding-copy", "lora-on-head"],
+)
+def test_a_trained_embedding_or_head_merges_in_memory_and_from_disk(settings, tied, tmp_path):
+    """Trainable token rows were written under a name no loader knows (the embedding loaded random); a tied
+    pair written as two tensors kept ``tie_word_embeddings`` (a loader that ties overwrote the head); from
+    disk, the tied head of a trained embedding copy was not found in the checkpoint."""
+    from hf_lowrank_plugins.testing.helpers import make_tiny_model
+
+    make_tiny_model(tie_word_embeddings=tied).save_pretrained(str(tmp_path / "base"))
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"))
+    adapted = hlp.attach(base, "lora", r=4, **settings)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in adapted.model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    model = adapted.model.eval()
+    write_checkpoint(model, tmp_path / "in_memory")
+    loaded = _load(LLAMA, tmp_path / "in_memory")
+    loaded.tie_weights()  # what a loader that ties by the config does
+    batch = LLAMA.batch()
+    assert rel_err(output(loaded, batch), output(model, batch)) <= 1e-5
+    hlp.save_adapter(model, tmp_path / "adapter")
+    skeleton = hlp.load_adapter(_skeleton(LLAMA, tmp_path / "base"), tmp_path / "adapter").model
+    write_checkpoint(skeleton, tmp_path / "from_disk", source=CheckpointReader(tmp_path / "base"))
+    from_disk, in_memory = _read(tmp_path / "from_disk"), _read(tmp_path / "in_memory")
+    assert sorted(from_disk) == sorted(in_memory)
+    assert all(torch.equal(from_disk[key], value) for key, value in in_memory.items())
+
+
 def test_shards_index_dtype_and_tied_weights(tmp_path):
     """Small shards come with an index naming every tensor once; the tied output head is stored once;
     ``dtype`` casts every floating tensor and the config says so."""
