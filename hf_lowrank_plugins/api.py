@@ -404,6 +404,24 @@ def load_config(adapter_dir: str | Path, registry: Registry | None = None) -> Pe
         ) from None
 
 
+def check_not_a_training_state(adapter_dir: str | Path, info: MethodInfo) -> None:
+    """Raise :class:`IncompatibleError` for a Trainer checkpoint of a method whose deliverable is not its
+    training state.
+
+    A method that trains an adapter and writes its own deliverables (``post_train_merge``: PiSSA and
+    LoRA-GA train on a base they rewrote, SALOR on a pruned one) saves checkpoints that hold only
+    with that rewritten base; loaded onto the original, they are a different model, silently.
+    """
+    if not (info.trains_adapter and "post_train_merge" in info.hooks):
+        return
+    if (Path(adapter_dir) / "trainer_state.json").is_file():
+        raise IncompatibleError(
+            f"{adapter_dir} is a Trainer checkpoint of method '{info.name}', whose training state holds only with "
+            "the base the method rewrote when it attached; resume from it (--resume-from-checkpoint) and export, "
+            "or load the adapter/ the run exported"
+        )
+
+
 def check_adapter_fits(base_model: nn.Module, adapter_dir: str | Path) -> None:
     """Raise :class:`IncompatibleError` unless every adapted layer of ``adapter_dir`` exists in
     ``base_model`` with the shape the adapter was trained for, naming the first layer that differs."""
@@ -444,11 +462,13 @@ def load_adapter(
 ) -> Adapted:
     """Load a saved adapter onto ``base_model``; the config comes back as the method's own class.
 
-    A base of another architecture or size is refused before loading, naming the layer that differs.
+    A base of another architecture or size is refused before loading, naming the layer that differs,
+    and so is a Trainer checkpoint of a method that rewrites its base (:func:`check_not_a_training_state`).
     """
     registry = registry or get_registry()
     config = load_config(adapter_dir, registry)
     info = registry.method_for_config(config)
+    check_not_a_training_state(adapter_dir, info)
     check_adapter_fits(base_model, adapter_dir)
     if any(p.is_meta for p in base_model.parameters()):
         with _adapters_stay_where_loaded():

@@ -93,6 +93,27 @@ def test_two_trainers_on_one_adapted_model_each_build_from_their_own_arguments(t
         assert max(g["weight_decay"] for g in groups) == args.weight_decay
 
 
+@pytest.mark.parametrize(
+    "method, settings",
+    [("lora", {}), ("pissa", {"svd": "fast"}), ("lora_ga", {}), ("salor", {})],
+)
+def test_a_trainer_checkpoint_loads_only_where_it_is_the_model(tmp_path, method, settings):
+    """A checkpoint of a method that rewrote its base (PiSSA's residual, LoRA-GA's, SALOR's pruning) loaded
+    onto the original base was silently another model; LoRA's checkpoint is its model."""
+    adapted = hlp.attach(make_tiny_model(), method, r=2, **settings)
+    args = training_args(tmp_path / "run", max_steps=2, save_strategy="steps", save_steps=2)
+    Trainer(model=adapted.model, args=args, train_dataset=TokenDataset(), **adapted.trainer_kwargs()).train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    if method != "lora":
+        with pytest.raises(hlp.IncompatibleError, match=f"Trainer checkpoint of method '{method}'.*export"):
+            hlp.load_adapter(make_tiny_model(), checkpoint)
+        return
+    batch = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    loaded = hlp.load_adapter(make_tiny_model(), checkpoint).model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(batch).logits, adapted.model.eval()(batch).logits)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_bf16_mixed_precision_trains(tmp_path, method):
     trainer, _ = _run(tmp_path, "bf16", method=method, bf16=True)
