@@ -227,6 +227,17 @@ def test_method_options_reach_the_saved_config(tmp_path, tiny_model_dir, text_fi
     assert adapter_config["lora_dropout"] == saved["lora_dropout"]
 
 
+def test_a_relative_model_path_is_recorded_as_the_absolute_base(tmp_path, tiny_model_dir, text_file, monkeypatch):
+    """The adapter named its base by the relative --model: merge or generate run from another folder holding a
+    different model of that name silently used it."""
+    monkeypatch.chdir(tiny_model_dir.parent)
+    argv = ["train", "--method", "lora", "--model", tiny_model_dir.name, "--dataset", str(text_file)]
+    argv += ["--output-dir", str(tmp_path / "run"), "--max-steps", "1", "--batch-size", "2", "--seq-len", "16"]
+    assert main([*argv, "--eval-blocks", "2"]) == 0
+    adapter_config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(tiny_model_dir.resolve())
+
+
 def test_resumed_run_reports_the_whole_run_and_checks_the_checkpoint(tmp_path, tiny_model_dir, text_file, capsys):
     """metrics.json after a resume equals the uninterrupted run's; a checkpoint of another run is refused."""
 

@@ -25,7 +25,7 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def check_model_dir(path: str | Path) -> Path:
-    """``path`` as a causal LM checkpoint folder, or one line saying what is wrong with it.
+    """``path`` as an absolute causal LM checkpoint folder, or one line saying what is wrong with it.
 
     Checked without loading weights: a folder, a readable ``config.json`` naming a causal LM
     architecture transformers knows, and weight files.
@@ -67,7 +67,9 @@ def check_model_dir(path: str | Path) -> Path:
         )
     if not any((folder / name).is_file() for name in WEIGHT_FILES) and not list(folder.glob("*.safetensors")):
         raise LowRankError(f"{path} has a config.json but no weights (model.safetensors or pytorch_model.bin)")
-    return folder
+    # absolute: the path is recorded as the adapter's base (base_model_name_or_path), and a relative one
+    # would name whatever folder of that name a later command's working directory holds
+    return folder.resolve()
 
 
 def checkpoint_dtype(model_dir: str | Path) -> torch.dtype:
