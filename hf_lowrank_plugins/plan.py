@@ -42,6 +42,7 @@ from .distributed import check_zero_stage
 from .errors import LowRankError
 from .memory import status_bytes
 from .method import MethodInfo
+from .targets import find_target_modules
 
 #: NF4 with double quantization: 4 bits, one 8-bit scale per 64 weights, one fp32 per 256 scales.
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
@@ -107,11 +108,13 @@ def load_config(model: str | Path | Any) -> Any:
     if isinstance(model, PretrainedConfig):
         return model
     path = Path(model)
-    if path.is_file():
-        return AutoConfig.from_pretrained(str(path.parent)) if path.name == "config.json" else _from_json(path)
-    if not (path / "config.json").is_file():
+    if path.is_file() and path.name != "config.json":
+        return _from_json(path)
+    folder = path.parent if path.is_file() else path
+    if not (folder / "config.json").is_file():
         raise LowRankError(f"{model}: no config.json there; pass a model folder or its config.json")
-    return AutoConfig.from_pretrained(str(path))
+    _from_json(folder / "config.json")  # its problems named in one line, as for any JSON config
+    return AutoConfig.from_pretrained(str(folder))
 
 
 def _from_json(path: Path) -> Any:
@@ -119,8 +122,16 @@ def _from_json(path: Path) -> Any:
 
     from transformers import AutoConfig
 
-    raw = json.loads(path.read_text())
-    return AutoConfig.for_model(raw.pop("model_type"), **raw)
+    try:
+        raw = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise LowRankError(f"{path} is not valid JSON ({exc}); pass a model's config.json") from None
+    if not isinstance(raw, dict) or "model_type" not in raw:
+        raise LowRankError(f"{path} names no model_type; pass a transformers config.json (it names its model_type)")
+    try:
+        return AutoConfig.for_model(raw.pop("model_type"), **raw)
+    except (ValueError, KeyError) as exc:
+        raise LowRankError(f"{path}: transformers cannot read it ({' '.join(str(exc).split())[:200]})") from None
 
 
 def checkpoint_dtype(config: Any) -> torch.dtype:
@@ -136,8 +147,14 @@ def meta_model(config: Any, dtype: torch.dtype | None = None) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
+    try:
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
+    except ValueError:
+        raise LowRankError(
+            f"a {config.model_type} config has no causal language model class in transformers: plans cover the "
+            "causal LMs the CLI trains; measure other models with the Python API (attach) instead"
+        ) from None
     model.tie_weights()  # tied embeddings are one tensor, as after loading
     return model
 
@@ -153,6 +170,7 @@ def _adapted_meta(model: nn.Module, config: Any, info: MethodInfo) -> nn.Module:
     accepted = {f.name for f in dataclasses.fields(base_class)}
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in accepted}
     fields["init_lora_weights"] = True
+    find_target_modules(model, fields.get("target_modules"), fields.get("exclude_modules"))  # what attach names
     with init_empty_weights():
         return get_peft_model(model, base_class(**fields))
 

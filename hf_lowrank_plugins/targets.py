@@ -98,8 +98,14 @@ def find_target_modules(
         chosen = {name: m for name, m in chosen.items() if not check_target_module_exists(excluder, name)}
     if not chosen:
         available = sorted({name.rsplit(".", 1)[-1] for name in linear})
+        single = (
+            f" (one string is a regular expression over full names: '.*{target_modules}' or a list "
+            f"['{target_modules}'] name layers by their last part)"
+            if isinstance(target_modules, str) and target_modules in available
+            else ""
+        )
         raise TargetError(
-            f"target_modules={target_modules!r} matched no linear layer of {type(model).__name__}. "
+            f"target_modules={target_modules!r} matched no linear layer of {type(model).__name__}{single}. "
             f"Linear layer names in this model: {', '.join(available) or 'none'}; "
             f"use some of these, a regular expression over full names, or '{ALL_LINEAR}'."
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 
@@ -137,3 +138,42 @@ def test_cli_plan_text_json_and_bad_input(tmp_path, capsys):
     assert len(err) == 1 and "config.json" in err[0]
     assert main(["plan", str(tmp_path), "--method", "galore", "--load-in-4bit"]) == 2
     assert "4-bit" in capsys.readouterr().err
+
+
+def test_plan_refuses_bad_configs_and_targets_in_one_line(tmp_path, capsys):
+    """They were internal errors (exit 1, a traceback's last line)."""
+    from transformers import T5Config
+
+    from hf_lowrank_plugins.app.cli import main
+
+    (tmp_path / "broken.json").write_text('{"num_hidden_layers": 2')
+    (tmp_path / "untyped.json").write_text('{"hidden_size": 8}')
+    T5Config(d_model=64, num_layers=2, vocab_size=128).save_pretrained(str(tmp_path / "t5"))
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({**LLAMA_70B, "num_hidden_layers": 2}))
+    cases = {
+        "broken.json": ([], "is not valid JSON"),
+        "untyped.json": ([], "names no model_type"),
+        "t5": ([], "a t5 config has no causal language model class"),
+        "llama": (["--set", "target_modules=q_proj"], r"matched no linear layer .*'\.\*q_proj' or a list \['q_proj'\]"),
+    }
+    for source, (extra, message) in cases.items():
+        assert main(["plan", str(tmp_path / source), "--method", "lora", *extra]) == 2, source
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and re.search(message, err[0]), (source, err)
+
+
+def test_plan_defaults_are_trains(tmp_path, capsys):
+    """plan's batch size and sequence length defaulted to 2 x 64 where train's are 8 x 128: the default plan
+    described another run."""
+    from hf_lowrank_plugins.app.cli import main
+    from hf_lowrank_plugins.app.spec import TrainSpec
+
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA_70B, "num_hidden_layers": 2}))
+    train = TrainSpec(method="lora")
+    plans = []
+    for size in ([], ["--batch-size", str(train.batch_size), "--seq-len", str(train.seq_len)]):
+        assert main(["plan", str(tmp_path), "--method", "lora", "--json", *size]) == 0
+        terms = json.loads(capsys.readouterr().out)["terms_bytes"]
+        plans.append({k: v for k, v in terms.items() if k != "runtime"})  # this process's own, measured
+    assert plans[0] == plans[1]

@@ -505,10 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="a model folder or its config.json (default: the embedded SmolLM2-135M)")
     p.add_argument("--method", required=True, help="a name from `hf-lowrank list`")
     # the options a run shares with `train` are train's own (same help, defaults and checks)
-    add_spec_options(p, "train", only=("rank", "alpha", "load_in_4bit", "dtype", "gradient_checkpointing"))
+    shared = ("rank", "alpha", "load_in_4bit", "dtype", "gradient_checkpointing", "batch_size", "seq_len")
+    add_spec_options(p, "train", only=shared)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a field of the method's config")
-    p.add_argument("--batch-size", type=_positive_int, default=2, help="examples per device and micro-batch")
-    p.add_argument("--seq-len", type=_positive_int, default=64, help="tokens per example")
     p.add_argument("--world-size", type=_positive_int, default=1, help="processes the run is split over")
     p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=0, help="DeepSpeed ZeRO stage")
     p.add_argument(
