@@ -464,13 +464,24 @@ def load_adapter(
 
     A base of another architecture or size is refused before loading, naming the layer that differs,
     and so is a Trainer checkpoint of a method that rewrites its base (:func:`check_not_a_training_state`).
+    A full-precision base of a method that trains on a 4-bit one (QLoRA) is quantized first, as
+    :func:`attach` does, so the model is the one that was trained.
     """
     registry = registry or get_registry()
     config = load_config(adapter_dir, registry)
     info = registry.method_for_config(config)
     check_not_a_training_state(adapter_dir, info)
     check_adapter_fits(base_model, adapter_dir)
-    if any(p.is_meta for p in base_model.parameters()):
+    on_meta = any(p.is_meta for p in base_model.parameters())
+    if info.requires_quantized_base and not is_quantized(base_model):
+        if on_meta:
+            raise IncompatibleError(
+                f"method '{info.name}' trained on a 4-bit base, which a meta-device skeleton cannot be quantized "
+                "into; load the base with weights"
+            )
+        # as attach does: the adapter was trained on deq(NF4(W)), and on W it would be another model
+        base_model = quantize_model(base_model, QuantizationSettings.from_config(config))
+    if on_meta:
         with _adapters_stay_where_loaded():
             model = PeftModel.from_pretrained(base_model, str(adapter_dir), config=config, low_cpu_mem_usage=True)
     else:

@@ -293,12 +293,15 @@ def _cmd_list(ns: argparse.Namespace) -> int:
 def _cmd_merge(ns: argparse.Namespace) -> int:
     from transformers import AutoConfig, AutoTokenizer
 
-    from ..api import load_adapter, read_adapter_config
+    from ..api import load_adapter, load_config, read_adapter_config
     from ..cards import write_model_card
     from ..export import write_merged
     from ..outputs import OutputSet
     from ..plan import meta_model
     from ..streaming import CheckpointReader
+    from ..quantization import load_quantized
+    from ..registry import get_registry
+    from ..types import QuantizationSettings
     from .model import check_model_dir, checkpoint_dtype, load_causal_lm, torch_dtype
 
     raw = read_adapter_config(ns.adapter_dir)
@@ -314,7 +317,12 @@ def _cmd_merge(ns: argparse.Namespace) -> int:
     # A safetensors base is read tensor by tensor under a meta-device skeleton: one layer in memory,
     # so models larger than RAM merge. Other formats load whole (the same merge, more memory).
     source, model = None, None
-    if CheckpointReader.available(base):
+    config = load_config(ns.adapter_dir)
+    if get_registry().method_for_config(config).requires_quantized_base:
+        # the adapter was trained on deq(NF4(W)), not on W: the base is quantized as its training run did,
+        # and the merge dequantizes it (what export's merged/ holds)
+        model = load_quantized(base, QuantizationSettings.from_config(config))
+    elif CheckpointReader.available(base):
         try:
             source = CheckpointReader(base)
         except (OSError, ValueError, KeyError, struct.error) as exc:
