@@ -34,4 +34,22 @@ def build_default_optimizer(model: nn.Module, args: TrainingArguments) -> torch.
     for key in ("params", "model", "optimizer_dict"):  # the Trainer's own overrides (GaLore, LOMO, ...)
         if key in kwargs:
             groups = kwargs.pop(key)
-    return optimizer_cls(groups, **kwargs)
+    optimizer = optimizer_cls(groups, **kwargs)
+    if "bitsandbytes" in str(optimizer_cls) and kwargs.get("optim_bits") == 8:
+        keep_embeddings_32bit(model)
+    return optimizer
+
+
+def keep_embeddings_32bit(model: nn.Module) -> None:
+    """Have bitsandbytes' 8-bit optimizers keep 32-bit state for embeddings, as ``create_optimizer`` does.
+
+    The Trainer registers the override only for the optimizer class it built itself, so with a
+    factory in ``optimizer_cls_and_kwargs`` it is ours to register (trained embeddings, ``full`` and
+    GaLore's untargeted weights would otherwise get 8-bit state).
+    """
+    import bitsandbytes
+
+    manager = bitsandbytes.optim.GlobalOptimManager.get_instance()
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            manager.register_module_override(module, "weight", {"optim_bits": 32})

@@ -78,6 +78,21 @@ def test_the_factory_builds_the_trainers_own_optimizer(tmp_path):
         assert [id(p) for p in g_ours["params"]] == [id(p) for p in g_plain["params"]]
 
 
+def test_an_8bit_optimizer_keeps_32bit_state_for_embeddings_as_the_trainer_does(tmp_path):
+    """The Trainer registers bitsandbytes' 32-bit override for embeddings only for an optimizer it built itself."""
+    pytest.importorskip("bitsandbytes")
+    states = []
+    for ours in (True, False):
+        adapted = hlp.attach(make_tiny_model(), "full")
+        args = training_args(tmp_path / str(ours), max_steps=1, optim="adamw_bnb_8bit")
+        kwargs = adapted.trainer_kwargs() if ours else {}
+        trainer = Trainer(model=adapted.model, args=args, train_dataset=TokenDataset(), **kwargs)
+        trainer.train()
+        embedding = adapted.model.get_input_embeddings().weight
+        states.append(trainer.optimizer.state[embedding]["state1"].dtype)
+    assert states == [torch.float32, torch.float32]
+
+
 @pytest.mark.parametrize("method", ["lora", "galore"])
 def test_two_trainers_on_one_adapted_model_each_build_from_their_own_arguments(tmp_path, method):
     """The second Trainer built must not hand its settings to the first one's optimizer."""
