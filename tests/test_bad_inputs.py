@@ -62,6 +62,9 @@ def world(tmp_path_factory, tiny_model_dir):
         BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
     ).save_pretrained(w / "bert")
     make_tiny_model(intermediate_size=96).save_pretrained(w / "other_base")
+    from hf_lowrank_plugins.testing.models import GPT2
+
+    GPT2.build().save_pretrained(w / "gpt2")  # learned positions: n_positions = 64
     # a real adapter, a real checkpoint, and a complete earlier run
     base = [
         "--model",
@@ -156,6 +159,8 @@ CLI_CASES = [
     ("dtype-unknown", lambda w: _train(w, "--dtype", "float8"), "argument --dtype: invalid choice: 'float8'"),
     ("merged-dtype-unknown", lambda w: _train(w, "--merged-dtype", "int8"), "argument --merged-dtype: invalid choice"),
     ("report-to-unknown", lambda w: _train(w, "--report-to", "carrier-pigeon"), "--report-to carrier-pigeon: not a"),
+    ("report-to-not-installed", lambda w: _train(w, "--report-to", "wandb"), "the wandb package is not installed"),
+    ("seq-len-beyond-positions", lambda w: _train(w, "--seq-len", "65", model="gpt2"), "hold 64 positions"),
     ("method-unknown", lambda w: _train(w, method="lorra"), "unknown method 'lorra'. Did you mean 'lora'?"),
     ("set-no-equals", lambda w: _train(w, "--set", "lora_dropout"), "malformed --set 'lora_dropout'"),
     ("set-no-key", lambda w: _train(w, "--set", "=3"), "malformed --set '=3'"),

@@ -13,6 +13,7 @@ only; ``"none"``: no flag); ``flag`` (a different option name); and the ranges o
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -21,6 +22,13 @@ from ..method import validate_config
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 REPORT_TO = ("none", "tensorboard", "wandb", "mlflow", "trackio", "all")
+#: the packages each logging backend needs (any one of them), checked before anything loads
+REPORT_TO_PACKAGES = {
+    "tensorboard": ("tensorboard", "tensorboardX"),
+    "wandb": ("wandb",),
+    "mlflow": ("mlflow",),
+    "trackio": ("trackio",),
+}
 
 
 def opt(help: str, scope: str = "run", **meta: Any) -> dict[str, Any]:
@@ -112,6 +120,13 @@ class TrainSpec:
             raise ConfigError(
                 f"--report-to {','.join(unknown)}: not a logging backend; use one of {', '.join(REPORT_TO)}"
             )
+        for backend in self.report_to:
+            packages = REPORT_TO_PACKAGES.get(backend, ())
+            if packages and not any(importlib.util.find_spec(p) for p in packages):
+                raise ConfigError(
+                    f"--report-to {backend}: the {packages[0]} package is not installed; pip install {packages[0]} "
+                    "or leave the backend out"
+                )
         if self.max_steps is not None and self.epochs is not None:
             raise ConfigError("--max-steps and --epochs both set the length of the run; give one of them")
 

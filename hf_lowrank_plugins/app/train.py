@@ -43,6 +43,22 @@ from .spec import TrainSpec
 TENSORBOARD = "tensorboard"
 
 
+def check_seq_len(seq_len: int, model_dir: Path) -> None:
+    """Refuse a ``--seq-len`` beyond a model's learned absolute positions (GPT-2's ``n_positions``), which
+    fail deep inside the forward; rotary models extrapolate and are left alone."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    limit = getattr(config, "n_positions", None)
+    if limit is None and not any(hasattr(config, a) for a in ("rope_theta", "rope_scaling", "rope_parameters")):
+        limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len > limit:
+        raise LowRankError(
+            f"--seq-len {seq_len} is longer than {model_dir} can read: its position embeddings hold {limit} "
+            f"positions; use --seq-len {limit} or less"
+        )
+
+
 def reports_to_tensorboard(spec: TrainSpec) -> bool:
     """Whether the run logs to TensorBoard, into ``tensorboard/`` of its output folder."""
     return "tensorboard" in spec.report_to or "all" in spec.report_to
@@ -114,6 +130,7 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
     if spec.bf16:
         check_bf16()
     model_dir = check_model_dir(spec.model) if spec.model is not None else default_model_dir()
+    check_seq_len(spec.seq_len, model_dir)
     outputs = OutputSet(
         spec.resolved_output_dir(),
         command="train",
