@@ -238,6 +238,15 @@ def test_a_relative_model_path_is_recorded_as_the_absolute_base(tmp_path, tiny_m
     assert adapter_config["base_model_name_or_path"] == str(tiny_model_dir.resolve())
 
 
+def test_the_method_may_come_from_the_config_file(tmp_path, tiny_model_dir, text_file):
+    """--config may hold any option, --method too (it was refused as missing before the file was read)."""
+    config = tmp_path / "run.yaml"
+    config.write_text("method: dora\nmax_steps: 1\nbatch_size: 2\nseq_len: 16\neval_blocks: 2\n")
+    argv = ["train", "--config", str(config), "--model", str(tiny_model_dir), "--dataset", str(text_file)]
+    assert main([*argv, "--output-dir", str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["method"] == "dora"
+
+
 def test_resumed_run_reports_the_whole_run_and_checks_the_checkpoint(tmp_path, tiny_model_dir, text_file, capsys):
     """metrics.json after a resume equals the uninterrupted run's; a checkpoint of another run is refused."""
 

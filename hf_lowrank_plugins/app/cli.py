@@ -435,7 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train", help="fine-tune a causal LM with one method", formatter_class=HelpFormatter, epilog=TRAIN_EXAMPLES
     )
-    p.add_argument("--method", required=True, help="a name from `hf-lowrank list`")
+    # required, but may come from --config: checked in parse_args once the file is read
+    p.add_argument("--method", help="a name from `hf-lowrank list` (required: here or in --config)")
     p.add_argument("--config", help="YAML file of option: value pairs (any option below; the command line wins)")
     add_spec_options(p, "train")
     p.add_argument(
@@ -557,6 +558,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[ns.command]
         sub.set_defaults(**load_config_file(config, sub))
         ns = parser.parse_args(argv)
+    if ns.command == "train" and not ns.method:
+        raise LowRankError("the following arguments are required: --method (on the command line or in --config)")
     return ns
 
 
