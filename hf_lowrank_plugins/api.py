@@ -221,6 +221,9 @@ class Adapted:
         )
         if result is None:
             result = default_export(self.model, directory, merge, tokenizer, merged_dtype=merged_dtype)
+        if tokenizer is not None and result.adapter_dir is not None:
+            # an adapter is a deliverable on its own too (merge=False): generate and serving read its tokenizer
+            tokenizer.save_pretrained(str(result.adapter_dir))
         for role, folder in (("adapter", result.adapter_dir), ("merged", result.merged_dir)):
             if folder is not None:
                 write_model_card(folder, role, self.method, self.config, training)

@@ -229,6 +229,18 @@ def test_deliverables_get_the_modes_the_umask_gives(tmp_path, umask):
         assert mode == expected & ~umask, (name, oct(mode))
 
 
+@pytest.mark.parametrize("method", ["lora", "pissa"])
+def test_an_exported_adapter_carries_the_tokenizer_it_was_given(tmp_path, tiny_model_dir, method):
+    """With merge=False the tokenizer went nowhere: only merged/ got it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    adapted = hlp.attach(AutoModelForCausalLM.from_pretrained(tiny_model_dir), method, r=2)
+    result = adapted.export(tmp_path / "out", tokenizer=tokenizer)
+    assert result.merged_dir is None and verify_manifest(tmp_path / "out") == []
+    assert AutoTokenizer.from_pretrained(result.adapter_dir).get_vocab() == tokenizer.get_vocab()
+
+
 def test_a_running_writer_is_not_disturbed(tmp_path):
     out = tmp_path / "o"
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

@@ -128,9 +128,10 @@ def converted_lora_state_dict(model: PeftModel, adapter: str = "default") -> dic
     missing = sorted(k for k in state if (".lora_A." in k or ".lora_B." in k) and k not in converted)
     if missing:
         raise LowRankError(
-            f"no initial factors for {len(missing)} LoRA weight(s), e.g. {missing[0]}: the model was not "
-            "attached with a residual method (pissa, lora_ga) in this process; attach it again to the original base "
-            "to export"
+            f"no initial factors for {len(missing)} LoRA weight(s), e.g. {missing[0]}: the residual method's "
+            "initialisation has not run on this model (LoRA-GA's runs when training starts: train first), or the "
+            "model was not attached with a residual method (pissa, lora_ga) in this process (attach it again to the "
+            "original base to export)"
         )
     return {k: v.contiguous() for k, v in state.items()}
 
