@@ -140,8 +140,9 @@ class LowRankCallback(TrainerCallback):
             refresh_master_weights(kwargs.get("optimizer"))
             trim_heap()  # the initialisation's temporaries (gradient sums, SVD workspaces)
 
-
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         """Arm the guard again: a later Trainer built without this method's hooks is refused, as on a fresh model."""
         if self.adapted.guard is not None:
             self.adapted.guard.active = False

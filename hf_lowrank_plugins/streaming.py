@@ -243,7 +243,7 @@ def _walk(
         stored = partial(_read, source, prefix + "weight") if base.weight.is_meta else None
         merges_bias = merge and adapter is not None and getattr(layer, "lora_bias", {}).get(adapter, False)
         for name, tensor, _ in _plain_entries(prefix, base):
-            if name == prefix + "bias" and merges_bias:
+            if name == prefix + "bias" and merges_bias and adapter is not None:
                 bias = partial(_read, source, name) if tensor.is_meta else tensor.detach
                 dtype = None if tensor.is_meta else tensor.dtype
                 yield name, None, (tuple(tensor.shape), dtype, partial(_merged_bias, layer, adapter, bias))
@@ -271,7 +271,7 @@ def _token_rows_entries(
     adapter = layer.active_adapters[0] if layer.active_adapters else None
     tied = layer.tied_adapter is not None and layer.tied_adapter.get_base_layer().weight is base.weight
     for name, tensor, _ in _plain_entries(prefix, base):
-        if name != prefix + "weight" or not merge or adapter not in layer.trainable_tokens_delta:
+        if name != prefix + "weight" or not merge or adapter is None or adapter not in layer.trainable_tokens_delta:
             yield name, tensor, None
         elif not tied:
             dtype = None if tensor.is_meta else tensor.dtype

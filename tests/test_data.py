@@ -85,7 +85,7 @@ def test_a_byte_order_mark_and_windows_line_ends_are_not_data(tmp_path, tokenize
     first JSON line); a CRLF text file kept a carriage return at the end of every line."""
     bom = "\ufeff".encode()
     csv_file, jsonl_file, text_file = tmp_path / "pc.csv", tmp_path / "pc.jsonl", tmp_path / "t.txt"
-    csv_file.write_bytes(bom + "prompt,completion\r\n".encode() + b"Q?,yes\r\n" * 4)
+    csv_file.write_bytes(bom + b"prompt,completion\r\n" + b"Q?,yes\r\n" * 4)
     jsonl_file.write_bytes(
         bom + b"\n".join(json.dumps({"prompt": "Q?", "completion": "yes"}).encode() for _ in range(4))
     )

@@ -298,9 +298,9 @@ def _cmd_merge(ns: argparse.Namespace) -> int:
     from ..export import write_merged
     from ..outputs import OutputSet
     from ..plan import meta_model
-    from ..streaming import CheckpointReader
     from ..quantization import load_quantized
     from ..registry import get_registry
+    from ..streaming import CheckpointReader
     from ..types import QuantizationSettings
     from .model import check_model_dir, checkpoint_dtype, load_causal_lm, torch_dtype
 

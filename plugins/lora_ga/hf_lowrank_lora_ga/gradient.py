@@ -93,9 +93,7 @@ def collect_batches(
     out: list[dict[str, Any]] = []
     for batch in dataloader:
         if not isinstance(batch, Mapping):
-            raise LowRankError(
-                f"LoRA-GA expects dict batches from the training dataloader, got {type(batch).__name__}"
-            )
+            raise LowRankError(f"LoRA-GA expects dict batches from the training dataloader, got {type(batch).__name__}")
         size = next((v.shape[0] for v in batch.values() if torch.is_tensor(v) and v.dim() > 0), None)
         if size is None:
             raise LowRankError("LoRA-GA found no batched tensor in a training batch")
