@@ -136,7 +136,9 @@ def semi_structured_mask(weight: torch.Tensor, n: int = 2, m: int = 4, name: str
             f"not divisible by {m}; use sparsity_pattern='unstructured' or exclude that layer (exclude_modules)"
         )
     groups = weight.detach().abs().float().reshape(rows, cols // m, m)
-    idx = torch.topk(groups, n, dim=-1, sorted=False).indices
+    # a stable sort breaks ties by position (the README's rule); topk breaks them as its kernel happens to,
+    # which differs between devices, so a GPU attach and a CPU resume could prune different weights
+    idx = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :n]
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, idx, True)
     return mask.reshape(rows, cols)
 

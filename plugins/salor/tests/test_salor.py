@@ -130,6 +130,14 @@ def _sorted_reference_masks(weights, keep):
     return out
 
 
+def test_2_4_ties_are_broken_by_position():
+    from hf_lowrank_salor.prune import semi_structured_mask
+
+    weight = torch.tensor([[1.0, 1.0, 1.0, 1.0, -2.0, 0.5, 2.0, 2.0], [0.0, 0.0, 0.0, 0.0, 3.0, 3.0, 1.0, 3.0]])
+    expected = [[1, 1, 0, 0, 1, 0, 1, 0], [1, 1, 0, 0, 1, 1, 0, 0]]
+    assert semi_structured_mask(weight).int().tolist() == expected
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9, 0.999])
 def test_global_threshold_from_histograms_equals_a_full_sort(dtype, sparsity):
