@@ -113,10 +113,12 @@ def test_parquet_and_datasets_folders(tmp_path, tokenizer):
 
 def test_long_examples_are_truncated_and_empty_ones_dropped(tmp_path, tokenizer):
     path = tmp_path / "pc.jsonl"
-    rows = [{"prompt": "word " * 100, "completion": "answer"}] + [{"prompt": "Q?", "completion": "yes"}] * 4
+    rows = [{"prompt": "word " * 100, "completion": "answer"}, {"prompt": "Q?", "completion": "word " * 100}]
+    rows += [{"prompt": "Q?", "completion": "yes"}] * 4
     path.write_text("\n".join(json.dumps(r) for r in rows))
     data = load_training_data(path, tokenizer, seq_len=16, eval_examples=1)
-    assert len(data.train) + len(data.eval) == 4  # the first lost its completion to truncation
+    assert len(data.train) + len(data.eval) == 5  # the first lost its completion to truncation
+    assert (data.truncated, data.dropped) == (1, 1)  # counted, reported by `train` (nothing silent)
     assert all(len(e["input_ids"]) <= 16 for e in data.train.examples)
 
 

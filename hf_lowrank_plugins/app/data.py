@@ -92,6 +92,8 @@ class TrainingData:
         kind: which record shape the source had (a key of :data:`KINDS`).
         collator: pads variable-length examples (``None`` for packed blocks).
         source: the file the data came from.
+        truncated: instruction examples cut to ``seq_len`` tokens (their ends are not learned).
+        dropped: instruction examples left with no token to learn after the cut, not used.
     """
 
     train: Dataset
@@ -99,6 +101,8 @@ class TrainingData:
     kind: str
     collator: Any
     source: Path
+    truncated: int = 0
+    dropped: int = 0
 
 
 # ----------------------------------------------------------------------------- reading records
@@ -340,6 +344,7 @@ def load_training_data(
         return TrainingData(BlockDataset(blocks[:split]), BlockDataset(blocks[split:]), kind, None, path)
 
     examples: list[dict[str, list[int]]] = []
+    truncated = dropped = 0
     for record in _chain([first], records):
         if record_kind(record, path) != kind:
             raise LowRankError(f"{record.where}: this record's fields differ from the first record's ({kind})")
@@ -349,8 +354,11 @@ def load_training_data(
             example = prompt_example(tokenizer, _text(record, "prompt"), _text(record, "completion"), loss_on_prompt)
         else:
             example = alpaca_example(tokenizer, record, loss_on_prompt)
+        truncated += len(example["input_ids"]) > seq_len
         kept = _truncate(example, seq_len)
-        if kept is not None:
+        if kept is None:
+            dropped += 1
+        else:
             examples.append(kept)
         if max_examples is not None and len(examples) >= max_examples:
             break
@@ -363,7 +371,8 @@ def load_training_data(
 
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
     split = len(examples) - eval_examples
-    return TrainingData(ExampleDataset(examples[:split]), ExampleDataset(examples[split:]), kind, collator, path)
+    train, held_out = ExampleDataset(examples[:split]), ExampleDataset(examples[split:])
+    return TrainingData(train, held_out, kind, collator, path, truncated=truncated - dropped, dropped=dropped)
 
 
 def _chain(*parts: Any) -> Iterator[Record]:

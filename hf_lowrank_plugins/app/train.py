@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,14 @@ def read_data(spec: TrainSpec, tokenizer: Any) -> TrainingData:
     steps = spec.steps_or_default
     needed = None if steps is None else steps * spec.batch_size * spec.grad_accum + spec.eval_blocks
     source = dataset_path(spec.dataset) if spec.dataset is not None else default_text_path()
-    return load_training_data(source, tokenizer, spec.seq_len, spec.eval_blocks, needed, spec.loss_on_prompt)
+    data = load_training_data(source, tokenizer, spec.seq_len, spec.eval_blocks, needed, spec.loss_on_prompt)
+    if data.truncated or data.dropped:
+        print(
+            f"note: {data.truncated} example(s) longer than --seq-len {spec.seq_len} were cut (their ends are not "
+            f"learned) and {data.dropped} left with nothing to learn were skipped; a larger --seq-len keeps them",
+            file=sys.stderr,
+        )
+    return data
 
 
 def load_base(spec: TrainSpec, model_dir: Path, info: MethodInfo, config: Any) -> torch.nn.Module:
@@ -221,6 +229,8 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
             "dataset": str(data.source),
             "data_kind": data.kind,
             "train_examples": len(data.train),  # type: ignore[arg-type]  # our datasets are sized
+            "examples_truncated": data.truncated,
+            "examples_dropped": data.dropped,
             "steps": steps,
             "train_loss": whole_run_train_loss(trainer.state.log_history, resumed_from, result.training_loss, steps),
             "resumed_from_step": resumed_from or None,
