@@ -291,6 +291,8 @@ def test_resumed_run_reports_the_whole_run_and_checks_the_checkpoint(tmp_path, t
     for extra, differs in (
         (["--rank", "4"], "r 2 there, 4 here"),
         (["--method", "dora"], "method 'lora' there, 'dora' here"),
+        (["--seq-len", "32"], "seq_len 16 there, 32 here"),  # the batches after the resume would be others
+        (["--batch-size", "4"], "batch_size 2 there, 4 here"),
     ):
         assert main(argv(tmp_path / "other", "--resume-from-checkpoint", str(checkpoint), *extra)) == 2
         err = capsys.readouterr().err.strip().splitlines()

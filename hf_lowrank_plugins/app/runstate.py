@@ -173,14 +173,16 @@ class RunRecorder(TrainerCallback):
             (folder / RUN_RECORD).write_text(json.dumps(record, indent=2))
 
 
-def run_identity(method: str, config: Any) -> dict[str, Any]:
-    """What a checkpoint must agree with to be resumed by this run: method, rank, alpha, targets."""
+def run_identity(method: str, config: Any, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a checkpoint must agree with to be resumed by this run: method, rank, alpha, targets, and
+    ``data``, the options that decide which batches come next (dataset, sequence length, batch size,
+    accumulation, seed): with others a resumed run would continue on another stream than the one it left."""
     fields = config.to_dict() if hasattr(config, "to_dict") else {}
     keep = ("r", "rank", "lora_alpha", "target_modules", "exclude_modules", "use_rslora", "use_dora")
     identity = {k: fields[k] for k in keep if k in fields}
     if isinstance(identity.get("target_modules"), (set, tuple)):
         identity["target_modules"] = sorted(identity["target_modules"])
-    return {"method": method, "settings": identity}
+    return {"method": method, "settings": identity, **({"data": dict(data)} if data is not None else {})}
 
 
 def check_checkpoint(path: str, identity: dict[str, Any]) -> dict[str, Any]:
@@ -208,6 +210,9 @@ def check_checkpoint(path: str, identity: dict[str, Any]) -> dict[str, Any]:
         ) from None
     theirs = {"method": record.get("method"), **record.get("settings", {})}
     ours = {"method": identity["method"], **identity["settings"]}
+    if "data" in record:  # checkpoints of earlier versions recorded no data options
+        theirs.update(record["data"])
+        ours.update(identity.get("data", {}))
     differs = [
         f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here"
         for k in sorted(set(theirs) | set(ours))
@@ -216,7 +221,7 @@ def check_checkpoint(path: str, identity: dict[str, Any]) -> dict[str, Any]:
     if differs:
         raise LowRankError(
             f"checkpoint {path} was written by another run ({'; '.join(differs)}); resume with the same "
-            "method and settings, or start a new run without --resume-from-checkpoint"
+            "method, settings and data options, or start a new run without --resume-from-checkpoint"
         )
     return record
 

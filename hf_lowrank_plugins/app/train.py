@@ -161,7 +161,15 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
     started = time.perf_counter()
     adapted = attach(base, config, load_in_4bit=spec.load_in_4bit, registry=registry)
     attach_seconds = time.perf_counter() - started
-    identity = run_identity(adapted.method.name, adapted.config)
+    data_options = {
+        "dataset": str(data.source.resolve()),
+        "seq_len": spec.seq_len,
+        "batch_size": spec.batch_size,
+        "grad_accum": spec.grad_accum,
+        "seed": spec.seed,
+        "loss_on_prompt": spec.loss_on_prompt,
+    }
+    identity = run_identity(adapted.method.name, adapted.config, data_options)
     record = check_checkpoint(spec.resume_from_checkpoint, identity) if spec.resume_from_checkpoint else {}
 
     with outputs:
