@@ -259,11 +259,14 @@ def plan_memory(
         activations = layers * settings.tokens * model_config.hidden_size * compute + layer + logits
     else:
         activations = layers * layer + logits
+    # adapters train in fp32 whatever the base's dtype; weights trained themselves train in the dtype asked
+    # for (--dtype bfloat16: bf16 weights, gradients and AdamW moments), fp32 master weights by default
+    trained = _element_size(settings.dtype) if settings.dtype is not None and not info.trains_adapter else 4
     terms = {
         "weights": int(frozen_bytes / (shard if stage == 3 else 1))
-        + trainable_params * 4 // (shard if stage == 3 else 1),
-        "gradients": trainable_params * 4 // (shard if stage >= 2 else 1),
-        "optimizer": trainable_params * 8 // (shard if stage >= 1 else 1),
+        + trainable_params * trained // (shard if stage == 3 else 1),
+        "gradients": trainable_params * trained // (shard if stage >= 2 else 1),
+        "optimizer": trainable_params * 2 * trained // (shard if stage >= 1 else 1),
         "activations": int(activations),
         # what the libraries hold (a CPU process counts them; GPU memory does not)
         "runtime": status_bytes("VmRSS") if settings.device == "cpu" else 0,

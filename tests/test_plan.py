@@ -69,6 +69,17 @@ def test_method_terms_come_from_the_plugins():
     assert "dora_activations" not in plan_memory(config, "lora", settings, r=4).terms
 
 
+def test_weights_trained_in_bf16_are_planned_in_bf16():
+    """`--dtype bfloat16` with `full` trains bf16 weights, gradients and AdamW moments: the plan counted fp32.
+    Adapters train in fp32 whatever the base's dtype."""
+    config = tiny_llama_config()
+    fp32, bf16 = (plan_memory(config, "full", PlanSettings(dtype=d)) for d in (torch.float32, torch.bfloat16))
+    for term in ("weights", "gradients", "optimizer"):
+        assert bf16.terms[term] * 2 == fp32.terms[term], term
+    lora32, lora16 = (plan_memory(config, "lora", PlanSettings(dtype=d), r=4) for d in (torch.float32, torch.bfloat16))
+    assert lora16.terms["gradients"] == lora32.terms["gradients"] == 4 * lora32.trainable_params
+
+
 def test_zero_stages_split_state_over_processes():
     config = tiny_llama_config()
     one = plan_memory(config, "full", PlanSettings(dtype=torch.float32))

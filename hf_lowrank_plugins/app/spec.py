@@ -85,7 +85,11 @@ class TrainSpec:
         default=False, metadata=opt("4-bit NF4 base (needs the quantization extra)", scope="train")
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(
-        default="auto", metadata=opt("dtype of the frozen base; auto: the checkpoint's own (adapters train in fp32)")
+        default="auto",
+        metadata=opt(
+            "dtype of the frozen base (adapters train in fp32); for methods that train the weights themselves "
+            "(full, galore) the dtype they train in; auto: the checkpoint's own base, fp32 trained weights"
+        ),
     )
     bf16: bool = field(default=False, metadata=opt("bf16 mixed precision"))
     gradient_checkpointing: bool = field(default=False, metadata=opt("recompute activations in backward (less memory)"))
