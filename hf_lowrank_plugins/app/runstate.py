@@ -90,9 +90,28 @@ def count_trainable(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+#: What ``save_pretrained`` of a tokenizer writes: shipped alike by every method's adapter/ and merged/
+TOKENIZER_FILES = frozenset(
+    (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "chat_template.jinja",
+        "chat_template.json",
+        "vocab.json",
+        "vocab.txt",
+        "merges.txt",
+        "tokenizer.model",
+        "spiece.model",
+    )
+)
+
+
 def directory_bytes(path: str | os.PathLike[str]) -> int:
-    """Total size of the regular files under ``path`` (what the artifact costs on disk)."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    """Total size of the regular files under ``path`` but the tokenizer's: what the artifact costs on disk
+    beyond the tokenizer every method ships alike (so methods compare by what they differ in)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and f.name not in TOKENIZER_FILES)
 
 
 class StepTimer(TrainerCallback):
