@@ -117,7 +117,14 @@ def converted_lora_config(config: LoraConfig) -> LoraMethodConfig:
 
 
 def converted_lora_state_dict(model: PeftModel, adapter: str = "default") -> dict[str, torch.Tensor]:
-    """PEFT's adapter state dict of ``model`` with every A -> [A ; A0] and B -> [B | -B0]."""
+    """PEFT's adapter state dict of ``model`` with every A -> [A ; A0] and B -> [B | -B0].
+
+    The converted adapter sits on the *original* base: a converted layer's base weight, which PEFT
+    saves for a targeted ``lm_head`` or embedding (``save_embedding_layers``) and which holds W_res
+    here, is left out, or plain PEFT would load W_res under the rank-2r adapter. An embedding's
+    adapter, which neither PiSSA nor LoRA-GA initialises, is padded with zeros to the rank 2r the
+    config declares (the same product).
+    """
     state = {k: v.detach() for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()}
     converted = set()
     for name, (a0, b0) in initial_factors(model, adapter).items():
@@ -125,6 +132,11 @@ def converted_lora_state_dict(model: PeftModel, adapter: str = "default") -> dic
         state[key_a] = torch.cat([state[key_a], a0.to(state[key_a].dtype)], dim=0)
         state[key_b] = torch.cat([state[key_b], -b0.to(state[key_b].dtype)], dim=1)
         converted |= {key_a, key_b}
+        state.pop(f"{name}.base_layer.weight", None)
+    for key in [k for k in state if k.endswith(("lora_embedding_A", "lora_embedding_B"))]:
+        factor = state[key]  # A: r x vocabulary, B: dim x r
+        state[key] = torch.cat([factor, torch.zeros_like(factor)], dim=0 if key.endswith("_A") else 1)
+        converted.add(key)
     missing = sorted(k for k in state if (".lora_A." in k or ".lora_B." in k) and k not in converted)
     if missing:
         raise LowRankError(
@@ -133,7 +145,20 @@ def converted_lora_state_dict(model: PeftModel, adapter: str = "default") -> dic
             "model was not attached with a residual method (pissa, lora_ga) in this process (attach it again to the "
             "original base to export)"
         )
-    return {k: v.contiguous() for k, v in state.items()}
+    return _unshared(state)
+
+
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with every tensor contiguous and owning its memory: safetensors refuses tensors that share
+    it (``bias="all"`` saves a classifier's bias under the base's name and its trained copy's), as PEFT's
+    ``save_pretrained`` clones them too."""
+    seen: set[int] = set()
+    out = {}
+    for key, value in state.items():
+        pointer = value.untyped_storage().data_ptr()
+        out[key] = value.clone() if pointer in seen else value.contiguous()
+        seen.add(pointer)
+    return out
 
 
 def save_portable_adapter(model: nn.Module, directory: str | Path, adapter: str = "default") -> Path:

@@ -53,10 +53,16 @@ def record_initial_factors(layer: LoraModule, adapter: str, A: torch.Tensor, B: 
 
 
 def _rebase_after_load(model: torch.nn.Module, incompatible_keys) -> None:
-    """``load_state_dict`` post-hook: make W hold W - s*B0@A0 for the A0, B0 just loaded."""
+    """``load_state_dict`` post-hook: make W hold W - s*B0@A0 for the A0, B0 just loaded.
+
+    A layer whose base weight came with the checkpoint (PEFT saves a targeted ``lm_head`` or
+    embedding whole, ``save_embedding_layers``) holds W_res already: subtracting again would leave
+    W - 2 s B0 A0, so only the factors are registered.
+    """
+    missing = set(getattr(incompatible_keys, "missing_keys", ()))
     rebased = False
     for adapter in getattr(model, "peft_config", {}):
-        for layer in lora_layers(model, adapter).values():
+        for name, layer in lora_layers(model, adapter).items():
             slots = getattr(layer, SAVED_A, None), getattr(layer, SAVED_B, None)
             if not all(isinstance(s, BufferDict) and adapter in s for s in slots):
                 continue
@@ -69,12 +75,13 @@ def _rebase_after_load(model: torch.nn.Module, incompatible_keys) -> None:
             if applied is None and not b0.any():
                 continue  # checkpoint written before the data init: nothing subtracted on either side
             scaling = layer.scaling[adapter]
-            # under ZeRO-3 W is a placeholder here (DeepSpeed loads the module state before its
-            # partitions); every rank gathers it, rebases it alike, and rank 0's result is kept
-            with gathered([layer.get_base_layer().weight], modifier_rank=0):
-                if applied is not None:  # another init was applied: restore W first (rare; not bit-exact)
-                    subtract_factors(layer, applied[0], applied[1], scaling, sign=-1.0)
-                subtract_factors(layer, a0, b0, scaling)
+            if f"{name}.base_layer.weight" in missing:  # else the checkpoint's W_res came with it
+                # under ZeRO-3 W is a placeholder here (DeepSpeed loads the module state before its
+                # partitions); every rank gathers it, rebases it alike, and rank 0's result is kept
+                with gathered([layer.get_base_layer().weight], modifier_rank=0):
+                    if applied is not None:  # another init was applied: restore W first (rare; not bit-exact)
+                        subtract_factors(layer, applied[0], applied[1], scaling, sign=-1.0)
+                    subtract_factors(layer, a0, b0, scaling)
             # the helper of hf_lowrank_lora stores the layer's *current* A, B; after a load those are
             # the trained ones, so register the loaded initial factors under its names directly
             layer.register_buffer(residual.INITIAL_A + adapter, a0.detach().clone(), persistent=False)

@@ -480,8 +480,10 @@ def test_trains_through_a_plain_trainer_and_starts_at_the_base(tmp_path, batch):
     assert not any(h for m in adapted.model.modules() for h in (m._forward_hooks, m._forward_pre_hooks))
 
 
-def _run(tmp_path, name, resume=None, **kw):
-    adapted = hlp.attach(make_tiny_model(), "lora_ga", r=4, ga_batches=2)
+def _run(tmp_path, name, resume=None, targets=None, **kw):
+    adapted = hlp.attach(
+        make_tiny_model(), "lora_ga", r=4, ga_batches=2, **({"target_modules": targets} if targets else {})
+    )
     args = training_args(
         tmp_path / name,
         gradient_accumulation_steps=2,
@@ -498,13 +500,16 @@ def _run(tmp_path, name, resume=None, **kw):
     return trainer, adapted
 
 
-def test_resume_does_not_rerun_the_init_and_reproduces_the_run(tmp_path, monkeypatch, batch):
+@pytest.mark.parametrize("targets", [None, ["q_proj", "v_proj", "lm_head"]], ids=["default", "with-lm_head"])
+def test_resume_does_not_rerun_the_init_and_reproduces_the_run(tmp_path, monkeypatch, batch, targets):
+    """With lm_head targeted the checkpoint holds its base weight, W_res already: it was rebased a second time
+    (W - 2 s B0 A0) and the resumed run diverged."""
     calls = []
     real = ga_plugin.estimate_gradient_factors
     monkeypatch.setattr(ga_plugin, "estimate_gradient_factors", lambda *a, **k: calls.append(1) or real(*a, **k))
-    full, full_adapted = _run(tmp_path, "full")
+    full, full_adapted = _run(tmp_path, "full", targets=targets)
     assert calls == [1]
-    resumed, resumed_adapted = _run(tmp_path, "full", resume=str(tmp_path / "full" / "checkpoint-8"))
+    resumed, resumed_adapted = _run(tmp_path, "full", resume=str(tmp_path / "full" / "checkpoint-8"), targets=targets)
     assert calls == [1]  # the checkpoint's A0, B0 rebuilt W_res; no second estimate
     before = [e["loss"] for e in full.state.log_history if "loss" in e]
     after = [e["loss"] for e in resumed.state.log_history if "loss" in e]
@@ -513,6 +518,29 @@ def test_resume_does_not_rerun_the_init_and_reproduces_the_run(tmp_path, monkeyp
     for m in (full_adapted.model, resumed_adapted.model):
         m.eval()
     assert rel_err(logits(resumed_adapted.model, batch), logits(full_adapted.model, batch)) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"target_modules": ["q_proj", "lm_head"]},
+        {"target_modules": ["q_proj", "embed_tokens"]},
+    ],
+    ids=["lm_head", "embedding"],
+)
+def test_the_exported_adapter_reloads_in_plain_peft_off_the_usual_targets(tmp_path, batch, settings):
+    """A targeted head's saved base weight (W_res) loaded under the rank-2r adapter, an embedding's rank-r
+    factors did not fit the rank-2r config."""
+    base_dir = tmp_path / "base"
+    make_tiny_model().save_pretrained(base_dir)
+    adapted = hlp.attach(AutoModelForCausalLM.from_pretrained(base_dir), "lora_ga", r=4, ga_batches=2, **settings)
+    args = training_args(tmp_path / "run", max_steps=2, learning_rate=1e-3)
+    Trainer(model=adapted.model, args=args, train_dataset=TokenDataset(), **adapted.trainer_kwargs()).train()
+    adapted.model.eval()
+    trained = logits(adapted.model, batch)
+    result = adapted.export(tmp_path / "out")
+    plain, _ = plain_peft_logits(base_dir, result.adapter_dir, batch, tmp_path)
+    assert rel_err(plain, trained) <= 1e-5
 
 
 def test_portable_export_merged_checkpoint_and_config_round_trip(tmp_path, batch):

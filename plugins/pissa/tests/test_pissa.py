@@ -120,6 +120,53 @@ def test_rslora_and_rank_pattern_conversion_keeps_every_scaling(batch, tmp_path)
     assert rel_err(logits(loaded, batch), trained) <= 1e-5
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"target_modules": ["q_proj", "lm_head"]},  # PEFT saves a targeted head's base weight: W_res here
+        {"target_modules": ["q_proj", "embed_tokens"]},  # an embedding adapter PiSSA leaves at rank r
+    ],
+    ids=["lm_head", "embedding"],
+)
+def test_the_exported_adapter_reloads_in_plain_peft_off_the_usual_targets(batch, tmp_path, settings):
+    """plain PEFT loaded W_res under the head's rank-2r adapter (54% off), an embedding's rank-r factors did not
+    load into the rank-2r config."""
+    base_dir = tmp_path / "base"
+    make_tiny_model().save_pretrained(base_dir)
+    adapted = hlp.attach(AutoModelForCausalLM.from_pretrained(base_dir), "pissa", r=4, **settings)
+    with torch.no_grad():  # stand-in for training: move every trainable tensor
+        g = torch.Generator().manual_seed(0)
+        for p in adapted.model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    trained = logits(adapted.model, batch)
+    result = adapted.export(tmp_path / "out")
+    plain, _ = plain_peft_logits(base_dir, result.adapter_dir, batch, tmp_path)
+    assert rel_err(plain, trained) <= 1e-5
+
+
+def test_a_classifier_with_every_bias_trained_exports(tmp_path):
+    """bias="all" on a classifier saves the trained head's bias under two names sharing memory, which
+    safetensors refuses: the export failed where PEFT's own save works."""
+    import copy
+
+    from hf_lowrank_plugins.testing.models import BERT_CLS, output
+
+    base = BERT_CLS.build()
+    pristine = copy.deepcopy(base)
+    adapted = hlp.attach(base, "pissa", r=4, bias="all")
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for p in adapted.model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    batch = BERT_CLS.batch()
+    trained = output(adapted.model.eval(), batch)
+    result = adapted.export(tmp_path / "out")
+    reloaded = PeftModel.from_pretrained(pristine, str(result.adapter_dir))
+    assert rel_err(output(reloaded.eval(), batch), trained) <= 1e-5
+
+
 def test_refuses_models_with_adapters_or_residual_weights(tiny_model):
     from peft import LoraConfig, inject_adapter_in_model
 
