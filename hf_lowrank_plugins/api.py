@@ -417,11 +417,15 @@ def check_not_a_training_state(adapter_dir: str | Path, info: MethodInfo) -> Non
     """
     if not (info.trains_adapter and "post_train_merge" in info.hooks):
         return
-    if (Path(adapter_dir) / "trainer_state.json").is_file():
+    folder = Path(adapter_dir)
+    # export() moves our settings out of adapter_config.json into METHOD_SETTINGS_FILE; PEFT's own save
+    # (a Trainer checkpoint, trainer.save_model) leaves them in
+    saved_by_peft = "hf_lowrank_method" in read_adapter_config(folder) and not (folder / METHOD_SETTINGS_FILE).is_file()
+    if (folder / "trainer_state.json").is_file() or saved_by_peft:
         raise IncompatibleError(
-            f"{adapter_dir} is a Trainer checkpoint of method '{info.name}', whose training state holds only with "
-            "the base the method rewrote when it attached; resume from it (--resume-from-checkpoint) and export, "
-            "or load the adapter/ the run exported"
+            f"{adapter_dir} is the training state of method '{info.name}' (a Trainer checkpoint or "
+            "trainer.save_model), which holds only with the base the method rewrote when it attached; resume from "
+            "it (--resume-from-checkpoint) and export, or load the adapter/ that adapted.export() wrote"
         )
 
 

@@ -117,11 +117,14 @@ def test_a_trainer_checkpoint_loads_only_where_it_is_the_model(tmp_path, method,
     onto the original base was silently another model; LoRA's checkpoint is its model."""
     adapted = hlp.attach(make_tiny_model(), method, r=2, **settings)
     args = training_args(tmp_path / "run", max_steps=2, save_strategy="steps", save_steps=2)
-    Trainer(model=adapted.model, args=args, train_dataset=TokenDataset(), **adapted.trainer_kwargs()).train()
+    trainer = Trainer(model=adapted.model, args=args, train_dataset=TokenDataset(), **adapted.trainer_kwargs())
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))  # PEFT's save of the training state, without trainer_state.json
     checkpoint = tmp_path / "run" / "checkpoint-2"
     if method != "lora":
-        with pytest.raises(hlp.IncompatibleError, match=f"Trainer checkpoint of method '{method}'.*export"):
-            hlp.load_adapter(make_tiny_model(), checkpoint)
+        for folder in (checkpoint, tmp_path / "saved"):
+            with pytest.raises(hlp.IncompatibleError, match=f"training state of method '{method}'.*export"):
+                hlp.load_adapter(make_tiny_model(), folder)
         return
     batch = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
     loaded = hlp.load_adapter(make_tiny_model(), checkpoint).model.eval()

@@ -13,6 +13,7 @@ import math
 import warnings
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import hf_lowrank_plugins as hlp
@@ -87,6 +88,9 @@ def test_dpo_trainer(method, tmp_path, tiny_model_dir):
     adapted = hlp.attach(AutoModelForCausalLM.from_pretrained(tiny_model_dir), method, **SETTINGS[method])
     data = datasets.Dataset.from_list([{"prompt": "Say yes:", "chosen": " yes", "rejected": " no"}] * 16)
     args = _config(trl.DPOConfig, tmp_path)
+    ids = tokenizer("Say yes: yes", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        started = adapted.model.eval()(ids).logits
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = trl.DPOTrainer(
@@ -96,6 +100,9 @@ def test_dpo_trainer(method, tmp_path, tiny_model_dir):
             processing_class=tokenizer,
             **adapted.trainer_kwargs(args),
         )
+        # TRL's "ref" adapter must leave the policy as the method started it (a second PiSSA SVD rewrote the base)
+        with torch.no_grad():
+            assert (adapted.model.eval()(ids).logits - started).abs().max() <= 1e-5
         if method == "lora_ga":  # its initialisation needs the model's own loss, which DPO batches do not give
             with pytest.raises(hlp.LowRankError, match="initialise LoRA-GA in an SFT run"):
                 trainer.train()
@@ -105,6 +112,13 @@ def test_dpo_trainer(method, tmp_path, tiny_model_dir):
     assert losses[0] == pytest.approx(math.log(2), abs=1e-4)  # the reference is the initial policy
     assert losses[-1] < losses[0], losses
     _check_export(adapted, tmp_path)
+    if method in ("lora", "dora", "pissa"):  # adapters on the original base (SALOR's go on its pruned base/)
+        reloaded = hlp.load_adapter(
+            AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "export" / "adapter"
+        )
+        with torch.no_grad():
+            trained, again = adapted.model.eval()(ids).logits, reloaded.model.eval()(ids).logits
+        assert (again - trained).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("method", sorted(SETTINGS))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
+from types import MethodType
 
 import torch
 from peft import LoraConfig, PeftModel
@@ -15,6 +17,8 @@ from hf_lowrank_lora import attach_lora, residual
 from hf_lowrank_plugins import IncompatibleError, QuantizationSettings, is_quantized
 from hf_lowrank_plugins.memory import release_replaced, weight_locations
 from hf_lowrank_plugins.quantization import quantize_model, requantize_under_adapter
+
+logger = logging.getLogger(__name__)
 
 
 def check_clean_base(model: nn.Module) -> None:
@@ -99,4 +103,24 @@ def attach_pissa(
         quantization = QuantizationSettings.from_config(config)
     if quantization is not None:
         peft_model = _quantize_residual(peft_model, quantization, adapter)
+    for layer in peft_model.modules():
+        if isinstance(layer, LoraLayer):
+            layer.pissa_init = MethodType(_no_second_svd, layer)  # type: ignore[method-assign]
     return peft_model
+
+
+def _no_second_svd(layer: LoraLayer, adapter_name: str, init_lora_weights: str) -> None:
+    """``pissa_init`` of a layer whose base already holds PiSSA's residual: plain LoRA's init instead.
+
+    A second adapter added with the PiSSA config (TRL's DPO/KTO/GRPO trainers add a "ref" copy of
+    the trained one, ``model.add_adapter("ref", peft_config["default"])``) would take the SVD of
+    W_res and subtract its top part from the shared base again: the policy would no longer be the
+    model PiSSA started from, and the export's conversion (relative to the original W) another
+    model. Plain LoRA's init leaves the base alone; TRL then copies the trained adapter into it.
+    """
+    logger.warning(
+        "adapter %r: the base already holds PiSSA's residual, so it starts as plain LoRA (B = 0) rather than "
+        "from a second SVD that would rewrite the shared base",
+        adapter_name,
+    )
+    layer.reset_lora_parameters(adapter_name, True)
