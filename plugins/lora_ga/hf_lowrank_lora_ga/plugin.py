@@ -76,6 +76,7 @@ def _check_ranks(model: PeftModel) -> None:
 def init_adapter(model: nn.Module, config: LoraGaConfig) -> nn.Module:
     """Attach PEFT LoRA layers with B = 0 (output equals the base); the gradient init runs at train begin."""
     residual.check_clean_base(model, "LoRA-GA")
+    residual.check_untied_targets(model, config, "LoRA-GA")
     peft_model = attach_lora(model, config)
     _check_ranks(peft_model)
     add_checkpoint_buffers(peft_model, ADAPTER)

@@ -543,6 +543,12 @@ def test_the_exported_adapter_reloads_in_plain_peft_off_the_usual_targets(tmp_pa
     assert rel_err(plain, trained) <= 1e-5
 
 
+def test_a_target_tied_to_another_module_is_refused():
+    """W_res = W - s B0 A0 would change the embedding the head shares too."""
+    with pytest.raises(hlp.IncompatibleError, match="'lm_head', which 'model.embed_tokens' shares"):
+        hlp.attach(make_tiny_model(tie_word_embeddings=True), "lora_ga", r=2, target_modules=["q_proj", "lm_head"])
+
+
 def test_portable_export_merged_checkpoint_and_config_round_trip(tmp_path, batch):
     base_dir = tmp_path / "base"
     make_tiny_model().save_pretrained(base_dir)

@@ -95,6 +95,7 @@ def attach_pissa(
     residual is then quantized to NF4 (QPiSSA).
     """
     check_clean_base(model)
+    residual.check_untied_targets(model, config, "PiSSA")
     with seeded(getattr(config, "svd_seed", 0), model), _old_pages_released():
         peft_model = attach_lora(model, config)
     residual.mark_residual_base(peft_model)

@@ -167,6 +167,14 @@ def test_a_classifier_with_every_bias_trained_exports(tmp_path):
     assert rel_err(output(reloaded.eval(), batch), trained) <= 1e-5
 
 
+def test_a_target_tied_to_another_module_is_refused():
+    """The residual would be taken out of the embedding the head shares too: PEFT's PiSSA on GPT-2's tied head
+    starts 32% away from the base."""
+    with pytest.raises(hlp.IncompatibleError, match="'lm_head', which 'model.embed_tokens' shares"):
+        hlp.attach(make_tiny_model(tie_word_embeddings=True), "pissa", r=2, target_modules=["q_proj", "lm_head"])
+    hlp.attach(make_tiny_model(tie_word_embeddings=False), "pissa", r=2, target_modules=["q_proj", "lm_head"])
+
+
 def test_refuses_models_with_adapters_or_residual_weights(tiny_model):
     from peft import LoraConfig, inject_adapter_in_model
 
