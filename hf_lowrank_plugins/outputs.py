@@ -275,7 +275,7 @@ class OutputSet:
         self._created = missing  # deepest first: removed again by abort() if still empty
         for entry in list(self.path.iterdir()):
             if _is_leftover(entry.name):
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                _remove(entry)
                 self.cleaned.append(entry.name)
         old_marker = _read_marker(self.path)
         present = {e.name for e in self.path.iterdir()} - {MANIFEST_NAME, MARKER_NAME, CHECKPOINTS}
@@ -295,8 +295,7 @@ class OutputSet:
         if state in ("complete", "unfinished") and self.overwrite and not resume_inside:
             shutil.rmtree(self.path / CHECKPOINTS, ignore_errors=True)  # the old run's, never mixed with ours
             for name in set(self.in_place) & set(self._previous):  # the old run's logs, never mixed with ours
-                target = self.path / name
-                shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink(missing_ok=True)
+                _remove(self.path / name)
         self._open = True
         return self
 
@@ -406,6 +405,14 @@ class OutputSet:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.abort()  # a no-op after commit(); otherwise the set was never completed
+
+
+def _remove(path: Path) -> None:
+    """Remove ``path``: a folder with its contents, a file or a link (never what a link points to)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _give_default_modes(root: Path) -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,14 +114,21 @@ def load_config(model: str | Path | Any) -> Any:
     folder = path.parent if path.is_file() else path
     if not (folder / "config.json").is_file():
         raise LowRankError(f"{model}: no config.json there; pass a model folder or its config.json")
-    _from_json(folder / "config.json")  # its problems named in one line, as for any JSON config
-    return AutoConfig.from_pretrained(str(folder))
+    config_file = folder / "config.json"
+    _raw_config(config_file)  # its problems named in one line, as for any JSON config
+    return _readable(config_file, lambda: AutoConfig.from_pretrained(str(folder)))
 
 
 def _from_json(path: Path) -> Any:
-    import json
-
     from transformers import AutoConfig
+
+    raw = _raw_config(path)
+    return _readable(path, lambda: AutoConfig.for_model(raw.pop("model_type"), **raw))
+
+
+def _raw_config(path: Path) -> dict[str, Any]:
+    """The JSON object of a config file that names its ``model_type``, or one line saying what is wrong."""
+    import json
 
     try:
         raw = json.loads(path.read_text())
@@ -128,8 +136,13 @@ def _from_json(path: Path) -> Any:
         raise LowRankError(f"{path} is not valid JSON ({exc}); pass a model's config.json") from None
     if not isinstance(raw, dict) or "model_type" not in raw:
         raise LowRankError(f"{path} names no model_type; pass a transformers config.json (it names its model_type)")
+    return raw
+
+
+def _readable(path: Path, build: Callable[[], Any]) -> Any:
+    """``build()``'s transformers config, or one line naming ``path`` where transformers cannot read it."""
     try:
-        return AutoConfig.for_model(raw.pop("model_type"), **raw)
+        return build()
     except (ValueError, KeyError) as exc:
         raise LowRankError(f"{path}: transformers cannot read it ({' '.join(str(exc).split())[:200]})") from None
 

@@ -244,7 +244,7 @@ def _walk(
         merges_bias = merge and adapter is not None and getattr(layer, "lora_bias", {}).get(adapter, False)
         for name, tensor, _ in _plain_entries(prefix, base):
             if name == prefix + "bias" and merges_bias and adapter is not None:
-                bias = partial(_read, source, name) if tensor.is_meta else tensor.detach
+                bias = _stored_value(tensor, name, source)
                 dtype = None if tensor.is_meta else tensor.dtype
                 yield name, None, (tuple(tensor.shape), dtype, partial(_merged_bias, layer, adapter, bias))
             elif name != prefix + "weight" or not (_is_4bit(base) or (merge and adapter is not None)):
@@ -274,16 +274,22 @@ def _token_rows_entries(
         if name != prefix + "weight" or not merge or adapter is None or adapter not in layer.trainable_tokens_delta:
             yield name, tensor, None
         elif not tied:
+            weight = _stored_value(tensor, name, source)
             dtype = None if tensor.is_meta else tensor.dtype
-            yield name, None, (tuple(tensor.shape), dtype, partial(_with_token_rows, layer, adapter, name, source))
+            yield name, None, (tuple(tensor.shape), dtype, partial(_with_token_rows, layer, adapter, weight))
 
 
-def _with_token_rows(layer: Any, adapter: str, name: str, source: CheckpointReader | None) -> torch.Tensor:
+def _with_token_rows(layer: Any, adapter: str, embedding: Callable[[], torch.Tensor]) -> torch.Tensor:
     """The embedding weight with the adapter's trained rows in place of the original ones."""
-    weight = layer.get_base_layer().weight
-    weight = _read(source, name) if weight.is_meta else weight.detach()
+    weight = embedding()
     rows = torch.tensor(layer.token_indices[adapter], device=weight.device)
     return weight.index_copy(0, rows, layer.trainable_tokens_delta[adapter].detach().to(weight))
+
+
+def _stored_value(tensor: torch.Tensor, name: str, source: CheckpointReader | None) -> Callable[[], torch.Tensor]:
+    """The base value of ``tensor``, entry ``name`` of the checkpoint: read from ``source`` when ``tensor``
+    is a skeleton's meta placeholder, the tensor itself otherwise."""
+    return partial(_read, source, name) if tensor.is_meta else tensor.detach
 
 
 def _holding(source: CheckpointReader | None, name: str) -> CheckpointReader:
