@@ -12,11 +12,15 @@ an output folder through an :class:`OutputSet`:
   every deliverable with its size and SHA-256) is written last. A folder with a manifest is a
   complete set; a kill at any moment before leaves no manifest, and the next run names (or, for
   staging leftovers, removes) what it finds.
-* ``overwrite=True`` replaces an earlier set of ours as a whole: entries of the old set that the
-  new one does not produce are removed when the new set is committed, so two runs never mix; what
-  the new run writes straight into the folder (logs) starts empty. Entries the folder held beside
-  an earlier set (a user's notes) are recorded in the marker as not ours and stay, also when a run
-  that claimed the folder failed and a later one replaces it.
+* ``overwrite=True`` replaces an earlier set of ours as a whole, and only once the new one is
+  complete: until then the new run writes everything, its checkpoints and logs included, into a
+  hidden work folder beside the earlier set, which stays whole and readable (manifest, checkpoints
+  and all). A failure or kill before the swap leaves the earlier set as it was. The swap itself is
+  a journal of renames recorded in the marker: a kill during it is rolled forward by the next run.
+  Entries of the old set that the new one does not produce are removed at the swap, so two runs
+  never mix. Entries the folder held beside an earlier set (a user's notes) are recorded in the
+  marker as not ours and stay, also when a run that claimed the folder failed and a later one
+  replaces it.
 
 Stdlib only: this module is the library's, and every application command builds on it.
 """
@@ -206,6 +210,8 @@ class OutputSet:
         #: entries that were in the folder beside an earlier set, not ours: never replaced
         self._foreign: list[str] = []
         self._open = False
+        self._replacing = False
+        self._marker_before: bytes | None = None
 
     # ------------------------------------------------------------------ checks
 
@@ -232,23 +238,23 @@ class OutputSet:
         entries = [e.name for e in self.path.iterdir() if not _is_leftover(e.name)]
         if not entries:
             return "new"
-        manifest, marker = read_manifest(self.path), _read_marker(self.path)
-        if (
-            marker is not None
-            and marker.get("status") == "running"
-            and marker.get("host") == socket.gethostname()
-            and marker.get("pid") != os.getpid()
-            and _pid_alive(int(marker.get("pid", -1)))
-        ):
+        marker = _read_marker(self.path)
+        if marker is not None and _writer_alive(marker):
             raise OutputFolderError(
                 f"another hf-lowrank {marker.get('command', 'run')} (pid {marker['pid']}) is writing to {self.path}; "
                 "wait for it or choose another --output-dir"
             )
-        if manifest is not None and marker is None:
+        if marker is not None and marker.get("status") == "committing":
+            _roll_forward(self.path, marker)  # a swap that was killed half-way: finish what was decided
+            marker = None
+        manifest = read_manifest(self.path)
+        if manifest is not None:  # a marker beside it is an overwrite that failed before its swap
             if not self.overwrite:
+                failed = " (a later --overwrite did not complete; this set is intact)" if marker else ""
                 raise OutputFolderError(
                     f"output folder {self.path} holds an earlier {manifest.get('command', 'run')} output "
-                    f"({manifest.get('created', '?')}); pass --overwrite to replace it, or choose another --output-dir"
+                    f"({manifest.get('created', '?')}){failed}; pass --overwrite to replace it, or choose another "
+                    "--output-dir"
                 )
             return "complete"
         if marker is not None:
@@ -288,18 +294,17 @@ class OutputSet:
                 {rel.split("/", 1)[0] for rel in manifest.get("files", {})} | set(manifest.get("entries", []))
             )
             self._foreign = sorted(present - set(self._previous))
-        self._write_marker("running")
-        if state == "complete":
-            (self.path / MANIFEST_NAME).unlink()  # the old set stops being complete from here on
         resume_inside = self.resume_from is not None and _is_within(_resolved(self.resume_from), _resolved(self.path))
-        if state in ("complete", "unfinished") and self.overwrite and not resume_inside:
-            shutil.rmtree(self.path / CHECKPOINTS, ignore_errors=True)  # the old run's, never mixed with ours
-            for name in set(self.in_place) & set(self._previous):  # the old run's logs, never mixed with ours
-                _remove(self.path / name)
+        # Replacing: the earlier set (and an unfinished run's checkpoints) stay whole until the swap at commit;
+        # the new run's checkpoints and logs go to the stage with its deliverables.
+        self._replacing = state in ("complete", "unfinished") and self.overwrite and not resume_inside
+        marker_path = self.path / MARKER_NAME
+        self._marker_before = marker_path.read_bytes() if marker_path.is_file() else None
+        self._write_marker("running")
         self._open = True
         return self
 
-    def _write_marker(self, status: str) -> None:
+    def _write_marker(self, status: str, **journal: Any) -> None:
         write_json_atomic(
             self.path / MARKER_NAME,
             {
@@ -312,6 +317,7 @@ class OutputSet:
                 "started": _now(),
                 "previous": self._previous,
                 "foreign": self._foreign,
+                **journal,
             },
         )
 
@@ -324,37 +330,39 @@ class OutputSet:
             self._stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.path))
         return self._stage
 
-    def commit(self, in_place: Iterable[str] = (), info: Mapping[str, Any] | None = None) -> Path:
-        """Move every staged entry into the folder, drop the old set's other entries, write the manifest last.
+    @property
+    def work(self) -> Path:
+        """Where the run writes what it does not stage: Trainer checkpoints (``work / CHECKPOINTS``) and the
+        ``in_place`` logs. The output folder itself, or the stage when an earlier set is being replaced, so
+        that the earlier set stays whole until :meth:`commit` swaps the sets."""
+        return self.stage if self._replacing else self.path
 
-        ``in_place`` names entries written straight into the folder (progress reports such as
+    def commit(self, in_place: Iterable[str] = (), info: Mapping[str, Any] | None = None) -> Path:
+        """Swap the new set in: staged entries moved into the folder, the old set's entries dropped, the
+        manifest last.
+
+        ``in_place`` names entries written straight into :attr:`work` (progress reports such as
         ``comparison.json``) that belong to the set too, besides the constructor's that exist.
-        ``info`` is stored in the manifest. Returns the manifest's path.
+        ``info`` is stored in the manifest. Every file is hashed and the manifest written into the
+        stage before the swap, which is then renames only, journaled in the marker (see
+        :func:`_roll_forward`). Returns the manifest's path.
         """
         if not self._open:
             raise RuntimeError("OutputSet.commit() without open()")
-        staged = sorted(p.name for p in self._stage.iterdir()) if self._stage is not None else []
-        in_place = {*in_place, *(name for name in self.in_place if (self.path / name).exists())}
-        entries = sorted(set(staged) | in_place)
-        trash = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX + "old-", dir=self.path))
-        for name in sorted(set(self._previous) | set(staged)):
-            if name in in_place or name in (MANIFEST_NAME, MARKER_NAME, CHECKPOINTS):
-                continue
-            target = self.path / name
-            if target.exists() or target.is_symlink():
-                os.replace(target, trash / name)
+        stage = self.stage
+        staged = sorted(p.name for p in stage.iterdir() if p.name != MANIFEST_NAME)
+        written_here = (
+            set()  # a replacing run wrote everything into the stage; the folder's entries are the old set's
+            if self._replacing
+            else {name for name in {*in_place, *self.in_place} if name not in staged and (self.path / name).exists()}
+        )
         for name in staged:
-            assert self._stage is not None
-            _give_default_modes(self._stage / name)
-            os.replace(self._stage / name, self.path / name)
-        checkpoints = self.path / CHECKPOINTS
-        if checkpoints.is_dir() and not any(checkpoints.iterdir()):
-            checkpoints.rmdir()  # the Trainer creates it eagerly; nothing was saved
+            _give_default_modes(stage / name)
         files = {}
-        for name in entries:
-            root = self.path / name
+        for name in sorted((set(staged) | written_here) - {CHECKPOINTS}):
+            root = (stage if name in staged else self.path) / name
             for path in sorted([root] if root.is_file() else (p for p in root.rglob("*") if p.is_file())):
-                files[path.relative_to(self.path).as_posix()] = {
+                files[(Path(name) / path.relative_to(root)).as_posix()] = {
                     "bytes": path.stat().st_size,
                     "sha256": sha256_file(path),
                 }
@@ -363,15 +371,21 @@ class OutputSet:
             "version": _version(),
             "command": self.command,
             "created": _now(),
-            "entries": entries,
+            "entries": sorted((set(staged) | written_here) - {CHECKPOINTS}),
             "files": files,
             **({"info": dict(info)} if info else {}),
         }
-        write_json_atomic(self.path / MANIFEST_NAME, manifest)
-        shutil.rmtree(trash, ignore_errors=True)
-        if self._stage is not None:
-            shutil.rmtree(self._stage, ignore_errors=True)
-        (self.path / MARKER_NAME).unlink(missing_ok=True)
+        write_json_atomic(stage / MANIFEST_NAME, manifest)
+        trash = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX + "old-", dir=self.path))
+        remove = (set(self._previous) | set(staged) | ({CHECKPOINTS} if self._replacing else set())) - written_here
+        self._write_marker(
+            "committing",
+            stage=stage.name,
+            trash=trash.name,
+            remove=sorted(remove - {MANIFEST_NAME, MARKER_NAME}),
+            incoming=staged,
+        )
+        _roll_forward(self.path, _read_marker(self.path) or {})
         self._open = False
         return self.path / MANIFEST_NAME
 
@@ -383,6 +397,12 @@ class OutputSet:
         if self._stage is not None:
             shutil.rmtree(self._stage, ignore_errors=True)
         self._open = False
+        if self._replacing:  # the earlier set was never touched: leave the folder as it was found
+            if self._marker_before is None:
+                (self.path / MARKER_NAME).unlink(missing_ok=True)
+            else:
+                (self.path / MARKER_NAME).write_bytes(self._marker_before)
+            return
         remaining = [e for e in self.path.iterdir() if e.name != MARKER_NAME] if self.path.is_dir() else []
         checkpoints = self.path / CHECKPOINTS
         if remaining == [checkpoints] and checkpoints.is_dir() and not any(checkpoints.iterdir()):
@@ -405,6 +425,49 @@ class OutputSet:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.abort()  # a no-op after commit(); otherwise the set was never completed
+
+
+def _writer_alive(marker: Mapping[str, Any]) -> bool:
+    """Whether the marker's writer is another process still running on this host."""
+    return (
+        marker.get("status") in ("running", "committing")
+        and marker.get("host") == socket.gethostname()
+        and marker.get("pid") != os.getpid()
+        and _pid_alive(int(marker.get("pid", -1)))
+    )
+
+
+def _roll_forward(folder: Path, journal: Mapping[str, Any]) -> None:
+    """Carry out (or finish, after a kill) the swap a ``committing`` marker records; every step is idempotent.
+
+    The new set is complete in the stage, its manifest included, before the journal is written, so a
+    swap once begun is always finished, never undone: the old manifest goes first (the folder stops
+    looking complete), then the old entries (into the trash), then the new ones, then the new manifest.
+    """
+    stage, trash = folder / journal["stage"], folder / journal["trash"]
+    incoming = set(journal.get("incoming", []))
+    trash.mkdir(exist_ok=True)
+    if (stage / MANIFEST_NAME).exists() and (folder / MANIFEST_NAME).exists():
+        os.replace(folder / MANIFEST_NAME, trash / MANIFEST_NAME)
+    for name in journal.get("remove", []):
+        target = folder / name
+        if name in incoming and not (stage / name).exists():
+            continue  # already the new set's
+        if target.exists() or target.is_symlink():
+            if (trash / name).exists():
+                _remove(trash / name)
+            os.replace(target, trash / name)
+    for name in sorted(incoming):
+        if (stage / name).exists() or (stage / name).is_symlink():
+            os.replace(stage / name, folder / name)
+    if (stage / MANIFEST_NAME).exists():
+        os.replace(stage / MANIFEST_NAME, folder / MANIFEST_NAME)
+    checkpoints = folder / CHECKPOINTS
+    if checkpoints.is_dir() and not any(checkpoints.iterdir()):
+        checkpoints.rmdir()  # the Trainer creates it eagerly; nothing was saved
+    (folder / MARKER_NAME).unlink(missing_ok=True)
+    shutil.rmtree(trash, ignore_errors=True)
+    shutil.rmtree(stage, ignore_errors=True)
 
 
 def _remove(path: Path) -> None:

@@ -145,14 +145,14 @@ def test_output_set_life_cycle(tmp_path):
     with pytest.raises(OutputFolderError, match="holds an earlier test output"):
         OutputSet(out, command="test").check()
 
-    # a writer killed after claiming: marker left, staging leftovers, no manifest
+    # an overwriting writer killed after claiming: marker and staging leftovers, the earlier set whole
     outputs = OutputSet(out, command="test", overwrite=True).open()
     (outputs.stage / "a.txt").write_text("half")
-    assert read_manifest(out) is None and (out / "a.txt").read_text() == "1"  # the old file stays until commit
+    assert verify_manifest(out) == [] and (out / "a.txt").read_text() == "1"  # the old set stays until commit
     marker = json.loads((out / MARKER_NAME).read_text())
     marker["pid"] = 2**22 + 12345  # no such process: it was killed
     (out / MARKER_NAME).write_text(json.dumps(marker))
-    with pytest.raises(OutputFolderError, match="holds an unfinished test .* never completed"):
+    with pytest.raises(OutputFolderError, match="holds an earlier test output .*did not complete; this set is intact"):
         OutputSet(out, command="test").check()
     again = OutputSet(out, command="test", overwrite=True).open()
     assert again.cleaned and all(name.startswith(".hf-lowrank-staging-") for name in again.cleaned)
@@ -182,9 +182,11 @@ def test_a_users_file_beside_a_set_survives_a_failed_overwrite_and_the_next_one(
         (outputs.stage / "adapter").mkdir()
         outputs.commit()
     (out / "notes.txt").write_text("mine")
+    before = tree(out)
     with pytest.raises(RuntimeError), OutputSet(out, command="test", overwrite=True):
         raise RuntimeError("the export failed")
-    assert (out / "notes.txt").read_text() == "mine" and (out / MARKER_NAME).exists()
+    assert tree(out) == before  # a failed overwrite leaves the folder as it found it
+    OutputSet(out, command="test", overwrite=True).open()  # and killed: its marker and stage are left
     _killed(out)
     with OutputSet(out, command="test", overwrite=True) as outputs:
         (outputs.stage / "merged").mkdir()
@@ -200,9 +202,9 @@ def test_an_overwrite_starts_the_logs_it_writes_in_place_empty(tmp_path):
         (out / "logs" / "old-run.log").write_text("old")
         outputs.commit()
     with OutputSet(out, command="test", overwrite=True, in_place=["logs"]) as outputs:
-        assert not (out / "logs").exists()
-        (out / "logs").mkdir()
-        (out / "logs" / "new-run.log").write_text("new")
+        assert not (outputs.work / "logs").exists() and (out / "logs" / "old-run.log").exists()
+        (outputs.work / "logs").mkdir()
+        (outputs.work / "logs" / "new-run.log").write_text("new")
         outputs.commit()
     assert set(read_manifest(out)["files"]) == {"logs/new-run.log"}
     with OutputSet(out, command="test", overwrite=True) as outputs:  # a run that writes no logs
@@ -347,3 +349,123 @@ def test_kill_9_never_leaves_a_set_that_looks_complete(tmp_path, tiny_model_dir,
     )
     assert verify_manifest(out) == []
     assert not any(p.name.startswith(".") and p.name != MANIFEST_NAME for p in out.iterdir())
+
+
+# ------------------------------------------------------------------ an overwrite replaces nothing until complete
+
+
+def _complete_run_with_checkpoints(tiny_model_dir, text_file, out):
+    assert main(_train_argv(tiny_model_dir, text_file, out, "--merge", "--save-steps", "1")) == 0
+    assert verify_manifest(out) == [] and (out / "checkpoints" / "checkpoint-2").is_dir()
+    return tree(out)
+
+
+def _without_our_leftovers(snapshot):
+    """A tree less the marker and hidden work folders a killed writer leaves (the next run removes them)."""
+    return {k: v for k, v in snapshot.items() if not (k.startswith(".hf-lowrank-staging-") or k == MARKER_NAME)}
+
+
+@pytest.mark.parametrize("moment", ["training", "export"])
+def test_a_killed_overwrite_leaves_the_earlier_run_whole(tmp_path, tiny_model_dir, text_file, capsys, moment):
+    """A failed --overwrite deleted the complete run's checkpoints and manifest before the new run finished."""
+    out = tmp_path / "run"
+    before = _complete_run_with_checkpoints(tiny_model_dir, text_file, out)
+    argv = _train_argv(tiny_model_dir, text_file, out, "--merge", "--save-steps", "1", "--overwrite", "--seed", "3")
+    if moment == "training":
+        argv[argv.index("--max-steps") + 1] = "400"
+    proc = _start(argv, tmp_path)
+    try:
+        if moment == "export":
+            assert proc.stdout is not None
+            assert any(line.strip() == "EXPORT-WRITTEN" for line in proc.stdout)
+        else:
+            deadline = time.time() + 120
+            while time.time() < deadline and not any(out.glob(".hf-lowrank-staging-*/checkpoints/checkpoint-3")):
+                time.sleep(0.2)
+            assert any(out.glob(".hf-lowrank-staging-*/checkpoints/checkpoint-3"))
+        assert verify_manifest(out) == []  # readable throughout
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert _without_our_leftovers(tree(out)) == before and verify_manifest(out) == []
+    # the next run is told the set is intact, not sent to a checkpoint that does not exist
+    assert main(_train_argv(tiny_model_dir, text_file, out)) == 2
+    assert "did not complete; this set is intact); pass --overwrite" in capsys.readouterr().err
+    assert main(_train_argv(tiny_model_dir, text_file, out, "--overwrite")) == 0
+    assert verify_manifest(out) == [] and not any(p.name.startswith(".hf-lowrank-staging-") for p in out.iterdir())
+
+
+def test_a_full_disk_during_an_overwrite_leaves_the_earlier_run_byte_identical(tmp_path, tiny_model_dir, text_file):
+    """The disk filled during export: one line, the earlier set, checkpoints and manifest untouched."""
+    out = tmp_path / "run"
+    before = _complete_run_with_checkpoints(tiny_model_dir, text_file, out)
+    largest = max(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    limit = f"import resource; resource.setrlimit(resource.RLIMIT_FSIZE, ({largest // 2}, {largest // 2}))"
+    argv = _train_argv(tiny_model_dir, text_file, out, "--merge", "--overwrite", "--seed", "3")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"{limit}; import sys; from hf_lowrank_plugins.app.cli import main; sys.exit(main())",
+            *argv,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("hf-lowrank:")]
+    assert proc.returncode == 1 and len(ours) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "no space left" in ours[0] and "free space" in ours[0]
+    assert tree(out) == before
+
+
+def test_a_swap_killed_at_any_rename_is_rolled_forward(tmp_path, monkeypatch):
+    """The swap is renames journaled in the marker: a kill after any of them ends in the new set, whole."""
+    import hf_lowrank_plugins.outputs as outputs_module
+
+    def make_old(out):
+        with OutputSet(out, command="test") as outputs:
+            for name, text in (("adapter", "old-a"), ("merged", "old-m")):
+                (outputs.stage / name).mkdir()
+                (outputs.stage / name / "w.bin").write_text(text)
+            outputs.commit()
+        (out / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+
+    real_replace = os.replace
+    renames = 0
+    for kill_after in range(1, 20):
+        out = tmp_path / f"o{kill_after}"
+        make_old(out)
+        calls = 0
+
+        def dying_replace(src, dst, kill_after=kill_after):
+            nonlocal calls
+            calls += 1
+            if calls > kill_after:
+                raise KeyboardInterrupt("killed")  # stands for SIGKILL: nothing after this rename runs
+            return real_replace(src, dst)
+
+        outputs = OutputSet(out, command="test", overwrite=True).open()
+        (outputs.work / "adapter").mkdir()
+        (outputs.work / "adapter" / "w.bin").write_text("new-a")
+        (outputs.work / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+        monkeypatch.setattr(outputs_module.os, "replace", dying_replace)
+        try:
+            outputs.commit()
+            finished = True
+        except KeyboardInterrupt:
+            finished = False
+        monkeypatch.setattr(outputs_module.os, "replace", real_replace)
+        if finished:
+            renames = calls
+            break
+        marker = json.loads((out / MARKER_NAME).read_text())
+        if marker["status"] == "committing":  # killed inside the swap: the next claim finishes it
+            _killed(out)
+            with pytest.raises(OutputFolderError, match="holds an earlier test output"):
+                OutputSet(out, command="test").check()
+            assert (out / "adapter" / "w.bin").read_text() == "new-a"
+        else:  # killed before the swap began: the earlier set is whole
+            assert (out / "adapter" / "w.bin").read_text() == "old-a"
+        assert verify_manifest(out) == []
+    assert renames > 3  # the loop reached a commit that finished, having killed every rename before it

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -605,12 +606,24 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if debug:
             traceback.print_exc()
+        if isinstance(exc, OSError) and exc.errno in _FULL_DISK:
+            where = f" writing {exc.filename}" if exc.filename else ""
+            print(
+                f"hf-lowrank: error: no space left{where} ({exc.strerror}): free space or raise the file-size limit, "
+                "then run again; no complete output was replaced",
+                file=sys.stderr,
+            )
+            return 1
         print(
             f"hf-lowrank: internal error: {type(exc).__name__}: {_one_line(exc)[:300]}; rerun with --debug for the "
             "traceback",
             file=sys.stderr,
         )
         return 1
+
+
+#: A full disk, a file-size limit or a quota: the environment, not the input, and not our bug.
+_FULL_DISK = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -503,15 +503,18 @@ def run_comparison(spec: CompareSpec, registry: Any = None, log: Callable[[str],
     started = time.perf_counter()
     written: list[str] = []
     with outputs:
+        # outputs.work is the folder itself, or a hidden one while an earlier comparison stays whole until commit
+        work = outputs.work
         for i, run in enumerate(runs, 1):
             label = f"[{i}/{len(runs)}] {run.method}"
+            run.spec = dataclasses.replace(run.spec, output_dir=str(work / run.method))
             # The comparison folder is ours (claimed above), so a method folder of an earlier comparison
             # in it is replaced; each worker then claims its folder as a new set of its own.
             shutil.rmtree(run.spec.resolved_output_dir(), ignore_errors=True)
             log(
-                f"{label}: training (lr {format_lr(run.spec.lr)}, {_run_length(dataclasses.asdict(run.spec))}) -> {run.spec.resolved_output_dir()}"
+                f"{label}: training (lr {format_lr(run.spec.lr)}, {_run_length(dataclasses.asdict(run.spec))}) -> {out_dir / run.method}"
             )
-            row = method_result(run, run_method(run, label, log, spec.timeout, logs_dir=out_dir / "logs"))
+            row = method_result(run, run_method(run, label, log, spec.timeout, logs_dir=work / "logs"))
             rows.append(row)
             written.append(run.method)
             if row["status"] == "ok":
@@ -526,13 +529,13 @@ def run_comparison(spec: CompareSpec, registry: Any = None, log: Callable[[str],
             left = f", about {_format_seconds(elapsed / i * (len(runs) - i))} left" if i < len(runs) else ""
             log(f"overall: {i}/{len(runs)} methods done ({failed} failed) in {_format_seconds(elapsed)}{left}")
             comparison = build_comparison(spec, runs, rows)
-            write_reports(comparison, out_dir)  # after every method: an interrupted comparison keeps what finished
+            write_reports(comparison, work)  # after every method: an interrupted comparison keeps what finished
         try:
             from .plots import write_plots
 
-            plots = write_plots(comparison, out_dir)
+            plots = write_plots(comparison, work)
             written += [p.name for p in plots]
-            log(f"wrote {', '.join(str(p) for p in plots)}")
+            log(f"wrote {', '.join(str(out_dir / p.name) for p in plots)}")
         except ImportError:
             comparison["notes"] = [
                 "Plots skipped: matplotlib is not installed (pip install 'hf-lowrank-plugins[plots]')."
@@ -540,7 +543,7 @@ def run_comparison(spec: CompareSpec, registry: Any = None, log: Callable[[str],
             log(
                 "plots skipped: matplotlib is not installed (pip install 'hf-lowrank-plugins[plots]'); json and md written"
             )
-            write_reports(comparison, out_dir)
+            write_reports(comparison, work)
         outputs.commit(
             in_place=[*written, "comparison.json", "comparison.md"], info={"methods": [r.method for r in runs]}
         )

@@ -175,8 +175,8 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
     with outputs:
         if reports_to_tensorboard(spec):
             # transformers reads the folder from the environment (else ./runs/...): keep it in this run's set
-            os.environ["TENSORBOARD_LOGGING_DIR"] = str(outputs.path / TENSORBOARD)
-        args = training_arguments(spec, outputs.path, spec.steps_or_default)
+            os.environ["TENSORBOARD_LOGGING_DIR"] = str(outputs.work / TENSORBOARD)
+        args = training_arguments(spec, outputs.work, spec.steps_or_default)
         timer = StepTimer()
         timer.restore(record.get("steps", []), record.get("step_seconds", []))
         init_seconds = {
