@@ -173,6 +173,13 @@ CLI_CASES = [
     ("rank-and-set-r", lambda w: _train(w, "--rank", "4", "--set", "r=8"), "rank and r set the same option"),
     ("targets-no-match", lambda w: _train(w, "--set", "target_modules=query,value"), "matched no linear layer"),
     ("rank-too-large", lambda w: _train(w, "--rank", "100"), "use rank r <= 32"),
+    (
+        "set-init-rewrites-base",
+        lambda w: _train(w, "--set", "init_lora_weights=olora"),
+        "cannot use init_lora_weights='olora' (OLoRA rewrites the base weights",
+    ),
+    ("set-init-pissa-on-lora", lambda w: _train(w, "--set", "init_lora_weights=pissa"), "use --method pissa"),
+    ("set-init-unknown", lambda w: _train(w, "--set", "init_lora_weights=xavier"), "is not an initialisation"),
     ("full-has-no-rank", lambda w: _train(w, "--rank", "4", method="full"), "method 'full' has no rank setting"),
     ("galore-bad-proj", lambda w: _train(w, "--set", "proj_type=diag", method="galore"), "proj_type must be one of"),
     ("pissa-bad-svd", lambda w: _train(w, "--set", "svd=approx", method="pissa"), "svd must be one of"),

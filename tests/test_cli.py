@@ -489,3 +489,25 @@ def test_torch_compile_trains_to_the_eager_runs_losses(tmp_path, tiny_model_dir,
     for key in ("eval_loss_before", "eval_loss_after", "train_loss"):
         assert compiled[key] == pytest.approx(eager[key], rel=1e-5, abs=1e-6), key
     assert compiled["eval_loss_after"] != pytest.approx(compiled["eval_loss_before"], abs=1e-6)
+
+
+def test_version_names_the_core_and_every_plugin_distribution():
+    from importlib.metadata import version
+
+    done = subprocess.run([sys.executable, "-m", "hf_lowrank_plugins", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stderr == ""
+    line = done.stdout.strip()
+    assert line.startswith(f"hf-lowrank {version('hf-lowrank-plugins')} (plugins: ")
+    for distribution in ("hf-lowrank-lora", "hf-lowrank-galore", "hf-lowrank-salor"):
+        assert f"{distribution} {version(distribution)}" in line
+
+
+def test_a_reader_that_leaves_early_gets_no_error(tmp_path):
+    """`hf-lowrank list | head -1`: exit 141 (the SIGPIPE status shells expect), nothing on stderr."""
+    lister = subprocess.Popen(
+        [sys.executable, "-m", "hf_lowrank_plugins", "list"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert lister.stdout is not None and lister.stderr is not None
+    lister.stdout.close()  # the reader is gone before anything is written
+    err = lister.stderr.read().decode()
+    assert lister.wait(timeout=120) == 141 and err == ""

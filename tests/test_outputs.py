@@ -351,6 +351,38 @@ def test_kill_9_never_leaves_a_set_that_looks_complete(tmp_path, tiny_model_dir,
     assert not any(p.name.startswith(".") and p.name != MANIFEST_NAME for p in out.iterdir())
 
 
+def test_sigterm_is_handled_like_ctrl_c_and_the_run_resumes(tmp_path, tiny_model_dir, text_file, capsys):
+    """A scheduler's SIGTERM: one line, exit 143, no stage left behind, the set marked unfinished, and the
+    run resumes from its last checkpoint to a complete, verified set."""
+    out = tmp_path / "run"
+    argv = _train_argv(tiny_model_dir, text_file, out, "--save-steps", "1")
+    argv[argv.index("--max-steps") + 1] = "400"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hf_lowrank_plugins.app.cli", *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "checkpoint-3").is_dir() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == (
+        "hf-lowrank: terminated (SIGTERM); completed outputs are intact, partial ones were not written"
+    )
+    assert "Traceback" not in err
+    assert read_manifest(out) is None and not any(p.name.startswith(".hf-lowrank-staging-") for p in out.iterdir())
+    saved = [p for p in (out / "checkpoints").iterdir() if (p / "trainer_state.json").is_file()]
+    checkpoint = max(saved, key=lambda p: int(p.name.split("-")[1]))
+    step = int(checkpoint.name.split("-")[1])
+    resume = ["--resume-from-checkpoint", str(checkpoint), "--max-steps", str(step + 1)]
+    assert main(_train_argv(tiny_model_dir, text_file, out, *resume)) == 0
+    assert verify_manifest(out) == []
+    assert json.loads((out / "metrics.json").read_text())["steps"] == step + 1
+
+
 # ------------------------------------------------------------------ an overwrite replaces nothing until complete
 
 

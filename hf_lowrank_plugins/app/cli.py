@@ -18,8 +18,10 @@ import json
 import logging
 import math
 import os
+import signal
 import struct
 import sys
+import threading
 import traceback
 import typing
 import warnings
@@ -425,6 +427,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The ``hf-lowrank`` argument parser."""
     parser = OneLineParser(prog="hf-lowrank", description="Low-rank fine-tuning methods for transformers.Trainer")
+    parser.add_argument("--version", action=_VersionAction, help="print the versions and exit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     p = sub.add_parser("list", help="installed methods, or one method's options", formatter_class=HelpFormatter)
@@ -575,9 +578,46 @@ def quiet_third_parties() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def version_line() -> str:
+    """``hf-lowrank --version``: the core's version and each installed plugin distribution's, read from
+    package metadata (no plugin is imported)."""
+    from importlib.metadata import PackageNotFoundError, entry_points, version
+
+    try:
+        core = version("hf-lowrank-plugins")
+    except PackageNotFoundError:  # run from a source tree without installing
+        core = "0+unknown"
+    plugins = sorted(
+        {f"{ep.dist.name} {ep.dist.version}" for ep in entry_points(group="hf_lowrank_plugins") if ep.dist is not None}
+    )
+    return f"hf-lowrank {core}" + (f" (plugins: {', '.join(plugins)})" if plugins else "")
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, printed unwrapped (argparse's own action wraps the line) and read only when asked."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> NoReturn:
+        print(version_line())
+        parser.exit()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, ``kill``, torchrun ending its workers), handled as Ctrl-C is: every
+    ``with OutputSet`` and the Trainer unwind as for an interrupt, so outputs stay consistent."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hf-lowrank`` command."""
     debug = os.environ.get("HF_LOWRANK_DEBUG", "").lower() in ("1", "true", "yes")
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         ns = parse_args(argv)
         debug = debug or ns.debug
@@ -586,12 +626,20 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # weight-loading bars; the Trainer's own progress bar stays
-        return int(ns.func(ns))
+        status = int(ns.func(ns))
+        sys.stdout.flush()  # here, not at exit: a reader gone by now is a BrokenPipeError this function handles
+        return status
     except SystemExit as exc:  # --help, or a library calling sys.exit
         return int(exc.code or 0) if isinstance(exc.code, int) else 0
-    except KeyboardInterrupt:
-        print("hf-lowrank: interrupted; completed outputs are intact, partial ones were not written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        _end_progress_bars()
+        print(f"hf-lowrank: {how}; completed outputs are intact, partial ones were not written", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    except BrokenPipeError:  # `hf-lowrank list | head -1`: the reader left, as `head` means it to
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's flush at exit would fail again on the closed pipe
+        return 141
     except (PluginError, DivergenceError) as exc:  # not the user's input: a broken plugin, a diverged run
         print(f"hf-lowrank: error: {_one_line(exc)}", file=sys.stderr)
         if debug:
@@ -628,11 +676,16 @@ _FULL_DISK = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 def _one_line(exc: BaseException) -> str:
     """The exception's message on one line, after ending a progress bar that was cut off mid-line."""
+    _end_progress_bars()
+    return " ".join(str(exc).split())
+
+
+def _end_progress_bars() -> None:
+    """Close the bars an exception cut off, so their line ends before ours (and none redraws after it)."""
     tqdm = sys.modules.get("tqdm")
     if tqdm is not None and getattr(tqdm.tqdm, "_instances", None):
-        for bar in list(tqdm.tqdm._instances):  # a bar the exception interrupted: close it so its line ends
+        for bar in list(tqdm.tqdm._instances):
             bar.close()
-    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":

@@ -5,8 +5,14 @@ Subclass :class:`MethodConformance` in your plugin's tests (see :mod:`.conforman
 their own too. Needs ``pytest`` (the ``test`` extra); nothing here is imported by the library.
 """
 
-from .conformance import CHECKS, MethodConformance
-from .contract import (
+import pytest
+
+# an installed package's asserts are not rewritten unless registered before import: without this a
+# failing check prints a bare AssertionError instead of the values compared
+pytest.register_assert_rewrite("hf_lowrank_plugins.testing.conformance", "hf_lowrank_plugins.testing.contract")
+
+from .conformance import CHECKS, MethodConformance  # noqa: E402
+from .contract import (  # noqa: E402
     IDENTITY_TOL,
     MERGE_TOL,
     PLAIN_PEFT_TOL,
@@ -17,10 +23,13 @@ from .contract import (
     plain_peft_output,
     reloaded_output,
     resumed_losses,
+    saved_tensors_output,
     train_run,
     training_arguments,
+    with_saved_tensors,
+    within,
 )
-from .models import (
+from .models import (  # noqa: E402
     BERT_CLS,
     GEMMA,
     GPT2,
@@ -68,6 +77,9 @@ __all__ = [
     "rel_err",
     "reloaded_output",
     "resumed_losses",
+    "saved_tensors_output",
     "train_run",
     "training_arguments",
+    "with_saved_tensors",
+    "within",
 ]

@@ -8,6 +8,10 @@ Every check compares numbers with a stated tolerance:
   base it names reproduces the trained model;
 * plain PEFT: the same adapter loaded by ``peft.PeftModel.from_pretrained`` in a process that never
   imports this package reproduces it too, with no warning;
+* saved tensors: the adapter's tensors laid on the original base **without** re-running any
+  initialisation (as a streamed merge or a serving engine reads them) reproduce it: PEFT re-runs
+  a base-rewriting init (OLoRA, PiSSA, ...) when it loads, so the two checks above cannot see an
+  adapter that is only right on a rewritten base;
 * resume: a run resumed from a checkpoint logs the uninterrupted run's losses;
 * the optimizer state of every checkpoint loads with ``torch.load(weights_only=True)``;
 * compiles: ``torch.compile`` finds no graph break in a training forward that the base model's own
@@ -229,6 +233,39 @@ def reloaded_output(run: TrainedRun) -> torch.Tensor:
 
         base = quantize_model(base, QuantizationSettings.from_config(run.adapted.config))
     return output(load_adapter(base, run.exported.adapter_dir).model.eval(), run.batch)
+
+
+def with_saved_tensors(base: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
+    """``base`` with the adapter's saved tensors laid on PEFT's layers as they are: the adapter's config
+    with its initialisation replaced by PEFT's no-op one, so no SVD, rewrite or data pass runs."""
+    from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    config = PeftConfig.from_pretrained(str(adapter_dir))
+    for init_field in ("init_lora_weights", "init_weights"):  # whatever the adapter names, run none of it
+        if hasattr(config, init_field):
+            setattr(config, init_field, True)
+    model = get_peft_model(base, config)
+    loaded: Any = set_peft_model_state_dict(model, load_file(adapter_dir / "adapter_model.safetensors"))
+    assert not loaded.unexpected_keys, f"saved tensors the adapter's layers do not have: {loaded.unexpected_keys}"
+    return model.eval()
+
+
+def saved_tensors_output(run: TrainedRun) -> torch.Tensor:
+    """Output of :func:`with_saved_tensors` on the base the exported adapter names."""
+    assert run.exported.adapter_dir is not None
+    base = load_base(run.case, adapter_base_dir(run.exported.adapter_dir), run.device)
+    if run.load_in_4bit or run.adapted.method.requires_quantized_base:
+        from ..quantization import quantize_model
+        from ..types import QuantizationSettings
+
+        base = quantize_model(base, QuantizationSettings.from_config(run.adapted.config))
+    return output(with_saved_tensors(base, run.exported.adapter_dir), run.batch)
+
+
+def within(what: str, error: float, tolerance: float) -> str:
+    """The failure message of a numeric check: what was compared, the measured error and the tolerance."""
+    return f"{what}: relative error {error:.3e} > tolerance {tolerance:.0e}"
 
 
 #: A fresh interpreter that never imports this package answers load requests one JSON line at a time:

@@ -7,7 +7,27 @@ from typing import Any, ClassVar
 
 from peft import LoraConfig
 
-from hf_lowrank_plugins import validate_config
+from hf_lowrank_plugins import ConfigError, validate_config
+
+#: Why each ``init_lora_weights`` value PEFT accepts but this method refuses is refused, and the fix.
+#: They rewrite the base weights (or need calibration data) at attach; PEFT saves only the adapter and
+#: re-runs the rewrite when it loads, so the adapter on the original base (``hf-lowrank merge``,
+#: vLLM, any loader that does not repeat the init) would be another model.
+_REWRITING_INITS = {
+    "pissa": "use --method pissa, which exports a plain LoRA on the original weights",
+    "lora_ga": "use --method lora_ga, which exports a plain LoRA on the original weights",
+    "olora": "OLoRA rewrites the base weights and is not exported portably yet",
+    "corda": "CorDA rewrites the base weights from calibration data and is not exported portably yet",
+    "eva": "EVA needs calibration data that attach does not take",
+    "loftq": "LoftQ rewrites the base weights; for a quantized base use --method qlora",
+}
+
+
+def is_peft_init(value: object) -> bool:
+    """True for a value PEFT 0.21's ``init_lora_weights`` accepts (whether or not a method allows it)."""
+    names = ("gaussian", "orthogonal", "mica", *_REWRITING_INITS)
+    return isinstance(value, bool) or (isinstance(value, str) and value.startswith(names))
+
 
 #: ``--rank`` / ``--alpha`` (and ``rank=`` / ``alpha=`` in Python) for every LoRA-family method.
 LORA_ALIASES = {"rank": "r", "alpha": "lora_alpha"}
@@ -44,11 +64,39 @@ class LoraMethodConfig(LoraConfig):
     }
     #: Fields PEFT validates itself, with values its annotation cannot express (``"pissa_niter_16"``).
     UNCHECKED_FIELDS: ClassVar[tuple[str, ...]] = ("init_lora_weights",)
+    #: ``init_lora_weights`` values that leave the base weights as they are, so the saved adapter on
+    #: the original base is the trained model wherever it is loaded.
+    BASE_KEEPING_INITS: ClassVar[tuple[bool | str, ...]] = (True, False, "gaussian", "orthogonal", "mica")
+    #: ``init_lora_weights`` prefixes a subclass sets itself and exports portably (PiSSA: ``"pissa"``).
+    OWN_INITS: ClassVar[tuple[str, ...]] = ()
+    #: Why a base-keeping init of PEFT's outside ``BASE_KEEPING_INITS`` is refused.
+    OTHER_INITS_REFUSED: ClassVar[str] = "PEFT does not support it with this method's layers"
 
     def __post_init__(self) -> None:
         validate_config(self, limits=self.FIELD_LIMITS, skip=self.UNCHECKED_FIELDS)
+        self._check_init()
         self.check()
         super().__post_init__()
+
+    def _check_init(self) -> None:
+        init = self.init_lora_weights
+        if init == "orthogonal" and init in self.BASE_KEEPING_INITS:
+            ranks = (self.r, *(self.rank_pattern or {}).values())
+            odd = sorted({rank for rank in ranks if isinstance(rank, int) and rank % 2})
+            if odd:
+                raise ConfigError(f"init_lora_weights='orthogonal' needs even ranks, got r={odd[0]}; use an even rank")
+        if isinstance(init, (bool, str)) and init in self.BASE_KEEPING_INITS:  # 1 == True, but 1 is no init
+            return
+        if isinstance(init, str) and init.startswith(self.OWN_INITS):
+            return
+        allowed = ", ".join(repr(value) for value in self.BASE_KEEPING_INITS)
+        if not is_peft_init(init):
+            raise ConfigError(f"init_lora_weights={init!r} is not an initialisation; use one of {allowed}")
+        prefix = next((p for p in _REWRITING_INITS if isinstance(init, str) and init.startswith(p)), None)
+        reason = _REWRITING_INITS[prefix] if prefix else self.OTHER_INITS_REFUSED
+        raise ConfigError(
+            f"method {self.hf_lowrank_method!r} cannot use init_lora_weights={init!r} ({reason}); use one of {allowed}"
+        )
 
     def check(self) -> None:
         """Method-specific checks, run after every field's type and range was checked; extend in subclasses.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from hf_lowrank_lora import LoraMethodConfig, peft_meta
 from hf_lowrank_plugins import ConfigError
@@ -126,7 +126,13 @@ class LoraGaConfig(LoraMethodConfig):
     )
     hf_lowrank_method: str = "lora_ga"
 
+    #: B = 0 at attach; the gradient init replaces A and B after, so PEFT's own inits have no say
+    BASE_KEEPING_INITS: ClassVar[tuple[bool | str, ...]] = (True,)
+    OWN_INITS: ClassVar[tuple[str, ...]] = ("lora_ga",)
+    OTHER_INITS_REFUSED: ClassVar[str] = "LoRA-GA initialises the adapter from the gradients itself"
+
     def __post_init__(self) -> None:
+        self._check_init()  # before it is forced, so another init is refused rather than dropped
         self.init_lora_weights = True
         super().__post_init__()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from hf_lowrank_lora import LoraMethodConfig, peft_meta
 from hf_lowrank_plugins import ConfigError
@@ -58,6 +58,11 @@ class PissaConfig(LoraMethodConfig):
     )
     hf_lowrank_method: str = "pissa"
 
+    #: PiSSA sets ``init_lora_weights`` from ``svd`` (and exports a plain LoRA on the original weights)
+    BASE_KEEPING_INITS: ClassVar[tuple[bool | str, ...]] = (True,)
+    OWN_INITS: ClassVar[tuple[str, ...]] = ("pissa",)
+    OTHER_INITS_REFUSED: ClassVar[str] = "PiSSA initialises the adapter from the SVD itself"
+
     def __post_init__(self) -> None:
         if self.lora_alpha is None:
             self.lora_alpha = self.r
@@ -66,8 +71,15 @@ class PissaConfig(LoraMethodConfig):
             raise ConfigError(
                 "PiSSA cannot be combined with use_dora=True here; use method 'dora' or 'pissa', not both"
             )
+        self._check_init()  # before it is derived, so another init is refused rather than dropped
+        init = "pissa" if self.svd == "exact" else f"pissa_niter_{self.svd_niter}"
+        if self.init_lora_weights not in (True, init):
+            raise ConfigError(
+                f"init_lora_weights={self.init_lora_weights!r} disagrees with svd={self.svd!r}, "
+                f"svd_niter={self.svd_niter} (which give {init!r}); set svd and svd_niter, not init_lora_weights"
+            )
         # PEFT annotates the fast SVD's value as the literal "pissa_niter_[number of iters]"
-        self.init_lora_weights = "pissa" if self.svd == "exact" else f"pissa_niter_{self.svd_niter}"  # type: ignore[assignment]
+        self.init_lora_weights = init  # type: ignore[assignment]
         with warnings.catch_warnings():
             # PEFT warns that its own conversion cannot handle rsLoRA with rank/alpha patterns; ours can
             warnings.filterwarnings("ignore", message="Using Rank-Stabilized LoRA with rank_pattern")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from hf_lowrank_lora import LoraMethodConfig
 
@@ -23,3 +23,6 @@ class QLoraConfig(LoraMethodConfig):
         default="auto", metadata={"help": "dtype 4-bit matmuls dequantize to; auto: bfloat16 on a GPU, float32 on CPU"}
     )
     hf_lowrank_method: str = "qlora"
+
+    #: PEFT's orthogonal and MiCA inits read the base weight as floats, which a 4-bit base is not
+    BASE_KEEPING_INITS: ClassVar[tuple[bool | str, ...]] = (True, False, "gaussian")

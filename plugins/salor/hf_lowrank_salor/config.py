@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from hf_lowrank_lora import LoraMethodConfig, peft_meta
+from hf_lowrank_lora.config import is_peft_init
 from hf_lowrank_plugins import ConfigError
 
 PATTERNS = ("unstructured", "global", "2:4")
@@ -104,6 +105,8 @@ class SalorConfig(LoraMethodConfig):
     )
     hf_lowrank_method: str = "salor"
 
+    BASE_KEEPING_INITS: ClassVar[tuple[bool | str, ...]] = DATA_FREE_LORA_INITS
+
     def __post_init__(self) -> None:
         if self.lora_alpha is None:
             self.lora_alpha = self.r
@@ -136,7 +139,7 @@ class SalorConfig(LoraMethodConfig):
             )
         if self.use_dora:
             raise ConfigError("SALOR cannot be combined with use_dora=True (DoRA rescales the sparse base rows)")
-        if self.init_lora_weights not in DATA_FREE_LORA_INITS:
+        if is_peft_init(self.init_lora_weights) and self.init_lora_weights not in DATA_FREE_LORA_INITS:
             raise ConfigError(
                 f"SALOR cannot be combined with init_lora_weights={self.init_lora_weights!r}: that initialisation "
                 "rewrites the base weights (or needs data) before SALOR prunes them, and SALOR's repair then replaces "
