@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import difflib
 import json
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from .distributed import gathered_model
 from .errors import ConfigError, DivergenceError, IncompatibleError, LowRankError
 from .export import METHOD_SETTINGS_FILE, default_export
 from .memory import trim_heap
-from .method import MethodInfo, config_fields
+from .method import MethodInfo, config_fields, owned_fields
 from .optim import build_default_optimizer
 from .outputs import OutputSet
 from .quantization import is_quantized, quantize_model
@@ -43,12 +44,20 @@ from .types import ExportResult, QuantizationSettings
 ATTACHED_FLAG = "_hf_lowrank_attached"
 
 
+def check_argument(name: str, value: Any, expected: type | tuple[type, ...], wanted: str) -> None:
+    """Raise :class:`ConfigError` naming the argument when ``value`` is not of ``expected`` type: the API's
+    callers get the library's error for a wrong argument, not a TypeError from deep inside PEFT."""
+    if not isinstance(value, expected):
+        raise ConfigError(f"{name} must be {wanted}, got {type(value).__name__} {value!r:.60}")
+
+
 def make_config(method: str | MethodInfo, registry: Registry | None = None, **fields: Any) -> PeftConfig:
     """Build the config of ``method`` from keyword fields, rejecting unknown ones with the valid list.
 
     Aliases the method declares (``rank=``/``alpha=`` for the LoRA family, ``rank=`` for GaLore) are
     mapped to its own field names; the same setting given under both names is an error.
     """
+    check_argument("method", method, (str, MethodInfo), "a method name from `hf-lowrank list`")
     registry = registry or get_registry()
     info = method if isinstance(method, MethodInfo) else registry.get(method)
     valid = config_fields(info.config_class)
@@ -62,6 +71,12 @@ def make_config(method: str | MethodInfo, registry: Registry | None = None, **fi
                     f"{fields[target]!r}); give it once (--{alias} or --set {target}=...)"
                 )
             fields[target] = fields.pop(alias)
+    owned = sorted(set(fields) & owned_fields())
+    if owned:
+        raise ConfigError(
+            f"{', '.join(owned)} cannot be set: hf-lowrank and PEFT fill {'it' if len(owned) == 1 else 'them'} in "
+            f"(the method, PEFT's type and version, the base, inference mode); drop it, or choose the method by name"
+        )
     unknown = sorted(set(fields) - set(valid))
     if unknown:
         close = {u: difflib.get_close_matches(u, list(valid), n=1) for u in unknown}
@@ -250,6 +265,8 @@ class Adapted:
         """
         from accelerate import PartialState
 
+        check_argument("output_dir", output_dir, (str, os.PathLike), "a folder path (str or Path)")
+        check_argument("merge", merge, bool, "True or False")
         with gathered_model(self.model):
             if not PartialState().is_main_process:
                 return ExportResult()
@@ -305,6 +322,9 @@ def attach(
     Returns:
         An :class:`Adapted` with the model to train and the Trainer arguments to use.
     """
+    check_argument("model", model, nn.Module, "a torch model (e.g. AutoModelForCausalLM.from_pretrained(...))")
+    check_argument("method", method, (str, PeftConfig), "a method name from `hf-lowrank list` or a method's config")
+    check_argument("load_in_4bit", load_in_4bit, bool, "True or False")
     registry = registry or get_registry()
     if isinstance(method, PeftConfig):
         if fields:
@@ -474,9 +494,21 @@ def load_adapter(
     A full-precision base of a method that trains on a 4-bit one (QLoRA) is quantized first, as
     :func:`attach` does, so the model is the one that was trained.
     """
+    check_argument("base_model", base_model, nn.Module, "the base model the adapter was trained on")
+    check_argument("adapter_dir", adapter_dir, (str, os.PathLike), "a folder path (str or Path)")
+    if isinstance(base_model, PeftModel):
+        raise IncompatibleError(
+            "base_model already holds an adapter (a PeftModel); pass the base model itself "
+            "(model.get_base_model() after unload(), or from_pretrained again)"
+        )
     registry = registry or get_registry()
     config = load_config(adapter_dir, registry)
     info = registry.method_for_config(config)
+    if not any((Path(adapter_dir) / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise LowRankError(
+            f"{adapter_dir} has an adapter_config.json but no adapter weights (adapter_model.safetensors); "
+            "pass a complete adapter or checkpoint folder"
+        )
     check_not_a_training_state(adapter_dir, info)
     check_adapter_fits(base_model, adapter_dir)
     on_meta = any(p.is_meta for p in base_model.parameters())

@@ -16,11 +16,28 @@ from .method import MethodInfo, describe_fields
 CARD = "README.md"
 
 
-def _yaml_header(library: str, base: str | None, method: str) -> list[str]:
+#: The Hub's ``pipeline_tag`` of each PEFT task type (what PEFT's own cards say for a causal LM).
+PIPELINE_TAGS = {
+    "CAUSAL_LM": "text-generation",
+    "SEQ_CLS": "text-classification",
+    "TOKEN_CLS": "token-classification",
+    "SEQ_2_SEQ_LM": "text2text-generation",
+    "QUESTION_ANS": "question-answering",
+    "FEATURE_EXTRACTION": "feature-extraction",
+}
+
+
+def _yaml_header(library: str, base: str | None, method: str, task: str | None, is_adapter: bool) -> list[str]:
+    """The card's metadata: the Hub files the model under its base (``base_model:adapter:`` for an
+    adapter, as PEFT's ``save_pretrained`` writes, ``base_model:finetune:`` for merged weights) and its task."""
     lines = ["---", f"library_name: {library}"]
     if base:
         lines.append(f"base_model: {base}")
-    return [*lines, "tags:", "- hf-lowrank-plugins", f"- {method}", "---", ""]
+    if task in PIPELINE_TAGS:
+        lines.append(f"pipeline_tag: {PIPELINE_TAGS[task]}")
+    relation = [f"- base_model:{'adapter' if is_adapter else 'finetune'}:{base}"] if base else []
+    peft = ["- lora"] if is_adapter else []
+    return [*lines, "tags:", *relation, *peft, "- hf-lowrank-plugins", f"- {method}", "---", ""]
 
 
 def _training_lines(training: Mapping[str, Any] | None) -> list[str]:
@@ -77,6 +94,11 @@ def serving_notes(adapter_config: Mapping[str, Any]) -> list[str]:
     return notes
 
 
+def _task(config: Any, adapter_config: Mapping[str, Any]) -> str | None:
+    task = adapter_config.get("task_type") or getattr(config, "task_type", None)
+    return str(getattr(task, "value", task)) if task else None
+
+
 def write_model_card(
     folder: str | Path,
     role: str,
@@ -93,7 +115,9 @@ def write_model_card(
     is_adapter = bool(adapter_config)
     title = f"# {info.name} {'adapter' if is_adapter else role} of `{base or 'the base model'}`"
     lines = [
-        *_yaml_header("peft" if is_adapter else "transformers", base, info.name),
+        *_yaml_header(
+            "peft" if is_adapter else "transformers", base, info.name, _task(config, adapter_config), is_adapter
+        ),
         title,
         "",
         f"Trained with [hf-lowrank-plugins](https://pypi.org/project/hf-lowrank-plugins/) {info.version or ''}, "

@@ -129,6 +129,13 @@ def peft_internal_fields() -> frozenset[str]:
     return frozenset(f.name for f in dataclasses.fields(PeftConfig)) | {"hf_lowrank_method", "runtime_config"}
 
 
+def owned_fields() -> frozenset[str]:
+    """Fields the library or PEFT sets (the method's name, PEFT's type and version, the base it names,
+    inference mode): a user's value would be overwritten, ignored, or make an adapter nothing reads.
+    ``task_type`` is not among them: it is inferred, but a user may name it."""
+    return peft_internal_fields() - {"task_type"}
+
+
 def config_fields(config_class: type[PeftConfig]) -> dict[str, dataclasses.Field]:
     """The settable fields of a method's config class (every ``__init__`` field)."""
     return {f.name: f for f in dataclasses.fields(config_class) if f.init}

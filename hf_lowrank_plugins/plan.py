@@ -43,7 +43,8 @@ from .distributed import check_zero_stage
 from .errors import LowRankError
 from .memory import status_bytes
 from .method import MethodInfo
-from .targets import find_target_modules
+from .sources import load_model_config
+from .targets import check_rank, find_target_modules
 
 #: NF4 with double quantization: 4 bits, one 8-bit scale per 64 weights, one fp32 per 256 scales.
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
@@ -104,7 +105,7 @@ def _element_size(dtype: torch.dtype) -> int:
 
 def load_config(model: str | Path | Any) -> Any:
     """A transformers config from a model folder, a ``config.json`` path, or a config object."""
-    from transformers import AutoConfig, PretrainedConfig
+    from transformers import PretrainedConfig
 
     if isinstance(model, PretrainedConfig):
         return model
@@ -116,7 +117,7 @@ def load_config(model: str | Path | Any) -> Any:
         raise LowRankError(f"{model}: no config.json there; pass a model folder or its config.json")
     config_file = folder / "config.json"
     _raw_config(config_file)  # its problems named in one line, as for any JSON config
-    return _readable(config_file, lambda: AutoConfig.from_pretrained(str(folder)))
+    return load_model_config(folder)
 
 
 def _from_json(path: Path) -> Any:
@@ -183,7 +184,9 @@ def _adapted_meta(model: nn.Module, config: Any, info: MethodInfo) -> nn.Module:
     accepted = {f.name for f in dataclasses.fields(base_class)}
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in accepted}
     fields["init_lora_weights"] = True
-    find_target_modules(model, fields.get("target_modules"), fields.get("exclude_modules"))  # what attach names
+    targets = find_target_modules(model, fields.get("target_modules"), fields.get("exclude_modules"))  # as attach
+    if isinstance(fields.get("r"), int):  # attach's own check of the rank against the layers
+        check_rank(targets, fields["r"], what="rank r")
     with init_empty_weights():
         return get_peft_model(model, base_class(**fields))
 
@@ -230,7 +233,8 @@ def plan_memory(
     model_config = load_config(model)
     base_dtype = settings.dtype or (checkpoint_dtype(model_config) if info.trains_adapter else torch.float32)
     four_bit = settings.load_in_4bit or info.requires_quantized_base
-    meta = meta_model(model_config)
+    with torch.device("meta"):  # buffers too, and no layer's constructor allocates first (a 4 TB embedding did)
+        meta = meta_model(model_config)
     total_params = sum(p.numel() for p in meta.parameters())
     if info.trains_adapter:
         meta = _adapted_meta(meta, config, info)

@@ -98,13 +98,14 @@ def load_quantized(model_dir: str | Path, settings: QuantizationSettings, model_
 
     model_class = model_class or AutoModelForCausalLM
     with init_empty_weights():  # the architecture without memory, to find its heads
-        skeleton = model_class.from_config(AutoConfig.from_pretrained(model_dir))
+        skeleton = model_class.from_config(AutoConfig.from_pretrained(model_dir, trust_remote_code=False))
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     model = model_class.from_pretrained(
         model_dir,
         quantization_config=bnb_config(with_heads_skipped(settings, skeleton)),
         dtype=settings.compute_dtype,
         device_map={"": device},
+        trust_remote_code=False,
     )
     return prepare_for_training(model)
 

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_lowrank_plugins.app.cli import main, parse_set
+from hf_lowrank_plugins.method import owned_fields
 
 
 def _fails_cleanly(capsys, argv, pattern, out_dir):
@@ -171,8 +172,8 @@ def test_end_to_end_on_real_smollm2(tmp_path, smol_dir):
     assert (a - b).abs().max() <= 1e-4
 
 
-#: PEFT's run-time-only settings: not written to adapter_config.json, so not a saved option
-NOT_SETTABLE = {"runtime_config"}
+#: what hf-lowrank and PEFT fill in themselves (refused in --set, tests/test_bad_inputs_round_two.py)
+NOT_SETTABLE = owned_fields()
 
 
 def test_every_config_field_of_every_method_is_settable_with_set():
@@ -401,6 +402,8 @@ def test_every_deliverable_has_a_model_card(tmp_path, tiny_model_dir, text_file)
     adapter_card = (out / "adapter" / "README.md").read_text()
     for expected in (
         f"base_model: {tiny_model_dir}",
+        "pipeline_tag: text-generation",
+        f"- base_model:adapter:{tiny_model_dir}",
         "# dora adapter of",
         "| `r` | `2` |",
         "| `lora_dropout` | `0.1` |",
@@ -419,6 +422,11 @@ def test_every_deliverable_has_a_model_card(tmp_path, tiny_model_dir, text_file)
     assert (
         "library_name: transformers" in merged_card and 'AutoModelForCausalLM.from_pretrained("merged")' in merged_card
     )
+    assert "pipeline_tag: text-generation" in merged_card and f"- base_model:finetune:{tiny_model_dir}" in merged_card
+    # the whole run's history beside the metrics: every logged step's loss, and the final Trainer state
+    assert [entry["step"] for entry in metrics["train_history"]] == [1, 2] and metrics["warnings"] == []
+    assert all(entry["loss"] > 0 for entry in metrics["train_history"])
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
     files = json.loads((out / "hf-lowrank-manifest.json").read_text())["files"]
     assert {"adapter/README.md", "merged/README.md"} <= set(files)
 
@@ -511,3 +519,24 @@ def test_a_reader_that_leaves_early_gets_no_error(tmp_path):
     lister.stdout.close()  # the reader is gone before anything is written
     err = lister.stderr.read().decode()
     assert lister.wait(timeout=120) == 141 and err == ""
+
+
+def test_a_run_whose_eval_loss_ends_worse_warns_and_records_it(
+    tmp_path, tiny_model_dir, text_file, capsys, monkeypatch
+):
+    """The evaluation before and after training (stubbed here: a random tiny model starts at the uniform
+    loss, which no learning rate makes worse) decides the warning."""
+    from transformers import Trainer
+
+    losses = iter([2.0, 3.5])
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, *a, **k: {"eval_loss": next(losses)})
+    out = tmp_path / "run"
+    argv = ["train", "--method", "lora", "--model", str(tiny_model_dir), "--dataset", str(text_file)]
+    argv += ["--max-steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-blocks", "2"]
+    assert main([*argv, "--output-dir", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["eval_loss_before"], metrics["eval_loss_after"]) == (2.0, 3.5)
+    assert metrics["warnings"] == [
+        "the eval loss ended worse than it started (2 -> 3.5): the run did not learn; lower --lr, or check the data"
+    ]
+    assert f"hf-lowrank: warning: {metrics['warnings'][0]}" in capsys.readouterr().err

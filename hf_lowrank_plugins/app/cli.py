@@ -182,7 +182,15 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
         if dest not in known:
             raise LowRankError(f"--config {path}: unknown option '{key}'; options are {', '.join(sorted(known))}")
         action = known[dest]
-        if action.type is not None and value is not None and not isinstance(value, list):
+        if isinstance(action, argparse._AppendAction):  # `set:` as KEY=VALUE strings, or as a mapping
+            if isinstance(value, dict):
+                value = [f"{k}={json.dumps(v)}" for k, v in value.items()]
+            elif not (isinstance(value, list) and all(isinstance(item, str) for item in value)):
+                raise LowRankError(
+                    f"--config {path}: '{key}' must be a list of KEY=VALUE strings or a mapping of KEY: VALUE, "
+                    f"got {value!r:.60}"
+                )
+        elif action.type is not None and value is not None and not isinstance(value, list):
             try:
                 value = action.type(str(value))
             except argparse.ArgumentTypeError as exc:
@@ -294,8 +302,6 @@ def _cmd_list(ns: argparse.Namespace) -> int:
 
 
 def _cmd_merge(ns: argparse.Namespace) -> int:
-    from transformers import AutoConfig, AutoTokenizer
-
     from ..api import load_adapter, load_config, read_adapter_config
     from ..cards import write_model_card
     from ..export import write_merged
@@ -303,14 +309,18 @@ def _cmd_merge(ns: argparse.Namespace) -> int:
     from ..plan import meta_model
     from ..quantization import load_quantized
     from ..registry import get_registry
+    from ..sources import load_model_config, load_tokenizer, resolve_model
     from ..streaming import CheckpointReader
     from ..types import QuantizationSettings
     from .model import check_model_dir, checkpoint_dtype, load_causal_lm, torch_dtype
 
     raw = read_adapter_config(ns.adapter_dir)
-    base = ns.base or raw.get("base_model_name_or_path")
-    if not base or not Path(base).exists():
-        raise LowRankError(f"base model not found ({base!r}); pass --base DIR")
+    named = ns.base or raw.get("base_model_name_or_path")
+    if not named:
+        raise LowRankError(f"adapter {ns.adapter_dir} names no base model; pass --base DIR or a Hub id")
+    base = resolve_model(named, ns.revision if ns.base else ns.revision or raw.get("revision")).folder
+    if not base.exists():
+        raise LowRankError(f"base model not found ({named!r}); pass --base DIR or a Hub id")
     outputs = OutputSet(
         ns.output_dir, command="merge", overwrite=ns.overwrite, inputs={"adapter": ns.adapter_dir, "base model": base}
     )
@@ -330,14 +340,14 @@ def _cmd_merge(ns: argparse.Namespace) -> int:
             source = CheckpointReader(base)
         except (OSError, ValueError, KeyError, struct.error) as exc:
             raise LowRankError(f"the weights in {base} cannot be read ({exc}); the checkpoint is damaged") from None
-        model = meta_model(AutoConfig.from_pretrained(base), dtype=stored_dtype)
+        model = meta_model(load_model_config(base), dtype=stored_dtype)
         if not {name for name, _ in model.named_parameters()} <= set(source.names()):
             source, model = None, None  # names transformers renames on load (older checkpoints)
     if model is None:
         model = load_causal_lm(base, stored_dtype)
     adapted = load_adapter(model, ns.adapter_dir)
     has_tokenizer = any((Path(base) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
-    tokenizer = AutoTokenizer.from_pretrained(base) if has_tokenizer else None
+    tokenizer = load_tokenizer(base) if has_tokenizer else None
     dtype = stored_dtype if ns.merged_dtype == "auto" else torch_dtype(ns.merged_dtype)
     with outputs:
         write_merged(adapted.model, outputs.stage, tokenizer=tokenizer, dtype=dtype, source=source)
@@ -349,6 +359,7 @@ def _cmd_merge(ns: argparse.Namespace) -> int:
 
 def _cmd_plan(ns: argparse.Namespace) -> int:
     from ..plan import PlanSettings, plan_memory
+    from ..sources import resolve_model
     from .embedded import default_model_dir
     from .model import torch_dtype
 
@@ -364,7 +375,11 @@ def _cmd_plan(ns: argparse.Namespace) -> int:
         dtype=None if ns.dtype == "auto" else torch_dtype(ns.dtype),
         device=ns.device,
     )
-    plan = plan_memory(ns.model or default_model_dir(), ns.method, settings, **fields)
+    if ns.model and ns.model_option and ns.model != ns.model_option:
+        raise LowRankError(f"plan got two models ({ns.model} and --model {ns.model_option}); name one")
+    named = ns.model or ns.model_option
+    model = resolve_model(named, ns.revision).folder if named else default_model_dir()
+    plan = plan_memory(model, ns.method, settings, **fields)
     if ns.json:
         print(json.dumps(plan.as_dict(), indent=2))
         return 0
@@ -380,13 +395,19 @@ def _cmd_plan(ns: argparse.Namespace) -> int:
 
 
 def _cmd_generate(ns: argparse.Namespace) -> int:
-    from .generate import answer, chat, load
+    from .generate import DEFAULT_NEW_TOKENS, answer, chat, check_max_new_tokens, load
 
-    model, tokenizer = load(ns.source, ns.base)
+    if ns.prompt is not None and not ns.prompt.strip():
+        raise LowRankError("--prompt is empty; give the text to answer, or leave --prompt out to chat on stdin")
+    model, tokenizer = load(ns.source, ns.base, ns.revision)
+    if ns.max_new_tokens is not None:
+        check_max_new_tokens(model, ns.max_new_tokens)
     if ns.prompt is None:
-        chat(model, tokenizer, sys.stdin, ns.max_new_tokens)
+        chat(model, tokenizer, sys.stdin, ns.max_new_tokens or DEFAULT_NEW_TOKENS)
     else:
-        print(answer(model, tokenizer, [{"role": "user", "content": ns.prompt}], ns.max_new_tokens))
+        print(
+            answer(model, tokenizer, [{"role": "user", "content": ns.prompt}], ns.max_new_tokens or DEFAULT_NEW_TOKENS)
+        )
     return 0
 
 
@@ -492,7 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
         "merge", help="merge a saved adapter into its base and write a plain checkpoint", formatter_class=HelpFormatter
     )
     p.add_argument("adapter_dir")
-    p.add_argument("--base", help="base model folder (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--base", help="base model folder or Hub id (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--revision", help="Hub revision of the base: a branch, tag or commit (default: the adapter's)")
     p.add_argument("--output-dir", required=True, help="output folder")
     p.add_argument(
         "--merged-dtype",
@@ -516,6 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--gradient-checkpointing --device cuda\n  hf-lowrank plan config.json --method galore --set rank=128 --json\n",
     )
     p.add_argument("model", nargs="?", help="a model folder or its config.json (default: the embedded SmolLM2-135M)")
+    p.add_argument("--model", dest="model_option", metavar="MODEL", help="the same, named as train names it")
+    p.add_argument("--revision", help="Hub revision of a Hub id model: a branch, tag or commit")
     p.add_argument("--method", required=True, help="a name from `hf-lowrank list`")
     # the options a run shares with `train` are train's own (same help, defaults and checks)
     shared = ("rank", "alpha", "load_in_4bit", "dtype", "gradient_checkpointing", "batch_size", "seq_len")
@@ -547,7 +571,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--prompt", help="one user message; without it, every line on stdin is a chat turn")
     p.add_argument("--base", help="the base model of an adapter (default: the one its adapter_config.json names)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="longest answer, in tokens")
+    p.add_argument("--revision", help="Hub revision of the model or base: a branch, tag or commit")
+    p.add_argument(
+        "--max-new-tokens",
+        type=_positive_int,
+        help="longest answer, in tokens (default: 64, or what the model's positions leave after the prompt)",
+    )
     _common(p)
     p.set_defaults(func=_cmd_generate)
     return parser

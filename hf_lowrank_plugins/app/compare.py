@@ -33,6 +33,7 @@ from ..io import write_json_atomic, write_text_atomic
 from ..method import MethodInfo
 from ..outputs import OutputSet
 from ..registry import Registry, get_registry
+from ..sources import resolve_model
 from .embedded import dataset_path
 from .spec import DEFAULT_MAX_STEPS, TrainSpec
 
@@ -130,14 +131,15 @@ def plan(spec: CompareSpec, registry: Any = None) -> list[PlannedRun]:
     if spec.reference is not None and spec.reference not in names:
         raise ConfigError(f"reference method '{spec.reference}' is not among the compared methods ({', '.join(names)})")
     dataset = dataset_path(spec.run.dataset) if spec.run.dataset is not None else None
-    for path, what in ((spec.run.model, "model"), (dataset, "dataset")):
+    model = resolve_model(spec.run.model, spec.run.revision).folder if spec.run.model is not None else None
+    for path, what in ((model, "model"), (dataset, "dataset")):
         if path is not None and not Path(path).exists():
             raise LowRankError(f"{what} not found: {path}")
     OutputSet(
         spec.output_dir,
         command="compare",
         overwrite=spec.overwrite,
-        inputs={"model": spec.run.model, "dataset": dataset},
+        inputs={"model": model, "dataset": dataset},
     ).check()
     declared = registry.reference()
     reference = spec.reference or (declared.name if declared is not None and declared.name in names else names[0])
@@ -496,7 +498,10 @@ def run_comparison(spec: CompareSpec, registry: Any = None, log: Callable[[str],
         out_dir,
         command="compare",
         overwrite=spec.overwrite,
-        inputs={"model": spec.run.model, "dataset": dataset_path(spec.run.dataset) if spec.run.dataset else None},
+        inputs={
+            "model": resolve_model(spec.run.model, spec.run.revision).folder if spec.run.model else None,
+            "dataset": dataset_path(spec.run.dataset) if spec.run.dataset else None,
+        },
         in_place=["logs"],
     )
     rows: list[dict[str, Any]] = []

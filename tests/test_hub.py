@@ -1,0 +1,75 @@
+"""Models named by Hub id: resolved through huggingface_hub's cache (offline here: a cache laid out as
+``hf download`` leaves it), used by train, merge, generate and plan, and named by the adapter as its base."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from hf_lowrank_plugins.app.cli import main
+from hf_lowrank_plugins.sources import resolve_model
+
+MAIN, V1 = "a" * 40, "b" * 40
+
+
+@pytest.fixture
+def hub_cache(tmp_path, tiny_model_dir, monkeypatch):
+    """A Hub cache holding ``org/tiny`` at ``main`` and at tag ``v1``, with the Hub unreachable."""
+    import huggingface_hub.constants as constants
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--org--tiny"
+    for ref, commit in (("main", MAIN), ("v1", V1)):
+        shutil.copytree(tiny_model_dir, repo / "snapshots" / commit)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return repo
+
+
+def test_a_hub_id_resolves_to_its_cached_snapshot_at_the_revision(hub_cache, tmp_path):
+    assert resolve_model("org/tiny").folder == hub_cache / "snapshots" / MAIN
+    source = resolve_model("org/tiny", "v1")
+    assert (source.folder, source.hub_id, source.revision) == (hub_cache / "snapshots" / V1, "org/tiny", "v1")
+    assert resolve_model(tmp_path).hub_id is None  # an existing path is a folder, whatever it looks like
+
+
+def test_train_merge_generate_and_plan_take_a_hub_id(hub_cache, tmp_path, text_file, capsys):
+    run = tmp_path / "run"
+    train = ["train", "--method", "lora", "--model", "org/tiny", "--dataset", str(text_file), "--rank", "2"]
+    train += ["--max-steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-blocks", "2"]
+    assert main([*train, "--revision", "v1", "--output-dir", str(run)]) == 0
+    adapter_config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    # the adapter names the Hub id and revision, not this machine's cache, so it loads anywhere
+    assert (adapter_config["base_model_name_or_path"], adapter_config["revision"]) == ("org/tiny", "v1")
+    assert json.loads((run / "metrics.json").read_text())["model"] == "org/tiny"
+    assert main(["merge", str(run / "adapter"), "--output-dir", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "hi", "--max-new-tokens", "2"]) == 0
+    assert main(["generate", "org/tiny", "--prompt", "hi", "--max-new-tokens", "2"]) == 0
+    capsys.readouterr()
+    assert main(["plan", "--method", "lora", "--model", "org/tiny", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["trainable_params"] > 0
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["plan", "--method", "lora", "--model", "org/missing"], "not in the Hugging Face cache"),
+        (["plan", "--method", "lora", "--model", "org/tiny", "--revision", "v9"], "not in the Hugging Face cache"),
+        (["generate", "org/missing", "--prompt", "hi"], "no local folder org/missing"),
+    ],
+)
+def test_a_hub_id_missing_from_the_cache_offline_is_one_line(hub_cache, capsys, argv, expected):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+
+
+def test_a_revision_of_a_local_folder_is_refused(tiny_model_dir, capsys):
+    assert main(["plan", "--method", "lora", str(tiny_model_dir), "--revision", "main"]) == 2
+    assert "is a local folder, not a Hub id; drop --revision" in capsys.readouterr().err
