@@ -73,3 +73,108 @@ def test_a_hub_id_missing_from_the_cache_offline_is_one_line(hub_cache, capsys, 
 def test_a_revision_of_a_local_folder_is_refused(tiny_model_dir, capsys):
     assert main(["plan", "--method", "lora", str(tiny_model_dir), "--revision", "main"]) == 2
     assert "is a local folder, not a Hub id; drop --revision" in capsys.readouterr().err
+
+
+class FakeHub:
+    """``huggingface_hub.HfApi`` without a network: records what would be uploaded."""
+
+    calls: list[tuple[str, dict]] = []
+    fail = False
+
+    def create_repo(self, repo_id, **kwargs):
+        FakeHub.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, **kwargs):
+        if FakeHub.fail:
+            raise ConnectionError("the Hub is unreachable")
+        FakeHub.calls.append(("upload_folder", kwargs))
+
+    def upload_file(self, **kwargs):
+        FakeHub.calls.append(("upload_file", kwargs))
+
+
+def _train_argv(tiny_model_dir, text_file, out, *extra):
+    argv = ["train", "--method", "lora", "--model", str(tiny_model_dir), "--dataset", str(text_file), "--rank", "2"]
+    return [
+        *argv,
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--eval-blocks",
+        "2",
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    import huggingface_hub
+    import huggingface_hub.constants as constants
+
+    FakeHub.calls, FakeHub.fail = [], False
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    return FakeHub
+
+
+def test_push_to_hub_uploads_the_committed_adapter_and_merged_weights(
+    fake_hub, tiny_model_dir, text_file, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    assert (
+        main(_train_argv(tiny_model_dir, text_file, out, "--merge", "--push-to-hub", "--hub-model-id", "me/tiny")) == 0
+    )
+    assert "pushed to https://huggingface.co/me/tiny" in capsys.readouterr().out
+    kinds = [
+        (kind, call.get("path_in_repo"), str(call.get("folder_path", call.get("path_or_fileobj"))))
+        for kind, call in fake_hub.calls
+    ]
+    assert kinds == [
+        ("create_repo", None, "None"),
+        ("upload_folder", None, str(out / "adapter")),
+        ("upload_file", "metrics.json", str(out / "metrics.json")),
+        ("upload_folder", "merged", str(out / "merged")),
+    ]
+    assert fake_hub.calls[0][1]["private"] is True
+
+
+def test_a_failed_push_keeps_the_complete_run_and_names_the_upload_command(
+    fake_hub, tiny_model_dir, text_file, tmp_path, capsys
+):
+    from hf_lowrank_plugins.outputs import verify_manifest
+
+    fake_hub.fail = True
+    out = tmp_path / "run"
+    assert main(_train_argv(tiny_model_dir, text_file, out, "--push-to-hub", "--hub-model-id", "me/tiny")) == 1
+    err = capsys.readouterr().err  # the progress bars of the run come before the one line
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("hf-lowrank: error: the run is complete in")
+    assert f"hf upload me/tiny {out / 'adapter'} ." in last
+    assert verify_manifest(out) == []
+
+
+@pytest.mark.parametrize(
+    "extra, offline, expected",
+    [
+        (["--hub-model-id", "me/tiny"], False, "add --push-to-hub"),
+        (["--push-to-hub"], True, "HF_HUB_OFFLINE=1"),
+        (["--push-to-hub", "--hub-model-id", "me/a/b"], False, "is not a Hub repository id"),
+    ],
+)
+def test_push_settings_are_checked_before_training(
+    monkeypatch, tiny_model_dir, text_file, tmp_path, capsys, extra, offline, expected
+):
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    out = tmp_path / "run"
+    assert main(_train_argv(tiny_model_dir, text_file, out, *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+    assert not out.exists() or not any(out.iterdir())

@@ -113,14 +113,16 @@ def test_rerun_replaces_the_whole_set(capsys, tmp_path, tiny_model_dir, text_fil
     out = tmp_path / "run"
     assert main(_train_argv(tiny_model_dir, text_file, out, "--merge")) == 0
     first = read_manifest(out)
-    assert {"adapter", "merged", "metrics.json"} == set(first["entries"])
+    assert {"adapter", "merged", "metrics.json", "trainer_state.json"} == set(first["entries"])
     assert not (out / "checkpoints").exists()  # nothing saved: no empty folder
     _refused(capsys, _train_argv(tiny_model_dir, text_file, out), "holds an earlier train output", tmp_path)
     assert main(_train_argv(tiny_model_dir, text_file, out, "--overwrite", "--seed", "1")) == 0
     second = read_manifest(out)
-    assert set(second["entries"]) == {"adapter", "metrics.json"} and not (out / "merged").exists()
+    assert set(second["entries"]) == {"adapter", "metrics.json", "trainer_state.json"} and not (out / "merged").exists()
     assert verify_manifest(out) == [] and second["files"] != first["files"]
-    assert sorted(p.name for p in out.iterdir()) == sorted(["adapter", "metrics.json", MANIFEST_NAME])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["adapter", "metrics.json", "trainer_state.json", MANIFEST_NAME]
+    )
 
 
 def test_output_inside_an_input_is_refused(capsys, tmp_path, tiny_model_dir, text_file):

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ..errors import DivergenceError, LowRankError, PluginError
+from .push import PushError
 from .spec import TrainSpec, spec_fields
 
 
@@ -669,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # Python's flush at exit would fail again on the closed pipe
         return 141
-    except (PluginError, DivergenceError) as exc:  # not the user's input: a broken plugin, a diverged run
+    except (PluginError, DivergenceError, PushError) as exc:  # not the input: a broken plugin, a diverged run, ...
         print(f"hf-lowrank: error: {_one_line(exc)}", file=sys.stderr)
         if debug:
             traceback.print_exc()

@@ -121,11 +121,21 @@ class TrainSpec:
         default=False,
         metadata=opt("replace an earlier output of hf-lowrank in the output folder (never anything else)"),
     )
+    push_to_hub: bool = field(
+        default=False,
+        metadata=opt("upload adapter/ (and merged/) to the Hub once the run is complete", scope="train"),
+    )
+    hub_model_id: str | None = field(
+        default=None,
+        metadata=opt("Hub repository to push to, NAMESPACE/NAME (default: the output folder's name)", scope="train"),
+    )
     progress_bar: bool = field(default=True, metadata=opt("the Trainer's progress bar", scope="none"))
     settings: dict[str, Any] = field(default_factory=dict, metadata=opt("method config fields (--set)", scope="none"))
 
     def __post_init__(self) -> None:
         validate_config(self, flags=True)
+        if self.hub_model_id is not None and not self.push_to_hub:
+            raise ConfigError("--hub-model-id names where to push; add --push-to-hub (or drop --hub-model-id)")
         unknown = [b for b in self.report_to if b not in REPORT_TO]
         if unknown:
             raise ConfigError(

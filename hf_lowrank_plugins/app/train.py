@@ -37,6 +37,7 @@ from .model import (
     position_limit,
     torch_dtype,
 )
+from .push import hub_repo_id, push_run
 from .runstate import (
     PhaseMemory,
     RunRecorder,
@@ -153,6 +154,7 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
         in_place=[TENSORBOARD] if reports_to_tensorboard(spec) else [],
     )
     outputs.check()  # before loading anything: a folder we may not write fails in a second
+    repo_id = hub_repo_id(spec.hub_model_id, outputs.path) if spec.push_to_hub else None
     tokenizer = load_tokenizer(model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -291,4 +293,6 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
         (outputs.stage / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str) + "\n")
         trainer.state.save_to_json(str(outputs.stage / "trainer_state.json"))  # the whole run's, not a checkpoint's
         outputs.commit(info={"method": spec.method, "steps": steps})
+    if repo_id is not None:
+        print(f"{spec.method}: pushed to {push_run(outputs.path, repo_id)}")
     return metrics
