@@ -12,13 +12,21 @@ its code is one line naming why.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import LowRankError
 
-__all__ = ["ModelSource", "load_model_config", "load_tokenizer", "no_remote_code", "resolve_model"]
+__all__ = [
+    "ModelSource",
+    "load_model_config",
+    "load_tokenizer",
+    "no_remote_code",
+    "resolve_adapter_base",
+    "resolve_model",
+]
 
 #: ``name`` or ``namespace/name``, as the Hub spells repository ids.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
@@ -97,19 +105,39 @@ def no_remote_code(exc: Exception, folder: str | Path, what: str) -> LowRankErro
     return None
 
 
+def resolve_adapter_base(
+    adapter_dir: str | Path, adapter_config: Mapping[str, Any], base: str | None, revision: str | None
+) -> ModelSource:
+    """An adapter's base: ``base`` when given (at ``revision``), else the one its config names, at
+    ``revision`` or the revision the adapter recorded."""
+    named = base or adapter_config.get("base_model_name_or_path")
+    if not named:
+        raise LowRankError(f"adapter {adapter_dir} names no base model; pass --base DIR or a Hub id")
+    return resolve_model(named, revision if base else revision or adapter_config.get("revision"))
+
+
+def _without_folder_code(what: str, folder: str | Path, load: Callable[[], Any], failed: Callable[[str], str]) -> Any:
+    """``load()``; a folder that needs its own code, or any other failure (``failed`` of its message), is one line."""
+    try:
+        return load()
+    except Exception as exc:
+        refusal = no_remote_code(exc, folder, what)
+        if refusal is not None:
+            raise refusal from None
+        raise LowRankError(failed(" ".join(str(exc).split()))) from None
+
+
 def load_model_config(folder: str | Path) -> Any:
     """The folder's ``config.json`` as transformers reads it, never running the folder's code (an
     ``auto_map`` beside a built-in ``model_type`` is ignored; one with no built-in class is refused)."""
     from transformers import AutoConfig
 
-    try:
-        return AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    except Exception as exc:
-        refusal = no_remote_code(exc, folder, "config")
-        if refusal is not None:
-            raise refusal from None
-        message = " ".join(str(exc).split())[:200]
-        raise LowRankError(f"{Path(folder) / 'config.json'}: transformers cannot read it ({message})") from None
+    return _without_folder_code(
+        "config",
+        folder,
+        lambda: AutoConfig.from_pretrained(folder, trust_remote_code=False),
+        lambda message: f"{Path(folder) / 'config.json'}: transformers cannot read it ({message[:200]})",
+    )
 
 
 def load_tokenizer(folder: str | Path) -> Any:
@@ -117,14 +145,12 @@ def load_tokenizer(folder: str | Path) -> Any:
     and run it on "y"), or one line naming what is missing or damaged."""
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    except Exception as exc:
-        refusal = no_remote_code(exc, folder, "tokenizer")
-        if refusal is not None:
-            raise refusal from None
-        message = " ".join(str(exc).split())[:160]
-        raise LowRankError(
-            f"cannot load the tokenizer in {folder} ({message}); the folder needs the tokenizer files "
+    return _without_folder_code(
+        "tokenizer",
+        folder,
+        lambda: AutoTokenizer.from_pretrained(folder, trust_remote_code=False),
+        lambda message: (
+            f"cannot load the tokenizer in {folder} ({message[:160]}); the folder needs the tokenizer files "
             "save_pretrained writes (tokenizer.json, tokenizer_config.json)"
-        ) from None
+        ),
+    )

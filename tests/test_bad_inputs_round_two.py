@@ -22,7 +22,7 @@ from hf_lowrank_plugins.app.cli import main
 from hf_lowrank_plugins.testing.helpers import make_tiny_model, tiny_llama_config
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_bad_inputs import tree  # noqa: E402
+from test_bad_inputs import _train, tree  # noqa: E402
 
 #: what the folder's own code writes when it runs: it never may
 RAN = "RAN_FOLDER_CODE"
@@ -94,29 +94,6 @@ def world(tmp_path_factory, tiny_model_dir):
     (w / "huge").mkdir()
     big.save_pretrained(w / "huge")
     return w
-
-
-def _train(w: Path, *extra: str, method: str = "lora", model: str = "model", data: str = "data.txt") -> list[str]:
-    return [
-        "train",
-        "--method",
-        method,
-        "--model",
-        str(w / model),
-        "--dataset",
-        str(w / data),
-        "--max-steps",
-        "2",
-        "--batch-size",
-        "2",
-        "--seq-len",
-        "16",
-        "--eval-blocks",
-        "2",
-        "--output-dir",
-        str(w / "out"),
-        *extra,
-    ]
 
 
 def _generate(w: Path, source: str, *extra: str) -> list[str]:

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 
 from hf_lowrank_plugins.app.cli import main
 from hf_lowrank_plugins.sources import resolve_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_outputs import _train_argv  # noqa: E402
 
 MAIN, V1 = "a" * 40, "b" * 40
 
@@ -39,9 +44,7 @@ def test_a_hub_id_resolves_to_its_cached_snapshot_at_the_revision(hub_cache, tmp
 
 def test_train_merge_generate_and_plan_take_a_hub_id(hub_cache, tmp_path, text_file, capsys):
     run = tmp_path / "run"
-    train = ["train", "--method", "lora", "--model", "org/tiny", "--dataset", str(text_file), "--rank", "2"]
-    train += ["--max-steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-blocks", "2"]
-    assert main([*train, "--revision", "v1", "--output-dir", str(run)]) == 0
+    assert main(_train_argv("org/tiny", text_file, run, "--revision", "v1")) == 0
     adapter_config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     # the adapter names the Hub id and revision, not this machine's cache, so it loads anywhere
     assert (adapter_config["base_model_name_or_path"], adapter_config["revision"]) == ("org/tiny", "v1")
@@ -92,24 +95,6 @@ class FakeHub:
 
     def upload_file(self, **kwargs):
         FakeHub.calls.append(("upload_file", kwargs))
-
-
-def _train_argv(tiny_model_dir, text_file, out, *extra):
-    argv = ["train", "--method", "lora", "--model", str(tiny_model_dir), "--dataset", str(text_file), "--rank", "2"]
-    return [
-        *argv,
-        "--max-steps",
-        "1",
-        "--batch-size",
-        "2",
-        "--seq-len",
-        "16",
-        "--eval-blocks",
-        "2",
-        "--output-dir",
-        str(out),
-        *extra,
-    ]
 
 
 @pytest.fixture

@@ -310,18 +310,16 @@ def _cmd_merge(ns: argparse.Namespace) -> int:
     from ..plan import meta_model
     from ..quantization import load_quantized
     from ..registry import get_registry
-    from ..sources import load_model_config, load_tokenizer, resolve_model
+    from ..sources import load_model_config, load_tokenizer, resolve_adapter_base
     from ..streaming import CheckpointReader
     from ..types import QuantizationSettings
     from .model import check_model_dir, checkpoint_dtype, load_causal_lm, torch_dtype
 
     raw = read_adapter_config(ns.adapter_dir)
-    named = ns.base or raw.get("base_model_name_or_path")
-    if not named:
-        raise LowRankError(f"adapter {ns.adapter_dir} names no base model; pass --base DIR or a Hub id")
-    base = resolve_model(named, ns.revision if ns.base else ns.revision or raw.get("revision")).folder
+    base_source = resolve_adapter_base(ns.adapter_dir, raw, ns.base, ns.revision)
+    base = base_source.folder
     if not base.exists():
-        raise LowRankError(f"base model not found ({named!r}); pass --base DIR or a Hub id")
+        raise LowRankError(f"base model not found ({base_source.name!r}); pass --base DIR or a Hub id")
     outputs = OutputSet(
         ns.output_dir, command="merge", overwrite=ns.overwrite, inputs={"adapter": ns.adapter_dir, "base model": base}
     )

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import LowRankError
-from ..sources import load_tokenizer, resolve_model
+from ..sources import load_tokenizer, resolve_adapter_base, resolve_model
 from .model import check_model_dir, checkpoint_dtype, load_causal_lm, position_limit
 
 
@@ -38,11 +38,8 @@ def resolve(
     if (path / "adapter_config.json").is_file():
         from ..api import read_adapter_config
 
-        raw = read_adapter_config(path)
-        named = base or raw.get("base_model_name_or_path")
-        if not named:
-            raise LowRankError(f"adapter {path} names no base model; pass --base DIR or a Hub id")
-        return check_model_dir(resolve_model(named, revision if base else revision or raw.get("revision")).folder), path
+        base_source = resolve_adapter_base(path, read_adapter_config(path), str(base) if base else None, revision)
+        return check_model_dir(base_source.folder), path
     return check_model_dir(path), None
 
 
