@@ -26,7 +26,12 @@ def _requirements(project: dict) -> dict[str, Requirement]:
         *project["dependencies"],
         *(r for extra in project.get("optional-dependencies", {}).values() for r in extra),
     ]
-    return {Requirement(r).name.lower(): Requirement(r) for r in listed}
+    return {_normalised(Requirement(r).name): Requirement(r) for r in listed}
+
+
+def _normalised(name: str) -> str:
+    """A distribution name as PEP 503 compares them (``huggingface_hub`` is ``huggingface-hub``)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 @pytest.mark.parametrize("folder", DISTRIBUTIONS, ids=lambda f: f.name)
@@ -69,7 +74,7 @@ def test_every_third_party_module_the_core_imports_is_declared():
                 top = name.split(".")[0]
                 if top in sys.stdlib_module_names or top == "hf_lowrank_plugins":
                     continue
-                distributions = {d.lower() for d in owners.get(top, [top])}
+                distributions = {_normalised(d) for d in owners.get(top, [top])}
                 if not distributions & declared:
                     missing.setdefault(top, []).append(file.relative_to(ROOT).as_posix())
     assert not missing, missing
