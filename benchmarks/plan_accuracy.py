@@ -49,7 +49,8 @@ def _plan(model: str, method: str, o: BenchOptions) -> dict[str, Any]:
     import torch
 
     from hf_lowrank_plugins.app.embedded import default_model_dir
-    from hf_lowrank_plugins.plan import PlanSettings, plan_memory
+    from hf_lowrank_plugins.plan import plan_memory
+    from hf_lowrank_plugins.types import PlanSettings
 
     shape = MODELS[model]
     source: Any = default_model_dir() if shape is None else smollm2_shaped_config(*shape, VOCAB)

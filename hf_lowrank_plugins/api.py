@@ -31,13 +31,13 @@ from .distributed import gathered_model
 from .errors import ConfigError, DivergenceError, IncompatibleError, LowRankError
 from .export import METHOD_SETTINGS_FILE, default_export
 from .memory import trim_heap
-from .method import MethodInfo, config_fields, owned_fields
+from .method import config_fields, owned_fields
 from .optim import build_default_optimizer
 from .outputs import OutputSet
 from .quantization import is_quantized, quantize_model
 from .registry import Registry, get_registry
 from .targets import is_linear_like, layer_shape
-from .types import ExportResult, QuantizationSettings
+from .types import ExportResult, MethodInfo, QuantizationSettings
 
 #: Set on a base model by :func:`attach`: (method, trains an adapter); a second attach is refused
 #: while the first method's layers are on the model or the first method trains the weights themselves.
@@ -174,6 +174,8 @@ class Adapted:
         )
         optimizer = wrapped if wrapped is not None else optimizer
         optimizer._hf_lowrank_factory = True  # lets the callback check the factory was used
+        if self.guard is not None:
+            self.guard.mark("wrap_optimizer")  # a loop of one's own trains with this optimizer
         return optimizer
 
     def initialise_from_data(self, dataloader: Any, args: TrainingArguments | None = None) -> bool:
@@ -183,7 +185,7 @@ class Adapted:
         training loop of your own. Returns whether the method initialised anything.
         """
         if self.guard is not None:
-            self.guard.active = True
+            self.guard.mark("init_adapter_from_data")
         changed = bool(
             self.registry.call_method_hook(
                 self.method,
@@ -371,7 +373,7 @@ def attach(
     adapted = Adapted(model=adapted_model, config=config, method=info, registry=registry)
     trainable = next((p for p in adapted_model.parameters() if p.requires_grad), None)
     if info.needs_trainer_hooks and trainable is not None:
-        adapted.guard = TrainerHooksGuard(info.name, sorted(info.hooks & {"wrap_optimizer", "init_adapter_from_data"}))
+        adapted.guard = TrainerHooksGuard(info.name, sorted(info.trainer_hooks))
         trainable.register_post_accumulate_grad_hook(adapted.guard)  # fires in the first training backward
     return adapted
 

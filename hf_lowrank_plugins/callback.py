@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
@@ -18,7 +18,10 @@ from .errors import DivergenceError, LowRankError
 from .memory import trim_heap
 
 if TYPE_CHECKING:
-    from .api import Adapted
+    import torch
+    from torch import nn
+
+    from .types import MethodInfo
 
 
 def _unwrap_optimizer(optimizer: Any) -> Any:
@@ -34,30 +37,74 @@ class TrainerHooksGuard:
     Without the callback (and the optimizer factory) a Trainer would silently train something else:
     GaLore as plain AdamW, LoRA-GA without its initialisation, SALOR without its schedule. Hung on
     one trainable parameter (``register_post_accumulate_grad_hook``), it runs in the backward of the
-    first training step; the callback sets :attr:`active` at ``on_train_begin`` (and
-    :meth:`~hf_lowrank_plugins.Adapted.initialise_from_data` in loops of your own). Forwards alone
-    (evaluation, LoRA-GA's frozen gradient estimate) never trigger it. Plain data, no reference to
-    the registry, so models stay deep-copyable.
+    first training step. The callback arms it at ``on_train_begin``; in a training loop of your own,
+    :meth:`~hf_lowrank_plugins.Adapted.build_optimizer` and
+    :meth:`~hf_lowrank_plugins.Adapted.initialise_from_data` each mark their hook as run. Forwards
+    alone (evaluation, LoRA-GA's frozen gradient estimate) never trigger it. Plain data, no reference
+    to the registry, so models stay deep-copyable.
     """
 
+    #: how a loop of one's own runs each hook
+    BY_HAND = {
+        "wrap_optimizer": "train with the optimizer of adapted.build_optimizer(model, args)",
+        "init_adapter_from_data": "call adapted.initialise_from_data(dataloader, args) before the first step",
+    }
+
     def __init__(self, method: str, needs: list[str]) -> None:
-        self.method, self.needs, self.active = method, needs, False
+        self.method, self.needs = method, needs
+        self.ran: set[str] = set()
+
+    @property
+    def active(self) -> bool:
+        """Whether every needed hook ran (setting it marks all of them run, or none)."""
+        return set(self.needs) <= self.ran
+
+    @active.setter
+    def active(self, value: bool) -> None:
+        self.ran = set(self.needs) if value else set()
+
+    def mark(self, hook: str) -> None:
+        """Record that ``hook`` ran outside the Trainer's callback."""
+        self.ran.add(hook)
 
     def __call__(self, param: Any) -> None:
-        """Raise :class:`LowRankError` when a gradient arrives before the callback started."""
+        """Raise :class:`LowRankError` when a gradient arrives before the method's hooks ran."""
         if not self.active:
+            missing = [hook for hook in self.needs if hook not in self.ran]
+            by_hand = "; ".join(self.BY_HAND.get(hook, f"run {hook}") for hook in missing)
             raise LowRankError(
-                f"method '{self.method}' needs its Trainer hooks ({' and '.join(self.needs)}), but this training step "
+                f"method '{self.method}' needs its Trainer hooks ({' and '.join(missing)}), but this training step "
                 "runs without them: build the Trainer with Trainer(..., **adapted.trainer_kwargs()) (Trainer "
-                "subclasses without optimizer_cls_and_kwargs: **adapted.trainer_kwargs(args))"
+                f"subclasses without optimizer_cls_and_kwargs: **adapted.trainer_kwargs(args)); in a training loop "
+                f"of your own, {by_hand}"
             )
+
+
+class AttachedMethod(Protocol):
+    """What the callback drives: a model with a method attached (:class:`~hf_lowrank_plugins.Adapted` is one).
+
+    A protocol rather than ``Adapted`` itself, so that this module sits below the API that builds it.
+    """
+
+    model: nn.Module
+    method: MethodInfo
+    training_args: TrainingArguments | None
+    guard: TrainerHooksGuard | None
+
+    def build_optimizer(self, model: nn.Module, args: TrainingArguments) -> torch.optim.Optimizer:
+        """The optimizer the method trains with."""
+        ...
+
+    def initialise_from_data(self, dataloader: Any, args: TrainingArguments | None = None) -> bool:
+        """Run the method's data-dependent initialisation; whether anything was initialised."""
+        ...
 
 
 class LowRankCallback(TrainerCallback):
     """Runs the method's Trainer-time hooks for one Trainer; obtain it from ``adapted.trainer_kwargs()``
     (or as ``adapted.callback``, paired with ``adapted.optimizer_factory``)."""
 
-    def __init__(self, adapted: Adapted) -> None:
+    def __init__(self, adapted: AttachedMethod) -> None:
         self.adapted = adapted
         #: the arguments of this callback's Trainer, from ``on_init_end``; its optimizer is built from them
         self.training_args: TrainingArguments | None = None

@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .method import MethodInfo, describe_fields
+from .method import describe_fields
+from .types import MethodInfo
 
 CARD = "README.md"
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .errors import IncompatibleError
-from .method import MethodInfo
+from .types import MethodInfo
 
 
 def zero_stage(args: Any) -> int | None:

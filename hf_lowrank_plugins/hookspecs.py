@@ -23,27 +23,34 @@ Life cycle, in call order::
     adapted.export(dir)             post_train_merge (a 4-bit base is dequantized before merging)
     hf-lowrank plan                 plan_memory (on a meta-device model; no weights, no training)
 
-Which method hooks a plugin implements is read from pluggy, not declared: implementing
-``wrap_optimizer`` or ``init_adapter_from_data`` means the method cannot run without its Trainer
-hooks, and a training step without them is refused.
+Which method hooks a plugin implements is read from pluggy, not declared: implementing a hook that
+runs inside the Trainer (``wrap_optimizer``, ``init_adapter_from_data``) means the method cannot run
+without its Trainer hooks, and a training step without them is refused.
+
+This module is the ground floor of the library: it imports nothing of the library but the plain
+types in :mod:`.types`. :data:`HOOKS`, filled by the markers below, is the one table of hooks that
+the registry's checks and :class:`~hf_lowrank_plugins.types.MethodInfo`'s derived fields read.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pluggy
+import torch
+from torch import nn
+
+from .types import ExportResult
 
 if TYPE_CHECKING:
-    import torch
     from peft import PeftConfig
     from torch.utils.data import DataLoader
     from transformers import TrainingArguments
 
-    from .method import MethodInfo
-    from .plan import PlanSettings
-    from .types import ExportResult, QuantizationSettings
+    from .types import MethodInfo, PlanSettings, QuantizationSettings
 
 PROJECT_NAME = "hf_lowrank_plugins"
 
@@ -51,12 +58,35 @@ hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 
+@dataclass(frozen=True)
+class HookContract:
+    """What the core holds a method hook's answer to, and when the hook runs."""
+
+    returns: tuple[type, ...]  #: an answer's type; ``None`` always means "keep the default"
+    in_trainer: bool = False  #: runs inside the Trainer, so training without the callback skips it
+
+
+#: Method hooks by name, in life-cycle order (filled by :func:`_method_hook` as the module loads).
+HOOKS: dict[str, HookContract] = {}
+_Spec = TypeVar("_Spec", bound=Callable[..., Any])
+
+
+def _method_hook(*returns: type, in_trainer: bool = False) -> Callable[[_Spec], _Spec]:
+    """Mark a method hook (first answer wins) and enter it in :data:`HOOKS`."""
+
+    def mark(spec: _Spec) -> _Spec:
+        HOOKS[spec.__name__] = HookContract(returns=returns, in_trainer=in_trainer)
+        return hookspec(firstresult=True)(spec)
+
+    return mark
+
+
 @hookspec
 def describe_methods() -> list[MethodInfo]:
     """Declare the methods this plugin provides.
 
     Called once per plugin when the registry loads. Return a list of
-    :class:`~hf_lowrank_plugins.method.MethodInfo`; a plugin that provides no method (an observer
+    :class:`~hf_lowrank_plugins.types.MethodInfo`; a plugin that provides no method (an observer
     or wrapper) simply does not implement this hook. Declare what only the plugin knows (defaults,
     reasons, aliases, field help); which hooks it implements is read from pluggy. A method name
     claimed by two plugins cannot run until one of them is blocked.
@@ -64,7 +94,7 @@ def describe_methods() -> list[MethodInfo]:
     raise NotImplementedError  # a specification; plugins implement it
 
 
-@hookspec(firstresult=True)
+@_method_hook(nn.Module)
 def init_adapter(
     model: torch.nn.Module, config: PeftConfig, quantization: QuantizationSettings | None
 ) -> torch.nn.Module | None:
@@ -82,7 +112,7 @@ def init_adapter(
     """
 
 
-@hookspec(firstresult=True)
+@_method_hook(bool, in_trainer=True)
 def init_adapter_from_data(
     model: torch.nn.Module,
     config: PeftConfig,
@@ -102,7 +132,7 @@ def init_adapter_from_data(
     """
 
 
-@hookspec(firstresult=True)
+@_method_hook(torch.optim.Optimizer, in_trainer=True)
 def wrap_optimizer(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -120,7 +150,7 @@ def wrap_optimizer(
     """
 
 
-@hookspec(firstresult=True)
+@_method_hook(dict)
 def plan_memory(
     model: torch.nn.Module,
     config: PeftConfig,
@@ -139,7 +169,7 @@ def plan_memory(
     """
 
 
-@hookspec(firstresult=True)
+@_method_hook(ExportResult)
 def post_train_merge(
     model: torch.nn.Module,
     config: PeftConfig,
@@ -164,3 +194,9 @@ def post_train_merge(
     is the dtype ``merged/`` is saved in (``None``: the base's); pass it to
     :func:`~hf_lowrank_plugins.export.save_merged`.
     """
+
+
+#: Names of the hooks answered only by the plugin owning the method being run.
+METHOD_HOOKS: tuple[str, ...] = tuple(HOOKS)
+#: Names of the method hooks that run inside the Trainer (through ``adapted.trainer_kwargs()``).
+TRAINER_HOOKS: frozenset[str] = frozenset(name for name, hook in HOOKS.items() if hook.in_trainer)

@@ -42,32 +42,13 @@ from torch import nn
 from .distributed import check_zero_stage
 from .errors import LowRankError
 from .memory import status_bytes
-from .method import MethodInfo
 from .sources import load_model_config
 from .targets import check_rank, find_target_modules
+from .types import MethodInfo, PlanSettings
 
 #: NF4 with double quantization: 4 bits, one 8-bit scale per 64 weights, one fp32 per 256 scales.
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
 STANDARD_TERMS = ("weights", "gradients", "optimizer", "activations", "runtime")
-
-
-@dataclass(frozen=True)
-class PlanSettings:
-    """The run being planned."""
-
-    batch_size: int = 2
-    seq_len: int = 64
-    gradient_checkpointing: bool = False
-    load_in_4bit: bool = False
-    world_size: int = 1
-    zero_stage: int = 0
-    dtype: torch.dtype | None = None  #: the frozen base's dtype; None: the checkpoint's
-    device: str = "cpu"  #: ``cpu`` (the process, libraries included) or ``cuda`` (the allocator)
-
-    @property
-    def tokens(self) -> int:
-        """Tokens per micro-batch."""
-        return self.batch_size * self.seq_len
 
 
 @dataclass
@@ -296,6 +277,7 @@ def plan_memory(
         config=config,
         settings=dataclasses.replace(settings, dtype=base_dtype),
         terms=dict(terms),
+        check=_not_byte_counts,
     )
     for name, value in (extras or {}).items():
         if name in terms and stage and name in ("gradients", "optimizer"):
@@ -311,9 +293,17 @@ def plan_memory(
     return plan
 
 
-def parameter_bytes(params: Any, bytes_per: float) -> int:
-    """``bytes_per`` bytes for each element of ``params`` (a helper for plugins' ``plan_memory``)."""
-    return int(sum(p.numel() for p in params) * bytes_per)
+def _not_byte_counts(terms: dict[Any, Any]) -> str | None:
+    """What is wrong with a ``plan_memory`` answer (its terms must be names mapped to byte counts)."""
+    junk = {
+        name: value
+        for name, value in terms.items()
+        if not isinstance(name, str)
+        or isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0 <= value < math.inf
+    }
+    return f"{junk!r}; it must map term names to byte counts (non-negative numbers)" if junk else None
 
 
 def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:

@@ -30,20 +30,18 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from importlib.metadata import entry_points
 from typing import Any
 
 import pluggy
-import torch
 from peft import PeftConfig
-from torch import nn
 
 from . import hookspecs
 from .errors import ConfigError, LowRankError, PluginError, UnknownMethodError
-from .method import METHOD_HOOKS, MethodInfo
-from .types import ExportResult
+from .hookspecs import HOOKS, METHOD_HOOKS, TRAINER_HOOKS
+from .types import MethodInfo
 
 ENTRY_POINT_GROUP = "hf_lowrank_plugins"
 ENV_DISABLE_AUTOLOAD = "HF_LOWRANK_DISABLE_PLUGIN_AUTOLOAD"
@@ -62,14 +60,9 @@ def _core_version() -> str:
         return "0"
 
 
-#: What each checked hook must return when it answers (``None`` always means "not mine").
-_RESULT_TYPES: dict[str, tuple[type, ...]] = {
-    "init_adapter": (nn.Module,),
-    "wrap_optimizer": (torch.optim.Optimizer,),
-    "post_train_merge": (ExportResult,),
-    "init_adapter_from_data": (bool,),
-    "plan_memory": (dict,),
-}
+def method_key(name: str) -> str:
+    """How a typed method name is matched: ``LoRA-GA`` selects ``lora_ga``."""
+    return name.strip().lower().replace("-", "_")
 
 
 class Registry:
@@ -186,11 +179,25 @@ class Registry:
         dist, version = self._dist_of.get(plugin_name, ("", ""))
         out = []
         for info in declared:
+            if not isinstance(info.name, str) or method_key(info.name) != info.name or not info.name.isidentifier():
+                raise PluginError(
+                    f"plugin '{plugin_name}': method name {info.name!r} cannot be typed as it is declared (names are "
+                    f"matched in lower case with '-' read as '_'); declare it as {method_key(str(info.name))!r}"
+                )
             if not (isinstance(info.config_class, type) and issubclass(info.config_class, PeftConfig)):
                 raise PluginError(
                     f"plugin '{plugin_name}': method '{info.name}' needs a peft.PeftConfig subclass as config_class"
                 )
-            out.append(replace(info, plugin_name=plugin_name, distribution=dist, version=version, hooks=hooks))
+            out.append(
+                replace(
+                    info,
+                    plugin_name=plugin_name,
+                    distribution=dist,
+                    version=version,
+                    hooks=hooks,
+                    trainer_hooks=hooks & TRAINER_HOOKS,
+                )
+            )
         return out
 
     def _collect_methods(self) -> dict[str, MethodInfo]:
@@ -211,7 +218,7 @@ class Registry:
 
     def get(self, name: str) -> MethodInfo:
         """The method called ``name``; raises :class:`UnknownMethodError` listing what is installed."""
-        key = name.strip().lower().replace("-", "_")
+        key = method_key(name)
         methods = self.methods
         if key in methods:
             return methods[key]
@@ -260,11 +267,14 @@ class Registry:
 
     # ------------------------------------------------------------------ calling
 
-    def call_method_hook(self, method: MethodInfo, hook_name: str, **kwargs: Any) -> Any:
+    def call_method_hook(
+        self, method: MethodInfo, hook_name: str, check: Callable[[Any], str | None] | None = None, **kwargs: Any
+    ) -> Any:
         """Call a method hook with every other method's plugin left out (see :mod:`.hookspecs`).
 
-        The answer is checked against the hook's contract; an exception other than our own
-        (:class:`LowRankError`) becomes a :class:`PluginError` naming the plugin and the hook.
+        The answer is checked against the hook's contract (its type, then ``check``, which returns
+        what is wrong with an answer or ``None``); an exception other than our own
+        (:class:`LowRankError`) becomes a :class:`PluginError` naming the plugin that raised and the hook.
         """
         if hook_name not in METHOD_HOOKS:
             raise ValueError(f"{hook_name} is not a method hook; method hooks are {METHOD_HOOKS}")
@@ -278,17 +288,41 @@ class Registry:
         except LowRankError:
             raise
         except Exception as exc:
+            culprit = _raised_in(caller.get_hookimpls(), exc) or method.plugin_name
+            distribution = self._dist_of.get(culprit, ("", ""))[0] or "registered by hand"
             raise PluginError(
-                f"plugin '{method.plugin_name}' ({method.distribution or 'registered by hand'}) failed in "
-                f"{hook_name} for method '{method.name}': {type(exc).__name__}: {exc}"
+                f"plugin '{culprit}' ({distribution}) failed in {hook_name} for method '{method.name}': "
+                f"{type(exc).__name__}: {exc}"
             ) from exc
-        expected = _RESULT_TYPES.get(hook_name)
-        if result is not None and expected is not None and not isinstance(result, expected):
-            raise PluginError(
-                f"plugin '{method.plugin_name}': {hook_name} for method '{method.name}' returned "
-                f"{type(result).__name__}, expected {' or '.join(t.__name__ for t in expected)} (or None)"
-            )
+        if result is None:
+            return None
+        expected = HOOKS[hook_name].returns
+        wrong = (
+            f"{type(result).__name__}, expected {' or '.join(t.__name__ for t in expected)} (or None)"
+            if not isinstance(result, expected)
+            else (check(result) if check is not None else None)
+        )
+        if wrong:
+            # a first answer carries no name: with observers implementing the hook, any of them may have given it
+            answering = [f"'{i.plugin_name}'" for i in reversed(caller.get_hookimpls())]
+            who = f"plugin {answering[0]}" if len(answering) == 1 else f"one of plugins {', '.join(answering)}"
+            raise PluginError(f"{who}: {hook_name} for method '{method.name}' returned {wrong}")
         return result
+
+
+def _raised_in(impls: list[pluggy.HookImpl], exc: BaseException) -> str | None:
+    """The plugin whose implementation ``exc`` came out of: the outermost one on its traceback.
+
+    Several plugins answer one hook (the method's, and observers that wrap every method), so the
+    method's own plugin is not necessarily the one that failed.
+    """
+    codes = {impl.function.__code__: impl.plugin_name for impl in impls if hasattr(impl.function, "__code__")}
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code in codes:
+            return codes[tb.tb_frame.f_code]
+        tb = tb.tb_next
+    return None
 
 
 _registry: Registry | None = None

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import hf_lowrank_plugins as hlp
-from hf_lowrank_plugins.plan import NF4_BYTES_PER_WEIGHT, PlanSettings, plan_memory
+from hf_lowrank_plugins.plan import NF4_BYTES_PER_WEIGHT, plan_memory
 from hf_lowrank_plugins.testing.helpers import make_tiny_model, tiny_llama_config
+from hf_lowrank_plugins.types import PlanSettings
 
 LLAMA_70B = {
     "architectures": ["LlamaForCausalLM"],
@@ -116,7 +117,7 @@ def test_a_70b_config_is_planned_without_its_weights(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_70B))
     code = (
         "import json, resource, sys\n"
-        "from hf_lowrank_plugins.plan import PlanSettings, plan_memory\n"
+        "from hf_lowrank_plugins.plan import plan_memory\nfrom hf_lowrank_plugins.types import PlanSettings\n"
         "s = PlanSettings(batch_size=1, seq_len=2048, gradient_checkpointing=True, load_in_4bit=True, device='cuda')\n"
         f"p = plan_memory({str(tmp_path)!r}, 'qlora', s, r=16)\n"
         "print(json.dumps({**p.as_dict(), 'maxrss_kib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))\n"

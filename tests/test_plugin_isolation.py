@@ -196,3 +196,74 @@ def test_the_library_imports_nothing_of_the_application():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(proc.stdout.strip().replace("'", '"')) == []
+
+
+def test_a_method_name_users_could_not_type_is_a_load_failure_naming_the_spelling():
+    """A third-party ``LoRA`` would be listed beside ``lora`` but never selected (names match in lower case)."""
+    from hf_lowrank_lora import LoraMethodConfig
+
+    reg = hlp.Registry(autoload=False)
+    shouting = _module(
+        "shouting", describe_methods=lambda: [hlp.MethodInfo(name="LoRA", config_class=LoraMethodConfig)]
+    )
+    with pytest.raises(hlp.PluginError, match=r"method name 'LoRA' cannot be typed .* declare it as 'lora'"):
+        reg.register(shouting, name="shouting")
+    assert "LoRA" not in reg.methods and reg.pm.get_plugin("shouting") is None
+    assert hlp.get_registry().get("LoRA-GA").name == "lora_ga"  # typed names still match case-insensitively
+
+
+def test_a_failure_is_blamed_on_the_plugin_that_raised_not_on_the_method():
+    """An observer answering every method's hook fails: the one line names the observer, not ``full``."""
+
+    def init_adapter(model, config):
+        raise KeyError("observer bug")
+
+    reg = hlp.Registry(autoload=False)
+    reg.register(_module("watcher", init_adapter=init_adapter), name="watcher")
+    with pytest.raises(hlp.PluginError, match=r"plugin 'watcher' \(registered by hand\) failed in init_adapter for "):
+        hlp.attach(make_tiny_model(), "full", registry=reg)
+
+
+def test_plan_memory_returning_junk_names_the_plugin():
+    from hf_lowrank_plugins.plan import plan_memory
+    from hf_lowrank_plugins.testing.helpers import tiny_llama_config
+
+    def plan_memory_hook(model, config, settings, terms):
+        return {"buffers": "lots"}
+
+    reg = hlp.Registry(autoload=False)
+    reg.register(_module("junk", plan_memory=plan_memory_hook), name="junk")
+    with pytest.raises(hlp.PluginError, match=r"^plugin 'junk': plan_memory for method 'full' returned \{'buffers'"):
+        plan_memory(tiny_llama_config(), "full", hlp.PlanSettings(), registry=reg)
+    from hf_lowrank_lora import LoraMethodConfig
+
+    junk_method = _module(
+        "junk_method",
+        describe_methods=lambda: [hlp.MethodInfo(name="junk_method", config_class=LoraMethodConfig)],
+        init_adapter=lambda model, config: model,
+        plan_memory=lambda model, config, settings, terms: {"buffers": -1.0},
+    )
+    alone = hlp.Registry(autoload=False)
+    alone.register(junk_method, name="junk-method")
+    with pytest.raises(hlp.PluginError, match=r"^plugin 'junk-method': plan_memory .* returned \{'buffers': -1.0\}"):
+        plan_memory(tiny_llama_config(), "junk_method", hlp.PlanSettings(), registry=alone)
+
+
+@pytest.mark.parametrize("by_hand", [True, False], ids=["build_optimizer", "a-plain-adamw"])
+def test_a_loop_of_ones_own_arms_the_guard_through_build_optimizer(by_hand):
+    """The documented way to train GaLore without a Trainer, and the message that names it."""
+    import torch
+
+    adapted = hlp.attach(make_tiny_model(), "galore", rank=4)
+    args = training_args("unused", max_steps=1)
+    trainable = [p for p in adapted.model.parameters() if p.requires_grad]
+    optimizer = adapted.build_optimizer(adapted.model, args) if by_hand else torch.optim.AdamW(trainable)
+    batch = TokenDataset()[0]
+    loss = adapted.model(input_ids=batch["input_ids"][None], labels=batch["labels"][None]).loss
+    if not by_hand:
+        with pytest.raises(hlp.LowRankError, match=r"in a training loop of your own, train with the optimizer of "):
+            loss.backward()
+        return
+    loss.backward()
+    optimizer.step()
+    assert type(optimizer).__module__.startswith("hf_lowrank_galore")

@@ -357,8 +357,9 @@ def _cmd_merge(ns: argparse.Namespace) -> int:
 
 
 def _cmd_plan(ns: argparse.Namespace) -> int:
-    from ..plan import PlanSettings, plan_memory
+    from ..plan import plan_memory
     from ..sources import resolve_model
+    from ..types import PlanSettings
     from .embedded import default_model_dir
     from .model import torch_dtype
 

@@ -30,10 +30,10 @@ from typing import Any
 from ..api import make_config
 from ..errors import ConfigError, LowRankError
 from ..io import write_json_atomic, write_text_atomic
-from ..method import MethodInfo
 from ..outputs import OutputSet
 from ..registry import Registry, get_registry
 from ..sources import resolve_model
+from ..types import MethodInfo
 from .embedded import dataset_path
 from .spec import DEFAULT_MAX_STEPS, TrainSpec
 

@@ -21,12 +21,11 @@ from transformers import Trainer, TrainingArguments, set_seed
 
 from ..api import attach, make_config
 from ..errors import LowRankError
-from ..method import MethodInfo
 from ..outputs import CHECKPOINTS, OutputSet
 from ..quantization import load_quantized
 from ..registry import Registry, get_registry
 from ..sources import ModelSource, load_model_config, load_tokenizer, resolve_model
-from ..types import QuantizationSettings
+from ..types import MethodInfo, QuantizationSettings
 from .data import TrainingData, load_training_data
 from .embedded import dataset_path, default_model_dir, default_text_path
 from .model import (

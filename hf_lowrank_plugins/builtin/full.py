@@ -19,8 +19,7 @@ from torch import nn
 
 from ..export import save_merged
 from ..hookspecs import hookimpl
-from ..method import MethodInfo
-from ..types import ExportResult
+from ..types import ExportResult, MethodInfo
 
 NAME = "full"
 

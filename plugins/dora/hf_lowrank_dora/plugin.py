@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from peft import LoraConfig
 from torch import nn
@@ -11,6 +9,7 @@ from torch import nn
 from hf_lowrank_lora import LORA_ALIASES
 from hf_lowrank_plugins import MethodInfo, hookimpl
 from hf_lowrank_plugins.plan import linear_shapes
+from hf_lowrank_plugins.types import PlanSettings
 
 from .config import DoraConfig
 from .model import attach_dora
@@ -38,7 +37,7 @@ def init_adapter(model: nn.Module, config: LoraConfig) -> nn.Module:
 
 
 @hookimpl
-def plan_memory(model: nn.Module, config: LoraConfig, settings: Any, terms: dict[str, int]) -> dict[str, int]:
+def plan_memory(model: nn.Module, config: LoraConfig, settings: PlanSettings, terms: dict[str, int]) -> dict[str, int]:
     """What DoRA's forward keeps beyond LoRA's for the backward pass: per adapted layer, the sum
     ``base + s * lora`` that the magnitude's gradient needs (one tokens x out tensor; PEFT's own
     DoRA keeps two, see ``lowrank_norm.dora_output``). The row norms themselves (out x r per layer,

@@ -26,6 +26,7 @@ from hf_lowrank_plugins import (
     save_merged,
 )
 from hf_lowrank_plugins.distributed import zero_stage
+from hf_lowrank_plugins.types import PlanSettings
 
 from .adafactor import GaLoreAdafactor
 from .config import GaLoreConfig
@@ -86,7 +87,9 @@ def init_adapter(model: nn.Module, config: GaLoreConfig) -> nn.Module:
 
 
 @hookimpl
-def plan_memory(model: nn.Module, config: GaLoreConfig, settings: Any, terms: dict[str, int]) -> dict[str, int]:
+def plan_memory(
+    model: nn.Module, config: GaLoreConfig, settings: PlanSettings, terms: dict[str, int]
+) -> dict[str, int]:
     """GaLore's optimizer state: moments of the projected gradients (plus the projectors) for the
     target weights, full moments for the rest; layer-wise mode holds one target's gradient at a time;
     under ZeRO one target weight and its gradient are gathered whole at a time."""

@@ -22,6 +22,7 @@ from hf_lowrank_plugins import (
 )
 from hf_lowrank_plugins.distributed import end_passes_outside_engine, gathered, is_partitioned
 from hf_lowrank_plugins.plan import linear_shapes
+from hf_lowrank_plugins.types import PlanSettings
 
 from .config import LoraGaConfig
 from .gradient import ACCUMULATOR_SHARE, accumulator_bytes, collect_batches, estimate_gradient_factors, layer_dims
@@ -142,7 +143,9 @@ def init_adapter_from_data(model: nn.Module, config: LoraGaConfig, train_dataloa
 
 
 @hookimpl
-def plan_memory(model: nn.Module, config: LoraGaConfig, settings: Any, terms: dict[str, int]) -> dict[str, int]:
+def plan_memory(
+    model: nn.Module, config: LoraGaConfig, settings: PlanSettings, terms: dict[str, int]
+) -> dict[str, int]:
     """LoRA-GA's initialisation, before the first step: the exact sums (the batches' factors while
     smaller than fp32 G, :func:`~hf_lowrank_lora_ga.gradient.accumulator_bytes`), one layer group at
     a time (``estimator="full"``; by default what :func:`~hf_lowrank_lora_ga.gradient.layer_group_count`

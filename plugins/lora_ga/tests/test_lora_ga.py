@@ -393,8 +393,9 @@ def test_plan_counts_the_sums_the_estimate_holds():
     """``hf-lowrank plan``: with one layer group the term is twice the sums after ga_batches x batch x
     sequence tokens (the factors while smaller than G), so fewer or shorter batches plan less."""
     from hf_lowrank_lora_ga.gradient import accumulator_bytes
-    from hf_lowrank_plugins.plan import PlanSettings, plan_memory
+    from hf_lowrank_plugins.plan import plan_memory
     from hf_lowrank_plugins.testing.helpers import tiny_llama_config
+    from hf_lowrank_plugins.types import PlanSettings
 
     config = tiny_llama_config()
     shapes = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)] * 2  # q k v o gate up down

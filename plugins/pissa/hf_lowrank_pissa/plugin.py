@@ -12,6 +12,7 @@ from hf_lowrank_lora import LORA_ALIASES
 from hf_lowrank_lora.residual import save_portable_adapter
 from hf_lowrank_plugins import ExportResult, MethodInfo, QuantizationSettings, hookimpl, is_quantized, save_merged
 from hf_lowrank_plugins.plan import linear_shapes
+from hf_lowrank_plugins.types import PlanSettings
 
 from .config import PissaConfig
 from .model import attach_pissa
@@ -44,7 +45,7 @@ def init_adapter(model: nn.Module, config: PissaConfig, quantization: Quantizati
 
 
 @hookimpl
-def plan_memory(model: nn.Module, config: PissaConfig, settings: Any, terms: dict[str, int]) -> dict[str, int]:
+def plan_memory(model: nn.Module, config: PissaConfig, settings: PlanSettings, terms: dict[str, int]) -> dict[str, int]:
     """The SVD runs one layer at a time in fp32: the largest target's fp32 copy and its factors. The
     replaced weight's checkpoint pages are handed back layer by layer (``_old_pages_released``)."""
     largest = max((out * inp for out, inp in linear_shapes(model).values()), default=0)

@@ -12,6 +12,7 @@ from transformers import TrainingArguments
 from hf_lowrank_lora import LORA_ALIASES
 from hf_lowrank_plugins import ExportResult, MethodInfo, QuantizationSettings, hookimpl
 from hf_lowrank_plugins.plan import linear_shapes
+from hf_lowrank_plugins.types import PlanSettings
 
 from .config import SalorConfig
 from .export import export_salor
@@ -54,7 +55,7 @@ def wrap_optimizer(
 
 
 @hookimpl
-def plan_memory(model: nn.Module, config: SalorConfig, settings: Any, terms: dict[str, int]) -> dict[str, int]:
+def plan_memory(model: nn.Module, config: SalorConfig, settings: PlanSettings, terms: dict[str, int]) -> dict[str, int]:
     """SALOR's masks on A and B (one byte per factor entry) when the adapter is sparse; the base's
     masks exist one layer at a time at attach, which the largest layer bounds."""
     shapes = linear_shapes(model).values()
