@@ -8,7 +8,7 @@ PIP := $(BIN)/python -m pip install -q -c constraints.txt
 PLUGIN_DIRS := $(sort $(dir $(wildcard plugins/*/pyproject.toml)))
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -33,6 +33,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The inner loop (under 2 minutes on 2 CPU cores): unit and exactness tests, the conformance kit on the
+# Llama case only, nothing that trains end to end or launches processes. `make test` stays the whole suite.
+test-fast: $(STAMP)
+	HF_LOWRANK_TEST_MODELS=llama $(BIN)/python -m pytest -q -m "not slow and not integration and not ddp and not deepspeed"
 
 # ruff (lint + format check) and mypy, configured in pyproject.toml
 lint: $(STAMP)

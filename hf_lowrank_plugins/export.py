@@ -136,11 +136,17 @@ def default_export(
     tokenizer: Any = None,
     merged_dtype: torch.dtype | None = None,
 ) -> ExportResult:
-    """``output_dir/adapter`` for a PEFT model, ``output_dir/merged`` when ``merge`` (or no adapter)."""
+    """``output_dir/adapter`` for a PEFT model, ``output_dir/merged`` when ``merge``; a model that trained
+    its weights themselves (full fine-tuning, GaLore) has no adapter, so ``merged/`` is always written,
+    in place (the model is its own merge: no copy doubles peak memory)."""
     output_dir = Path(output_dir)
     result = ExportResult()
     if isinstance(model, PeftModel):
         result.adapter_dir = save_adapter(model, output_dir / "adapter")
     if merge or not isinstance(model, PeftModel):
         result.merged_dir = save_merged(model, output_dir / "merged", tokenizer=tokenizer, dtype=merged_dtype)
+    if not merge and not isinstance(model, PeftModel):
+        result.notes.append(
+            "the weights themselves were trained: wrote the checkpoint to merged/ (there is no adapter)"
+        )
     return result

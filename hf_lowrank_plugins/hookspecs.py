@@ -179,8 +179,12 @@ def post_train_merge(
     final_dir: Path,
     merged_dtype: torch.dtype | None,
 ) -> ExportResult | None:
-    """Turn the trained model into its deliverables under ``output_dir``.
+    """Write every deliverable of the trained model under ``output_dir``: the export hook.
 
+    Named for its best-known job, merging, it owns the whole export: the adapter, the merged
+    checkpoint, and anything else the method delivers (SALOR's compressed weights). Implement it only
+    where the core's default is wrong for the method: PiSSA and LoRA-GA rewrote the base, so their
+    adapter must be re-expressed on the original weights; full fine-tuning and GaLore use the default.
     Method hook, called by :meth:`~hf_lowrank_plugins.Adapted.export`. The convention is
     ``output_dir/adapter`` (a portable adapter that plain PEFT loads onto the unmodified base
     model) and, when ``merge`` is true, ``output_dir/merged`` (a plain transformers checkpoint

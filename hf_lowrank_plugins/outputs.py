@@ -230,6 +230,11 @@ class OutputSet:
         check_inputs_apart(self.path, inputs, allowed_inside=[self.path / CHECKPOINTS] if resume_inside else [])
         if self.path.exists() and not self.path.is_dir():
             raise OutputFolderError(f"output folder {self.path} is a file; choose a folder that is new or empty")
+        if self.path.is_symlink() and not self.path.exists():
+            raise OutputFolderError(
+                f"output folder {self.path} is a link to {os.readlink(self.path)}, which does not exist; create that "
+                "folder or remove the link"
+            )
         nearest = next(p for p in (self.path, *self.path.parents) if p.exists())
         if not os.access(nearest, os.W_OK | os.X_OK):
             raise OutputFolderError(f"cannot write to {nearest} (permission denied); choose a writable --output-dir")

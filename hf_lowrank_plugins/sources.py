@@ -25,6 +25,7 @@ __all__ = [
     "load_tokenizer",
     "no_remote_code",
     "resolve_adapter_base",
+    "looks_like_hub_id",
     "resolve_model",
 ]
 
@@ -51,6 +52,11 @@ class ModelSource:
         return self.hub_id or str(self.folder)
 
 
+def looks_like_hub_id(name: str) -> bool:
+    """Whether ``name`` reads as a Hub repository id (``name`` or ``namespace/name``) rather than a file."""
+    return bool(_HUB_ID.match(name)) and not name.endswith((".json", ".jsonl", ".txt", ".csv", ".parquet"))
+
+
 def resolve_model(name: str | Path, revision: str | None = None) -> ModelSource:
     """The local folder of a model named by a path or a Hub id (downloaded into the Hub cache once).
 
@@ -58,7 +64,7 @@ def resolve_model(name: str | Path, revision: str | None = None) -> ModelSource:
     is looked up on the Hub (or in its cache when offline). Every failure is one line naming the fix.
     """
     path = Path(name)
-    if path.exists() or not _HUB_ID.match(str(name)) or str(name).endswith(".json"):
+    if path.exists() or not looks_like_hub_id(str(name)):
         if revision is not None:
             raise LowRankError(f"--revision {revision}: {name} is a local folder, not a Hub id; drop --revision")
         return ModelSource(path)

@@ -95,7 +95,15 @@ def find_target_modules(
         excluder = LoraConfig(
             target_modules=exclude_modules if isinstance(exclude_modules, str) else list(exclude_modules)
         )
-        chosen = {name: m for name, m in chosen.items() if not check_target_module_exists(excluder, name)}
+        excluded = {name for name in linear if check_target_module_exists(excluder, name)}
+        if not excluded:  # PEFT would silently train every layer the user meant to leave out
+            literal = f" (PEFT reads '{ALL_LINEAR}' there as a layer name)" if exclude_modules == ALL_LINEAR else ""
+            available = sorted({name.rsplit(".", 1)[-1] for name in linear})
+            raise TargetError(
+                f"exclude_modules={exclude_modules!r} matches no linear layer of {type(model).__name__}{literal}; "
+                f"name layers by their last part ({', '.join(available)}) or give a regular expression over full names"
+            )
+        chosen = {name: m for name, m in chosen.items() if name not in excluded}
     if not chosen:
         available = sorted({name.rsplit(".", 1)[-1] for name in linear})
         single = (

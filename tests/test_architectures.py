@@ -13,6 +13,9 @@ import pytest
 import hf_lowrank_plugins as hlp
 from hf_lowrank_plugins.testing import MORE_MODEL_CASES, contract, rel_err
 
+pytestmark = pytest.mark.integration  # end to end: left out of `make test-fast`
+
+
 #: Small settings per method (the models are 64 wide).
 SETTINGS = {
     "lora": {"r": 4},

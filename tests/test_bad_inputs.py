@@ -24,7 +24,13 @@ from hf_lowrank_plugins.testing.helpers import make_tiny_model, tiny_llama_confi
 def tree(root: Path) -> dict[str, str]:
     """Every file and folder under ``root`` with its content hash."""
     return {
-        p.relative_to(root).as_posix(): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+        p.relative_to(root).as_posix(): (
+            f"link to {p.readlink()}"
+            if p.is_symlink()
+            else "dir"
+            if p.is_dir()
+            else hashlib.sha256(p.read_bytes()).hexdigest()
+        )
         for p in sorted(root.rglob("*"))
     }
 

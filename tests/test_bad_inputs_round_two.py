@@ -21,6 +21,8 @@ import hf_lowrank_plugins as hlp
 from hf_lowrank_plugins.app.cli import main
 from hf_lowrank_plugins.testing.helpers import make_tiny_model, tiny_llama_config
 
+pytestmark = pytest.mark.integration  # end to end: left out of `make test-fast`
+
 sys.path.insert(0, str(Path(__file__).parent))
 from test_bad_inputs import _train, tree  # noqa: E402
 
@@ -90,6 +92,7 @@ def world(tmp_path_factory, tiny_model_dir):
     (weightless / "adapter_model.safetensors").unlink()
     damaged_state = shutil.copytree(w / "run" / "checkpoints" / "checkpoint-1", w / "damaged_state_ckpt")
     (damaged_state / "trainer_state.json").write_text("{oops")
+    (w / "dangling").symlink_to(w / "nowhere_folder")
     big = tiny_llama_config(vocab_size=2**31 - 1, hidden_size=512)
     (w / "huge").mkdir()
     big.save_pretrained(w / "huge")
@@ -235,6 +238,15 @@ CLI_CASES = [
         "two models",
     ),
     ("plan-empty-folder", lambda w: ["plan", "--method", "lora", "--model", str(w / "empty_dir")], "config.json"),
+    # settings PEFT would read as something else
+    (
+        "exclude-all-linear",
+        lambda w: _train(w, "--set", "exclude_modules=all-linear"),
+        "exclude_modules='all-linear' matches no linear layer",
+    ),
+    ("exclude-no-layer", lambda w: _train(w, "--set", "exclude_modules=q_projj"), "matches no linear layer"),
+    # paths
+    ("output-dangling-link", lambda w: _train(w, "--output-dir", str(w / "dangling")), "which does not exist"),
     # merge
     ("merge-other-width", lambda w: _merge(w, "other_base"), "has 96"),
     ("merge-pickled-base", lambda w: _merge(w, "pickled"), DAMAGED_WEIGHTS),
@@ -366,3 +378,26 @@ def test_api_bad_input(world, case, call, error, pattern):
 
 def test_the_catalogue_holds_at_least_100_cases():
     assert len(CLI_CASES) + len(API_CASES) + 2 >= 100, len(CLI_CASES) + len(API_CASES) + 2
+
+
+def test_a_learning_rate_that_blows_the_weights_up_is_warned_of(world, capsys, tmp_path):
+    """``--lr 1e9`` stays finite (no divergence stop) but leaves weights of 1e9: the run says so, in metrics too."""
+    assert main([*_train(world, "--lr", "1e9"), "--output-dir", str(tmp_path / "hot")]) == 0
+    warning = "trained weights reach |w| = "
+    assert warning in capsys.readouterr().err
+    assert any(warning in w for w in json.loads((tmp_path / "hot" / "metrics.json").read_text())["warnings"])
+    assert main([*_train(world), "--output-dir", str(tmp_path / "calm")]) == 0
+    assert warning not in capsys.readouterr().err
+
+
+def test_generate_on_a_checkpoint_of_whole_weights_takes_the_tokenizer_of_its_base(world, capsys, tmp_path):
+    """A GaLore checkpoint holds the model, not the tokenizer: its run record names the base that has it."""
+    run = [*_train(world, "--rank", "2", "--save-steps", "1", method="galore"), "--output-dir", str(tmp_path / "g")]
+    assert main(run) == 0
+    checkpoint = tmp_path / "g" / "checkpoints" / "checkpoint-2"
+    assert not (checkpoint / "tokenizer_config.json").exists()
+    capsys.readouterr()
+    assert main(["generate", str(checkpoint), "--prompt", "hello", "--max-new-tokens", "4"]) == 0
+    from_checkpoint = capsys.readouterr().out
+    assert main(["generate", str(tmp_path / "g"), "--prompt", "hello", "--max-new-tokens", "4"]) == 0
+    assert from_checkpoint == capsys.readouterr().out != ""  # the last checkpoint is the final model

@@ -10,6 +10,8 @@ import pytest
 
 import hf_lowrank_plugins as hlp
 
+pytestmark = pytest.mark.integration  # end to end: left out of `make test-fast`
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_anchors  # noqa: E402  (needs the path above)

@@ -15,6 +15,8 @@ from transformers import AutoModelForCausalLM
 from hf_lowrank_plugins.app.cli import main, parse_set
 from hf_lowrank_plugins.method import owned_fields
 
+pytestmark = pytest.mark.integration  # end to end: left out of `make test-fast`
+
 
 def _fails_cleanly(capsys, argv, pattern, out_dir):
     assert main(argv) == 2

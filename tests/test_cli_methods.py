@@ -12,6 +12,8 @@ from transformers import AutoModelForCausalLM
 from hf_lowrank_plugins.app.cli import main
 from hf_lowrank_plugins.testing.helpers import logits, rel_err
 
+pytestmark = pytest.mark.integration  # end to end: left out of `make test-fast`
+
 
 def test_cli_set_reaches_the_lora_ga_config(tmp_path, tiny_model_dir, text_file):
     out = tmp_path / "run"

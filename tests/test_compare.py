@@ -13,6 +13,8 @@ import hf_lowrank_plugins as hlp
 from hf_lowrank_plugins.app import compare
 from hf_lowrank_plugins.app.cli import main, parse_lr, parse_scoped_set
 
+pytestmark = pytest.mark.integration  # end to end: left out of `make test-fast`
+
 
 def _tiny_run_args(model_dir, data, out) -> list[str]:
     return [

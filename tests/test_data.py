@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from hf_lowrank_plugins import LowRankError
 from hf_lowrank_plugins.app.cli import main
 from hf_lowrank_plugins.app.data import load_training_data
 from hf_lowrank_plugins.app.embedded import QUOTE_PROMPT, default_instructions_path, kjv_verses
@@ -131,6 +132,7 @@ def test_embedded_instruction_set_quotes_real_verses():
     assert first["messages"][1]["content"] == verses[reference]
 
 
+@pytest.mark.integration
 def test_chat_training_bf16_base_config_file_and_tensorboard(tmp_path, tiny_model_dir):
     """A bf16 checkpoint stays bf16 (adapters fp32), merged/ is bf16 unless asked; --config values lose to flags;
     --epochs runs over the data; --report-to tensorboard writes into the output folder."""
@@ -175,3 +177,26 @@ def test_chat_training_bf16_base_config_file_and_tensorboard(tmp_path, tiny_mode
     from hf_lowrank_plugins.outputs import verify_manifest
 
     assert verify_manifest(out) == []
+
+
+def test_reading_stops_at_what_the_run_uses_and_an_eval_set_apart_takes_its_first_examples(
+    tmp_path, tokenizer, text_file
+):
+    """A short run on a large file reads only what it trains on plus the held-out examples; with an
+    evaluation set apart, all of what is read trains and the evaluation set's first examples evaluate."""
+    whole = load_training_data(text_file, tokenizer, seq_len=16, eval_examples=3)
+    short = load_training_data(text_file, tokenizer, seq_len=16, eval_examples=3, max_examples=10)
+    assert (len(short.train), len(short.eval)) == (7, 3) and len(whole.train) > 100
+    assert torch.equal(short.train.blocks, whole.train.blocks[:7])  # the same first blocks, read no further
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("\n".join(f"held out line {i}: a different text to evaluate on" for i in range(40)))
+    apart = load_training_data(text_file, tokenizer, seq_len=16, eval_examples=3, max_examples=10, eval_source=held_out)
+    assert len(apart.train) == 7 and torch.equal(apart.train.blocks, whole.train.blocks[:7])
+    assert torch.equal(apart.eval.blocks, load_training_data(held_out, tokenizer, 16, 1).train.blocks[:3])
+    assert apart.eval_source == held_out
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    )
+    with pytest.raises(LowRankError, match="cannot be evaluated alike"):
+        load_training_data(text_file, tokenizer, seq_len=16, eval_examples=1, eval_source=chat)

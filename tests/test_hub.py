@@ -13,6 +13,8 @@ import pytest
 from hf_lowrank_plugins.app.cli import main
 from hf_lowrank_plugins.sources import resolve_model
 
+pytestmark = pytest.mark.integration  # end to end: left out of `make test-fast`
+
 sys.path.insert(0, str(Path(__file__).parent))
 from test_outputs import _train_argv  # noqa: E402
 
@@ -163,3 +165,71 @@ def test_push_settings_are_checked_before_training(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0], err
     assert not out.exists() or not any(out.iterdir())
+
+
+VERSES = [{"prompt": f"Quote verse {i}.", "completion": f" In the beginning {i} was the word {i}."} for i in range(48)]
+
+
+@pytest.fixture
+def dataset_cache(tmp_path, monkeypatch):
+    """``acme/verses`` (splits train and test) in a datasets cache laid out as a download leaves it, offline.
+
+    Built by the datasets library itself: its JSON builder prepares the Arrow files under the id's name,
+    where ``load_dataset("acme/verses")`` looks when the Hub cannot be reached.
+    """
+    from datasets import config
+    from datasets.packaged_modules.json.json import Json
+
+    source = tmp_path / "verses.jsonl"
+    source.write_text("\n".join(json.dumps(r) for r in VERSES) + "\n")
+    cache = tmp_path / "datasets"
+    monkeypatch.setattr(config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setattr(config, "HF_HUB_OFFLINE", True)
+    builder = Json(
+        cache_dir=str(cache),
+        data_files={"train": str(source), "test": str(source)},
+        dataset_name="verses",
+        config_id="default",
+        hash="0123abcd",
+    )
+    builder.repo_id = "acme/verses"  # as a download names it (the builder checks files against hf:// paths)
+    builder._cache_dir = builder._build_cache_dir()
+    builder.download_and_prepare()
+    return source
+
+
+def test_a_hub_dataset_trains_as_the_same_records_from_a_file(dataset_cache, tiny_model_dir, tmp_path):
+    """The Hub id and the file it was made from give the same examples: equal losses before and after."""
+    common = ["--eval-blocks", "4", "--batch-size", "2", "--seq-len", "32", "--max-steps", "3"]
+    hub = [*common, "--dataset-split", "train", "--eval-dataset", "acme/verses", "--eval-dataset-split", "test"]
+    assert main(_train_argv(tiny_model_dir, "acme/verses", tmp_path / "hub", *hub)) == 0
+    local = [*common, "--eval-dataset", str(dataset_cache)]
+    assert main(_train_argv(tiny_model_dir, dataset_cache, tmp_path / "file", *local)) == 0
+    from_hub, from_file = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("hub", "file"))
+    assert from_hub["dataset"] == "acme/verses (Hub, split train)"
+    assert from_hub["eval_dataset"] == "acme/verses (Hub, split test)"
+    # reading stops at what 3 steps of 2 use, from the Hub as from a file
+    assert (
+        from_hub["data_kind"] == "prompt_completion" and from_hub["train_examples"] == from_file["train_examples"] == 6
+    )
+    for key in ("eval_loss_before", "eval_loss_after", "train_loss"):
+        assert from_hub[key] == pytest.approx(from_file[key], rel=1e-6), key
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--dataset", "acme/missing"], "dataset acme/missing is not in the Hugging Face cache"),
+        (["--dataset", "acme/verses", "--dataset-split", "validation"], "acme/verses (Hub, split validation): "),
+        (["--dataset-split", "test"], "--dataset-config and --dataset-split select within --dataset"),
+        (["--eval-dataset-split", "test"], "--eval-dataset-split selects within --eval-dataset"),
+        (["--dataset", "no/such/thing"], "dataset not found: no/such/thing"),
+    ],
+    ids=["missing-offline", "unknown-split", "split-without-dataset", "eval-split-without-eval", "not-an-id"],
+)
+def test_a_hub_dataset_problem_is_one_line(dataset_cache, tiny_model_dir, tmp_path, capsys, extra, expected):
+    argv = ["train", "--method", "lora", "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "o"), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+    assert not (tmp_path / "o").exists()

@@ -86,6 +86,7 @@ def test_the_library_imports_nothing_of_the_application_even_lazily():
     assert offenders == {}
 
 
+@pytest.mark.integration
 def test_importing_every_library_module_loads_no_application_module():
     code = (
         "import importlib, sys\n"

@@ -25,6 +25,8 @@ from hf_lowrank_plugins.outputs import (
 )
 from hf_lowrank_plugins.testing.helpers import make_tiny_model
 
+pytestmark = pytest.mark.integration  # end to end: left out of `make test-fast`
+
 
 def tree(root: Path) -> dict[str, str]:
     """Every file and folder under ``root`` with its content hash: equal trees are byte-identical."""
@@ -283,6 +285,7 @@ SLOW_EXPORT_DRIVER = """
 import sys, time
 import hf_lowrank_plugins as hlp
 from hf_lowrank_plugins.app.cli import main
+
 
 class SlowExport:  # an observer: waits after the method wrote its deliverables into the stage
     @hlp.hookimpl(wrapper=True)

@@ -111,6 +111,7 @@ def test_a_method_refused_under_a_zero_stage_is_refused_by_the_plan_too():
     assert plan_memory(config, "lora_ga", PlanSettings(world_size=2, zero_stage=3), r=4).total > 0
 
 
+@pytest.mark.integration
 def test_a_70b_config_is_planned_without_its_weights(tmp_path):
     """Llama-3.1-70B's config: exact LoRA parameter count, NF4 weights, in a process that never holds
     more than a few hundred MiB beyond the libraries."""

@@ -16,6 +16,9 @@ import hf_lowrank_plugins as hlp
 from hf_lowrank_plugins.streaming import CheckpointReader, checkpoint_tensors, write_checkpoint
 from hf_lowrank_plugins.testing import BERT_CLS, GPT2, LLAMA, T5, output, rel_err
 
+pytestmark = pytest.mark.integration  # end to end: left out of `make test-fast`
+
+
 CASES = {case.name: case for case in (LLAMA, GPT2, T5, BERT_CLS)}
 
 

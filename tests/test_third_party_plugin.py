@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration  # end to end: left out of `make test-fast`
+
 ROOT = Path(__file__).resolve().parents[1]
 
 PROBE = """
@@ -17,6 +19,7 @@ import json, torch
 from transformers import Trainer
 import hf_lowrank_plugins as hlp
 from hf_lowrank_plugins.testing.helpers import TokenDataset, make_tiny_model, training_args
+
 info = hlp.get_registry().methods["loraplus"]
 adapted = hlp.attach(make_tiny_model(), "loraplus", r=4, loraplus_lr_ratio=16.0)
 trainer = Trainer(model=adapted.model, args=training_args(__import__("sys").argv[1], max_steps=3),

@@ -11,6 +11,8 @@ from transformers import Trainer
 import hf_lowrank_plugins as hlp
 from hf_lowrank_plugins.testing.helpers import TokenDataset, make_tiny_model, training_args
 
+pytestmark = pytest.mark.integration  # end to end: left out of `make test-fast`
+
 
 def _losses(trainer):
     return [e["loss"] for e in trainer.state.log_history if "loss" in e]
@@ -220,6 +222,7 @@ import sys
 import hf_lowrank_plugins as hlp
 from transformers import Trainer, TrainingArguments
 from hf_lowrank_plugins.testing.helpers import TokenDataset, make_tiny_model
+
 adapted = hlp.attach(make_tiny_model(), "lora", r=2)
 args = TrainingArguments(sys.argv[1], max_steps=2, report_to=[], disable_tqdm=True, save_strategy="no")  # no use_cpu
 try:

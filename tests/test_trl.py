@@ -19,6 +19,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import hf_lowrank_plugins as hlp
 from hf_lowrank_plugins.outputs import verify_manifest
 
+pytestmark = pytest.mark.integration  # end to end: left out of `make test-fast`
+
+
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 

@@ -205,6 +205,8 @@ def _cmd_train(ns: argparse.Namespace) -> int:
 
     spec = spec_from(ns, "train", method=ns.method, settings=parse_set(ns.set))
     metrics = run_training(spec)
+    if "rank" in metrics:  # another process of a launch: rank 0 reports the run
+        return 0
     print(
         f"{metrics['method']}: eval loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss_after']:.4f} "
         f"after {metrics['steps']} steps ({metrics['train_seconds']:.1f}s, peak {metrics['peak_memory_mb']:.0f} MB, "
@@ -675,7 +677,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         return 1
     except LowRankError as exc:
-        print(f"hf-lowrank: error: {_one_line(exc)}", file=sys.stderr)
+        if os.environ.get("RANK", "0") in ("", "0"):  # every rank of a launch meets bad input alike: rank 0 says it
+            print(f"hf-lowrank: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
         print(f"hf-lowrank: error: {_one_line(exc)}; check the path and its permissions", file=sys.stderr)

@@ -34,8 +34,8 @@ from ..outputs import OutputSet
 from ..registry import Registry, get_registry
 from ..sources import resolve_model
 from ..types import MethodInfo
-from .embedded import dataset_path
 from .spec import DEFAULT_MAX_STEPS, TrainSpec
+from .train import local_inputs
 
 #: Learning rate per method when ``--lr`` does not name one, with the reason (shown in comparison.md).
 #: Figures compared as ratios to the reference method (key in a method's result -> label).
@@ -130,16 +130,15 @@ def plan(spec: CompareSpec, registry: Any = None) -> list[PlannedRun]:
             )
     if spec.reference is not None and spec.reference not in names:
         raise ConfigError(f"reference method '{spec.reference}' is not among the compared methods ({', '.join(names)})")
-    dataset = dataset_path(spec.run.dataset) if spec.run.dataset is not None else None
+    data_inputs = local_inputs(spec.run)  # a dataset that is neither a path nor a Hub id fails here, once
     model = resolve_model(spec.run.model, spec.run.revision).folder if spec.run.model is not None else None
-    for path, what in ((model, "model"), (dataset, "dataset")):
-        if path is not None and not Path(path).exists():
-            raise LowRankError(f"{what} not found: {path}")
+    if model is not None and not Path(model).exists():
+        raise LowRankError(f"model not found: {model}")
     OutputSet(
         spec.output_dir,
         command="compare",
         overwrite=spec.overwrite,
-        inputs={"model": model, "dataset": dataset},
+        inputs={"model": model, **data_inputs},
     ).check()
     declared = registry.reference()
     reference = spec.reference or (declared.name if declared is not None and declared.name in names else names[0])
@@ -500,7 +499,7 @@ def run_comparison(spec: CompareSpec, registry: Any = None, log: Callable[[str],
         overwrite=spec.overwrite,
         inputs={
             "model": resolve_model(spec.run.model, spec.run.revision).folder if spec.run.model else None,
-            "dataset": dataset_path(spec.run.dataset) if spec.run.dataset else None,
+            **local_inputs(spec.run),
         },
         in_place=["logs"],
     )

@@ -1,8 +1,9 @@
 """Training data a user brings, turned into token examples for the Trainer.
 
 Files: ``.txt`` (one document per line), ``.jsonl``, ``.json`` (a list of records, or an object
-holding one under ``data``/``train``), ``.csv``, ``.parquet``, or a saved ``datasets`` folder.
-Records, recognised by their fields:
+holding one under ``data``/``train``), ``.csv``, ``.parquet``, a saved ``datasets`` folder, or a
+dataset on the Hugging Face Hub by id (:class:`HubDataset`, through ``datasets.load_dataset``, whose
+cache serves it offline). Records, recognised by their fields:
 
 ==========================  ========================================================  ================
 fields                      becomes                                                   loss on
@@ -51,6 +52,68 @@ ALPACA_PROMPT = (
 )
 
 
+@dataclass(frozen=True)
+class HubDataset:
+    """A dataset named by its Hub id, read with ``datasets.load_dataset(repo_id, config, split=split)``."""
+
+    repo_id: str
+    config: str | None = None
+    split: str = "train"
+
+    def __str__(self) -> str:
+        config = f", config {self.config}" if self.config else ""
+        return f"{self.repo_id} (Hub{config}, split {self.split})"
+
+
+#: Where training data comes from: a local file or folder, or a Hub dataset.
+DataSource = Path | HubDataset
+
+
+def data_source(name: str | Path, config: str | None = None, split: str | None = None) -> DataSource:
+    """The source ``name`` means: ``embedded:...``, an existing file or folder, else a Hub dataset id.
+
+    ``config`` and ``split`` select within a Hub dataset (``split`` also within a saved ``DatasetDict``
+    folder); anything that is neither an existing path nor an id is one line naming both readings.
+    """
+    from ..sources import looks_like_hub_id
+    from .embedded import dataset_path
+
+    path = dataset_path(name)
+    if path.exists():
+        if config is not None:
+            raise LowRankError(f"--dataset-config {config}: {path} is a local file or folder, not a Hub dataset id")
+        if split is not None and not path.is_dir():
+            raise LowRankError(
+                f"--dataset-split {split}: {path} is a file (splits are a datasets folder's or the Hub's)"
+            )
+        return path
+    if looks_like_hub_id(str(name)) and not str(name).startswith("embedded:"):
+        return HubDataset(str(name), config, split or "train")
+    raise LowRankError(f"dataset not found: {name}; pass an existing file or datasets folder, or a Hub dataset id")
+
+
+def _hub_records(source: HubDataset) -> Iterator[Record]:
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise LowRankError("a Hub dataset needs `pip install 'hf-lowrank-plugins[data]'`") from None
+    try:
+        # datasets resolves the id (offline: from its own cache) and never runs code from the repository
+        rows = load_dataset(source.repo_id, source.config, split=source.split)
+    except (ConnectionError, FileNotFoundError) as exc:
+        raise LowRankError(
+            f"dataset {source.repo_id} is not in the Hugging Face cache and the Hub cannot be reached "
+            f"({type(exc).__name__}); load it once online (datasets.load_dataset('{source.repo_id}')) so "
+            "that it is cached, or unset HF_HUB_OFFLINE"
+        ) from None
+    except ValueError as exc:  # an unknown config or split: datasets names the ones that exist
+        raise LowRankError(f"dataset {source}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # DatasetNotFoundError, gated or private repositories
+        raise LowRankError(f"dataset {source.repo_id}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    for i, row in enumerate(rows, 1):
+        yield Record(dict(row), f"{source}: record {i}")
+
+
 class BlockDataset(Dataset):
     """Fixed-length token blocks for causal LM training (labels equal inputs; the model shifts)."""
 
@@ -88,10 +151,11 @@ class TrainingData:
     """What the runner trains and evaluates on.
 
     Attributes:
-        train, eval: the datasets (the last ``eval_examples`` records or blocks are held out).
+        train, eval: the datasets (the last ``eval_examples`` records or blocks are held out, or the
+            first of a separate evaluation source).
         kind: which record shape the source had (a key of :data:`KINDS`).
         collator: pads variable-length examples (``None`` for packed blocks).
-        source: the file the data came from.
+        source: where the training data came from, and ``eval_source`` the evaluation data, if apart.
         truncated: instruction examples cut to ``seq_len`` tokens (their ends are not learned).
         dropped: instruction examples left with no token to learn after the cut, not used.
     """
@@ -100,9 +164,10 @@ class TrainingData:
     eval: Dataset
     kind: str
     collator: Any
-    source: Path
+    source: DataSource
     truncated: int = 0
     dropped: int = 0
+    eval_source: DataSource | None = None
 
 
 # ----------------------------------------------------------------------------- reading records
@@ -135,10 +200,14 @@ def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
                 ) from None
 
 
-def read_records(path: Path) -> Iterator[Record]:
-    """The records of a data file or saved ``datasets`` folder, in order (see the module docstring)."""
+def read_records(path: DataSource, split: str | None = None) -> Iterator[Record]:
+    """The records of a data file, a saved ``datasets`` folder or a Hub dataset, in order (see the module
+    docstring); ``split`` picks a saved ``DatasetDict``'s split (default: ``train``, else the first)."""
+    if isinstance(path, HubDataset):
+        yield from _hub_records(path)
+        return
     if path.is_dir():
-        yield from _dataset_folder(path)
+        yield from _dataset_folder(path, split)
         return
     suffix = path.suffix.lower()
     if suffix in (".txt", ".text", ".md"):
@@ -196,7 +265,7 @@ def read_records(path: Path) -> Iterator[Record]:
         raise LowRankError(f"unsupported dataset {path}: use {', '.join(SUFFIXES)} or a saved datasets folder")
 
 
-def _dataset_folder(path: Path) -> Iterator[Record]:
+def _dataset_folder(path: Path, split: str | None = None) -> Iterator[Record]:
     try:
         from datasets import DatasetDict, load_from_disk
     except ImportError:
@@ -208,12 +277,14 @@ def _dataset_folder(path: Path) -> Iterator[Record]:
             f"{path} is not a saved datasets folder ({type(exc).__name__}: {exc}); use save_to_disk()"
         ) from None
     if isinstance(ds, DatasetDict):
-        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        if split is not None and split not in ds:
+            raise LowRankError(f"--dataset-split {split}: {path} has the splits {', '.join(ds)}")
+        ds = ds[split or "train"] if (split or "train") in ds else next(iter(ds.values()))
     for i, row in enumerate(ds, 1):
         yield Record(dict(row), f"{path}: record {i}")
 
 
-def record_kind(record: Record, source: Path) -> str:
+def record_kind(record: Record, source: DataSource) -> str:
     """Which record shape ``record`` has (a key of :data:`KINDS`), or a one-line error naming its fields."""
     for kind, needed in KINDS.items():
         if all(name in record.fields for name in needed):
@@ -329,41 +400,86 @@ def _truncate(example: dict[str, list[int]], seq_len: int) -> dict[str, list[int
 
 
 def load_training_data(
-    path: str | Path,
+    path: str | DataSource,
     tokenizer: Any,
     seq_len: int,
     eval_examples: int = 16,
     max_examples: int | None = None,
     loss_on_prompt: bool = False,
+    eval_source: str | DataSource | None = None,
+    split: str | None = None,
+    eval_split: str | None = None,
 ) -> TrainingData:
-    """Read ``path``, tokenize it by record shape, and hold out the last ``eval_examples`` for evaluation.
+    """Read ``path``, tokenize it by record shape, and hold out the last ``eval_examples`` for evaluation,
+    or, with ``eval_source``, train on all of ``path`` and evaluate on the first ``eval_examples`` of that.
 
     ``max_examples`` (train + eval) stops reading early, so a short run on a large file stays quick.
     Instruction examples longer than ``seq_len`` are truncated; one left with no token to learn
     from is dropped.
     """
-    path = Path(path)
-    if not path.exists():
-        raise LowRankError(f"dataset not found: {path}")
-    records = read_records(path)
+    source = Path(path) if isinstance(path, str) else path
+    apart = Path(eval_source) if isinstance(eval_source, str) else eval_source
+    train_budget = max_examples if apart is None or max_examples is None else max_examples - eval_examples
+    kind, train, truncated, dropped = _examples(source, tokenizer, seq_len, train_budget, loss_on_prompt, split)
+    collator = None
+    if kind not in ("text", "tokens"):
+        from transformers import DataCollatorForSeq2Seq
+
+        collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
+    wrap = BlockDataset if collator is None else ExampleDataset
+    unit = (
+        f"blocks of {seq_len} tokens"
+        if collator is None
+        else f"examples with tokens to learn within --seq-len {seq_len}"
+    )
+    if apart is not None:
+        eval_kind, held_out, _, _ = _examples(apart, tokenizer, seq_len, eval_examples, loss_on_prompt, eval_split)
+        if (eval_kind in ("text", "tokens")) != (collator is None):
+            raise LowRankError(
+                f"--eval-dataset {apart} holds {eval_kind} records but the training data {kind}: packed text and "
+                "instruction examples cannot be evaluated alike; give an evaluation set of the same shape"
+            )
+        if len(train) < 1 or len(held_out) < 1:
+            empty = source if len(train) < 1 else apart
+            raise LowRankError(f"dataset {empty} gives no {unit}")
+        return TrainingData(
+            wrap(train[:]), wrap(held_out[:eval_examples]), kind, collator, source, truncated, dropped, apart
+        )
+    if len(train) < eval_examples + 1:
+        raise LowRankError(
+            f"dataset {source} gives only {len(train)} {unit}; need at least {eval_examples + 1} "
+            + (
+                "(use a smaller --seq-len or --eval-blocks, or more text)"
+                if collator is None
+                else "(a larger --seq-len, a smaller --eval-blocks, or more records)"
+            )
+        )
+    split_at = len(train) - eval_examples
+    return TrainingData(wrap(train[:split_at]), wrap(train[split_at:]), kind, collator, source, truncated, dropped)
+
+
+def _examples(
+    source: DataSource,
+    tokenizer: Any,
+    seq_len: int,
+    limit: int | None,
+    loss_on_prompt: bool,
+    split: str | None,
+) -> tuple[str, Any, int, int]:
+    """(kind, blocks tensor or example list, truncated, dropped) of ``source``, at most ``limit`` of them."""
+    if isinstance(source, Path) and not source.exists():
+        raise LowRankError(f"dataset not found: {source}")
+    records = read_records(source, split)
     first = next(records, None)
     if first is None:
-        raise LowRankError(f"dataset {path} holds no records")
-    kind = record_kind(first, path)
+        raise LowRankError(f"dataset {source} holds no records")
+    kind = record_kind(first, source)
     if kind in ("text", "tokens"):
-        blocks = _pack(path, kind, [first], records, tokenizer, seq_len, max_examples)
-        if blocks.shape[0] < eval_examples + 1:
-            raise LowRankError(
-                f"dataset {path} gives only {blocks.shape[0]} blocks of {seq_len} tokens; need at least "
-                f"{eval_examples + 1} (use a smaller --seq-len or --eval-blocks, or more text)"
-            )
-        split = blocks.shape[0] - eval_examples
-        return TrainingData(BlockDataset(blocks[:split]), BlockDataset(blocks[split:]), kind, None, path)
-
+        return kind, _pack(source, kind, [first], records, tokenizer, seq_len, limit), 0, 0
     examples: list[dict[str, list[int]]] = []
     truncated = dropped = 0
     for record in _chain([first], records):
-        if record_kind(record, path) != kind:
+        if record_kind(record, source) != kind:
             raise LowRankError(f"{record.where}: this record's fields differ from the first record's ({kind})")
         if kind == "messages":
             example = chat_example(tokenizer, _messages(record), record.where, loss_on_prompt)
@@ -377,19 +493,9 @@ def load_training_data(
             dropped += 1
         else:
             examples.append(kept)
-        if max_examples is not None and len(examples) >= max_examples:
+        if limit is not None and len(examples) >= limit:
             break
-    if len(examples) < eval_examples + 1:
-        raise LowRankError(
-            f"dataset {path} gives only {len(examples)} examples with tokens to learn within --seq-len {seq_len}; "
-            f"need at least {eval_examples + 1} (a larger --seq-len, a smaller --eval-blocks, or more records)"
-        )
-    from transformers import DataCollatorForSeq2Seq
-
-    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
-    split = len(examples) - eval_examples
-    train, held_out = ExampleDataset(examples[:split]), ExampleDataset(examples[split:])
-    return TrainingData(train, held_out, kind, collator, path, truncated=truncated - dropped, dropped=dropped)
+    return kind, examples, truncated - dropped, dropped
 
 
 def _chain(*parts: Any) -> Iterator[Record]:
@@ -398,7 +504,7 @@ def _chain(*parts: Any) -> Iterator[Record]:
 
 
 def _pack(
-    path: Path,
+    path: DataSource,
     kind: str,
     head: list[Record],
     rest: Iterator[Record],

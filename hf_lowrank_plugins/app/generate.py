@@ -46,14 +46,27 @@ def resolve(
 def load(source: str | Path | None, base: str | Path | None = None, revision: str | None = None) -> tuple[Any, Any]:
     """The model (adapter applied) in eval mode, and its tokenizer."""
     model_dir, adapter = resolve(source, base, revision)
-    tokenizer_dir = adapter if adapter is not None and (adapter / "tokenizer_config.json").is_file() else model_dir
-    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer = load_tokenizer(_tokenizer_folder(model_dir, adapter))
     model = load_causal_lm(model_dir, checkpoint_dtype(model_dir))
     if adapter is not None:
         from ..api import load_adapter
 
         model = load_adapter(model, adapter).model
     return model.eval(), tokenizer
+
+
+def _tokenizer_folder(model_dir: Path, adapter: Path | None) -> Path:
+    """Where the tokenizer is: with the adapter if saved there, else with the model; a Trainer checkpoint of
+    whole weights (GaLore, full fine-tuning) holds none, so its run record names the base that has it."""
+    if adapter is not None and (adapter / "tokenizer_config.json").is_file():
+        return adapter
+    if adapter is None and not (model_dir / "tokenizer_config.json").is_file():
+        from .runstate import recorded_base
+
+        base = recorded_base(model_dir)
+        if base is not None:
+            return resolve_model(*base).folder
+    return model_dir
 
 
 #: ``--max-new-tokens`` when none is given (capped by what the model's positions leave after the prompt).

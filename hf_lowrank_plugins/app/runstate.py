@@ -168,11 +168,14 @@ class RunRecorder(TrainerCallback):
     * On every step that saves, it asks the Trainer to log first, so the log history inside a
       checkpoint covers exactly its steps (a resumed run's ``train_loss`` is then the whole run's).
     * Into every checkpoint it writes :data:`RUN_RECORD`: the method and the settings a resume must
-      agree with, and the timings so far.
+      agree with, the base model it trains (where ``generate`` finds the tokenizer of a checkpoint that
+      holds whole weights), and the timings so far.
     """
 
-    def __init__(self, identity: dict[str, Any], timer: StepTimer, init_seconds: dict[str, float]) -> None:
-        self.identity, self.timer, self.init_seconds = identity, timer, init_seconds
+    def __init__(
+        self, identity: dict[str, Any], timer: StepTimer, init_seconds: dict[str, float], base: dict[str, Any]
+    ) -> None:
+        self.identity, self.timer, self.init_seconds, self.base = identity, timer, init_seconds, base
 
     def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
         """Log on every saving step (``DefaultFlowCallback`` has decided ``should_save`` already)."""
@@ -185,6 +188,7 @@ class RunRecorder(TrainerCallback):
         if folder.is_dir() and args.should_save:
             record = {
                 **self.identity,
+                "base": self.base,
                 **self.init_seconds,
                 "steps": self.timer._global_steps,
                 "step_seconds": self.timer.step_seconds,
@@ -218,6 +222,15 @@ def _json_value(value: Any) -> Any:
     if isinstance(value, (set, frozenset, tuple)):
         value = sorted(value, key=str)
     return json.loads(json.dumps(value, default=str))
+
+
+def recorded_base(checkpoint: Path) -> tuple[str, str | None] | None:
+    """The base model (a folder or Hub id, and its revision) a checkpoint's run trained, if it records one."""
+    try:
+        base = json.loads((checkpoint / RUN_RECORD).read_text()).get("base")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return (str(base["model"]), base.get("revision")) if isinstance(base, dict) and base.get("model") else None
 
 
 def check_checkpoint(path: str, identity: dict[str, Any], max_steps: int | None = None) -> dict[str, Any]:

@@ -58,10 +58,26 @@ class TrainSpec:
     dataset: str | None = field(
         default=None,
         metadata=opt(
-            "training data: .txt, .jsonl, .json, .csv, .parquet or a saved datasets folder, with text, chat "
-            "messages, prompt/completion or instruction/input/output records; embedded:kjv-text or "
-            "embedded:kjv-quotes (chat) need no file (default: embedded:kjv-text)"
+            "training data: .txt, .jsonl, .json, .csv, .parquet, a saved datasets folder or a Hub dataset id, "
+            "with text, chat messages, prompt/completion or instruction/input/output records; embedded:kjv-text "
+            "or embedded:kjv-quotes (chat) need no file (default: embedded:kjv-text)"
         ),
+    )
+    dataset_config: str | None = field(
+        default=None, metadata=opt("configuration (subset) of a Hub --dataset, as datasets.load_dataset names it")
+    )
+    dataset_split: str | None = field(
+        default=None, metadata=opt("split of a Hub --dataset or a saved DatasetDict folder (default: train)")
+    )
+    eval_dataset: str | None = field(
+        default=None,
+        metadata=opt(
+            "evaluate on this file, folder or Hub id (its first --eval-blocks examples) and train on all of "
+            "--dataset (default: hold out the last --eval-blocks of --dataset)"
+        ),
+    )
+    eval_dataset_split: str | None = field(
+        default=None, metadata=opt("split of a Hub --eval-dataset or a saved DatasetDict folder (default: train)")
     )
     output_dir: str | None = field(default=None, metadata=opt("output folder (default: runs/METHOD)", scope="train"))
     max_steps: int | None = field(

@@ -26,8 +26,9 @@ from ..quantization import load_quantized
 from ..registry import Registry, get_registry
 from ..sources import ModelSource, load_model_config, load_tokenizer, resolve_model
 from ..types import MethodInfo, QuantizationSettings
-from .data import TrainingData, load_training_data
-from .embedded import dataset_path, default_model_dir, default_text_path
+from .data import DataSource, TrainingData, data_source, load_training_data
+from .embedded import default_model_dir, default_text_path
+from .launch import Launch
 from .model import (
     check_bf16,
     check_model_dir,
@@ -100,12 +101,22 @@ def training_arguments(spec: TrainSpec, output_dir: Path, steps: int | None) -> 
     )
 
 
-def read_data(spec: TrainSpec, tokenizer: Any) -> TrainingData:
-    """The training and held-out data of ``spec`` (the embedded KJV text by default)."""
+def read_data(spec: TrainSpec, tokenizer: Any, world_size: int = 1) -> TrainingData:
+    """The training and held-out data of ``spec`` (the embedded KJV text by default); reading stops at what
+    ``world_size`` processes use in the run's steps (each takes its own batches)."""
     steps = spec.steps_or_default
-    needed = None if steps is None else steps * spec.batch_size * spec.grad_accum + spec.eval_blocks
-    source = dataset_path(spec.dataset) if spec.dataset is not None else default_text_path()
-    data = load_training_data(source, tokenizer, spec.seq_len, spec.eval_blocks, needed, spec.loss_on_prompt)
+    needed = None if steps is None else steps * spec.batch_size * spec.grad_accum * world_size + spec.eval_blocks
+    data = load_training_data(
+        training_source(spec),
+        tokenizer,
+        spec.seq_len,
+        spec.eval_blocks,
+        needed,
+        spec.loss_on_prompt,
+        eval_source=evaluation_source(spec),
+        split=spec.dataset_split,
+        eval_split=spec.eval_dataset_split,
+    )
     if data.truncated or data.dropped:
         print(
             f"note: {data.truncated} example(s) longer than --seq-len {spec.seq_len} were cut (their ends are not "
@@ -113,6 +124,31 @@ def read_data(spec: TrainSpec, tokenizer: Any) -> TrainingData:
             file=sys.stderr,
         )
     return data
+
+
+def training_source(spec: TrainSpec) -> DataSource:
+    """Where ``spec`` trains from: its ``--dataset`` (a file, folder or Hub id), else the embedded text."""
+    if spec.dataset is None:
+        if spec.dataset_config is not None or spec.dataset_split is not None:
+            raise LowRankError("--dataset-config and --dataset-split select within --dataset; name the dataset too")
+        return default_text_path()
+    return data_source(spec.dataset, spec.dataset_config, spec.dataset_split)
+
+
+def evaluation_source(spec: TrainSpec) -> DataSource | None:
+    """Where ``spec`` evaluates from when apart from its training data (``--eval-dataset``)."""
+    if spec.eval_dataset is None:
+        if spec.eval_dataset_split is not None:
+            raise LowRankError("--eval-dataset-split selects within --eval-dataset; name the dataset too")
+        return None
+    config = spec.dataset_config if spec.eval_dataset == spec.dataset else None  # another split of the same set
+    return data_source(spec.eval_dataset, config, spec.eval_dataset_split)
+
+
+def local_inputs(spec: TrainSpec) -> dict[str, Path | None]:
+    """The local data files a run reads (an output folder must not hold them); Hub datasets are not local."""
+    sources: dict[str, DataSource | None] = {"dataset": training_source(spec), "eval dataset": evaluation_source(spec)}
+    return {what: source if isinstance(source, Path) else None for what, source in sources.items() if source}
 
 
 def load_base(spec: TrainSpec, model_dir: Path, info: MethodInfo, config: Any) -> torch.nn.Module:
@@ -128,17 +164,27 @@ def load_base(spec: TrainSpec, model_dir: Path, info: MethodInfo, config: Any) -
     return load_causal_lm(model_dir, dtype)
 
 
+#: Above this, a trained weight is a run gone wrong: trained language models keep |w| in the tens at most.
+HUGE_WEIGHT = 1e4
+
+
+def largest_trained_value(model: torch.nn.Module) -> float:
+    """The largest magnitude among the trainable parameters this process holds."""
+    values = [p.detach().abs().max().item() for p in model.parameters() if p.requires_grad and p.numel()]
+    return max(values, default=0.0)
+
+
 def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: list | None = None) -> dict[str, Any]:
     """Train ``spec.method``; commit ``metrics.json``, ``adapter/`` and (with ``merge``) ``merged/`` as one set."""
     registry = registry or get_registry()
+    launch = Launch.from_env()
     info = registry.get(spec.method)
     config = make_config(info, registry=registry, **spec.method_fields())  # bad options fail before any loading
     if spec.load_in_4bit and not info.supports_quantized_base:
         raise LowRankError(
             f"--load-in-4bit: method '{info.name}' cannot train on a 4-bit base: {info.no_quantized_base}"
         )
-    if spec.dataset is not None and not dataset_path(spec.dataset).exists():
-        raise LowRankError(f"dataset not found: {spec.dataset}; pass an existing file or datasets folder")
+    data_inputs = local_inputs(spec)  # a dataset that is neither a path nor an id fails before any loading
     if spec.bf16:
         check_bf16()
     source = resolve_model(spec.model, spec.revision) if spec.model is not None else ModelSource(default_model_dir())
@@ -148,16 +194,17 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
         spec.resolved_output_dir(),
         command="train",
         overwrite=spec.overwrite,
-        inputs={"base model": model_dir, "dataset": dataset_path(spec.dataset) if spec.dataset else None},
+        inputs={"base model": model_dir, **data_inputs},
         resume_from=spec.resume_from_checkpoint,
         in_place=[TENSORBOARD] if reports_to_tensorboard(spec) else [],
     )
-    outputs.check()  # before loading anything: a folder we may not write fails in a second
+    launch.join()  # every process of a launch, or one line why they cannot work together
+    launch.share(outputs.check)  # before loading anything: a folder we may not write fails in a second
     repo_id = hub_repo_id(spec.hub_model_id, outputs.path) if spec.push_to_hub else None
     tokenizer = load_tokenizer(model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    data = read_data(spec, tokenizer)
+    data = read_data(spec, tokenizer, launch.world_size)
 
     memory = PhaseMemory()
     memory.begin("load")
@@ -173,7 +220,9 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
         adapted.config.revision = source.revision  # PEFT's field for the base's revision
     attach_seconds = time.perf_counter() - started
     data_options = {
-        "dataset": str(data.source.resolve()),
+        "dataset": str(data.source.resolve() if isinstance(data.source, Path) else data.source),
+        # only when given: checkpoints written before the option existed keep resuming
+        **({"eval_dataset": str(data.eval_source)} if data.eval_source is not None else {}),
         "seq_len": spec.seq_len,
         "batch_size": spec.batch_size,
         "grad_accum": spec.grad_accum,
@@ -184,18 +233,19 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
     resume = spec.resume_from_checkpoint
     record = check_checkpoint(resume, identity, spec.steps_or_default) if resume else {}
 
-    with outputs:
+    with launch.claim(outputs) as work:  # rank 0 owns the set; every rank checkpoints into its work folder
         if reports_to_tensorboard(spec):
             # transformers reads the folder from the environment (else ./runs/...): keep it in this run's set
-            os.environ["TENSORBOARD_LOGGING_DIR"] = str(outputs.work / TENSORBOARD)
-        args = training_arguments(spec, outputs.work, spec.steps_or_default)
+            os.environ["TENSORBOARD_LOGGING_DIR"] = str(work / TENSORBOARD)
+        args = training_arguments(spec, work, spec.steps_or_default)
         timer = StepTimer()
         timer.restore(record.get("steps", []), record.get("step_seconds", []))
         init_seconds = {
             "attach_seconds": record.get("attach_seconds", attach_seconds),
             "startup_seconds": record.get("startup_seconds", 0.0),
         }
-        recorder = RunRecorder(identity, timer, init_seconds)
+        base_source = {"model": source.hub_id or str(source.folder.resolve()), "revision": source.revision}
+        recorder = RunRecorder(identity, timer, init_seconds, base_source)
         method_kwargs = adapted.trainer_kwargs()
         trainer = Trainer(
             model=adapted.model,
@@ -214,12 +264,15 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
         if not record:
             init_seconds["startup_seconds"] = timer.startup_seconds
         eval_after = trainer.evaluate()["eval_loss"]
+        if not launch.is_main:  # rank 0 exports and writes the set
+            return {"rank": launch.rank, "world_size": launch.world_size}
 
         merged_dtype = checkpoint_dtype(model_dir) if spec.merged_dtype == "auto" else torch_dtype(spec.merged_dtype)
         steps = trainer.state.global_step
         training = {
             "model": source.name,
             "dataset": str(data.source),
+            "eval_dataset": None if data.eval_source is None else str(data.eval_source),
             "data_kind": data.kind,
             "steps": steps,
             "lr": spec.lr,
@@ -249,6 +302,13 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
                 "learn; lower --lr, or check the data"
             )
             print(f"hf-lowrank: warning: {run_warnings[-1]}", file=sys.stderr)
+        largest = largest_trained_value(adapted.model)
+        if largest > HUGE_WEIGHT:
+            run_warnings.append(
+                f"trained weights reach |w| = {largest:.3g}, far beyond the scale of any trained model "
+                f"(finite, so no divergence was detected): --lr {spec.lr:g} is likely too high"
+            )
+            print(f"hf-lowrank: warning: {run_warnings[-1]}", file=sys.stderr)
         eval_history: list[dict[str, float]] = []
         for entry in trainer.state.log_history:
             # One entry per step: the final evaluate() repeats the last periodic evaluation's step.
@@ -257,8 +317,10 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
                 eval_history.append({"step": entry["step"], "eval_loss": entry["eval_loss"], "seconds": seconds})
         metrics = {
             "method": spec.method,
+            "world_size": launch.world_size,
             "model": source.name,
             "dataset": str(data.source),
+            "eval_dataset": None if data.eval_source is None else str(data.eval_source),
             "data_kind": data.kind,
             "train_examples": len(data.train),  # type: ignore[arg-type]  # our datasets are sized
             "examples_truncated": data.truncated,

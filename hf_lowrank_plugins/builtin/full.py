@@ -1,7 +1,7 @@
 """The built-in ``full`` method: plain full fine-tuning, the baseline every low-rank method is judged against.
 
 Every parameter trains with the optimizer the Trainer builds from its arguments (AdamW by default);
-nothing is attached or wrapped. It lives in the core, not in a plugin distribution, so that
+nothing is attached or wrapped, and the core's default export writes the trained model to ``merged/``. It lives in the core, not in a plugin distribution, so that
 ``hf-lowrank compare`` always has a baseline; it is listed in
 :data:`~hf_lowrank_plugins.registry.BUILTIN_PLUGINS` and loaded like any other plugin, as pytest
 loads its built-in plugins.
@@ -10,16 +10,12 @@ loads its built-in plugins.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-import torch
 from peft import PeftConfig
 from torch import nn
 
-from ..export import save_merged
 from ..hookspecs import hookimpl
-from ..types import ExportResult, MethodInfo
+from ..types import MethodInfo
 
 NAME = "full"
 
@@ -62,26 +58,3 @@ def init_adapter(model: nn.Module, config: FullFineTuneConfig) -> nn.Module:
         if param.is_floating_point():
             param.requires_grad_(True)
     return model
-
-
-@hookimpl
-def post_train_merge(
-    model: nn.Module,
-    config: FullFineTuneConfig,
-    output_dir: Path,
-    merge: bool,
-    tokenizer: Any,
-    merged_dtype: torch.dtype | None = None,
-) -> ExportResult:
-    """Write the trained model as a plain checkpoint at ``output_dir/merged`` (there is no adapter).
-
-    Saved in place: the core's default export deep-copies the model before merging, which for a
-    model with no adapter would only double peak memory.
-    """
-    merged_dir = save_merged(model, Path(output_dir) / "merged", tokenizer=tokenizer, dtype=merged_dtype)
-    result = ExportResult(merged_dir=merged_dir)
-    if not merge:
-        result.notes.append(
-            "full fine-tuning trains the weights themselves: wrote the checkpoint to merged/ (no adapter)"
-        )
-    return result

@@ -33,7 +33,7 @@ from ..errors import ConfigError
 from ..method import config_fields, peft_internal_fields
 from ..registry import get_registry
 from . import contract
-from .models import MODEL_CASES, ModelCase, kit_devices, rel_err
+from .models import MODEL_CASES, ModelCase, kit_devices, kit_models, rel_err
 
 #: The checks of the matrix, by test name; ``expected_failures`` keys use these names (or ``"*"``).
 CHECKS = (
@@ -80,7 +80,7 @@ class MethodConformance:
         check = metafunc.function.__name__.removeprefix("test_")
         params = []
         for device in kit_devices():
-            for case in self.models:
+            for case in kit_models(self.models):
                 reason = self.expected_failures.get((case.name, check)) or self.expected_failures.get((case.name, "*"))
                 marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
                 name = case.name if device == "cpu" else f"{case.name}-{device}"

@@ -34,6 +34,20 @@ def kit_devices() -> tuple[str, ...]:
     return ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
 
 
+def kit_models(cases: tuple[ModelCase, ...]) -> tuple[ModelCase, ...]:
+    """The model cases the kit's checks run on: ``cases``, or those ``HF_LOWRANK_TEST_MODELS`` names
+    (comma-separated, e.g. ``llama`` for ``make test-fast``); a name not among them fails the run."""
+    named = [n.strip() for n in os.environ.get("HF_LOWRANK_TEST_MODELS", "").split(",") if n.strip()]
+    if not named:
+        return cases
+    unknown = sorted(set(named) - {case.name for case in cases})
+    if unknown:
+        raise RuntimeError(
+            f"HF_LOWRANK_TEST_MODELS names {', '.join(unknown)}; the matrix has {', '.join(c.name for c in cases)}"
+        )
+    return tuple(case for case in cases if case.name in named)
+
+
 class TokenDataset(torch.utils.data.Dataset):
     """Learnable token sequences (8 patterns repeated), with labels for a causal, seq2seq or classifier model."""
 

@@ -397,6 +397,7 @@ def test_dora_output_keeps_one_activation_for_backward_and_equals_peft_expressio
 
 
 @pytest.mark.parametrize("four_bit", [False, True])
+@pytest.mark.integration
 def test_training_forward_compiles_to_one_graph_that_reads_the_weight_as_it_is(four_bit):
     """Under ``torch.compile`` DoRA's training forward is one graph: no graph break in any layer (with
     two per layer, from PEFT's weight helper and from checking the cached ``||W_i||^2`` against its

@@ -3,13 +3,12 @@
 GaLore trains the full model; what changes is the optimizer. So ``init_adapter`` only validates,
 ``wrap_optimizer`` swaps the Trainer's optimizer for :class:`~hf_lowrank_galore.optimizer.GaLoreAdamW`
 (or :class:`~hf_lowrank_galore.adafactor.GaLoreAdafactor`) with the same hyperparameters and groups,
-and ``post_train_merge`` writes the fine-tuned model.
+and the core's default export writes the fine-tuned model to ``merged/``.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,13 +16,11 @@ from torch import nn
 
 from hf_lowrank_plugins import (
     ConfigError,
-    ExportResult,
     IncompatibleError,
     MethodInfo,
     check_rank,
     find_target_modules,
     hookimpl,
-    save_merged,
 )
 from hf_lowrank_plugins.distributed import zero_stage
 from hf_lowrank_plugins.types import PlanSettings
@@ -240,26 +237,3 @@ def wrap_optimizer(
         min_8bit_size=int(config.min_8bit_size),
         layerwise=bool(config.layerwise),
     )
-
-
-@hookimpl
-def post_train_merge(
-    model: nn.Module,
-    config: GaLoreConfig,
-    output_dir: Path,
-    merge: bool,
-    tokenizer: Any,
-    merged_dtype: torch.dtype | None = None,
-) -> ExportResult:
-    """Write the fine-tuned model as a plain checkpoint at ``output_dir/merged`` (there is no adapter).
-
-    The weights themselves were trained, so ``merge`` changes nothing: the full checkpoint is the
-    only deliverable and is always written.
-    """
-    merged_dir = save_merged(model, Path(output_dir) / "merged", tokenizer=tokenizer, dtype=merged_dtype)
-    result = ExportResult(merged_dir=merged_dir)
-    if not merge:
-        result.notes.append(
-            "galore trains the full weights: wrote the full checkpoint to merged/ (there is no adapter)"
-        )
-    return result

@@ -165,6 +165,7 @@ def test_trainer_trains_with_low_rank_state(tmp_path):
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+@pytest.mark.integration
 def test_resume_gives_same_losses(tmp_path, optimizer):
     """Resume from the middle checkpoint = uninterrupted run; optimizer.pt loads with weights_only."""
     if optimizer == "adamw8bit":
@@ -187,6 +188,7 @@ def test_resume_gives_same_losses(tmp_path, optimizer):
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16-weights"])
+@pytest.mark.integration
 def test_adafactor_through_trainer_resumes_exactly(tmp_path, dtype):
     """optimizer='adafactor' with optim='adafactor': the Trainer's Adafactor settings are kept, loss
     falls, and resuming from the middle checkpoint reproduces the uninterrupted run; with bf16 weights
@@ -218,6 +220,7 @@ def test_adafactor_through_trainer_resumes_exactly(tmp_path, dtype):
         assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
 
 
+@pytest.mark.integration
 def test_layerwise_matches_and_accumulates(tmp_path):
     """Layer-wise (GA=1) equals the global optimizer (AdamW and Adafactor); with GA=2 it trains and target grads are freed."""
     seen = []

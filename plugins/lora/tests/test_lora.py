@@ -68,6 +68,7 @@ def test_trainer_loss_goes_down_and_merge_is_exact(tiny_model, batch, token_data
     assert json.loads((result.adapter_dir / "hf_lowrank_method.json").read_text())["method"] == "lora"
 
 
+@pytest.mark.integration
 def test_plain_peft_loads_our_adapter_without_our_package(tiny_model, batch, token_dataset, tmp_path):
     base_dir = tmp_path / "base"
     tiny_model.save_pretrained(base_dir)

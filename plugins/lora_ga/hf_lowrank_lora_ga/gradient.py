@@ -293,7 +293,7 @@ class _Taps:
         # checkpointing) drops its input with that output
         self.kept: dict[str, weakref.WeakSet[_Kept]] = {name: weakref.WeakSet() for name in accumulators}
 
-    def forward_hook(self, name: str):
+    def forward_hook(self, name: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
         """The forward hook of layer ``name``."""
 
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from peft.utils.other import transpose
 
@@ -10,6 +12,9 @@ from hf_lowrank_plugins.distributed import is_partitioned
 from hf_lowrank_plugins.memory import release_replaced, weight_locations
 
 from .gradient import GradientFactors, seed_for
+
+if TYPE_CHECKING:
+    from .config import LoraGaConfig
 
 
 def _indices(direction: str, r: int, variant: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,7 +43,7 @@ def lora_ga_factors(
     factors: GradientFactors,
     r: int,
     scaling: float,
-    config,
+    config: LoraGaConfig,
     weight: torch.Tensor | None = None,
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,7 +131,7 @@ def set_initial_factors(
 
 
 def init_layer(
-    layer: LoraModule, adapter: str, factors: GradientFactors, config, name: str
+    layer: LoraModule, adapter: str, factors: GradientFactors, config: LoraGaConfig, name: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LoRA-GA for one layer: A, B from ``factors``, W <- W - s*B@A; returns the stored (A, B)."""
     r, scaling = layer.r[adapter], layer.scaling[adapter]

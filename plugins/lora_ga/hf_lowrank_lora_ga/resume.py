@@ -52,7 +52,7 @@ def record_initial_factors(layer: LoraModule, adapter: str, A: torch.Tensor, B: 
     getattr(layer, SAVED_B)[adapter].copy_(B)
 
 
-def _rebase_after_load(model: torch.nn.Module, incompatible_keys) -> None:
+def _rebase_after_load(model: torch.nn.Module, incompatible_keys: object) -> None:
     """``load_state_dict`` post-hook: make W hold W - s*B0@A0 for the A0, B0 just loaded.
 
     A layer whose base weight came with the checkpoint (PEFT saves a targeted ``lm_head`` or

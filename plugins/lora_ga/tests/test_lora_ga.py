@@ -98,6 +98,7 @@ SCALES = ["stable", "gd", "unit", "weight_svd"]
 
 
 @pytest.mark.parametrize("direction", ["ArB2r", "A2rBr", "ArBr"])
+@pytest.mark.integration
 def test_init_matches_the_exact_gradient_reference_and_keeps_the_output(batch, direction):
     base = make_tiny_model()
     batches = _batches()
@@ -180,6 +181,7 @@ def test_peft_variant_equals_peft_lora_ga_init(batch, direction):
 
 
 @pytest.mark.parametrize("n_batches, size", [(3, 8), (2, 1)])  # the sums as G; the MLP's as kept factors
+@pytest.mark.integration
 def test_streaming_estimate_equals_plain_autograd_and_groups_change_nothing(n_batches, size):
     """The layer-group count trades passes for memory and nothing else: the factors are bit for bit the same
     (so sizing it from the memory in use, which differs run to run, never changes a result)."""
@@ -430,6 +432,7 @@ def test_subtract_factors_keeps_the_parameter_and_rounds_once(dtype, zero3_gathe
     assert torch.equal(weight.detach(), (before.float() - (B @ A).mul_(0.5)).to(dtype))
 
 
+@pytest.mark.integration
 def test_sketch_is_exact_at_full_rank_and_seeded():
     """With k >= min(m, n) the two-sided sketch determines G exactly (the algebra); smaller k is an
     approximation whose quality on a real model is measured in benchmarks/bench_init.py."""
@@ -462,6 +465,7 @@ class _AfterInit(TrainerCallback):
         model.train(was)
 
 
+@pytest.mark.integration
 def test_trains_through_a_plain_trainer_and_starts_at_the_base(tmp_path, batch):
     base = make_tiny_model()
     ref = logits(base, batch)
@@ -502,6 +506,7 @@ def _run(tmp_path, name, resume=None, targets=None, **kw):
 
 
 @pytest.mark.parametrize("targets", [None, ["q_proj", "v_proj", "lm_head"]], ids=["default", "with-lm_head"])
+@pytest.mark.integration
 def test_resume_does_not_rerun_the_init_and_reproduces_the_run(tmp_path, monkeypatch, batch, targets):
     """With lm_head targeted the checkpoint holds its base weight, W_res already: it was rebased a second time
     (W - 2 s B0 A0) and the resumed run diverged."""
@@ -529,6 +534,7 @@ def test_resume_does_not_rerun_the_init_and_reproduces_the_run(tmp_path, monkeyp
     ],
     ids=["lm_head", "embedding"],
 )
+@pytest.mark.integration
 def test_the_exported_adapter_reloads_in_plain_peft_off_the_usual_targets(tmp_path, batch, settings):
     """A targeted head's saved base weight (W_res) loaded under the rank-2r adapter, an embedding's rank-r
     factors did not fit the rank-2r config."""
@@ -550,6 +556,7 @@ def test_a_target_tied_to_another_module_is_refused():
         hlp.attach(make_tiny_model(tie_word_embeddings=True), "lora_ga", r=2, target_modules=["q_proj", "lm_head"])
 
 
+@pytest.mark.integration
 def test_portable_export_merged_checkpoint_and_config_round_trip(tmp_path, batch):
     base_dir = tmp_path / "base"
     make_tiny_model().save_pretrained(base_dir)
@@ -627,6 +634,7 @@ def test_runtime_errors_name_the_fix(tmp_path):
 
 @pytest.mark.ddp
 @pytest.mark.parametrize("estimator", ["sketch", "full"])
+@pytest.mark.integration
 def test_two_process_ddp_ranks_initialise_identically(tmp_path, estimator):
     env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(

@@ -76,6 +76,7 @@ def test_fast_svd_is_seeded_and_reproducible(batch):
 
 
 @pytest.mark.parametrize("svd", [{"svd": "exact"}, {"svd": "fast", "svd_niter": 2}])
+@pytest.mark.integration
 def test_trains_and_exports_a_plain_lora_on_the_original_weights(batch, token_dataset, tmp_path, svd):
     base_dir = tmp_path / "base"
     make_tiny_model().save_pretrained(base_dir)
@@ -128,6 +129,7 @@ def test_rslora_and_rank_pattern_conversion_keeps_every_scaling(batch, tmp_path)
     ],
     ids=["lm_head", "embedding"],
 )
+@pytest.mark.integration
 def test_the_exported_adapter_reloads_in_plain_peft_off_the_usual_targets(batch, tmp_path, settings):
     """plain PEFT loaded W_res under the head's rank-2r adapter (54% off), an embedding's rank-r factors did not
     load into the rank-2r config."""
@@ -202,6 +204,7 @@ def test_load_in_4bit_runs_the_svd_before_quantizing(batch):
         hlp.attach(nf4_base, "pissa", r=4)
 
 
+@pytest.mark.integration
 def test_qpissa_svd_in_fp32_then_nf4_residual_trains_and_merges(batch, token_dataset, tmp_path):
     pytest.importorskip("bitsandbytes")
     import bitsandbytes as bnb

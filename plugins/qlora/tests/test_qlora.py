@@ -33,6 +33,7 @@ def test_qlora_quantizes_to_nf4_with_double_quant_and_keeps_the_head(batch):
     assert 0 < rel_err(ref_q, logits(make_tiny_model(), batch)) < 0.1
 
 
+@pytest.mark.integration
 def test_qlora_trains_and_merges_into_a_full_precision_checkpoint(batch, token_dataset, tmp_path):
     adapted = hlp.attach(make_tiny_model(), "qlora", r=4)
     trainer = Trainer(

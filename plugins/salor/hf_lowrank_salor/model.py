@@ -19,7 +19,7 @@ optimizer step hook (installed through ``wrap_optimizer``) re-zeroes masked weig
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import torch
@@ -160,7 +160,7 @@ def _factor_mask(weight: torch.Tensor, sparsity: float, generator: torch.Generat
     return magnitude_mask(scores, sparsity)
 
 
-def _mask_grad(layer: LoraModule, key: str):
+def _mask_grad(layer: LoraModule, key: str) -> Callable[[torch.Tensor], torch.Tensor]:
     def hook(grad: torch.Tensor) -> torch.Tensor:
         # read the buffer at call time: the schedule replaces it as sparsity ramps up
         return grad * getattr(layer, key).to(grad.dtype)

@@ -164,6 +164,7 @@ def test_global_threshold_from_histograms_equals_a_full_sort(dtype, sparsity):
     assert torch.equal(one, _sorted_reference_masks({"b": weights["b"]}, _kept(weights["b"].numel(), sparsity))["b"])
 
 
+@pytest.mark.integration
 def test_masks_stay_static_and_zero_through_trainer_training(tmp_path):
     adapted = hlp.attach(make_tiny_model(), "salor", r=4, sparsity_target="both", adapter_sparsity=0.5)
     layers = lora_layers(adapted.model)
@@ -263,6 +264,7 @@ def test_bitmap_round_trip_is_bit_exact(dtype):
     assert encoded_bytes(4096, 2048, 4) / (4096 * 4) == pytest.approx(17 / 32)
 
 
+@pytest.mark.integration
 def test_exports_portable_compressed_and_merged(tmp_path, batch):
     base_dir = tmp_path / "orig"
     make_tiny_model().save_pretrained(base_dir)

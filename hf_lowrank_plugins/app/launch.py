@@ -1,0 +1,95 @@
+"""One ``hf-lowrank train`` across the processes a launcher started (``torchrun``, ``accelerate launch``).
+
+Every process loads, trains and evaluates (the Trainer shards the batches over them); only rank 0
+claims the output folder, exports, writes ``metrics.json`` and commits. The other ranks learn the
+folder the run works in (checkpoints) from rank 0, and a refusal on rank 0 (a folder that is not
+ours, say) ends every rank with the same status, printed once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..errors import LowRankError
+from ..outputs import OutputSet
+
+T = TypeVar("T")
+
+
+class FollowerExit(LowRankError):
+    """A refusal rank 0 reported for the whole run: the other ranks exit with its status, silently."""
+
+
+@dataclass(frozen=True)
+class Launch:
+    """This process's place in the run: its rank among ``world_size`` processes (1: not launched)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def from_env(cls) -> Launch:
+        """The rank and world size a launcher sets (``RANK``, ``WORLD_SIZE``), or a single process."""
+        try:
+            return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+        except ValueError:
+            raise LowRankError(
+                f"RANK={os.environ.get('RANK')!r} / WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} are not whole "
+                "numbers; launch with torchrun or accelerate launch, which set them"
+            ) from None
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process owns the output set."""
+        return self.rank == 0
+
+    def join(self) -> None:
+        """Form the process group the Trainer will use (gloo on CPUs), or say in one line why it cannot."""
+        if self.world_size == 1:
+            return
+        import torch
+        from accelerate import PartialState
+
+        try:
+            PartialState(cpu=not torch.cuda.is_available())
+        except Exception as exc:
+            raise LowRankError(
+                f"this process is one of {self.world_size} (WORLD_SIZE={self.world_size}) but cannot join the others "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); start every process with "
+                f"torchrun --nproc_per_node {self.world_size} $(which hf-lowrank) train ..., or accelerate launch"
+            ) from None
+
+    def share(self, produce: Callable[[], T]) -> T:
+        """``produce()``'s result, computed on rank 0 and received by every rank (its refusal too)."""
+        if self.world_size == 1:
+            return produce()
+        import torch.distributed as dist
+
+        payload: list[Any] = [None]
+        if self.is_main:
+            try:
+                payload = [("value", produce())]
+            except LowRankError as exc:
+                payload = [("refused", str(exc))]
+                dist.broadcast_object_list(payload, src=0)
+                raise
+        dist.broadcast_object_list(payload, src=0)
+        kind, value = payload[0]
+        if kind == "refused":
+            raise FollowerExit(value)
+        return value
+
+    @contextmanager
+    def claim(self, outputs: OutputSet) -> Iterator[Path]:
+        """Rank 0 claims ``outputs`` (as ``with outputs:`` does); every rank gets the folder the run works in."""
+        work = self.share(lambda: outputs.open().work)
+        try:
+            yield work
+        finally:
+            if self.is_main:
+                outputs.abort()  # a no-op once committed; otherwise the set was never completed
