@@ -352,7 +352,7 @@ def test_read_only_output_folder(world, capsys, monkeypatch):
 def test_an_internal_error_is_one_line_with_the_debug_hint(world, capsys, monkeypatch):
     from hf_lowrank_plugins.app import train
 
-    monkeypatch.setattr(train, "read_data", lambda spec, tok: (_ for _ in ()).throw(KeyError("a bug of ours")))
+    monkeypatch.setattr(train, "read_data", lambda *args: (_ for _ in ()).throw(KeyError("a bug of ours")))
     assert main(_train(world)) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "internal error: KeyError" in err[0] and "rerun with --debug" in err[0]
