@@ -59,7 +59,7 @@ model.save_pretrained(sys.argv[1])
 PREPARE_ADAPTER = """
 import sys, torch
 import hf_lowrank_plugins as hlp
-from hf_lowrank_plugins.app.model import checkpoint_dtype, load_causal_lm
+from hf_lowrank_plugins.checkpoints import checkpoint_dtype, load_causal_lm
 base = sys.argv[1]
 model = load_causal_lm(base, checkpoint_dtype(base))
 model.config.name_or_path = base

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .export import default_export, merged_copy, save_adapter, save_merged
     from .hookspecs import hookimpl, hookspec
     from .io import atomic_directory, write_json_atomic
+    from .merge import merge_adapter
     from .method import describe_fields, validate_config
     from .outputs import OutputFolderError, OutputSet, verify_manifest
     from .quantization import is_quantized
@@ -42,6 +43,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["default_export", "merged_copy", "save_adapter", "save_merged"], "export"),
     **dict.fromkeys(["hookimpl", "hookspec"], "hookspecs"),
     **dict.fromkeys(["atomic_directory", "write_json_atomic"], "io"),
+    "merge_adapter": "merge",
     **dict.fromkeys(["describe_fields", "validate_config"], "method"),
     **dict.fromkeys(["OutputFolderError", "OutputSet", "verify_manifest"], "outputs"),
     "is_quantized": "quantization",

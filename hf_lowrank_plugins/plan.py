@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpoints import checkpoint_dtype
 from .distributed import check_zero_stage
 from .errors import LowRankError
 from .memory import status_bytes
@@ -127,14 +128,6 @@ def _readable(path: Path, build: Callable[[], Any]) -> Any:
         return build()
     except (ValueError, KeyError) as exc:
         raise LowRankError(f"{path}: transformers cannot read it ({' '.join(str(exc).split())[:200]})") from None
-
-
-def checkpoint_dtype(config: Any) -> torch.dtype:
-    """The dtype a config says its weights are stored in (fp32 when it says nothing)."""
-    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(value, torch.dtype):
-        return value
-    return getattr(torch, str(value)) if value else torch.float32
 
 
 def meta_model(config: Any, dtype: torch.dtype | None = None) -> nn.Module:

@@ -279,6 +279,10 @@ def test_hf_lowrank_merge_from_disk_equals_export(method, dtype, tmp_path):
     assert sorted(from_disk) == sorted(exported)
     for key, value in exported.items():
         assert from_disk[key].dtype == value.dtype == dtype and torch.equal(from_disk[key], value), key
+    # the same pipeline from Python: hf_lowrank_plugins.merge_adapter, which the CLI calls
+    assert hlp.merge_adapter(tmp_path / "run" / "adapter", tmp_path / "from_api", base=tmp_path / "base").is_dir()
+    from_api = _read(tmp_path / "from_api")
+    assert sorted(from_api) == sorted(exported) and all(torch.equal(from_api[k], v) for k, v in exported.items())
     loaded = hlp.load_adapter(
         transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"), dtype=dtype),
         tmp_path / "run" / "adapter",

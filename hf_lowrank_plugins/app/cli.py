@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import signal
-import struct
 import sys
 import threading
 import traceback
@@ -305,65 +304,23 @@ def _cmd_list(ns: argparse.Namespace) -> int:
 
 
 def _cmd_merge(ns: argparse.Namespace) -> int:
-    from ..api import load_adapter, load_config, read_adapter_config
-    from ..cards import write_model_card
-    from ..export import write_merged
-    from ..outputs import OutputSet
-    from ..plan import meta_model
-    from ..quantization import load_quantized
-    from ..registry import get_registry
-    from ..sources import load_model_config, load_tokenizer, resolve_adapter_base
-    from ..streaming import CheckpointReader
-    from ..types import QuantizationSettings
-    from .model import check_model_dir, checkpoint_dtype, load_causal_lm, torch_dtype
+    from ..checkpoints import torch_dtype
+    from ..merge import merge_adapter
 
-    raw = read_adapter_config(ns.adapter_dir)
-    base_source = resolve_adapter_base(ns.adapter_dir, raw, ns.base, ns.revision)
-    base = base_source.folder
-    if not base.exists():
-        raise LowRankError(f"base model not found ({base_source.name!r}); pass --base DIR or a Hub id")
-    outputs = OutputSet(
-        ns.output_dir, command="merge", overwrite=ns.overwrite, inputs={"adapter": ns.adapter_dir, "base model": base}
+    dtype = None if ns.merged_dtype == "auto" else torch_dtype(ns.merged_dtype)
+    base = merge_adapter(
+        ns.adapter_dir, ns.output_dir, ns.base, ns.revision, merged_dtype=dtype, overwrite=ns.overwrite
     )
-    outputs.check()
-    check_model_dir(base)
-    stored_dtype = checkpoint_dtype(base)
-    # A safetensors base is read tensor by tensor under a meta-device skeleton: one layer in memory,
-    # so models larger than RAM merge. Other formats load whole (the same merge, more memory).
-    source, model = None, None
-    config = load_config(ns.adapter_dir)
-    if get_registry().method_for_config(config).requires_quantized_base:
-        # the adapter was trained on deq(NF4(W)), not on W: the base is quantized as its training run did,
-        # and the merge dequantizes it (what export's merged/ holds)
-        model = load_quantized(base, QuantizationSettings.from_config(config))
-    elif CheckpointReader.available(base):
-        try:
-            source = CheckpointReader(base)
-        except (OSError, ValueError, KeyError, struct.error) as exc:
-            raise LowRankError(f"the weights in {base} cannot be read ({exc}); the checkpoint is damaged") from None
-        model = meta_model(load_model_config(base), dtype=stored_dtype)
-        if not {name for name, _ in model.named_parameters()} <= set(source.names()):
-            source, model = None, None  # names transformers renames on load (older checkpoints)
-    if model is None:
-        model = load_causal_lm(base, stored_dtype)
-    adapted = load_adapter(model, ns.adapter_dir)
-    has_tokenizer = any((Path(base) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
-    tokenizer = load_tokenizer(base) if has_tokenizer else None
-    dtype = stored_dtype if ns.merged_dtype == "auto" else torch_dtype(ns.merged_dtype)
-    with outputs:
-        write_merged(adapted.model, outputs.stage, tokenizer=tokenizer, dtype=dtype, source=source)
-        write_model_card(outputs.stage, "merged", adapted.method, adapted.config, {"model": str(base)})
-        outputs.commit(info={"adapter": str(ns.adapter_dir), "base": str(base)})
     print(f"merged {ns.adapter_dir} into {base}: wrote {ns.output_dir}")
     return 0
 
 
 def _cmd_plan(ns: argparse.Namespace) -> int:
+    from ..checkpoints import torch_dtype
     from ..plan import plan_memory
     from ..sources import resolve_model
     from ..types import PlanSettings
     from .embedded import default_model_dir
-    from .model import torch_dtype
 
     # --set, --rank and --alpha become method fields exactly as for `train`
     fields = TrainSpec(method=ns.method, rank=ns.rank, alpha=ns.alpha, settings=parse_set(ns.set)).method_fields()

@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
+from ..checkpoints import check_model_dir, checkpoint_dtype, load_causal_lm
 from ..errors import LowRankError
 from ..sources import load_tokenizer, resolve_adapter_base, resolve_model
-from .model import check_model_dir, checkpoint_dtype, load_causal_lm, position_limit
+from .model import position_limit
 
 
 def resolve(

@@ -20,6 +20,7 @@ import torch
 from transformers import Trainer, TrainingArguments, set_seed
 
 from ..api import attach, make_config
+from ..checkpoints import check_model_dir, checkpoint_dtype, load_causal_lm, torch_dtype
 from ..errors import LowRankError
 from ..outputs import CHECKPOINTS, OutputSet
 from ..quantization import load_quantized
@@ -29,14 +30,7 @@ from ..types import MethodInfo, QuantizationSettings
 from .data import DataSource, TrainingData, data_source, load_training_data
 from .embedded import default_model_dir, default_text_path
 from .launch import Launch
-from .model import (
-    check_bf16,
-    check_model_dir,
-    checkpoint_dtype,
-    load_causal_lm,
-    position_limit,
-    torch_dtype,
-)
+from .model import check_bf16, position_limit
 from .push import hub_repo_id, push_run
 from .runstate import (
     PhaseMemory,
