@@ -182,7 +182,7 @@ CLI_CASES = [
     (
         "set-init-rewrites-base",
         lambda w: _train(w, "--set", "init_lora_weights=olora"),
-        "cannot use init_lora_weights='olora' (OLoRA rewrites the base weights",
+        "cannot use init_lora_weights='olora' (use --method olora",
     ),
     ("set-init-pissa-on-lora", lambda w: _train(w, "--set", "init_lora_weights=pissa"), "use --method pissa"),
     ("set-init-unknown", lambda w: _train(w, "--set", "init_lora_weights=xavier"), "is not an initialisation"),

@@ -16,7 +16,7 @@ from hf_lowrank_plugins import ConfigError, validate_config
 _REWRITING_INITS = {
     "pissa": "use --method pissa, which exports a plain LoRA on the original weights",
     "lora_ga": "use --method lora_ga, which exports a plain LoRA on the original weights",
-    "olora": "OLoRA rewrites the base weights and is not exported portably yet",
+    "olora": "use --method olora, which exports a plain LoRA on the original weights",
     "corda": "CorDA rewrites the base weights from calibration data and is not exported portably yet",
     "eva": "EVA needs calibration data that attach does not take",
     "loftq": "LoftQ rewrites the base weights; for a quantized base use --method qlora",

@@ -1,0 +1,69 @@
+"""Hook implementations of the ``olora`` method."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hf_lowrank_lora import LORA_ALIASES
+from hf_lowrank_lora.residual import save_portable_adapter
+from hf_lowrank_plugins import ExportResult, MethodInfo, hookimpl, save_merged
+from hf_lowrank_plugins.plan import linear_shapes
+from hf_lowrank_plugins.types import PlanSettings
+
+from .config import OloraConfig
+from .model import attach_olora
+
+
+@hookimpl
+def describe_methods() -> list[MethodInfo]:
+    """Declare ``olora``."""
+    return [
+        MethodInfo(
+            name="olora",
+            config_class=OloraConfig,
+            summary="OLoRA: B, A from the QR decomposition of W, base W - s*B@A; exports a rank-2r LoRA on W",
+            default_lr=2e-4,
+            lr_reason="OLoRA trains at LoRA's rates (the paper sweeps LoRA's; orthonormal B starts the update "
+            "in W's column space, it does not change its scale)",
+            aliases=LORA_ALIASES,
+            no_quantized_base="OLoRA decomposes and rewrites full-precision weights; this plugin does not "
+            "requantize the residual (use qlora for a 4-bit base)",
+        )
+    ]
+
+
+@hookimpl
+def init_adapter(model: nn.Module, config: OloraConfig) -> nn.Module:
+    """QR-initialised LoRA layers; output equals the base at init up to fp32 rounding."""
+    return attach_olora(model, config)
+
+
+@hookimpl
+def plan_memory(model: nn.Module, config: OloraConfig, settings: PlanSettings, terms: dict[str, int]) -> dict[str, int]:
+    """The QR runs one layer at a time in fp32: the largest target's fp32 copy, and Q and R of it."""
+    largest = max((out * inp for out, inp in linear_shapes(model).values()), default=0)
+    return {"olora_qr": 3 * largest * 4}
+
+
+@hookimpl
+def post_train_merge(
+    model: nn.Module,
+    config: OloraConfig,
+    output_dir: Path,
+    merge: bool,
+    tokenizer: Any,
+    merged_dtype: torch.dtype | None = None,
+) -> ExportResult:
+    """``adapter/``: rank-2r LoRA relative to the original W (plain PEFT loads it on the untouched base,
+    with no initialisation re-run); ``merged/``: the trained model as a plain checkpoint."""
+    output_dir = Path(output_dir)
+    result = ExportResult()
+    result.adapter_dir = save_portable_adapter(model, output_dir / "adapter")
+    result.notes.append(f"adapter/ is OLoRA converted to a rank-{2 * config.r} LoRA relative to the original weights")
+    if merge:
+        result.merged_dir = save_merged(model, output_dir / "merged", tokenizer=tokenizer, dtype=merged_dtype)
+    return result
