@@ -27,8 +27,9 @@ def describe_methods() -> list[MethodInfo]:
             config_class=OloraConfig,
             summary="OLoRA: B, A from the QR decomposition of W, base W - s*B@A; exports a rank-2r LoRA on W",
             default_lr=2e-4,
-            lr_reason="OLoRA trains at LoRA's rates (the paper sweeps LoRA's; orthonormal B starts the update "
-            "in W's column space, it does not change its scale)",
+            lr_reason="A = R[:r] carries W's scale (as PiSSA's factors do), so a step moves the weights more than "
+            "LoRA's from B = 0: on SmolLM2-135M (80 steps, r=16) 2e-4 ended at eval loss 2.926, 1e-3 at 2.961, "
+            "4e-3 at 3.757 (the plugin's README)",
             aliases=LORA_ALIASES,
             no_quantized_base="OLoRA decomposes and rewrites full-precision weights; this plugin does not "
             "requantize the residual (use qlora for a 4-bit base)",
