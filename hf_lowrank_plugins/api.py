@@ -173,7 +173,7 @@ class Adapted:
             self.method, "wrap_optimizer", model=model, optimizer=optimizer, config=self.config, args=args
         )
         optimizer = wrapped if wrapped is not None else optimizer
-        optimizer._hf_lowrank_factory = True  # lets the callback check the factory was used
+        optimizer._hf_lowrank_factory = True  # type: ignore[union-attr]  # lets the callback check the factory was used; a marker attribute on the optimizer object
         if self.guard is not None:
             self.guard.mark("wrap_optimizer")  # a loop of one's own trains with this optimizer
         return optimizer

@@ -207,7 +207,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
         torch.float32,
     )
     transposed = [name for name, m in model.named_modules() if issubclass(getattr(m, "source_cls", nn.Module), Conv1D)]
-    model = model.dequantize(dtype=dtype)
+    model = model.dequantize(dtype=dtype)  # type: ignore[operator]  # nn.Module.__getattr__ types a transformers/PEFT attribute as Tensor | Module
     for name in transposed:  # transformers gives back nn.Linear; GPT-2's checkpoint layout is Conv1D's (in, out)
         linear: Any = model.get_submodule(name)
         conv = Conv1D(linear.out_features, linear.in_features).to(

@@ -233,7 +233,11 @@ def _walk(
         return
     if isinstance(module, ModulesToSaveWrapper):  # a trained head: the trained copy, under the head's name
         active = module.active_adapters[0] if module.active_adapters else None
-        inner = module.modules_to_save[active] if active in module.modules_to_save else module.original_module
+        inner = (
+            module.modules_to_save[active]
+            if active is not None and active in module.modules_to_save
+            else module.original_module
+        )
         yield from _walk(prefix, inner, merge, dequant_dtype, source)
         return
     if isinstance(module, BaseTunerLayer) or _is_4bit(module):

@@ -192,7 +192,7 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
                 )
         elif action.type is not None and value is not None and not isinstance(value, list):
             try:
-                value = action.type(str(value))
+                value = action.type(str(value))  # type: ignore[operator]  # argparse types Action.type as str | Callable
             except argparse.ArgumentTypeError as exc:
                 raise LowRankError(f"--config {path}: {exc}") from None
         out[dest] = value

@@ -205,7 +205,7 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
     set_seed(spec.seed)
     base = load_base(spec, model_dir, info, config)
     if source.hub_id is not None:  # the adapter names the Hub id as its base (PEFT reads name_or_path), not the cache
-        base.config._name_or_path = source.hub_id
+        base.config._name_or_path = source.hub_id  # type: ignore[union-attr]  # nn.Module.__getattr__ types a transformers/PEFT attribute as Tensor | Module
         setattr(base, "name_or_path", source.hub_id)  # noqa: B010 - nn.Module's typed __setattr__ refuses a str
     memory.begin("init")
     started = time.perf_counter()

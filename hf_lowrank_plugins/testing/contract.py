@@ -138,7 +138,7 @@ def train_run(
     """Save the case's base, attach ``method`` on ``device``, train 4 steps with a checkpoint at 2, export
     with ``merge=True``."""
     base_dir = work_dir / "base"
-    case.build().save_pretrained(base_dir)
+    case.build().save_pretrained(base_dir)  # type: ignore[operator]  # nn.Module.__getattr__ types a transformers/PEFT attribute as Tensor | Module
     adapted, losses = _train(case, base_dir, method, settings, load_in_4bit, work_dir / "run", device=device)
     batch = case.batch()
     trained = output(adapted.model, batch)
@@ -176,7 +176,7 @@ def identity_error(
     reference = output(base, batch)
     adapted = attach(base, method, load_in_4bit=load_in_4bit, **settings)
     if adapted.method.requires_quantized_base or load_in_4bit:
-        with adapted.model.disable_adapter():
+        with adapted.model.disable_adapter():  # type: ignore[operator]  # nn.Module.__getattr__ types a transformers/PEFT attribute as Tensor | Module
             reference = output(adapted.model, batch)
     from .models import rel_err
 

@@ -320,13 +320,13 @@ def use_low_rank_norms(model: nn.Module) -> int:
         if not isinstance(variants, dict):
             continue
         for name, variant in variants.items():
-            dora = module.lora_magnitude_vector[name] if type(variant) is DoraLinearVariant else None
+            dora = module.lora_magnitude_vector[name] if type(variant) is DoraLinearVariant else None  # type: ignore[index]  # nn.Module.__getattr__ types a transformers/PEFT attribute as Tensor | Module
             if type(dora) not in (DoraLinearLayer, LowRankDoraLinearLayer):
                 continue
             dora.__class__ = LowRankDoraLinearLayer
             variants[name] = LowRankDoraLinearVariant()
-            base_layer = module.get_base_layer()
+            base_layer = module.get_base_layer()  # type: ignore[operator]  # nn.Module.__getattr__ types a transformers/PEFT attribute as Tensor | Module
             if not is_partitioned(base_layer.weight):  # the forward sees x in the adapter's dtype
-                cast(LowRankDoraLinearLayer, dora).row_norms_squared(base_layer, module.lora_A[name].weight.dtype)
+                cast(LowRankDoraLinearLayer, dora).row_norms_squared(base_layer, module.lora_A[name].weight.dtype)  # type: ignore[index, union-attr]  # nn.Module.__getattr__ types a transformers/PEFT attribute as Tensor | Module
             count += 1
     return count

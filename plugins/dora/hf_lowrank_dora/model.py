@@ -97,11 +97,11 @@ def fast_inference(model: nn.Module, mode: Literal["cache", "merge"] = "cache") 
     clear_dora_cache(model)
     try:
         if mode == "merge":
-            model.merge_adapter(safe_merge=True)
+            model.merge_adapter(safe_merge=True)  # type: ignore[operator]  # nn.Module.__getattr__ types a transformers/PEFT attribute as Tensor | Module
             try:
                 yield model
             finally:
-                model.unmerge_adapter()
+                model.unmerge_adapter()  # type: ignore[operator]  # nn.Module.__getattr__ types a transformers/PEFT attribute as Tensor | Module
         else:
             with DoraCaching(enabled=True):
                 yield model

@@ -366,7 +366,7 @@ class GaLoreAdamW(GaLoreOptimizer):
         """bnb's dynamic quantisation map (signed for m, unsigned for v), cached, not in state."""
         key = ("dynamic" if signed else "udynamic", device)
         if key not in self._qmaps:
-            self._qmaps[key] = self._bnb.create_dynamic_map(signed=signed).to(device)
+            self._qmaps[key] = self._bnb.create_dynamic_map(signed=signed).to(device)  # type: ignore[union-attr]  # bitsandbytes is imported whenever 8-bit state exists
         return self._qmaps[key]
 
     def _bnb_update(
@@ -380,7 +380,7 @@ class GaLoreAdamW(GaLoreOptimizer):
             state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=grad.device)
             state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=grad.device)
         state["step"] += 1
-        self._bnb.optimizer_update_8bit_blockwise(
+        self._bnb.optimizer_update_8bit_blockwise(  # type: ignore[union-attr]  # bitsandbytes is imported whenever 8-bit state exists
             "adam",
             grad,
             target,

@@ -41,7 +41,7 @@ def attach_lora(model: nn.Module, config: LoraConfig) -> PeftModel:
     if any(is_transposed(m) for m in targets.values()):
         config.fan_in_fan_out = True
     if config.target_modules == ALL_LINEAR:
-        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None  # type: ignore[operator]  # nn.Module.__getattr__ types a transformers/PEFT attribute as Tensor | Module
         heads = sorted(n for n in head_layers(model) if model.get_submodule(n) is not output)
         if heads and isinstance(config.exclude_modules, str):  # a regular expression: extend it, keep its meaning
             config.exclude_modules = "|".join([f"(?:{config.exclude_modules})", *map(re.escape, heads)])

@@ -95,10 +95,14 @@ def store_initial_factors(model: PeftModel, adapter: str = "default") -> None:
     for module in model.modules():
         if isinstance(module, LoraLayer) and adapter in module.lora_A:
             module.register_buffer(
-                INITIAL_A + adapter, module.lora_A[adapter].weight.detach().clone(), persistent=False
+                INITIAL_A + adapter,
+                module.lora_A[adapter].weight.detach().clone(),  # type: ignore[operator]  # nn.Module.__getattr__ types a transformers/PEFT attribute as Tensor | Module
+                persistent=False,
             )
             module.register_buffer(
-                INITIAL_B + adapter, module.lora_B[adapter].weight.detach().clone(), persistent=False
+                INITIAL_B + adapter,
+                module.lora_B[adapter].weight.detach().clone(),  # type: ignore[operator]  # nn.Module.__getattr__ types a transformers/PEFT attribute as Tensor | Module
+                persistent=False,
             )
 
 

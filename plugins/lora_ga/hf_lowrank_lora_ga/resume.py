@@ -66,7 +66,7 @@ def _rebase_after_load(model: torch.nn.Module, incompatible_keys: object) -> Non
             slots = getattr(layer, SAVED_A, None), getattr(layer, SAVED_B, None)
             if not all(isinstance(s, BufferDict) and adapter in s for s in slots):
                 continue
-            a0, b0 = slots[0][adapter], slots[1][adapter]
+            a0, b0 = slots[0][adapter], slots[1][adapter]  # type: ignore[index]  # both slots exist once the factors were stored
             applied_a = getattr(layer, residual.INITIAL_A + adapter, None)
             applied_b = getattr(layer, residual.INITIAL_B + adapter, None)
             applied = (applied_a, applied_b) if applied_a is not None and applied_b is not None else None

@@ -114,7 +114,7 @@ def save_compressed(
         if key in seen and seen[key][1]() is not None:  # tied weights: one copy is enough
             meta["aliases"][name] = seen[key][0]
             continue
-        seen[key] = (name, weakref.ref(tensor))
+        seen[key] = (name, weakref.ref(tensor))  # type: ignore[index]  # a SymInt is an int here (eager shapes)
         t = tensor.detach().cpu()
         if values_dtype is not None and t.is_floating_point():
             t = t.to(values_dtype)

@@ -94,7 +94,7 @@ class SparseLowRankLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         if self.A is not None:
-            y = torch.addmm(y, x2d @ self.A.t(), self.B.t(), alpha=self.scaling)
+            y = torch.addmm(y, x2d @ self.A.t(), self.B.t(), alpha=self.scaling)  # type: ignore[union-attr]  # the factors are set for every layer this kernel runs on
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -147,7 +147,7 @@ class FusedGroup(nn.Module):
                 y = y + bias
             if adapter is not None:
                 start, stop, B, s = adapter
-                y = torch.addmm(y, z[:, start:stop], B.t(), alpha=s)
+                y = torch.addmm(y, z[:, start:stop], B.t(), alpha=s)  # type: ignore[index]  # the factors are set for every layer this kernel runs on
             outs.append(y.reshape(*x.shape[:-1], y.shape[-1]))
         return outs
 
@@ -232,8 +232,8 @@ def build_inference_model(
                 if not all(isinstance(lin, nn.Linear) for lin in linears) or not any(n in factors for n in names):
                     continue
                 group = FusedGroup(
-                    [lin.weight for lin in linears],
-                    [lin.bias for lin in linears],
+                    [lin.weight for lin in linears],  # type: ignore[union-attr]  # every entry is a Linear here
+                    [lin.bias for lin in linears],  # type: ignore[union-attr]  # every entry is a Linear here
                     [factors.get(n) for n in names],
                     base_format=base_format,
                     fuse_base=fuse_base,
