@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from peft import LoraConfig, PeftModel
@@ -28,7 +28,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import nn
 
-from hf_lowrank_plugins import IncompatibleError, LowRankError, atomic_directory
+from hf_lowrank_plugins import ExportResult, IncompatibleError, LowRankError, atomic_directory, save_merged
 from hf_lowrank_plugins.export import split_adapter_config
 from hf_lowrank_plugins.targets import find_target_modules
 
@@ -202,3 +202,34 @@ def save_portable_adapter(model: nn.Module, directory: str | Path, adapter: str 
         split_adapter_config(tmp, config)
         save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
     return directory
+
+
+def export_portable(
+    model: nn.Module,
+    output_dir: str | Path,
+    method: str,
+    merge: bool,
+    tokenizer: Any,
+    merged_dtype: torch.dtype | None = None,
+    adapter: str = "default",
+) -> ExportResult:
+    """A residual method's deliverables: ``adapter/``, the rank-2r LoRA relative to the original W
+    (plain PEFT loads it on the untouched base, with no initialisation re-run), and with ``merge``
+    ``merged/``, the trained model as a plain checkpoint. ``method`` names the method in the note."""
+    output_dir = Path(output_dir)
+    result = ExportResult(adapter_dir=save_portable_adapter(model, output_dir / "adapter", adapter))
+    trained: Any = cast(PeftModel, model).peft_config[adapter]  # save_portable_adapter refused anything else
+    rank = 2 * int(trained.r)
+    result.notes.append(f"adapter/ is {method} converted to a rank-{rank} LoRA relative to the original base weights")
+    if merge:
+        result.merged_dir = save_merged(model, output_dir / "merged", tokenizer=tokenizer, dtype=merged_dtype)
+    return result
+
+
+def decomposition_bytes(model: nn.Module) -> int:
+    """A ``plan_memory`` term of an initialisation that decomposes each target in fp32, one at a time
+    (PiSSA's SVD, OLoRA's QR): the largest target's fp32 copy and two factors of its size."""
+    from hf_lowrank_plugins.plan import linear_shapes
+
+    largest = max((out * inp for out, inp in linear_shapes(model).values()), default=0)
+    return 3 * largest * 4

@@ -18,7 +18,6 @@ from hf_lowrank_plugins import (
     IncompatibleError,
     MethodInfo,
     hookimpl,
-    save_merged,
 )
 from hf_lowrank_plugins.distributed import end_passes_outside_engine, gathered, is_partitioned
 from hf_lowrank_plugins.plan import linear_shapes
@@ -179,13 +178,5 @@ def post_train_merge(
 ) -> ExportResult:
     """``adapter/``: rank-2r LoRA relative to the original W (plain PEFT loads it on the untouched
     base); ``merged/``: the trained model as a plain checkpoint."""
-    output_dir = Path(output_dir)
-    result = ExportResult()
-    with checkpoint_buffers_hidden(model):
-        result.adapter_dir = residual.save_portable_adapter(model, output_dir / "adapter")
-    result.notes.append(
-        f"adapter/ is LoRA-GA converted to a rank-{2 * config.r} LoRA relative to the original base weights"
-    )
-    if merge:
-        result.merged_dir = save_merged(model, output_dir / "merged", tokenizer=tokenizer, dtype=merged_dtype)
-    return result
+    with checkpoint_buffers_hidden(model):  # the resume slots of A0, B0 are no part of a deliverable
+        return residual.export_portable(model, output_dir, "LoRA-GA", merge, tokenizer, merged_dtype)

@@ -8,10 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_lowrank_lora import LORA_ALIASES
-from hf_lowrank_lora.residual import save_portable_adapter
-from hf_lowrank_plugins import ExportResult, MethodInfo, hookimpl, save_merged
-from hf_lowrank_plugins.plan import linear_shapes
+from hf_lowrank_lora import LORA_ALIASES, residual
+from hf_lowrank_plugins import ExportResult, MethodInfo, hookimpl
 from hf_lowrank_plugins.types import PlanSettings
 
 from .config import OloraConfig
@@ -46,8 +44,7 @@ def init_adapter(model: nn.Module, config: OloraConfig) -> nn.Module:
 @hookimpl
 def plan_memory(model: nn.Module, config: OloraConfig, settings: PlanSettings, terms: dict[str, int]) -> dict[str, int]:
     """The QR runs one layer at a time in fp32: the largest target's fp32 copy, and Q and R of it."""
-    largest = max((out * inp for out, inp in linear_shapes(model).values()), default=0)
-    return {"olora_qr": 3 * largest * 4}
+    return {"olora_qr": residual.decomposition_bytes(model)}
 
 
 @hookimpl
@@ -61,10 +58,4 @@ def post_train_merge(
 ) -> ExportResult:
     """``adapter/``: rank-2r LoRA relative to the original W (plain PEFT loads it on the untouched base,
     with no initialisation re-run); ``merged/``: the trained model as a plain checkpoint."""
-    output_dir = Path(output_dir)
-    result = ExportResult()
-    result.adapter_dir = save_portable_adapter(model, output_dir / "adapter")
-    result.notes.append(f"adapter/ is OLoRA converted to a rank-{2 * config.r} LoRA relative to the original weights")
-    if merge:
-        result.merged_dir = save_merged(model, output_dir / "merged", tokenizer=tokenizer, dtype=merged_dtype)
-    return result
+    return residual.export_portable(model, output_dir, "OLoRA", merge, tokenizer, merged_dtype)

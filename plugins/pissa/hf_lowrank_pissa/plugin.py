@@ -8,10 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_lowrank_lora import LORA_ALIASES
-from hf_lowrank_lora.residual import save_portable_adapter
-from hf_lowrank_plugins import ExportResult, MethodInfo, QuantizationSettings, hookimpl, is_quantized, save_merged
-from hf_lowrank_plugins.plan import linear_shapes
+from hf_lowrank_lora import LORA_ALIASES, residual
+from hf_lowrank_plugins import ExportResult, MethodInfo, QuantizationSettings, hookimpl, is_quantized
 from hf_lowrank_plugins.types import PlanSettings
 
 from .config import PissaConfig
@@ -48,8 +46,7 @@ def init_adapter(model: nn.Module, config: PissaConfig, quantization: Quantizati
 def plan_memory(model: nn.Module, config: PissaConfig, settings: PlanSettings, terms: dict[str, int]) -> dict[str, int]:
     """The SVD runs one layer at a time in fp32: the largest target's fp32 copy and its factors. The
     replaced weight's checkpoint pages are handed back layer by layer (``_old_pages_released``)."""
-    largest = max((out * inp for out, inp in linear_shapes(model).values()), default=0)
-    return {"pissa_svd": 3 * largest * 4}
+    return {"pissa_svd": residual.decomposition_bytes(model)}
 
 
 @hookimpl
@@ -63,17 +60,10 @@ def post_train_merge(
 ) -> ExportResult:
     """``adapter/``: rank-2r LoRA relative to the original W (plain PEFT loads it on the untouched
     base); ``merged/``: the trained model as a plain checkpoint (4-bit residual dequantized)."""
-    output_dir = Path(output_dir)
-    result = ExportResult()
-    result.adapter_dir = save_portable_adapter(model, output_dir / "adapter")
-    result.notes.append(
-        f"adapter/ is PiSSA converted to a rank-{2 * config.r} LoRA relative to the original base weights"
-    )
+    result = residual.export_portable(model, output_dir, "PiSSA", merge, tokenizer, merged_dtype)
     if is_quantized(model):
         result.notes.append(
             "QPiSSA: training ran on NF4(W_res); adapter/ on the original W differs from the trained model by "
             "W_res - deq(NF4(W_res)); merged/ is the trained model itself"
         )
-    if merge:
-        result.merged_dir = save_merged(model, output_dir / "merged", tokenizer=tokenizer, dtype=merged_dtype)
     return result
