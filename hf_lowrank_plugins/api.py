@@ -178,22 +178,34 @@ class Adapted:
             self.guard.mark("wrap_optimizer")  # a loop of one's own trains with this optimizer
         return optimizer
 
-    def initialise_from_data(self, dataloader: Any, args: TrainingArguments | None = None) -> bool:
-        """Run the method's data-dependent initialisation (``init_adapter_from_data``) by hand.
+    def begin_training(
+        self,
+        dataloader: Any,
+        optimizer: torch.optim.Optimizer | None = None,
+        args: TrainingArguments | None = None,
+        *,
+        resumed: bool = False,
+    ) -> bool:
+        """Run the method's start-of-training work (the ``on_train_begin`` hook) by hand.
 
-        The Trainer does this at ``on_train_begin`` through :attr:`callback`; call it yourself in a
-        training loop of your own. Returns whether the method initialised anything.
+        The Trainer does this at its ``on_train_begin`` through :attr:`callback`; call it yourself
+        in a training loop of your own, before the first step, with the optimizer you train with
+        (a step schedule such as SALOR's hangs on it) and ``resumed=True`` after restoring a
+        checkpoint (a data-dependent initialisation is then skipped). Returns whether a parameter
+        changed.
         """
         if self.guard is not None:
-            self.guard.mark("init_adapter_from_data")
+            self.guard.mark("on_train_begin")
         changed = bool(
             self.registry.call_method_hook(
                 self.method,
-                "init_adapter_from_data",
+                "on_train_begin",
                 model=self.model,
                 config=self.config,
+                optimizer=optimizer,
                 train_dataloader=dataloader,
                 args=args or self.training_args,
+                resumed=resumed,
             )
         )
         if changed:

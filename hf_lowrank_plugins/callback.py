@@ -39,7 +39,7 @@ class TrainerHooksGuard:
     one trainable parameter (``register_post_accumulate_grad_hook``), it runs in the backward of the
     first training step. The callback arms it at ``on_train_begin``; in a training loop of your own,
     :meth:`~hf_lowrank_plugins.Adapted.build_optimizer` and
-    :meth:`~hf_lowrank_plugins.Adapted.initialise_from_data` each mark their hook as run. Forwards
+    :meth:`~hf_lowrank_plugins.Adapted.begin_training` each mark their hook as run. Forwards
     alone (evaluation, LoRA-GA's frozen gradient estimate) never trigger it. Plain data, no reference
     to the registry, so models stay deep-copyable.
     """
@@ -47,7 +47,7 @@ class TrainerHooksGuard:
     #: how a loop of one's own runs each hook
     BY_HAND = {
         "wrap_optimizer": "train with the optimizer of adapted.build_optimizer(model, args)",
-        "init_adapter_from_data": "call adapted.initialise_from_data(dataloader, args) before the first step",
+        "on_train_begin": "call adapted.begin_training(dataloader, optimizer, args) before the first step",
     }
 
     def __init__(self, method: str, needs: list[str]) -> None:
@@ -95,8 +95,15 @@ class AttachedMethod(Protocol):
         """The optimizer the method trains with."""
         ...
 
-    def initialise_from_data(self, dataloader: Any, args: TrainingArguments | None = None) -> bool:
-        """Run the method's data-dependent initialisation; whether anything was initialised."""
+    def begin_training(
+        self,
+        dataloader: Any,
+        optimizer: torch.optim.Optimizer | None = None,
+        args: TrainingArguments | None = None,
+        *,
+        resumed: bool = False,
+    ) -> bool:
+        """Run the method's ``on_train_begin`` hook; whether a parameter changed."""
         ...
 
 
@@ -158,7 +165,7 @@ class LowRankCallback(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """Check the optimizer came from our factory, then run data-dependent init on fresh runs."""
+        """Check the optimizer came from our factory, then run the method's ``on_train_begin`` hook."""
         info = self.adapted.method
         optimizer = _unwrap_optimizer(kwargs.get("optimizer"))
         if info.wraps_optimizer and not getattr(optimizer, "_hf_lowrank_factory", False):
@@ -180,9 +187,9 @@ class LowRankCallback(TrainerCallback):
         if self.adapted.guard is not None:
             self.adapted.guard.active = True
         bind_zero_partitions(kwargs.get("optimizer"))  # an optimizer that needs whole weights under ZeRO
-        if state.global_step > 0:  # resumed: the checkpoint already holds the initialised state
-            return
-        if self.adapted.initialise_from_data(kwargs.get("train_dataloader"), args):
+        # the Trainer restored the checkpoint's weights, optimizer state and global step before this event
+        resumed = state.global_step > 0
+        if self.adapted.begin_training(kwargs.get("train_dataloader"), optimizer, args, resumed=resumed):
             # DeepSpeed took its fp32 master copies before this; without a refresh step 1 undoes the init
             refresh_master_weights(kwargs.get("optimizer"))
             trim_heap()  # the initialisation's temporaries (gradient sums, SVD workspaces)

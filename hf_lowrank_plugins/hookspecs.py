@@ -5,8 +5,8 @@ specifications below. It is found through the ``hf_lowrank_plugins`` entry-point
 
 Two kinds of hooks exist:
 
-*Method hooks* (``init_adapter``, ``init_adapter_from_data``, ``wrap_optimizer``,
-``post_train_merge``) are answered by the plugin that owns the method being run: the core calls
+*Method hooks* (``init_adapter``, ``wrap_optimizer``, ``on_train_begin``, ``post_train_merge``,
+``plan_memory``) are answered by the plugin that owns the method being run: the core calls
 them with every *other* method plugin left out, so an implementation never has to check whether a
 config is its own. Plugins that declare no method (observers, wrappers) are still called, which is
 how a third party can wrap every method at once.
@@ -19,12 +19,12 @@ Life cycle, in call order::
     registry load                   describe_methods (then check_pending: unknown hooks fail the plugin)
     attach(model, "name")          [quantize the base] -> init_adapter
     Trainer(...) / trainer.train()  wrap_optimizer (inside Trainer.create_optimizer)
-    on_train_begin                  init_adapter_from_data (fresh runs only, never on resume)
+    on_train_begin                  on_train_begin (fresh and resumed runs; told which)
     adapted.export(dir)             post_train_merge (a 4-bit base is dequantized before merging)
     hf-lowrank plan                 plan_memory (on a meta-device model; no weights, no training)
 
 Which method hooks a plugin implements is read from pluggy, not declared: implementing a hook that
-runs inside the Trainer (``wrap_optimizer``, ``init_adapter_from_data``) means the method cannot run
+runs inside the Trainer (``wrap_optimizer``, ``on_train_begin``) means the method cannot run
 without its Trainer hooks, and a training step without them is refused.
 
 This module is the ground floor of the library: it imports nothing of the library but the plain
@@ -112,26 +112,6 @@ def init_adapter(
     """
 
 
-@_method_hook(bool, in_trainer=True)
-def init_adapter_from_data(
-    model: torch.nn.Module,
-    config: PeftConfig,
-    train_dataloader: DataLoader,
-    args: TrainingArguments,
-) -> bool | None:
-    """Data-dependent initialisation, run once at the start of a fresh training run.
-
-    Method hook, called from the callback's ``on_train_begin``: after the Trainer built its
-    optimizer and prepared the model, before the first step, with the Trainer's own training
-    dataloader. It is *not* called when the run resumes from a checkpoint (the adapter state is
-    restored from the checkpoint instead). Change parameters in place (``param.data.copy_``) so the
-    optimizer keeps its references. Return ``True`` when something was initialised: the caller then
-    advances every parameter's version counter, which writes through ``.data`` leave alone, so that
-    values derived from a parameter and kept until it changes (a plugin's cached norms of a frozen
-    weight) are recomputed.
-    """
-
-
 @_method_hook(torch.optim.Optimizer, in_trainer=True)
 def wrap_optimizer(
     model: torch.nn.Module,
@@ -147,6 +127,38 @@ def wrap_optimizer(
     ``None`` to keep it. The Trainer's scheduler, clipping, accelerate wrapping and checkpointing
     then apply to the result as to any optimizer, so it must implement ``state_dict`` /
     ``load_state_dict`` faithfully for resume to work.
+    """
+
+
+@_method_hook(bool, in_trainer=True)
+def on_train_begin(
+    model: torch.nn.Module,
+    config: PeftConfig,
+    optimizer: torch.optim.Optimizer | None,
+    train_dataloader: DataLoader,
+    args: TrainingArguments | None,
+    resumed: bool,
+) -> bool | None:
+    """The method's work at the start of training: data-dependent initialisation, step schedules.
+
+    Method hook, called from the callback's ``on_train_begin`` (and by
+    :meth:`~hf_lowrank_plugins.Adapted.begin_training` in a loop of one's own): after the Trainer
+    built its optimizer, prepared the model and, when ``resumed``, restored the checkpoint's weights
+    and optimizer state; before the first step; with the Trainer's own training dataloader and the
+    torch optimizer inside accelerate's wrapper (``None`` where a loop of one's own passes none).
+
+    Two jobs have this shape. A data-dependent initialisation (LoRA-GA's gradient estimate, EVA's
+    activation SVD) runs on fresh runs only: on ``resumed`` the checkpoint already holds its
+    result. A schedule that acts after each optimizer step (SALOR's adapter masks) registers its
+    hooks on ``optimizer`` (``register_step_post_hook``) and, on ``resumed``, reads its position
+    from the restored state. The hook runs once per ``trainer.train()``, so a second call on the same
+    Trainer must not register twice.
+
+    Change parameters in place (``param.data.copy_``) so the optimizer keeps its references. Return
+    ``True`` when a parameter changed: the caller then advances every parameter's version counter,
+    which writes through ``.data`` leave alone (so values derived from a parameter and cached until it
+    changes, a plugin's norms of a frozen weight, are recomputed), and refreshes DeepSpeed's master
+    copies.
     """
 
 

@@ -152,4 +152,4 @@ def test_one_table_of_hooks_is_the_spec():
     specs = {name for name, caller in vars(pm.hook).items() if isinstance(caller, pluggy.HookCaller)}
     assert set(hookspecs.HOOKS) == specs - {"describe_methods"}
     assert all(getattr(pm.hook, name).spec.opts["firstresult"] for name in hookspecs.HOOKS)
-    assert hookspecs.TRAINER_HOOKS == {"wrap_optimizer", "init_adapter_from_data"}
+    assert hookspecs.TRAINER_HOOKS == {"wrap_optimizer", "on_train_begin"}

@@ -145,7 +145,9 @@ def test_hook_failures_and_wrong_results_name_the_plugin_and_the_hook(tiny_model
 
 def test_declarations_are_derived_from_the_hooks():
     reg = hlp.get_registry()
-    assert reg.get("galore").wraps_optimizer and reg.get("salor").wraps_optimizer  # both implement wrap_optimizer
+    assert reg.get("galore").wraps_optimizer and reg.get("galore").trainer_hooks == {"wrap_optimizer"}
+    # SALOR hangs its step schedule on the Trainer's own optimizer, at training start
+    assert not reg.get("salor").wraps_optimizer and reg.get("salor").trainer_hooks == {"on_train_begin"}
     assert not reg.get("lora").wraps_optimizer and reg.get("lora_ga").needs_trainer_hooks
     lora_ga = reg.get("lora_ga").as_dict()
     assert lora_ga["supports_quantized_base"] is False and "QLoRA-GA" in lora_ga["no_quantized_base"]

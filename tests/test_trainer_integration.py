@@ -184,7 +184,9 @@ def test_optimizer_method_without_the_factory_says_what_is_missing(tmp_path):
         trainer.train()
 
 
-def test_data_dependent_init_runs_once_and_not_on_resume(tmp_path):
+def test_on_train_begin_runs_on_every_train_and_says_whether_the_run_resumed(tmp_path):
+    """The hook sees the Trainer's dataloader and the torch optimizer inside accelerate's wrapper,
+    after the checkpoint is restored (the optimizer already holds its moments on resume)."""
     import hf_lowrank_lora.plugin as lora_plugin
     from hf_lowrank_lora import LoraMethodConfig
 
@@ -202,9 +204,10 @@ def test_data_dependent_init_runs_once_and_not_on_resume(tmp_path):
             return lora_plugin.init_adapter(model, config)
 
         @hlp.hookimpl
-        def init_adapter_from_data(self, model, config, train_dataloader, args):
-            seen.append(next(iter(train_dataloader))["input_ids"].shape)
-            return True
+        def on_train_begin(self, model, config, optimizer, train_dataloader, resumed):
+            moments = sum("exp_avg" in state for state in optimizer.state.values())
+            seen.append((resumed, next(iter(train_dataloader))["input_ids"].shape, type(optimizer), moments > 0))
+            return False
 
     reg = hlp.Registry(autoload=False)
     reg.register(DataInit(), name="datainit")
@@ -214,7 +217,11 @@ def test_data_dependent_init_runs_once_and_not_on_resume(tmp_path):
         Trainer(model=adapted.model, args=args, train_dataset=TokenDataset(), **adapted.trainer_kwargs()).train(
             resume_from_checkpoint=resume
         )
-    assert seen == [torch.Size([8, 16])]
+    fresh, resumed = (
+        (False, torch.Size([8, 16]), torch.optim.AdamW, False),
+        (True, torch.Size([8, 16]), torch.optim.AdamW, True),
+    )
+    assert seen == [fresh, resumed]
 
 
 LONE_PROCESS = """

@@ -536,9 +536,9 @@ def test_hooks_on_the_adapters_modules_get_pefts_calls(hooked):
 
 
 def test_a_data_dependent_init_that_writes_the_base_through_data_is_seen():
-    """A method built on DoRA whose ``init_adapter_from_data`` rewrites the frozen base weights through
+    """A method built on DoRA whose ``on_train_begin`` rewrites the frozen base weights through
     ``param.data.copy_`` (what the hook specification asks for) leaves their version counters alone;
-    ``initialise_from_data`` advances them, so the next forward takes ``||W_i||^2`` of the new weights:
+    ``begin_training`` advances them, so the next forward takes ``||W_i||^2`` of the new weights:
     the logits equal those of a copy that computes everything afresh."""
     import copy
 
@@ -558,7 +558,7 @@ def test_a_data_dependent_init_that_writes_the_base_through_data_is_seen():
             return dora_plugin.init_adapter(model, config)
 
         @hlp.hookimpl
-        def init_adapter_from_data(self, model, config, train_dataloader, args):
+        def on_train_begin(self, model, config):
             for layer in lora_layers(model).values():
                 weight = layer.get_base_layer().weight
                 weight.data.copy_(weight * 1.5)
@@ -569,6 +569,6 @@ def test_a_data_dependent_init_that_writes_the_base_through_data_is_seen():
     adapted = hlp.attach(LLAMA.build(), "rescaled_dora", r=4, registry=registry)
     batch = LLAMA.batch()
     before = logits(adapted.model, batch["input_ids"])
-    assert adapted.initialise_from_data([batch])
+    assert adapted.begin_training([batch])
     after, afresh = logits(adapted.model, batch["input_ids"]), logits(copy.deepcopy(adapted.model), batch["input_ids"])
     assert torch.equal(after, afresh) and not torch.allclose(after, before)

@@ -6,7 +6,7 @@ Each variant runs in a fresh process (peak RSS = resource.getrusage ru_maxrss), 
 * ``lora_step``   two LoRA training steps (AdamW) on the first batch: the memory yardstick (1.1x goal)
 * ``reference``   exact G by plain autograd on the weights, exact SVD: the subspaces to agree with
 * ``peft``        peft.preprocess_loraga + get_peft_model(init_lora_weights="lora_ga")
-* ``ours_*``      this plugin's init_adapter_from_data: ``full`` (default, 4 layer groups), ``full_g1``
+* ``ours_*``      this plugin's on_train_begin hook: ``full`` (default, 4 layer groups), ``full_g1``
                   (one group: one pass, more memory), ``sketch``
 
 Subspace agreement of a layer = ||P_ref^T Q_est||_F^2 / r (1 = same subspace), for A's row space
@@ -137,7 +137,7 @@ def run_variant(variant: str, args: dict) -> dict:
         }[variant]
         adapted = hlp.attach(model, "lora_ga", r=R, ga_batches=len(batches), **fields)
         t0 = time.perf_counter()  # the estimate + init only, as for PEFT (whose attach is the init)
-        adapted.initialise_from_data(batches)
+        adapted.begin_training(batches)
         model = adapted.model
     result["seconds"] = time.perf_counter() - t0
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

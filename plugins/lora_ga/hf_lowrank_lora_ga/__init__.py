@@ -1,6 +1,6 @@
 """LoRA-GA for hf-lowrank-plugins: ``attach(model, "lora_ga", r=16)``, then ``trainer.train()``.
 
-The gradient estimate runs inside the Trainer (``init_adapter_from_data`` at train begin) on the
+The gradient estimate runs inside the Trainer (its ``on_train_begin`` hook, fresh runs only) on the
 Trainer's own training batches; see :mod:`.gradient` for how it stays at LoRA's memory.
 """
 

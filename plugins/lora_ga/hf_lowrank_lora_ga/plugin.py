@@ -107,13 +107,17 @@ def _copy_from_rank0(layers: dict[str, LoraModule]) -> None:
 
 
 @hookimpl
-def init_adapter_from_data(model: nn.Module, config: LoraGaConfig, train_dataloader: Any, args: Any) -> bool:
+def on_train_begin(model: nn.Module, config: LoraGaConfig, train_dataloader: Any, args: Any, resumed: bool) -> bool:
     """Estimate the gradient on the Trainer's batches, set A, B from its SVD, and W <- W - s*B@A.
 
-    Output at step 0 equals the base (up to fp32 rounding). Every DDP rank sums the same linear
+    Fresh runs only: a resumed run's checkpoint holds the initialised factors and the rewritten base
+    (its resume slots). Output at step 0 equals the base (up to fp32 rounding). Every DDP rank sums
+    the same linear
     statistics, so all ranks initialise identically. Under DeepSpeed the core then refreshes the
     optimizer's master copies of A and B (see :mod:`hf_lowrank_plugins.distributed`).
     """
+    if resumed:
+        return False
     if not isinstance(model, PeftModel):
         raise IncompatibleError(f"LoRA-GA expected the PeftModel returned by attach(), got {type(model).__name__}")
     batches = collect_batches(train_dataloader, config.ga_batches, config.ga_batch_size)

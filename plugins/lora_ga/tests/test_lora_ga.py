@@ -117,7 +117,7 @@ def test_init_matches_the_exact_gradient_reference_and_keeps_the_output(batch, d
             scale=scale,
             ga_batches=3,
         )
-        assert adapted.initialise_from_data(batches)
+        assert adapted.begin_training(batches)
         for name, layer in lora_layers(adapted.model).items():
             A_ref, B_ref = _official(G[_short(name)], 4, s, direction, scale, W0[_short(name)])
             A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
@@ -166,7 +166,7 @@ def test_peft_variant_equals_peft_lora_ga_init(batch, direction):
             scale=scale,
             ga_batches=3,
         )
-        adapted.initialise_from_data(batches)
+        adapted.begin_training(batches)
         theirs = dict(peft_model.named_modules())
         for name, layer in lora_layers(adapted.model).items():
             other = theirs[name]
@@ -621,15 +621,15 @@ def test_runtime_errors_name_the_fix(tmp_path):
     adapted = hlp.attach(make_tiny_model(), "lora_ga", r=4)
     empty = torch.utils.data.DataLoader(TokenDataset(n=0), batch_size=4)
     with pytest.raises(hlp.LowRankError, match="no batches"):
-        adapted.initialise_from_data(empty)
+        adapted.begin_training(empty)
     no_labels = [{"input_ids": TokenDataset().x[:4]}]
     with pytest.raises(hlp.LowRankError, match="must carry labels"):
-        adapted.initialise_from_data(no_labels)
+        adapted.begin_training(no_labels)
     assert all(not h for m in adapted.model.modules() for h in (m._forward_hooks, m._forward_pre_hooks))
     assert all(p.requires_grad == ("lora_" in n) for n, p in adapted.model.named_parameters())
     too_big = hlp.attach(make_tiny_model(), "lora_ga", r=4, ga_batch_size=16)
     with pytest.raises(hlp.ConfigError, match="ga_batch_size 16 exceeds"):
-        too_big.initialise_from_data(torch.utils.data.DataLoader(TokenDataset(), batch_size=8))
+        too_big.begin_training(torch.utils.data.DataLoader(TokenDataset(), batch_size=8))
 
 
 @pytest.mark.ddp

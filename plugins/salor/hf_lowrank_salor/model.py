@@ -215,9 +215,9 @@ def cubic_sparsity(step: int, final: float, steps: int) -> float:
 class AdapterMaskEnforcer:
     """Optimizer hooks that keep masked A, B entries at zero and advance the adapter schedule.
 
-    Registered by the plugin's ``wrap_optimizer`` with ``register_step_post_hook`` (after every
-    optimizer step) and ``register_load_state_dict_post_hook`` (resume: the step count is taken
-    from the optimizer state, and the masks from the zeros of the restored weights).
+    Hung on the optimizer by the plugin's ``on_train_begin`` with ``register_step_post_hook`` (after
+    every optimizer step) and ``register_load_state_dict_post_hook`` (a state loaded later: the step
+    count is taken from the optimizer state, and the masks from the zeros of the restored weights).
     """
 
     def __init__(self, model: nn.Module, config: SalorConfig, adapter: str = "default") -> None:
@@ -257,6 +257,23 @@ class AdapterMaskEnforcer:
         optimizer.register_step_post_hook(self.after_step)
         optimizer.register_load_state_dict_post_hook(self.after_load)
         return self
+
+    @classmethod
+    def attach(
+        cls, model: nn.Module, config: SalorConfig, optimizer: torch.optim.Optimizer, resumed: bool = False
+    ) -> AdapterMaskEnforcer:
+        """The enforcer of ``optimizer``, installed once however often training begins on it.
+
+        The Trainer restores a checkpoint's optimizer state before training begins, so on
+        ``resumed`` the state is read here rather than by the load hook.
+        """
+        enforcer = getattr(optimizer, "_salor_enforcer", None)
+        if enforcer is None:
+            enforcer = cls(model, config).install(optimizer)
+            optimizer._salor_enforcer = enforcer  # type: ignore[attr-defined]  # one enforcer per optimizer, found again on a second train()
+        if resumed:
+            enforcer.after_load(optimizer)
+        return enforcer
 
 
 # --------------------------------------------------------------------------- reporting

@@ -7,10 +7,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import TrainingArguments
 
 from hf_lowrank_lora import LORA_ALIASES
-from hf_lowrank_plugins import ExportResult, MethodInfo, QuantizationSettings, hookimpl
+from hf_lowrank_plugins import ConfigError, ExportResult, MethodInfo, QuantizationSettings, hookimpl
 from hf_lowrank_plugins.plan import linear_shapes
 from hf_lowrank_plugins.types import PlanSettings
 
@@ -44,14 +43,27 @@ def init_adapter(model: nn.Module, config: SalorConfig, quantization: Quantizati
 
 
 @hookimpl
-def wrap_optimizer(
-    model: nn.Module, optimizer: torch.optim.Optimizer, config: SalorConfig, args: TrainingArguments
-) -> None:
-    """Keep the optimizer; with a sparse adapter, add the step hook that re-zeroes masked entries
-    (and runs the cubic schedule). Returns ``None`` so the Trainer's optimizer is used as built."""
-    if getattr(config, "sparse_adapter", False):
-        AdapterMaskEnforcer(model, config).install(optimizer)
-    return None
+def on_train_begin(
+    model: nn.Module, config: SalorConfig, optimizer: torch.optim.Optimizer | None, args: Any, resumed: bool
+) -> bool:
+    """With a sparse adapter, hang the step hook that re-zeroes masked entries (and runs the cubic
+    schedule) on the optimizer; on resume it takes its step and masks from the restored state. The
+    optimizer itself is the Trainer's, unchanged. No parameter changes here, so returns ``False``."""
+    if config.sparse_adapter:
+        if optimizer is None:
+            raise ConfigError(
+                "SALOR's sparse adapter keeps its masks with a hook on the optimizer: pass the optimizer you "
+                "train with, adapted.begin_training(dataloader, optimizer)"
+            )
+        if config.adapter_schedule == "cubic" and getattr(args, "deepspeed", None):
+            # masks tightened on the module's weights after a step; DeepSpeed's fp32 master copies would
+            # write the pruned entries back at the next step (static masks hold: their gradients are zero)
+            raise ConfigError(
+                "SALOR's cubic adapter schedule prunes the weights after each optimizer step, which DeepSpeed's "
+                "master copies undo: set adapter_schedule='static' or train without DeepSpeed"
+            )
+        AdapterMaskEnforcer.attach(model, config, optimizer, resumed=resumed)
+    return False
 
 
 @hookimpl

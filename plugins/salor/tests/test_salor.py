@@ -204,6 +204,58 @@ def test_cubic_schedule_ramps_monotonically_to_the_target(tmp_path):
     assert all(v["base"] == 0 for v in report.values())  # adapter-only: the base stays dense
 
 
+def _cubic(**settings):
+    return hlp.attach(
+        make_tiny_model(),
+        "salor",
+        r=4,
+        sparsity_target="adapter",
+        adapter_sparsity=0.6,
+        adapter_schedule="cubic",
+        adapter_schedule_steps=6,
+        **settings,
+    )
+
+
+@pytest.mark.integration
+def test_a_resumed_cubic_schedule_equals_the_uninterrupted_one(tmp_path):
+    """The step hook is hung on the optimizer when training begins, after the Trainer restored the
+    checkpoint: it reads its step and masks from the restored state, so resuming mid-ramp (step 4 of 6)
+    ends with the uninterrupted run's masks and weights."""
+    whole, halves = _cubic(), _cubic()
+    _train(whole, tmp_path / "whole", steps=10)
+    _train(halves, tmp_path / "halves", steps=10, save_strategy="steps", save_steps=4)
+    resumed = _cubic()
+    trainer = Trainer(
+        model=resumed.model,
+        args=training_args(tmp_path / "resumed", max_steps=10, learning_rate=5e-3),
+        train_dataset=TokenDataset(),
+        **resumed.trainer_kwargs(),
+    )
+    trainer.train(resume_from_checkpoint=str(tmp_path / "halves" / "run" / "checkpoint-4"))
+    expected = {n: (w.detach().clone(), m.clone()) for n, w, m in iter_adapter_masks(whole.model)}
+    for name, weight, mask in iter_adapter_masks(resumed.model):
+        assert torch.equal(mask, expected[name][1]), name
+        assert torch.allclose(weight, expected[name][0], atol=1e-6), name
+
+
+def test_the_step_hook_is_hung_once_and_needs_the_optimizer():
+    import types
+
+    import hf_lowrank_salor.plugin as salor_plugin
+
+    adapted = _cubic()
+    optimizer = torch.optim.AdamW([p for p in adapted.model.parameters() if p.requires_grad])
+    for _ in range(2):  # a second trainer.train() on the same Trainer begins training again
+        adapted.begin_training([], optimizer)
+    assert len(optimizer._optimizer_step_post_hooks) == 1
+    with pytest.raises(hlp.ConfigError, match=r"pass the optimizer you train with"):
+        adapted.begin_training([])
+    with pytest.raises(hlp.ConfigError, match=r"cubic adapter schedule .* DeepSpeed's master copies undo"):
+        args = types.SimpleNamespace(deepspeed="ds_config.json")
+        salor_plugin.on_train_begin(adapted.model, adapted.config, optimizer, args, False)
+
+
 def test_fused_adapters_equal_unfused_outputs(batch):
     adapted = hlp.attach(make_tiny_model(), "salor", r=4, sparsity_target="both")
     with torch.no_grad():  # stand-in for training: move every factor off its init
