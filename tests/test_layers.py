@@ -153,3 +153,22 @@ def test_one_table_of_hooks_is_the_spec():
     assert set(hookspecs.HOOKS) == specs - {"describe_methods"}
     assert all(getattr(pm.hook, name).spec.opts["firstresult"] for name in hookspecs.HOOKS)
     assert hookspecs.TRAINER_HOOKS == {"wrap_optimizer", "on_train_begin"}
+
+
+def test_every_method_hook_has_at_least_two_shipped_users():
+    """A hook with one user is that plugin's private seam, not contract: the shipped methods (and the
+    third-party example) must each use every hook at least twice, or the hook goes."""
+    import importlib
+
+    import hf_lowrank_plugins as hlp
+    from hf_lowrank_plugins import hookspecs
+
+    registry = hlp.Registry(autoload=True)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "loraplus"))
+    try:
+        if "loraplus" not in registry.methods:
+            registry.register(importlib.import_module("hf_lowrank_loraplus"), name="loraplus")
+    finally:
+        sys.path.pop(0)
+    users = {hook: sorted(m.name for m in registry.methods.values() if hook in m.hooks) for hook in hookspecs.HOOKS}
+    assert all(len(names) >= 2 for names in users.values()), users
