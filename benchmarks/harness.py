@@ -3,7 +3,8 @@
 Used by ``bench_anchors.py`` (our plugins against their anchors), ``cost_growth.py`` (one method
 at growing width and rank) and ``plugins/galore/benchmarks/bench_galore.py``. A variant is
 ``ours:<name>`` (``attach`` + Trainer), ``peft:<name>`` (plain PEFT + Trainer),
-``hf:<optim>`` (transformers' own GaLore optimizers) or ``full`` (plain Trainer, its default AdamW,
+``hf:<optim>`` (transformers' own GaLore optimizers), ``official:<name>`` (a method's official
+package, as its README sets it up) or ``full`` (plain Trainer, its default AdamW,
 no plugin at all). Each runs in its own process (:func:`run_isolated`) so its peak memory is its
 own; the worker prints one ``BENCH_RESULT {json}`` line.
 
@@ -96,6 +97,16 @@ VARIANTS: dict[str, Variant] = {
         "hf-lowrank galore, optimizer=adafactor (optim=adafactor)", "hf:galore_adafactor", "galore"
     ),
     "hf:galore_adafactor": Variant("transformers optim=galore_adafactor"),
+    "ours:olora": Variant("hf-lowrank olora", "peft:olora", "olora"),
+    "peft:olora": Variant("PEFT init_lora_weights='olora'"),
+    "ours:eva": Variant("hf-lowrank eva (rho=2, at train start on the Trainer's batches)", "peft:eva", "eva"),
+    "peft:eva": Variant("PEFT init_lora_weights='eva' + initialize_lora_eva_weights before training"),
+    "ours:adam_mini": Variant("hf-lowrank adam_mini", "official:adam_mini", "adam_mini"),
+    "official:adam_mini": Variant("the adam-mini package's Adam_mini passed to the Trainer (its README's setup)"),
+    "ours:apollo": Variant("hf-lowrank apollo (rank --galore-rank, channel-wise)", "hf:apollo_adamw", "apollo"),
+    "hf:apollo_adamw": Variant("transformers optim=apollo_adamw (the apollo-torch package)"),
+    "ours:apollo_mini": Variant("hf-lowrank apollo_mini (rank 1, tensor-wise, scale 128)", "hf:apollo_mini", "apollo"),
+    "hf:apollo_mini": Variant("transformers optim=apollo_adamw with APOLLO-Mini's optim_args"),
     "ours:full": Variant("hf-lowrank full (built-in method)", "full", "full"),
     "ours:salor": Variant("hf-lowrank salor (50% pruned base, fast SVD repair)", None, "salor"),
     "limit:frozen": Variant("the floor of any adapter method: frozen base, backward through the activations only"),
@@ -208,6 +219,11 @@ def _ours(name: str, o: BenchOptions) -> tuple[str, dict[str, Any]]:
         "galore_8bit": ("galore", {**galore, "optimizer": "adamw8bit"}),
         "galore_adafactor": ("galore", {**galore, "optimizer": "adafactor"}),
         "salor": ("salor", {**lora, "svd": "fast"}),
+        "olora": ("olora", lora),
+        "eva": ("eva", lora),
+        "adam_mini": ("adam_mini", {}),
+        "apollo": ("apollo", {"rank": o.galore_rank, "update_proj_gap": o.update_proj_gap}),
+        "apollo_mini": ("apollo_mini", {"update_proj_gap": o.update_proj_gap}),
         "full": ("full", {}),
     }[name.removesuffix("_variant_only")]  # the ablations attach the method itself (see build_variant)
 
@@ -224,6 +240,16 @@ def _peft_model(name: str, model: Any, train: Any, o: BenchOptions) -> Any:
         kw["init_lora_weights"] = "pissa"
     elif name == "pissa_fast":
         kw["init_lora_weights"] = "pissa_niter_16"
+    elif name == "olora":
+        kw["init_lora_weights"] = "olora"
+    elif name == "eva":
+        from peft import EvaConfig
+        from peft.tuners.lora.eva import initialize_lora_eva_weights
+
+        model = get_peft_model(model, LoraConfig(**kw, init_lora_weights="eva", eva_config=EvaConfig()))
+        loader = torch.utils.data.DataLoader(train, batch_size=o.batch_size)
+        initialize_lora_eva_weights(model, dataloader=loader, show_progress_bar=False)
+        return model
     elif name == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     elif name == "lora_ga":
@@ -347,8 +373,30 @@ def build_variant(variant: str, model: Any, train: Any, o: BenchOptions) -> tupl
             use_peft_layer_call(model)
     elif kind == "peft":
         model = _peft_model(name, model, train, o)
+    elif kind == "official":  # adam_mini: the package's optimizer, built as its README shows
+        from adam_mini import Adam_mini
+
+        config = model.config
+        optimizer = Adam_mini(
+            model.named_parameters(),
+            lr=o.lr,
+            weight_decay=0.0,  # TrainingArguments' default, which ours takes over
+            dim=config.hidden_size,
+            n_heads=config.num_attention_heads,
+            n_kv_heads=config.num_key_value_heads,
+            verbose=False,
+        )
+        trainer_kw = {"optimizers": (optimizer, None)}
     elif kind == "limit":
         model = _frozen_limit(model) if name == "frozen" else _bare_lora(model, o.rank)
+    elif kind == "hf" and name.startswith("apollo"):
+        mini = name == "apollo_mini"
+        rank, scaling = (1, "scale_type=tensor,scale=128") if mini else (o.galore_rank, "scale_type=channel,scale=1")
+        extra_args = {
+            "optim": "apollo_adamw",
+            "optim_target_modules": HF_GALORE_TARGETS,
+            "optim_args": f"rank={rank},proj=random,{scaling},update_proj_gap={o.update_proj_gap}",
+        }
     elif kind == "hf":
         extra_args = {
             "optim": name,
