@@ -154,7 +154,9 @@ def on_train_begin(
     from the restored state. The hook runs once per ``trainer.train()``, so a second call on the same
     Trainer must not register twice.
 
-    Change parameters in place (``param.data.copy_``) so the optimizer keeps its references. Return
+    Change parameters in place (``param.data.copy_``) so the optimizer keeps its references; a method
+    that must re-create parameters (EVA's layers at new ranks) puts the new ones in ``optimizer``'s
+    groups in place of the old, while its state is still empty. Return
     ``True`` when a parameter changed: the caller then advances every parameter's version counter,
     which writes through ``.data`` leave alone (so values derived from a parameter and cached until it
     changes, a plugin's norms of a frozen weight, are recomputed), and refreshes DeepSpeed's master

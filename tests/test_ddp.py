@@ -96,3 +96,21 @@ def test_the_cli_under_torchrun_rank_0_owns_the_set_and_a_resume_equals_the_whol
     errors = [line for line in refused.stderr.splitlines() if line.startswith("hf-lowrank: error:")]
     assert len(errors) == 1 and "holds an earlier train output" in errors[0], errors
     assert sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "whole").rglob("*")) == before
+
+
+def test_accelerate_launch_on_cpu_starting_one_of_several_processes_is_refused(tmp_path, tiny_model_dir, text_file):
+    """`accelerate launch --cpu --num_processes 2` starts one process (accelerate runs CPU processes only
+    through mpirun): the run used to train alone and say nothing; now it is one line naming torchrun."""
+    argv = ["--method", "lora", "--model", str(tiny_model_dir), "--dataset", str(text_file)]
+    argv += ["--output-dir", str(tmp_path / "out"), "--max-steps", "2"]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run(
+        [*launcher, "-m", "hf_lowrank_plugins", "train", *argv], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode != 0
+    # ours, once (accelerate then repeats the child's stderr in its own RuntimeError)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("hf-lowrank: error:")]
+    assert len(lines) == 1 and "accelerate launch --cpu started one process" in lines[0], proc.stderr[-2000:]
+    assert "torchrun --nproc_per_node N" in lines[0]
+    assert not (tmp_path / "out").exists()  # refused before anything was claimed

@@ -21,6 +21,22 @@ from ..outputs import OutputSet
 T = TypeVar("T")
 
 
+def check_accelerate_cpu_launch(env: Any) -> None:
+    """Refuse the one process ``accelerate launch --cpu --num_processes N`` starts where N were asked.
+
+    Without an MPI hostfile accelerate starts CPU runs through its single-process launcher, giving it
+    the rendezvous address of the N it was asked for (``MASTER_ADDR``) but no rank: the run would
+    train alone, N times slower than asked, and say nothing.
+    """
+    on_cpu = str(env.get("ACCELERATE_USE_CPU", "")).lower() in ("true", "1", "yes")
+    if on_cpu and "MASTER_ADDR" in env and "WORLD_SIZE" not in env:
+        raise LowRankError(
+            "accelerate launch --cpu started one process where --num_processes asked for several (accelerate runs "
+            "CPU processes only through mpirun, --mpirun_hostfile); launch with torchrun --nproc_per_node N "
+            "$(which hf-lowrank) train ..., or drop --num_processes"
+        )
+
+
 class FollowerExit(LowRankError):
     """A refusal rank 0 reported for the whole run: the other ranks exit with its status, silently."""
 
@@ -35,6 +51,7 @@ class Launch:
     @classmethod
     def from_env(cls) -> Launch:
         """The rank and world size a launcher sets (``RANK``, ``WORLD_SIZE``), or a single process."""
+        check_accelerate_cpu_launch(os.environ)
         try:
             return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
         except ValueError:
