@@ -8,8 +8,7 @@ import torch
 from peft.utils.other import transpose
 
 from hf_lowrank_lora import LoraModule
-from hf_lowrank_plugins.distributed import is_partitioned
-from hf_lowrank_plugins.memory import release_replaced, weight_locations
+from hf_lowrank_lora.resume import subtract_factors
 
 from .gradient import GradientFactors, seed_for
 
@@ -90,29 +89,6 @@ def lora_ga_factors(
 def base_weight(layer: LoraModule) -> torch.Tensor:
     """The layer's base weight in LoRA orientation (out x in) as stored (a view for transposed weights)."""
     return transpose(layer.get_base_layer().weight, getattr(layer, "fan_in_fan_out", False))
-
-
-@torch.no_grad()
-def subtract_factors(layer: LoraModule, A: torch.Tensor, B: torch.Tensor, scaling: float, sign: float = 1.0) -> None:
-    """W <- W - sign * s * B @ A, computed in fp32 and rounded once to W's dtype.
-
-    The Parameter object stays (the optimizer, DDP and DeepSpeed keep their references). On a CPU
-    the weight usually lies in the memory-mapped checkpoint, where writing in place copies every
-    page on first touch (1.6-1.8x the time of a new tensor plus handing the old pages back, on SmolLM2-135M): there the weight
-    gets a new tensor and the old pages are handed back (:func:`release_replaced`). Elsewhere, and
-    for ZeRO-3's gathered weights (DeepSpeed partitions what ``.data`` holds), it is written in place.
-    """
-    base = layer.get_base_layer()
-    weight = base.weight
-    delta = transpose((B.float() @ A.float()).mul_(sign * scaling), getattr(layer, "fan_in_fan_out", False))
-    if weight.device.type == "cpu" and not is_partitioned(weight):
-        locations = weight_locations([base])
-        weight.data = (weight.data.float() - delta).to(weight.dtype)
-        release_replaced(locations, trim=False)  # the only temporary, delta, is reused layer to layer
-    elif weight.dtype == torch.float32:
-        weight.data.sub_(delta)  # the same fp32 subtraction, without a second m x n buffer
-    else:
-        weight.data.copy_((weight.data.float() - delta).to(weight.dtype))
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ from peft import PeftModel
 from torch import nn
 
 from hf_lowrank_lora import LORA_ALIASES, LoraModule, attach_lora, lora_layers, residual
+from hf_lowrank_lora.resume import ResumeSlots
 from hf_lowrank_plugins import (
     ConfigError,
     ExportResult,
@@ -26,7 +27,9 @@ from hf_lowrank_plugins.types import PlanSettings
 from .config import LoraGaConfig
 from .gradient import ACCUMULATOR_SHARE, accumulator_bytes, collect_batches, estimate_gradient_factors, layer_dims
 from .init import init_layer
-from .resume import add_checkpoint_buffers, checkpoint_buffers_hidden, record_initial_factors
+
+#: Checkpoint slots of A0, B0 (keys ``lora_ga_A0``/``lora_ga_B0``): a resumed run rebuilds W_res from them.
+RESUME_SLOTS = ResumeSlots("lora_ga")
 
 logger = logging.getLogger(__name__)
 ADAPTER = "default"
@@ -79,7 +82,7 @@ def init_adapter(model: nn.Module, config: LoraGaConfig) -> nn.Module:
     residual.check_untied_targets(model, config, "LoRA-GA")
     peft_model = attach_lora(model, config)
     _check_ranks(peft_model)
-    add_checkpoint_buffers(peft_model, ADAPTER)
+    RESUME_SLOTS.add(peft_model, ADAPTER)
     return peft_model
 
 
@@ -132,7 +135,7 @@ def on_train_begin(model: nn.Module, config: LoraGaConfig, train_dataloader: Any
     _copy_from_rank0(layers)
     with gathered([p for layer in layers.values() for p in _weights(layer)[:2]]):
         for layer in layers.values():
-            record_initial_factors(
+            RESUME_SLOTS.record(
                 layer, ADAPTER, layer.lora_A[ADAPTER].weight.detach(), layer.lora_B[ADAPTER].weight.detach()
             )
         residual.store_initial_factors(model, ADAPTER)
@@ -182,5 +185,5 @@ def post_train_merge(
 ) -> ExportResult:
     """``adapter/``: rank-2r LoRA relative to the original W (plain PEFT loads it on the untouched
     base); ``merged/``: the trained model as a plain checkpoint."""
-    with checkpoint_buffers_hidden(model):  # the resume slots of A0, B0 are no part of a deliverable
+    with RESUME_SLOTS.hidden(model):  # the resume slots of A0, B0 are no part of a deliverable
         return residual.export_portable(model, output_dir, "LoRA-GA", merge, tokenizer, merged_dtype)

@@ -416,7 +416,7 @@ def test_subtract_factors_keeps_the_parameter_and_rounds_once(dtype, zero3_gathe
     """W - s*B@A in fp32, rounded once to W's dtype; the Parameter object stays. On a CPU the weight gets a
     new tensor (the old, often memory-mapped, pages are handed back); ZeRO-3's gathered weights
     (``ds_id``) are written in place, since DeepSpeed partitions the storage they hold."""
-    from hf_lowrank_lora_ga.init import subtract_factors
+    from hf_lowrank_lora.resume import subtract_factors
 
     adapted = hlp.attach(make_tiny_model().to(dtype), "lora_ga", r=4)
     layer = next(iter(lora_layers(adapted.model).values()))
