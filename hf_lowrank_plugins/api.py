@@ -31,7 +31,7 @@ from .distributed import gathered_model
 from .errors import ConfigError, DivergenceError, IncompatibleError, LowRankError
 from .export import METHOD_SETTINGS_FILE, default_export
 from .memory import trim_heap
-from .method import config_fields, owned_fields
+from .method import config_fields, derived_fields, owned_fields
 from .optim import build_default_optimizer
 from .outputs import OutputSet
 from .quantization import is_quantized, quantize_model
@@ -76,6 +76,12 @@ def make_config(method: str | MethodInfo, registry: Registry | None = None, **fi
         raise ConfigError(
             f"{', '.join(owned)} cannot be set: hf-lowrank and PEFT fill {'it' if len(owned) == 1 else 'them'} in "
             f"(the method, PEFT's type and version, the base, inference mode); drop it, or choose the method by name"
+        )
+    derived = derived_fields(info.config_class)
+    given = sorted(set(fields) & set(derived))
+    if given:
+        raise ConfigError(
+            f"{given[0]} of method '{info.name}' is computed from its other options ({derived[given[0]]}); set those"
         )
     unknown = sorted(set(fields) - set(valid))
     if unknown:

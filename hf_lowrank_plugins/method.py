@@ -46,6 +46,12 @@ def owned_fields() -> frozenset[str]:
     return peft_internal_fields() - {"task_type"}
 
 
+def derived_fields(config_class: type[PeftConfig]) -> dict[str, str]:
+    """Fields a method's config computes from its other fields, with what from (the config class's
+    ``DERIVED_FIELDS``): a value given for one would be overwritten, so it is refused instead."""
+    return dict(getattr(config_class, "DERIVED_FIELDS", {}))
+
+
 def config_fields(config_class: type[PeftConfig]) -> dict[str, dataclasses.Field]:
     """The settable fields of a method's config class (every ``__init__`` field)."""
     return {f.name: f for f in dataclasses.fields(config_class) if f.init}
@@ -115,7 +121,7 @@ def _allowed(meta: Mapping[str, Any]) -> str:
 def describe_fields(config_class: type[PeftConfig], include_internal: bool = False) -> list[FieldDoc]:
     """Every user-facing field of ``config_class`` with its type, default and help (PEFT's or ours)."""
     hints = _hints(config_class)
-    internal = set() if include_internal else peft_internal_fields()
+    internal = set() if include_internal else peft_internal_fields() | set(derived_fields(config_class))
     docs = []
     for name, f in config_fields(config_class).items():
         if name in internal:

@@ -55,6 +55,9 @@ class EvaMethodConfig(LoraMethodConfig):
     BASE_KEEPING_INITS: ClassVar[tuple[bool | str, ...]] = (True,)
     OWN_INITS: ClassVar[tuple[str, ...]] = ("eva",)
     OTHER_INITS_REFUSED: ClassVar[str] = "EVA initialises A from the layers' inputs itself"
+    DERIVED_FIELDS: ClassVar[dict[str, str]] = {
+        "eva_config": "PEFT's EvaConfig, built from rho, tau, use_label_mask, whiten and adjust_scaling_factors"
+    }
 
     def __post_init__(self) -> None:
         self._check_init()  # before it is set, so another init is refused rather than dropped

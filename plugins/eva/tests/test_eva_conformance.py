@@ -15,4 +15,6 @@ class TestEvaConformance(MethodConformance):
         ({"rho": 0.5}, "rho"),
         ({"tau": 1.5}, "tau"),
         ({"init_lora_weights": "pissa"}, "cannot use init_lora_weights='pissa'"),
+        # built from the flat fields, so a value given for it would be dropped: refused, naming them
+        ({"eva_config": {"rho": 1.0}}, r"eva_config of method 'eva' is computed from its other options .*rho, tau"),
     ]

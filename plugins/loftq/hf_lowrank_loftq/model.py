@@ -1,0 +1,91 @@
+"""LoftQ on PEFT's LoRA layers over the core's 4-bit base (one alternation, as PEFT's ``replace_lora_weights_loftq``).
+
+PEFT's ``replace_lora_weights_loftq`` reads the original weights back from the checkpoint's safetensors
+file after loading in 4-bit, runs on CUDA or XPU only (it moves every weight there), and sets
+``B = U sqrt(S)``, ``A = sqrt(S) V^T``, which repairs the error only where ``s = alpha / r`` is 1.
+Here each target's full-precision weight is at hand before the core quantizes it (the method declares
+``quantizes_base_after_init``), the error is taken on the weight's own device, and the factors carry
+``1 / s`` so that ``s B A`` is the rank-r truncation of the error for any alpha.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Any
+
+import torch
+from peft import PeftModel
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from hf_lowrank_lora import attach_lora, lora_layers
+from hf_lowrank_plugins import IncompatibleError, QuantizationSettings, is_quantized
+from hf_lowrank_plugins.quantization import quantize_model, requantize_under_adapter, with_heads_skipped
+
+from .config import LoftqConfig
+
+logger = logging.getLogger(__name__)
+
+
+def nf4_roundtrip(weight: torch.Tensor, settings: QuantizationSettings) -> torch.Tensor:
+    """``deq(Q(W))`` of ``weight`` (as stored) with the parameters the core's quantization uses.
+
+    The same bitsandbytes ``Params4bit`` the core builds for each layer (quant type, double
+    quantization, the default block size and uint8 storage), quantized on the weight's device;
+    ``tests/test_loftq.py`` checks the quantized base holds exactly these values.
+    """
+    import bitsandbytes as bnb
+
+    unpacked: Any = bnb.nn.Params4bit(  # bitsandbytes overloads Module.to, which its typing does not show
+        weight.detach().contiguous(),
+        requires_grad=False,
+        quant_type=settings.quant_type,
+        compress_statistics=settings.double_quant,
+        quant_storage=torch.uint8,
+    )
+    packed = unpacked.to(weight.device)  # .to quantizes, as for the core's layers
+    return bnb.functional.dequantize_4bit(packed.data, packed.quant_state)
+
+
+@torch.no_grad()
+def loftq_factors(
+    weight: torch.Tensor, dequantized: torch.Tensor, rank: int, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A, B with ``s B A`` the rank-r truncated SVD of ``W - deq(Q(W))`` (both out x in), in fp32."""
+    error = weight.float() - dequantized.float()
+    U, S, Vh = torch.linalg.svd(error, full_matrices=False)
+    root = (S[:rank] / scaling).sqrt()
+    return root[:, None] * Vh[:rank], U[:, :rank] * root[None, :]
+
+
+@torch.no_grad()
+def attach_loftq(
+    model: nn.Module, config: LoftqConfig, quantization: QuantizationSettings | None, adapter: str = "default"
+) -> PeftModel:
+    """LoRA layers whose A, B repair each target's 4-bit error, then the base quantized to 4-bit by the core."""
+    if quantization is None:
+        raise IncompatibleError(
+            "LoftQ measures what 4-bit quantization loses, so it needs the full-precision weights: load the model in "
+            "16/32-bit and attach with load_in_4bit=True (hf-lowrank train --method loftq does); this model is "
+            "already quantized"
+            if is_quantized(model)
+            else "LoftQ needs the 4-bit quantization settings (attach with load_in_4bit=True)"
+        )
+    settings = with_heads_skipped(quantization, model)
+    peft_model = attach_lora(model, config)
+    repaired = 0
+    for name, layer in lora_layers(peft_model, adapter).items():
+        base: Any = layer.get_base_layer()
+        if type(base) is not nn.Linear and not isinstance(base, Conv1D):
+            continue
+        if any(name == skip or name.endswith("." + skip) for skip in settings.skip_modules):
+            continue  # left in full precision by the core: nothing to repair
+        stored = base.weight.detach()
+        oriented = stored.t() if isinstance(base, Conv1D) else stored  # what the core quantizes: (out x in)
+        A, B = loftq_factors(oriented, nf4_roundtrip(oriented, settings), int(layer.r[adapter]), layer.scaling[adapter])
+        layer.lora_A[adapter].weight.copy_(A.to(layer.lora_A[adapter].weight.dtype))
+        layer.lora_B[adapter].weight.copy_(B.to(layer.lora_B[adapter].weight.dtype))
+        repaired += 1
+    logger.info("LoftQ: %d layers start from the rank-r repair of their 4-bit error", repaired)
+    return requantize_under_adapter(peft_model, partial(quantize_model, settings=quantization))
