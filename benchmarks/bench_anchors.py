@@ -4,7 +4,7 @@
         [--batch-size 2] [--seq-len 64] [--rank 16] [--galore-rank 128] [--output FILE]
 
 Anchors: plain PEFT for LoRA, DoRA, PiSSA (exact and fast SVD), OLoRA, EVA
-(``initialize_lora_eva_weights`` before training), LoRA-GA (``preprocess_loraga``) and QLoRA; the
+(``initialize_lora_eva_weights`` before training), CorDA (``preprocess_corda``), LoRA-GA (``preprocess_loraga``) and QLoRA; the
 official ``adam-mini`` package's optimizer for Adam-mini; transformers' ``apollo_adamw`` (the
 ``apollo-torch`` package) for APOLLO and APOLLO-Mini; transformers' ``galore_adamw`` / ``galore_adamw_layerwise`` / ``galore_adafactor`` for GaLore; the plain
 Trainer for our built-in ``full``. Variants whose plugin is not installed are skipped with a note.

@@ -101,6 +101,8 @@ VARIANTS: dict[str, Variant] = {
     "peft:olora": Variant("PEFT init_lora_weights='olora'"),
     "ours:eva": Variant("hf-lowrank eva (rho=2, at train start on the Trainer's batches)", "peft:eva", "eva"),
     "peft:eva": Variant("PEFT init_lora_weights='eva' + initialize_lora_eva_weights before training"),
+    "ours:corda": Variant("hf-lowrank corda (ipm, 8 batches at train start)", "peft:corda", "corda"),
+    "peft:corda": Variant("PEFT preprocess_corda (the same sequences, one at a time) + init_lora_weights='corda'"),
     "ours:adam_mini": Variant("hf-lowrank adam_mini", "official:adam_mini", "adam_mini"),
     "official:adam_mini": Variant("the adam-mini package's Adam_mini passed to the Trainer (its README's setup)"),
     "ours:apollo": Variant("hf-lowrank apollo (rank --galore-rank, channel-wise)", "hf:apollo_adamw", "apollo"),
@@ -221,6 +223,7 @@ def _ours(name: str, o: BenchOptions) -> tuple[str, dict[str, Any]]:
         "salor": ("salor", {**lora, "svd": "fast"}),
         "olora": ("olora", lora),
         "eva": ("eva", lora),
+        "corda": ("corda", {**lora, "calibration_batches": o.ga_batches}),
         "adam_mini": ("adam_mini", {}),
         "apollo": ("apollo", {"rank": o.galore_rank, "update_proj_gap": o.update_proj_gap}),
         "apollo_mini": ("apollo_mini", {"update_proj_gap": o.update_proj_gap}),
@@ -250,6 +253,25 @@ def _peft_model(name: str, model: Any, train: Any, o: BenchOptions) -> Any:
         loader = torch.utils.data.DataLoader(train, batch_size=o.batch_size)
         initialize_lora_eva_weights(model, dataloader=loader, show_progress_bar=False)
         return model
+    elif name == "corda":
+        from peft.tuners.lora.config import CordaConfig
+        from peft.tuners.lora.corda import preprocess_corda
+
+        # as ours: the first --ga-batches batches, each sequence alone (PEFT's hook reads one sequence per call);
+        # preprocess_corda runs before get_peft_model, which is what expands "all-linear": name the layers
+        kw["target_modules"] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        config = LoraConfig(**kw, init_lora_weights="corda", corda_config=CordaConfig(corda_method="ipm"))
+        loader = torch.utils.data.DataLoader(train, batch_size=o.batch_size)
+
+        def run_model() -> None:
+            for i, batch in enumerate(loader):
+                if i == o.ga_batches:
+                    break
+                for row in batch["input_ids"]:
+                    model(input_ids=row[None])
+
+        preprocess_corda(model, config, run_model=run_model)
+        return get_peft_model(model, config)
     elif name == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     elif name == "lora_ga":
