@@ -214,6 +214,8 @@ class Adapted:
                 resumed=resumed,
             )
         )
+        if changed and self.guard is not None:
+            self.guard.hang_on(self.model)  # the parameter it hung on may have been re-created
         if changed:
             # the hook writes through ``param.data``, which leaves version counters alone; what is derived
             # from a parameter and kept until its version moves (cached norms of a frozen weight) must
@@ -389,10 +391,9 @@ def attach(
     trim_heap()  # what a method's attach built and freed (DoRA's dense norms, SVDs) need not stay resident
     setattr(model, ATTACHED_FLAG, (info.name, info.trains_adapter))
     adapted = Adapted(model=adapted_model, config=config, method=info, registry=registry)
-    trainable = next((p for p in adapted_model.parameters() if p.requires_grad), None)
-    if info.needs_trainer_hooks and trainable is not None:
+    if info.needs_trainer_hooks:
         adapted.guard = TrainerHooksGuard(info.name, sorted(info.trainer_hooks))
-        trainable.register_post_accumulate_grad_hook(adapted.guard)  # fires in the first training backward
+        adapted.guard.hang_on(adapted_model)
     return adapted
 
 

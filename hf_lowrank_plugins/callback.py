@@ -67,6 +67,17 @@ class TrainerHooksGuard:
         """Record that ``hook`` ran outside the Trainer's callback."""
         self.ran.add(hook)
 
+    def hang_on(self, model: Any) -> None:
+        """Hang the guard on ``model``'s first trainable parameter, unless it already hangs there.
+
+        Called at attach, and again after ``on_train_begin`` changed parameters: a method that
+        re-creates layers (EVA at new ranks) may have replaced the one the guard hung on.
+        """
+        param = next((p for p in model.parameters() if p.requires_grad), None)
+        if param is not None and getattr(param, "_hf_lowrank_guard", None) is not self:
+            param.register_post_accumulate_grad_hook(self)  # fires in the first training backward
+            param._hf_lowrank_guard = self
+
     def __call__(self, param: Any) -> None:
         """Raise :class:`LowRankError` when a gradient arrives before the method's hooks ran."""
         if not self.active:

@@ -156,11 +156,15 @@ def test_declarations_are_derived_from_the_hooks():
 
 
 @pytest.mark.parametrize("after_a_run", [False, True], ids=["fresh", "after-a-run-with-them"])
-@pytest.mark.parametrize("method, settings", [("galore", {"rank": 4}), ("salor", {"r": 2}), ("lora_ga", {"r": 2})])
+@pytest.mark.parametrize(
+    "method, settings",
+    [("galore", {"rank": 4}), ("salor", {"r": 2}), ("lora_ga", {"r": 2}), ("eva", {"r": 2, "rho": 4.0})],
+)
 @pytest.mark.integration
 def test_training_without_the_trainer_hooks_is_refused_at_the_first_step(tmp_path, method, settings, after_a_run):
     """Also once a Trainer with the hooks has trained the model: a later plain Trainer would otherwise train
-    GaLore as plain AdamW, SALOR without its schedule."""
+    GaLore as plain AdamW, SALOR without its schedule. EVA re-creates layers at new ranks when training
+    begins, so the guard is hung again on a parameter that still trains."""
     adapted = hlp.attach(make_tiny_model(), method, **settings)
     if after_a_run:
         args = training_args(tmp_path / "with", max_steps=1)
