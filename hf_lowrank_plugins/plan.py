@@ -157,12 +157,31 @@ def _adapted_meta(model: nn.Module, config: Any, info: MethodInfo) -> nn.Module:
     base_class = peft_config_class(config)
     accepted = {f.name for f in dataclasses.fields(base_class)}
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in accepted}
-    fields["init_lora_weights"] = True
+    for f in dataclasses.fields(base_class):
+        # PEFT's default initialisation, whatever the tuner calls it (init_lora_weights, init_ia3_weights,
+        # init_weights): a data-dependent or decomposing one cannot run on the meta device
+        if f.name.startswith("init_") and isinstance(f.default, bool):
+            fields[f.name] = f.default
     targets = find_target_modules(model, fields.get("target_modules"), fields.get("exclude_modules"))  # as attach
     if isinstance(fields.get("r"), int):  # attach's own check of the rank against the layers
         check_rank(targets, fields["r"], what="rank r")
     with init_empty_weights():
         return get_peft_model(model, base_class(**fields))
+
+
+def _adapter_parameter_ids(model: nn.Module) -> set[int]:
+    """Ids of the parameters PEFT's tuner layers hold as adapters (``adapter_layer_names``: LoRA's A and
+    B, IA3's vectors, ...), as opposed to the base layers they wrap."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    ids: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            for attr in module.adapter_layer_names:
+                holder = getattr(module, attr, None)
+                if isinstance(holder, nn.Module):
+                    ids.update(id(p) for p in holder.parameters())
+    return ids
 
 
 def _activation_bytes(config: Any, settings: PlanSettings, compute: int) -> tuple[int, int]:
@@ -224,9 +243,11 @@ def plan_memory(
         from .targets import task_heads
 
         skipped = set(task_heads(meta)) | {"lm_head"}
+        adapter_ids = _adapter_parameter_ids(meta)  # an adapter's own linear layers stay in full precision
         for name, module in meta.named_modules():
-            if type(module) is nn.Linear and not any(name.endswith(s) for s in skipped) and "lora_" not in name:
-                quantized_ids.add(id(module.weight))
+            if type(module) is nn.Linear and not any(name.endswith(s) for s in skipped):
+                if id(module.weight) not in adapter_ids:
+                    quantized_ids.add(id(module.weight))
     mapped_bytes = 0  # checkpoint pages a CPU process keeps mapped (see below)
     checkpoint_size = _element_size(checkpoint_dtype(model_config))
     seen: set[int] = set()

@@ -63,6 +63,7 @@ class TrainedRun:
     exported: ExportResult
     batch: dict[str, torch.Tensor] = field(default_factory=dict)
     device: str = "cpu"
+    learning_rate: float = 5e-3  #: the run's peak rate (the contract's default; a method class may set its own)
 
     @property
     def checkpoint(self) -> Path:
@@ -111,13 +112,14 @@ def _train(
     out: Path,
     resume: Path | None = None,
     device: str = "cpu",
+    learning_rate: float = 5e-3,
 ) -> tuple[Adapted, list[float]]:
     from transformers import Trainer
 
     adapted = attach(load_base(case, base_dir, device), method, load_in_4bit=load_in_4bit, **settings)
     trainer = Trainer(
         model=adapted.model,
-        args=training_arguments(out, device),
+        args=training_arguments(out, device, learning_rate=learning_rate),
         train_dataset=case.dataset(),
         **adapted.trainer_kwargs(),
     )
@@ -134,17 +136,32 @@ def train_run(
     work_dir: Path,
     load_in_4bit: bool = False,
     device: str = "cpu",
+    learning_rate: float = 5e-3,
 ) -> TrainedRun:
     """Save the case's base, attach ``method`` on ``device``, train 4 steps with a checkpoint at 2, export
     with ``merge=True``."""
     base_dir = work_dir / "base"
     case.build().save_pretrained(base_dir)  # type: ignore[operator]  # nn.Module.__getattr__ types a transformers/PEFT attribute as Tensor | Module
-    adapted, losses = _train(case, base_dir, method, settings, load_in_4bit, work_dir / "run", device=device)
+    adapted, losses = _train(
+        case, base_dir, method, settings, load_in_4bit, work_dir / "run", device=device, learning_rate=learning_rate
+    )
     batch = case.batch()
     trained = output(adapted.model, batch)
     exported = adapted.export(work_dir / "export", merge=True)
     return TrainedRun(
-        case, method, settings, load_in_4bit, base_dir, work_dir, adapted, losses, trained, exported, batch, device
+        case,
+        method,
+        settings,
+        load_in_4bit,
+        base_dir,
+        work_dir,
+        adapted,
+        losses,
+        trained,
+        exported,
+        batch,
+        device,
+        learning_rate,
     )
 
 
@@ -159,6 +176,7 @@ def resumed_losses(run: TrainedRun) -> list[float]:
         run.work_dir / "resumed",
         resume=run.checkpoint,
         device=run.device,
+        learning_rate=run.learning_rate,
     )
     return losses
 
