@@ -46,6 +46,17 @@ def owned_fields() -> frozenset[str]:
     return peft_internal_fields() - {"task_type"}
 
 
+def default_init_fields(config_class: type[PeftConfig]) -> dict[str, bool]:
+    """PEFT's default initialisation of a tuner, whatever the tuner calls it (``init_lora_weights``,
+    ``init_ia3_weights``, ``init_weights``): every ``init_*`` switch at its class default. What a layer
+    built without data, or re-built under saved weights, must use: no SVD, no calibration, no base rewrite."""
+    return {
+        f.name: f.default
+        for f in dataclasses.fields(config_class)
+        if f.name.startswith("init_") and isinstance(f.default, bool)
+    }
+
+
 def derived_fields(config_class: type[PeftConfig]) -> dict[str, str]:
     """Fields a method's config computes from its other fields, with what from (the config class's
     ``DERIVED_FIELDS``): a value given for one would be overwritten, so it is refused instead."""

@@ -43,6 +43,7 @@ from .checkpoints import checkpoint_dtype
 from .distributed import check_zero_stage
 from .errors import LowRankError
 from .memory import status_bytes
+from .method import default_init_fields
 from .sources import load_model_config
 from .targets import check_rank, find_target_modules
 from .types import MethodInfo, PlanSettings
@@ -157,11 +158,7 @@ def _adapted_meta(model: nn.Module, config: Any, info: MethodInfo) -> nn.Module:
     base_class = peft_config_class(config)
     accepted = {f.name for f in dataclasses.fields(base_class)}
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in accepted}
-    for f in dataclasses.fields(base_class):
-        # PEFT's default initialisation, whatever the tuner calls it (init_lora_weights, init_ia3_weights,
-        # init_weights): a data-dependent or decomposing one cannot run on the meta device
-        if f.name.startswith("init_") and isinstance(f.default, bool):
-            fields[f.name] = f.default
+    fields.update(default_init_fields(base_class))  # a data-dependent or decomposing init cannot run on meta
     targets = find_target_modules(model, fields.get("target_modules"), fields.get("exclude_modules"))  # as attach
     if isinstance(fields.get("r"), int):  # attach's own check of the rank against the layers
         check_rank(targets, fields["r"], what="rank r")

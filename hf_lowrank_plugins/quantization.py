@@ -32,6 +32,7 @@ from transformers import BitsAndBytesConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from .errors import IncompatibleError
+from .method import default_init_fields
 from .targets import task_heads
 from .types import QuantizationSettings
 
@@ -179,15 +180,18 @@ def requantize_under_adapter(model: PeftModel, convert: Callable[[nn.Module], nn
     (an SVD) must not run again on the new base.
     """
     name = model.active_adapter
-    config: Any = model.peft_config[name]  # a LoraConfig (or another PEFT config with init_lora_weights)
+    config: Any = model.peft_config[name]
     state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
     base = convert(model.unload())
-    init = config.init_lora_weights
-    config.init_lora_weights = True
+    defaults = default_init_fields(type(config))
+    chosen = {field: getattr(config, field) for field in defaults}
+    for field, value in defaults.items():
+        setattr(config, field, value)
     try:
         restored = get_peft_model(base, config, adapter_name=name)
     finally:
-        config.init_lora_weights = init
+        for field, value in chosen.items():
+            setattr(config, field, value)
     set_peft_model_state_dict(restored, state, adapter_name=name)
     return restored
 
