@@ -197,3 +197,30 @@ def test_paired_steps_end_to_end_and_refuses_variants_needing_trainer_hooks(tmp_
     monkeypatch.setattr(sys, "argv", ["paired_steps.py", "--variants", "ours:lora,ours:lora_ga", *common])
     with pytest.raises(SystemExit, match="ours:lora_ga needs the Trainer's callbacks"):
         paired_steps.main()
+
+
+def test_studies_combine_into_one_set_of_plots_and_mismatched_settings_are_refused(tmp_path, monkeypatch):
+    """The README's all-methods figure: the study's rows first (a method in two files comes from the
+    first), the added methods after; runs on other budgets would not share axes and are refused."""
+    pytest.importorskip("matplotlib")
+    import combine_studies
+
+    study = Path(__file__).resolve().parents[1] / "docs" / "study"
+    sources = [study / "comparison.json", study / "added" / "eva.json", study / "added" / "corda.json"]
+    monkeypatch.setattr(sys, "argv", ["combine_studies.py", str(tmp_path / "all"), *map(str, sources)])
+    combine_studies.main()
+    combined = json.loads((tmp_path / "all" / "comparison_all.json").read_text())
+    methods = [row["method"] for row in combined["results"]]
+    assert methods == ["lora", "lora_ga", "pissa", "dora", "galore", "salor", "full", "eva", "corda"]
+    study_lora = json.loads(sources[0].read_text())["results"][0]
+    assert combined["results"][0] == study_lora  # lora from the study, not the eva run's own lora row
+    assert (tmp_path / "all" / "loss_curves.png").stat().st_size > 0
+
+    other = json.loads(sources[2].read_text())
+    other["shared_settings"]["max_steps"] = 40
+    (tmp_path / "short.json").write_text(json.dumps(other))
+    monkeypatch.setattr(
+        sys, "argv", ["combine_studies.py", str(tmp_path / "x"), str(sources[0]), str(tmp_path / "short.json")]
+    )
+    with pytest.raises(SystemExit, match="max_steps differ"):
+        combine_studies.main()

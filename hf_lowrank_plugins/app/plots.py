@@ -39,10 +39,19 @@ def write_plots(comparison: dict[str, Any], out_dir: Path) -> list[Path]:
     note = f"failed (see comparison.md): {', '.join(failed)}" if failed else None
     written = []
     fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for row in ok:
+    # beyond ten methods the default colour cycle repeats: a twenty-colour map and a marker per method
+    palette = plt.get_cmap("tab10" if len(ok) <= 10 else "tab20")
+    colours = [palette(i) for i in range(palette.N)]
+    markers = "osD^vP*Xph<>"
+    for index, row in enumerate(ok):
         hist = row["eval_history"]
-        by_step.plot([e["step"] for e in hist], [e["eval_loss"] for e in hist], marker="o", label=row["method"])
-        by_time.plot([e["seconds"] for e in hist], [e["eval_loss"] for e in hist], marker="o", label=row["method"])
+        style = {
+            "marker": markers[index % len(markers)],
+            "color": colours[index % len(colours)],
+            "label": row["method"],
+        }
+        by_step.plot([e["step"] for e in hist], [e["eval_loss"] for e in hist], **style)
+        by_time.plot([e["seconds"] for e in hist], [e["eval_loss"] for e in hist], **style)
     by_step.set(xlabel="step", ylabel="eval loss", title="Eval loss by step")
     by_time.set(
         xlabel="seconds (init + training steps, evaluation excluded)", ylabel="eval loss", title="Eval loss by time"
