@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 from peft import IA3Config, get_peft_model
 
-from hf_lowrank_plugins import MethodInfo, hookimpl, validate_config
+from hf_lowrank_plugins import MethodInfo, find_target_modules, hookimpl, validate_config
+from hf_lowrank_plugins.targets import is_transposed
 
 
 @dataclass
@@ -51,4 +52,9 @@ def describe_methods() -> list[MethodInfo]:
 @hookimpl
 def init_adapter(model, config):
     """PEFT's IA3 layers: ones at init, so the output equals the base's."""
+    targets = find_target_modules(model, config.target_modules)
+    if any(is_transposed(module) for module in targets.values()):
+        config.fan_in_fan_out = (
+            True  # GPT-2's Conv1D: set here, so the saved config says it (PEFT would warn and flip it)
+        )
     return get_peft_model(model, config)
