@@ -214,9 +214,9 @@ class Adapted:
                 resumed=resumed,
             )
         )
-        if changed and self.guard is not None:
-            self.guard.hang_on(self.model)  # the parameter it hung on may have been re-created
         if changed:
+            if self.guard is not None:
+                self.guard.hang_on(self.model)  # the parameter it hung on may have been re-created
             # the hook writes through ``param.data``, which leaves version counters alone; what is derived
             # from a parameter and kept until its version moves (cached norms of a frozen weight) must
             # see the new values

@@ -13,6 +13,8 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_optimizer import is_optimizer_factory
 
+from .errors import ConfigError
+
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """The Trainer's two groups: decayed weights, and biases/norms without decay (trainable only)."""
@@ -22,6 +24,21 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         {"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
         {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
     ]
+
+
+def replaced_optim_name(optimizer: torch.optim.Optimizer, args: TrainingArguments, method: str) -> str:
+    """``args.optim`` as a string, for a ``wrap_optimizer`` that replaces the Trainer's optimizer.
+
+    Refuses what such a method cannot replace: transformers' own low-rank optimizers (``galore_*``,
+    ``apollo_*``) and its layer-wise ones, which build a second optimizer of their own.
+    """
+    name = str(getattr(args.optim, "value", args.optim))
+    if name.startswith(("galore", "apollo")) or type(optimizer).__name__ == "LayerWiseDummyOptimizer":
+        raise ConfigError(
+            f"TrainingArguments.optim={name!r} builds transformers' own optimizer, which method '{method}' replaces; "
+            "leave optim at its default (adamw_torch) and set the method's options on attach()"
+        )
+    return name
 
 
 def build_default_optimizer(model: nn.Module, args: TrainingArguments) -> torch.optim.Optimizer:

@@ -12,12 +12,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .errors import ConfigError, TargetError
+from .errors import ConfigError, IncompatibleError, TargetError
 
 ALL_LINEAR = "all-linear"
 #: Task heads of PEFT's classification and QA models (trained in full via ``modules_to_save``).
@@ -132,6 +133,41 @@ def check_rank(modules: dict[str, nn.Module], rank: int, what: str = "rank") -> 
             f"{what} {rank} is larger than the smallest dimension of {len(too_small)} target layer(s), "
             f"e.g. {name} ({shape[0]}x{shape[1]}); use {what} <= {limit} or exclude those layers"
         )
+
+
+def weight_matrices(
+    model: nn.Module, target_modules: Any, exclude_modules: Any, rank: int, method: str
+) -> dict[str, torch.Tensor]:
+    """The 2-D weights of the layers ``target_modules`` selects, by parameter name, for a method that
+    projects each target weight's gradient to ``rank`` (GaLore, APOLLO).
+
+    Raises :class:`TargetError` when nothing matches, :class:`ConfigError` when ``rank`` exceeds a
+    target's smallest dimension, and :class:`IncompatibleError` naming a target whose weight is not a
+    floating-point matrix (a 4-bit layer).
+    """
+    modules = find_target_modules(model, target_modules, exclude_modules)
+    check_rank(modules, rank)
+    weights: dict[str, torch.Tensor] = {}
+    for name, module in modules.items():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+            raise IncompatibleError(
+                f"{method} needs floating-point 2-D weights; {name} has {type(weight).__name__} "
+                f"{getattr(weight, 'dtype', '')}: load the model in 16/32-bit or exclude that layer"
+            )
+        weights[f"{name}.weight"] = weight
+    return weights
+
+
+def train_every_weight(model: nn.Module) -> nn.Module:
+    """Make every floating-point parameter of ``model`` trainable (full-weight methods); returns it.
+
+    Integer and bool tensors cannot take gradients; a loaded model can arrive partly frozen.
+    """
+    for param in model.parameters():
+        if param.is_floating_point():
+            param.requires_grad_(True)
+    return model
 
 
 def _output_heads(model: nn.Module) -> list[nn.Module]:

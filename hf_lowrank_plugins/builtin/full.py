@@ -15,6 +15,7 @@ from peft import PeftConfig
 from torch import nn
 
 from ..hookspecs import hookimpl
+from ..targets import train_every_weight
 from ..types import MethodInfo
 
 NAME = "full"
@@ -53,8 +54,4 @@ def describe_methods() -> list[MethodInfo]:
 @hookimpl
 def init_adapter(model: nn.Module, config: FullFineTuneConfig) -> nn.Module:
     """Make every floating-point parameter trainable and return the model itself (nothing attached)."""
-    for param in model.parameters():
-        # integer/bool tensors cannot take gradients; a loaded model can arrive partly frozen
-        if param.is_floating_point():
-            param.requires_grad_(True)
-    return model
+    return train_every_weight(model)

@@ -13,7 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_lowrank_plugins import ConfigError, MethodInfo, hookimpl
+from hf_lowrank_plugins import MethodInfo, hookimpl
+from hf_lowrank_plugins.optim import replaced_optim_name
+from hf_lowrank_plugins.targets import train_every_weight
 from hf_lowrank_plugins.types import PlanSettings
 
 from .config import AdamMiniConfig
@@ -51,10 +53,7 @@ def init_adapter(model: nn.Module, config: AdamMiniConfig) -> nn.Module:
     from .optimizer import geometry
 
     geometry(model, config)
-    for param in model.parameters():
-        if param.is_floating_point():
-            param.requires_grad_(True)
-    return model
+    return train_every_weight(model)
 
 
 @hookimpl
@@ -65,12 +64,7 @@ def wrap_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, config: A
     so the Trainer's decay groups are not carried over; the Trainer's scheduler, clipping and
     checkpointing apply to it unchanged.
     """
-    optim_name = str(getattr(args.optim, "value", args.optim))
-    if optim_name.startswith(("galore", "apollo")) or type(optimizer).__name__ == "LayerWiseDummyOptimizer":
-        raise ConfigError(
-            f"TrainingArguments.optim={optim_name!r} builds another optimizer of its own; with method 'adam_mini' "
-            "leave optim at its default (adamw_torch)"
-        )
+    optim_name = replaced_optim_name(optimizer, args, "adam_mini")
     if not optim_name.startswith("adamw"):
         logger.warning(
             "Adam-mini replaces optim=%s; its betas and epsilon come from adam_beta1, adam_beta2 and adam_epsilon",
@@ -84,9 +78,7 @@ def plan_memory(
     model: nn.Module, config: AdamMiniConfig, settings: PlanSettings, terms: dict[str, int]
 ) -> dict[str, int]:
     """Adam-mini's state replaces AdamW's: the first moment of every weight and one second moment per block."""
-    for param in model.parameters():
-        if param.is_floating_point():
-            param.requires_grad_(True)
+    train_every_weight(model)
     args = type(
         "PlanArgs",
         (),

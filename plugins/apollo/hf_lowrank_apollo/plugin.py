@@ -14,7 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_lowrank_plugins import ConfigError, IncompatibleError, MethodInfo, check_rank, find_target_modules, hookimpl
+from hf_lowrank_plugins import ConfigError, MethodInfo, hookimpl
+from hf_lowrank_plugins.optim import replaced_optim_name
+from hf_lowrank_plugins.targets import train_every_weight, weight_matrices
 from hf_lowrank_plugins.types import PlanSettings
 
 from .config import ApolloConfig, ApolloMiniConfig
@@ -59,28 +61,14 @@ def describe_methods() -> list[MethodInfo]:
 
 def target_weights(model: nn.Module, config: ApolloConfig) -> dict[str, torch.Tensor]:
     """The 2-D weights APOLLO projects, by parameter name, after checking targets and rank."""
-    modules = find_target_modules(model, config.target_modules, config.exclude_modules)
-    check_rank(modules, int(config.rank))
-    weights: dict[str, torch.Tensor] = {}
-    for name, module in modules.items():
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
-            raise IncompatibleError(
-                f"APOLLO needs floating-point 2-D weights; {name} has {type(weight).__name__} "
-                f"{getattr(weight, 'dtype', '')}: load the model in 16/32-bit or exclude that layer"
-            )
-        weights[f"{name}.weight"] = weight
-    return weights
+    return weight_matrices(model, config.target_modules, config.exclude_modules, int(config.rank), "APOLLO")
 
 
 @hookimpl
 def init_adapter(model: nn.Module, config: ApolloConfig) -> nn.Module:
     """No adapter: every weight trains; targets and rank are checked now, before training."""
     target_weights(model, config)
-    for param in model.parameters():
-        if param.is_floating_point():
-            param.requires_grad_(True)
-    return model
+    return train_every_weight(model)
 
 
 @hookimpl
@@ -91,12 +79,7 @@ def wrap_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, config: A
     move to groups of their own, placed last, so each weight's projection seed (the package numbers
     the parameters across groups) is the one transformers' ``optim="apollo_adamw"`` gives it.
     """
-    optim_name = str(getattr(args.optim, "value", args.optim))
-    if optim_name.startswith(("galore", "apollo")) or type(optimizer).__name__ == "LayerWiseDummyOptimizer":
-        raise ConfigError(
-            f"TrainingArguments.optim={optim_name!r} builds transformers' own low-rank optimizer; with method "
-            f"'{config.hf_lowrank_method}' leave optim at its default (adamw_torch) and set APOLLO's options on attach()"
-        )
+    optim_name = replaced_optim_name(optimizer, args, config.hf_lowrank_method)
     if not optim_name.startswith("adamw"):
         logger.warning(
             "APOLLO replaces optim=%s by its AdamW; betas and eps come from adam_beta1, adam_beta2 and adam_epsilon",

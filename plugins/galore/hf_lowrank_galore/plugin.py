@@ -18,11 +18,11 @@ from hf_lowrank_plugins import (
     ConfigError,
     IncompatibleError,
     MethodInfo,
-    check_rank,
-    find_target_modules,
     hookimpl,
 )
 from hf_lowrank_plugins.distributed import zero_stage
+from hf_lowrank_plugins.optim import replaced_optim_name
+from hf_lowrank_plugins.targets import weight_matrices
 from hf_lowrank_plugins.types import PlanSettings
 
 from .adafactor import GaLoreAdafactor
@@ -54,23 +54,8 @@ def describe_methods() -> list[MethodInfo]:
 
 
 def target_weights(model: nn.Module, config: GaLoreConfig) -> dict[str, torch.Tensor]:
-    """The 2-D weights GaLore projects, by parameter name, after validating targets and rank.
-
-    Raises :class:`~hf_lowrank_plugins.TargetError` when nothing matches and
-    :class:`~hf_lowrank_plugins.ConfigError` when ``rank`` exceeds a target's smallest dimension.
-    """
-    modules = find_target_modules(model, config.target_modules, config.exclude_modules)
-    check_rank(modules, int(config.rank))
-    weights: dict[str, torch.Tensor] = {}
-    for name, module in modules.items():
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
-            raise IncompatibleError(
-                f"GaLore needs floating-point 2-D weights; {name} has {type(weight).__name__} "
-                f"{getattr(weight, 'dtype', '')}. Load the model in 16/32-bit or exclude that layer."
-            )
-        weights[f"{name}.weight"] = weight
-    return weights
+    """The 2-D weights GaLore projects, by parameter name, after checking targets and rank."""
+    return weight_matrices(model, config.target_modules, config.exclude_modules, int(config.rank), "GaLore")
 
 
 @hookimpl
@@ -157,14 +142,7 @@ def wrap_optimizer(
     betas and eps or (Adafactor) all of Adafactor's settings, so the Trainer's scheduler, clipping
     and checkpointing apply unchanged.
     """
-    optim_name = str(getattr(args.optim, "value", args.optim))
-    if optim_name.startswith(("galore", "apollo")):
-        raise ConfigError(
-            f"TrainingArguments.optim={optim_name!r} builds transformers' own low-rank optimizer; with "
-            "attach(model, 'galore') leave optim at its default (adamw_torch) and set GaLore options on attach()"
-        )
-    if type(optimizer).__name__ == "LayerWiseDummyOptimizer":
-        raise ConfigError("the Trainer built a layer-wise optimizer; leave TrainingArguments.optim at adamw_torch")
+    optim_name = replaced_optim_name(optimizer, args, "galore")
     adafactor = config.optimizer == "adafactor"
     if adafactor and optim_name != "adafactor":
         logger.warning(

@@ -183,28 +183,7 @@ def test_masks_stay_static_and_zero_through_trainer_training(tmp_path):
         assert not torch.equal(w[m], factors_before[n][m])  # the kept entries trained
 
 
-def test_cubic_schedule_ramps_monotonically_to_the_target(tmp_path):
-    assert cubic_sparsity(0, 0.5, 8) == 0 and cubic_sparsity(8, 0.5, 8) == 0.5 and cubic_sparsity(20, 0.5, 8) == 0.5
-    assert cubic_sparsity(4, 0.5, 8) == pytest.approx(0.5 * (1 - 0.5**3))
-    adapted = hlp.attach(
-        make_tiny_model(),
-        "salor",
-        r=4,
-        sparsity_target="adapter",
-        adapter_sparsity=0.6,
-        adapter_schedule="cubic",
-        adapter_schedule_steps=6,
-    )
-    assert all(bool(m.all()) for _, _, m in iter_adapter_masks(adapted.model))  # dense at step 0
-    _train(adapted, tmp_path, steps=10)
-    for _, w, m in iter_adapter_masks(adapted.model):
-        assert int((~m).sum()) == round(0.6 * m.numel())
-        assert (w[~m] == 0).all()
-    report = sparsity_report(adapted.model)
-    assert all(v["base"] == 0 for v in report.values())  # adapter-only: the base stays dense
-
-
-def _cubic(**settings):
+def _cubic():
     return hlp.attach(
         make_tiny_model(),
         "salor",
@@ -213,8 +192,20 @@ def _cubic(**settings):
         adapter_sparsity=0.6,
         adapter_schedule="cubic",
         adapter_schedule_steps=6,
-        **settings,
     )
+
+
+def test_cubic_schedule_ramps_monotonically_to_the_target(tmp_path):
+    assert cubic_sparsity(0, 0.5, 8) == 0 and cubic_sparsity(8, 0.5, 8) == 0.5 and cubic_sparsity(20, 0.5, 8) == 0.5
+    assert cubic_sparsity(4, 0.5, 8) == pytest.approx(0.5 * (1 - 0.5**3))
+    adapted = _cubic()
+    assert all(bool(m.all()) for _, _, m in iter_adapter_masks(adapted.model))  # dense at step 0
+    _train(adapted, tmp_path, steps=10)
+    for _, w, m in iter_adapter_masks(adapted.model):
+        assert int((~m).sum()) == round(0.6 * m.numel())
+        assert (w[~m] == 0).all()
+    report = sparsity_report(adapted.model)
+    assert all(v["base"] == 0 for v in report.values())  # adapter-only: the base stays dense
 
 
 @pytest.mark.integration
