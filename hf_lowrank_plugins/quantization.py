@@ -156,6 +156,28 @@ def quantize_model(model: nn.Module, settings: QuantizationSettings) -> nn.Modul
     return prepare_for_training(model)
 
 
+def roundtrip_4bit(weight: torch.Tensor, settings: QuantizationSettings) -> torch.Tensor:
+    """``deq(Q(W))`` of one ``(out x in)`` weight, as :func:`quantize_model` would quantize it, on its device.
+
+    The bitsandbytes ``Params4bit`` of :func:`quantize_model`'s layers (quant type, double
+    quantization, the default block size, uint8 storage), for a method that needs what 4-bit loses
+    before the base is quantized (LoftQ's repair); the loftq plugin's tests check the quantized base
+    holds exactly these values.
+    """
+    _require_bitsandbytes()
+    import bitsandbytes as bnb
+
+    unpacked: Any = bnb.nn.Params4bit(  # bitsandbytes overloads Module.to, which its typing does not show
+        weight.detach().contiguous(),
+        requires_grad=False,
+        quant_type=settings.quant_type,
+        compress_statistics=settings.double_quant,
+        quant_storage=torch.uint8,
+    )
+    packed = unpacked.to(weight.device)  # .to quantizes, as for the layers of quantize_model
+    return bnb.functional.dequantize_4bit(packed.data, packed.quant_state)
+
+
 def prepare_for_training(model: nn.Module) -> nn.Module:
     """PEFT's k-bit preparation, once. Gradient checkpointing is left to ``TrainingArguments``."""
     module: Any

@@ -21,31 +21,16 @@ from transformers.pytorch_utils import Conv1D
 
 from hf_lowrank_lora import attach_lora, lora_layers
 from hf_lowrank_plugins import IncompatibleError, QuantizationSettings, is_quantized
-from hf_lowrank_plugins.quantization import quantize_model, requantize_under_adapter, with_heads_skipped
+from hf_lowrank_plugins.quantization import (
+    quantize_model,
+    requantize_under_adapter,
+    roundtrip_4bit,
+    with_heads_skipped,
+)
 
 from .config import LoftqConfig
 
 logger = logging.getLogger(__name__)
-
-
-def nf4_roundtrip(weight: torch.Tensor, settings: QuantizationSettings) -> torch.Tensor:
-    """``deq(Q(W))`` of ``weight`` (as stored) with the parameters the core's quantization uses.
-
-    The same bitsandbytes ``Params4bit`` the core builds for each layer (quant type, double
-    quantization, the default block size and uint8 storage), quantized on the weight's device;
-    ``tests/test_loftq.py`` checks the quantized base holds exactly these values.
-    """
-    import bitsandbytes as bnb
-
-    unpacked: Any = bnb.nn.Params4bit(  # bitsandbytes overloads Module.to, which its typing does not show
-        weight.detach().contiguous(),
-        requires_grad=False,
-        quant_type=settings.quant_type,
-        compress_statistics=settings.double_quant,
-        quant_storage=torch.uint8,
-    )
-    packed = unpacked.to(weight.device)  # .to quantizes, as for the core's layers
-    return bnb.functional.dequantize_4bit(packed.data, packed.quant_state)
 
 
 @torch.no_grad()
@@ -83,7 +68,9 @@ def attach_loftq(
             continue  # left in full precision by the core: nothing to repair
         stored = base.weight.detach()
         oriented = stored.t() if isinstance(base, Conv1D) else stored  # what the core quantizes: (out x in)
-        A, B = loftq_factors(oriented, nf4_roundtrip(oriented, settings), int(layer.r[adapter]), layer.scaling[adapter])
+        A, B = loftq_factors(
+            oriented, roundtrip_4bit(oriented, settings), int(layer.r[adapter]), layer.scaling[adapter]
+        )
         layer.lora_A[adapter].weight.copy_(A.to(layer.lora_A[adapter].weight.dtype))
         layer.lora_B[adapter].weight.copy_(B.to(layer.lora_B[adapter].weight.dtype))
         repaired += 1

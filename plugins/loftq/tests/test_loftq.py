@@ -9,10 +9,9 @@ import torch
 from peft.utils.loftq_utils import _low_rank_decomposition
 
 import hf_lowrank_plugins as hlp
-from hf_lowrank_loftq import nf4_roundtrip
 from hf_lowrank_lora import lora_layers
 from hf_lowrank_plugins import QuantizationSettings
-from hf_lowrank_plugins.quantization import dequantized_4bit_weight
+from hf_lowrank_plugins.quantization import dequantized_4bit_weight, roundtrip_4bit
 from hf_lowrank_plugins.testing.models import GPT2, LLAMA
 
 
@@ -53,7 +52,7 @@ def test_the_factors_are_pefts_decomposition_of_the_4bit_error():
     settings = QuantizationSettings.from_config(adapted.config)
     for name, layer in lora_layers(adapted.model).items():
         weight = originals[name.removeprefix("base_model.model.")]
-        decomposition = _low_rank_decomposition(weight - nf4_roundtrip(weight, settings), reduced_rank=4)
+        decomposition = _low_rank_decomposition(weight - roundtrip_4bit(weight, settings), reduced_rank=4)
         A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
         assert torch.allclose(A, decomposition["R"], rtol=1e-5, atol=1e-6), name
         assert torch.allclose(B, decomposition["L"], rtol=1e-5, atol=1e-6), name

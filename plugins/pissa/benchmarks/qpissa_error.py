@@ -17,14 +17,15 @@ import time
 from pathlib import Path
 
 import torch
-from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 from transformers import AutoModelForCausalLM
+
+from hf_lowrank_plugins import QuantizationSettings
+from hf_lowrank_plugins.quantization import roundtrip_4bit
 
 
 def nf4_roundtrip(weight: torch.Tensor) -> torch.Tensor:
-    """deq(NF4(weight)) in fp32, double quantization, block size 64."""
-    packed, state = quantize_4bit(weight.contiguous(), blocksize=64, compress_statistics=True, quant_type="nf4")
-    return dequantize_4bit(packed, state).float()
+    """deq(NF4(weight)) in fp32 as the core quantizes a layer (double quantization, block size 64)."""
+    return roundtrip_4bit(weight, QuantizationSettings()).float()
 
 
 def principal(weight: torch.Tensor, r: int, svd: str, niter: int, seed: int) -> torch.Tensor:
