@@ -8,6 +8,7 @@ Trainer's hyperparameters, and the core's default export writes the fine-tuned m
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -78,10 +79,6 @@ def plan_memory(
     model: nn.Module, config: AdamMiniConfig, settings: PlanSettings, terms: dict[str, int]
 ) -> dict[str, int]:
     """Adam-mini's state replaces AdamW's: the first moment of every weight and one second moment per block."""
-    train_every_weight(model)
-    args = type(
-        "PlanArgs",
-        (),
-        {"learning_rate": 1e-5, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "weight_decay": 0.0},
-    )
+    # the state's size depends on the parameters' shapes and names only; any hyperparameters build it
+    args = SimpleNamespace(learning_rate=1e-5, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, weight_decay=0.0)
     return {"optimizer": state_bytes(build_adam_mini(model, config, args))}
