@@ -434,9 +434,10 @@ def load_config(adapter_dir: str | Path, registry: Registry | None = None) -> Pe
     raw = read_adapter_config(adapter_dir)
     ours = read_method_settings(adapter_dir) or {}
     name = ours.get("method") or raw.get("hf_lowrank_method")  # the key older adapters carried
-    if name and name in registry.methods:
+    info = registry.find(name) if isinstance(name, str) and name else None
+    if info is not None:
         # PeftConfig.from_pretrained maps peft_type LORA back to LoraConfig; build our class directly
-        config_class = registry.methods[name].config_class
+        config_class = info.config_class
         valid = config_fields(config_class)
         settings = {**raw, **ours.get("settings", {})}
         return config_class(**{k: v for k, v in settings.items() if k in valid})

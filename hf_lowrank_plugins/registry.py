@@ -4,6 +4,12 @@ Plugins are found through the ``hf_lowrank_plugins`` entry-point group; the buil
 (:data:`BUILTIN_PLUGINS`, the ``full`` baseline) are a list of module names loaded the same way,
 as pytest loads its own. Plugins cannot hurt each other:
 
+* Plugins are imported when needed: ``train --method X`` imports X's plugin and the plugins that
+  provide no method (observers of every method's hooks); ``hf-lowrank list`` imports none whose
+  declarations the :mod:`.plugin_index` remembers. :attr:`Registry.methods` imports all. pluggy
+  calls the last registered implementation first, so the order of plugins is not fixed: a plugin
+  that must see a call before the method's own implementation answers it is a hookwrapper or
+  ``tryfirst=True``.
 * Each plugin is imported on its own; anything it raises, ``SystemExit`` included, is recorded
   with its error (``hf-lowrank list`` shows it) and the others still load.
 * After registering, ``check_pending()`` runs: a misspelled hook (``init_adaptor``) is a load
@@ -28,20 +34,24 @@ Environment switches:
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from importlib.metadata import entry_points
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
-from peft import PeftConfig
 
 from . import hookspecs
 from .errors import ConfigError, LowRankError, PluginError, UnknownMethodError
 from .hookspecs import HOOKS, METHOD_HOOKS, TRAINER_HOOKS
+from .plugin_index import PluginIndex, entry_key, index_path
 from .types import MethodInfo
+
+if TYPE_CHECKING:
+    from peft import PeftConfig
 
 ENTRY_POINT_GROUP = "hf_lowrank_plugins"
 ENV_DISABLE_AUTOLOAD = "HF_LOWRANK_DISABLE_PLUGIN_AUTOLOAD"
@@ -65,6 +75,16 @@ def method_key(name: str) -> str:
     return name.strip().lower().replace("-", "_")
 
 
+@dataclass(frozen=True)
+class _Pending:
+    """A discovered plugin not imported yet."""
+
+    name: str
+    load: Callable[[], object]
+    distribution: tuple[str, str]
+    index_key: str | None
+
+
 class Registry:
     """The set of installed plugins and the methods they provide.
 
@@ -84,6 +104,10 @@ class Registry:
         self.clashes: dict[str, list[str]] = {}
         self._dist_of: dict[str, tuple[str, str]] = {}
         self._methods: dict[str, MethodInfo] | None = None
+        self._pending: dict[str, _Pending] = {}
+        self._discovered: list[str] = []  # plugin names in the order found, for a stable listing
+        self._index = PluginIndex(index_path())
+        self._index_keys: dict[str, str | None] = {}
         if blocked is None:
             blocked = [b.strip() for b in os.environ.get(ENV_BLOCK, "").split(",") if b.strip()]
         self.blocked = set(blocked)
@@ -91,18 +115,17 @@ class Registry:
             self.pm.set_blocked(name)  # also refuses plugins registered by hand under that name
         for name, module in BUILTIN_PLUGINS:
             if name not in self.blocked:
-                self._load(
-                    name, lambda module=module: importlib.import_module(module), (CORE_DISTRIBUTION, _core_version())
-                )
+                core = (CORE_DISTRIBUTION, _core_version())
+                self._discover(name, functools.partial(importlib.import_module, module), core, module)
         if autoload is None:
             autoload = os.environ.get(ENV_DISABLE_AUTOLOAD, "").lower() not in ("1", "true", "yes")
         if autoload:
-            self.load_entry_points()
+            self.discover_entry_points()
 
     # ------------------------------------------------------------------ loading
 
-    def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
-        """Load and register every entry point of ``group``, recording failures instead of raising."""
+    def discover_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
+        """Find every entry point of ``group``; each is imported when a command needs it."""
         seen: dict[str, str] = {name: CORE_DISTRIBUTION for name, _ in BUILTIN_PLUGINS}
         for ep in entry_points(group=group):
             dist = (ep.dist.name, ep.dist.version) if ep.dist is not None else ("", "")
@@ -115,11 +138,41 @@ class Registry:
                 self.clashes.setdefault(ep.name, [seen[ep.name]]).append(dist[0])
                 name = f"{ep.name}@{dist[0]}"
             seen[name] = dist[0]
-            if self.pm.has_plugin(name) or name in self.failed:
+            if self.pm.has_plugin(name) or name in self.failed or name in self._pending:
                 continue
-            self._load(name, ep.load, dist)
+            self._discover(name, ep.load, dist, getattr(ep, "value", None))
 
-    def _load(self, name: str, load: Any, distribution: tuple[str, str]) -> None:
+    def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
+        """Find and import every entry point of ``group``, recording failures instead of raising."""
+        self.discover_entry_points(group)
+        self._load_where(lambda declared: True)
+
+    def _discover(
+        self, name: str, load: Callable[[], object], distribution: tuple[str, str], value: str | None
+    ) -> None:
+        self._pending[name] = _Pending(name, load, distribution, entry_key(name, value, distribution))
+        self._discovered.append(name)
+
+    def _load_where(self, wanted: Callable[[list[dict[str, Any]] | None], bool]) -> None:
+        """Import the pending plugins whose remembered declarations (``None``: unknown) are ``wanted``."""
+        chosen = [p for p in self._pending.values() if wanted(self._index.lookup(p.index_key))]
+        for pending in chosen:
+            del self._pending[pending.name]
+            self._index_keys[pending.name] = pending.index_key
+            self._load(pending.name, pending.load, pending.distribution)
+            if self.pm.has_plugin(pending.name):
+                declared = [info.as_dict() for info in self._declared_methods(pending.name)]
+                self._index.store(pending.index_key, declared)
+        if chosen:
+            current = {k for k in [*self._index_keys.values(), *(p.index_key for p in self._pending.values())] if k}
+            self._index.save(current)
+
+    def _load_needed_for(self, key: str) -> None:
+        """Import the plugins that declare method ``key``, those that declare none (observers of
+        every method) and those whose declarations are not known yet."""
+        self._load_where(lambda declared: not declared or any(method_key(d.get("name", "")) == key for d in declared))
+
+    def _load(self, name: str, load: Callable[[], object], distribution: tuple[str, str]) -> None:
         try:
             plugin = load()
         except (Exception, SystemExit) as exc:  # a broken plugin must not take the others (or the process) down
@@ -176,6 +229,8 @@ class Registry:
         hooks = frozenset(
             h for h in METHOD_HOOKS if any(i.plugin is plugin for i in getattr(self.pm.hook, h).get_hookimpls())
         )
+        from peft import PeftConfig  # here, not at the top: `hf-lowrank list` from the index needs no PEFT
+
         dist, version = self._dist_of.get(plugin_name, ("", ""))
         out = []
         for info in declared:
@@ -213,13 +268,54 @@ class Registry:
 
     @property
     def methods(self) -> dict[str, MethodInfo]:
-        """Installed methods by name, sorted (methods claimed by two plugins are in :attr:`conflicts`)."""
+        """Installed methods by name, sorted (methods claimed by two plugins are in :attr:`conflicts`).
+
+        Imports every plugin; :meth:`get` and :meth:`declarations` import only what they need.
+        """
+        self._load_where(lambda declared: True)
+        return self._registered_methods()
+
+    def _registered_methods(self) -> dict[str, MethodInfo]:
+        """The methods of the plugins imported so far."""
         return self._methods if self._methods is not None else self._collect_methods()
 
-    def get(self, name: str) -> MethodInfo:
-        """The method called ``name``; raises :class:`UnknownMethodError` listing what is installed."""
+    def declarations(self) -> list[dict[str, Any]]:
+        """Every installed method as ``hf-lowrank list --json`` describes it (``MethodInfo.as_dict()``),
+        by name; two plugins' entries under one name are a conflict.
+
+        Only plugins the index does not remember are imported.
+        """
+        self._load_where(lambda declared: declared is None)
+        by_hand = [name for name, _ in self.pm.list_name_plugin() if name not in self._discovered]
+        found: list[dict[str, Any]] = []
+        for name in [*self._discovered, *by_hand]:
+            if name in self._pending:
+                found += self._index.lookup(self._pending[name].index_key) or []
+            elif self.pm.has_plugin(name):
+                found += [info.as_dict() for info in self._declared_methods(name)]
+        return sorted(found, key=lambda d: str(d.get("name")))  # stable: two claims keep the order found
+
+    def find(self, name: str) -> MethodInfo | None:
+        """The method called ``name``, or ``None`` when none (or more than one plugin) provides it.
+
+        Imports only the plugins that can provide it (see :meth:`get`).
+        """
         key = method_key(name)
-        methods = self.methods
+        self._load_needed_for(key)
+        return self._registered_methods().get(key)
+
+    def get(self, name: str) -> MethodInfo:
+        """The method called ``name``; raises :class:`UnknownMethodError` listing what is installed.
+
+        Imports the plugins that declare ``name``, the plugins that declare no method (observers of
+        every method's hooks) and those the index does not know; all of them when no plugin has it.
+        """
+        key = method_key(name)
+        found = self.find(key)
+        if found is not None:
+            return found
+        # an unknown name: every plugin is imported, for the listing and the hint
+        methods = self._registered_methods() if key in self.conflicts else self.methods
         if key in methods:
             return methods[key]
         if key in self.conflicts:
@@ -250,10 +346,14 @@ class Registry:
 
     def method_for_config(self, config: PeftConfig) -> MethodInfo:
         """The method whose config class is exactly ``type(config)``, or the one it names."""
-        for info in self.methods.values():
+        name = getattr(config, "hf_lowrank_method", None)
+        if isinstance(name, str) and name:
+            self._load_needed_for(method_key(name))
+        else:
+            self._load_where(lambda declared: True)
+        for info in self._registered_methods().values():
             if type(config) is info.config_class:
                 return info
-        name = getattr(config, "hf_lowrank_method", None)
         if name:
             return self.get(name)
         peft_type = str(getattr(getattr(config, "peft_type", None), "value", getattr(config, "peft_type", "")))
@@ -278,7 +378,7 @@ class Registry:
         """
         if hook_name not in METHOD_HOOKS:
             raise ValueError(f"{hook_name} is not a method hook; method hooks are {METHOD_HOOKS}")
-        owners = {m.plugin_name for m in self.methods.values()} | {
+        owners = {m.plugin_name for m in self._registered_methods().values()} | {
             i.plugin_name for c in self.conflicts.values() for i in c
         }
         others = owners - {method.plugin_name}

@@ -209,11 +209,14 @@ def test_a_method_name_users_could_not_type_is_a_load_failure_naming_the_spellin
 def test_a_failure_is_blamed_on_the_plugin_that_raised_not_on_the_method():
     """An observer answering every method's hook fails: the one line names the observer, not ``full``."""
 
+    @hlp.hookimpl(tryfirst=True)  # before the method's own answer, whichever plugin was imported first
     def init_adapter(model, config):
         raise KeyError("observer bug")
 
     reg = hlp.Registry(autoload=False)
-    reg.register(_module("watcher", init_adapter=init_adapter), name="watcher")
+    watcher = types.ModuleType("watcher")
+    watcher.init_adapter = init_adapter
+    reg.register(watcher, name="watcher")
     with pytest.raises(hlp.PluginError, match=r"plugin 'watcher' \(registered by hand\) failed in init_adapter for "):
         hlp.attach(make_tiny_model(), "full", registry=reg)
 

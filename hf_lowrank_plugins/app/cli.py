@@ -265,29 +265,37 @@ def _cmd_list(ns: argparse.Namespace) -> int:
                 first = f.help.split(". ")[0].rstrip(".")
                 print(f"      {first[:157] + '...' if len(first) > 160 else first}")
         return 0
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for declared in registry.declarations():  # from the plugin index: imports no plugin it remembers
+        by_name.setdefault(declared["name"], []).append(declared)
+    methods = [claims[0] for claims in by_name.values() if len(claims) == 1]
+    conflicts = {name: claims for name, claims in by_name.items() if len(claims) > 1}
     if ns.json:
         print(
             json.dumps(
                 {
-                    "methods": [m.as_dict() for m in registry.methods.values()],
+                    "methods": methods,
                     "failed": registry.failed,
-                    "conflicts": {k: [i.as_dict() for i in v] for k, v in registry.conflicts.items()},
+                    "conflicts": conflicts,
                     "entry_point_clashes": registry.clashes,
                 },
                 indent=2,
             )
         )
         return 0
-    rows = [(m.name, m.version, m.distribution, m.config_class.__name__, m.summary) for m in registry.methods.values()]
+    rows = [
+        (m["name"], m["version"], m["distribution"], m["config_class"].rsplit(".", 1)[-1], m["summary"])
+        for m in methods
+    ]
     header = ("method", "version", "distribution", "config", "summary")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
     for row in [header, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
-    for name, infos in registry.conflicts.items():
-        claimers = " and ".join(f"{i.distribution or i.plugin_name} (plugin '{i.plugin_name}')" for i in infos)
+    for name, claims in conflicts.items():
+        claimers = " and ".join(f"{c['distribution'] or c['plugin']} (plugin '{c['plugin']}')" for c in claims)
         print(
             f"method '{name}' is claimed by {claimers}: it cannot run until one is blocked "
-            f"(HF_LOWRANK_BLOCK_PLUGINS={infos[-1].plugin_name})",
+            f"(HF_LOWRANK_BLOCK_PLUGINS={claims[-1]['plugin']})",
             file=sys.stderr,
         )
     for name, dists in registry.clashes.items():

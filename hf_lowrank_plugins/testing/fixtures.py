@@ -4,6 +4,7 @@ pytest configuration does) or ``pytest_plugins = ["hf_lowrank_plugins.testing.fi
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -12,6 +13,10 @@ from .helpers import VOCAB, TokenDataset, make_tiny_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are built from configs: nothing is downloaded
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the plugin index is a per-user cache: a test session keeps its own (and starts with none)
+os.environ.setdefault(
+    "HF_LOWRANK_PLUGIN_INDEX", os.path.join(tempfile.mkdtemp(prefix="hf-lowrank-"), "plugin-index.json")
+)
 
 
 @pytest.fixture
