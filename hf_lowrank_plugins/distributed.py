@@ -22,6 +22,7 @@ Methods never import DeepSpeed themselves; they ask here. Three facts drive this
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -35,8 +36,12 @@ from .types import MethodInfo
 
 def zero_stage(args: Any) -> int | None:
     """The ZeRO stage of a run's ``TrainingArguments`` (0 for DeepSpeed without ZeRO); ``None`` without DeepSpeed."""
-    if args is None or not getattr(args, "deepspeed", None):
+    if args is None:
         return None
+    if not getattr(args, "deepspeed", None):
+        # `accelerate launch --use_deepspeed --zero_stage N` configures the Trainer through the environment
+        plugin = getattr(args, "deepspeed_plugin", None)
+        return None if plugin is None else int(plugin.zero_stage)
     ds_config = getattr(args, "hf_deepspeed_config", None)
     config = ds_config.config if ds_config is not None else args.deepspeed
     if not isinstance(config, dict):  # a path that TrainingArguments has not parsed (never, in transformers 5)
@@ -54,10 +59,17 @@ def check_zero_stage(info: MethodInfo, stage: int | None) -> None:
         )
 
 
+def uses_fsdp(args: Any) -> bool:
+    """Whether the run shards with FSDP: ``fsdp`` in its arguments, or ``accelerate launch --use_fsdp``
+    (whose setting the Trainer's accelerator reads from the environment, not from the arguments)."""
+    from_launcher = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1", "yes")
+    return bool(getattr(args, "fsdp", None)) or from_launcher
+
+
 def check_parallelism(info: MethodInfo, args: Any) -> None:
     """Refuse ``info``'s method under the run's DeepSpeed ZeRO stage or FSDP when it declared it cannot run there."""
     check_zero_stage(info, zero_stage(args))
-    if getattr(args, "fsdp", None) and info.no_fsdp:
+    if uses_fsdp(args) and info.no_fsdp:
         raise IncompatibleError(
             f"method '{info.name}' cannot train under FSDP: {info.no_fsdp}; use torchrun (DDP) or DeepSpeed "
             f"{'without ZeRO' if info.max_zero_stage == 0 else f'ZeRO-{info.max_zero_stage}'}"

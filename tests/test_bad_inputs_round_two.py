@@ -93,6 +93,17 @@ def world(tmp_path_factory, tiny_model_dir):
     damaged_state = shutil.copytree(w / "run" / "checkpoints" / "checkpoint-1", w / "damaged_state_ckpt")
     (damaged_state / "trainer_state.json").write_text("{oops")
     (w / "dangling").symlink_to(w / "nowhere_folder")
+    auto = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}
+    deepspeed_configs = {
+        "ds_not_json": "{oops",
+        "ds_list": "[3]",
+        "ds_stage5": json.dumps({"zero_optimization": {"stage": 5}}),
+        "ds_zero3": json.dumps({"zero_optimization": {"stage": 3}, **auto}),
+        "ds_optimizer": json.dumps({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}, **auto}),
+        "ds_batch": json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 3}),
+    }
+    for name, text in deepspeed_configs.items():
+        (w / f"{name}.json").write_text(text)
     big = tiny_llama_config(vocab_size=2**31 - 1, hidden_size=512)
     (w / "huge").mkdir()
     big.save_pretrained(w / "huge")
@@ -247,6 +258,26 @@ CLI_CASES = [
     ("exclude-no-layer", lambda w: _train(w, "--set", "exclude_modules=q_projj"), "matches no linear layer"),
     # paths
     ("output-dangling-link", lambda w: _train(w, "--output-dir", str(w / "dangling")), "which does not exist"),
+    # DeepSpeed configs
+    ("deepspeed-missing", lambda w: _train(w, "--deepspeed", str(w / "nope.json")), "no such file"),
+    ("deepspeed-not-json", lambda w: _train(w, "--deepspeed", str(w / "ds_not_json.json")), "not valid JSON"),
+    ("deepspeed-not-object", lambda w: _train(w, "--deepspeed", str(w / "ds_list.json")), "expected a JSON object"),
+    ("deepspeed-stage-5", lambda w: _train(w, "--deepspeed", str(w / "ds_stage5.json")), "must be 0, 1, 2 or 3"),
+    (
+        "deepspeed-method-refuses-zero",
+        lambda w: _train(w, "--deepspeed", str(w / "ds_zero3.json"), method="corda"),
+        "cannot train under DeepSpeed ZeRO-3",
+    ),
+    (
+        "deepspeed-optimizer-section",
+        lambda w: _train(w, "--deepspeed", str(w / "ds_optimizer.json"), method="galore"),
+        "would replace method 'galore''s own optimizer",
+    ),
+    (
+        "deepspeed-batch-disagrees",
+        lambda w: _train(w, "--deepspeed", str(w / "ds_batch.json")),
+        "train_micro_batch_size_per_gpu is 3",
+    ),
     # merge
     ("merge-other-width", lambda w: _merge(w, "other_base"), "has 96"),
     ("merge-pickled-base", lambda w: _merge(w, "pickled"), DAMAGED_WEIGHTS),

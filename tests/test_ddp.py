@@ -46,16 +46,33 @@ def test_two_process_ddp_through_the_trainer(tmp_path, method):
     assert (tmp_path / "export" / deliverable).is_file()
 
 
-def _torchrun_train(out: Path, model: Path, data: Path, *extra: str) -> subprocess.CompletedProcess:
-    """``hf-lowrank train`` on two CPU processes, as `torchrun --nproc_per_node 2 $(which hf-lowrank) train` runs it."""
+def _torchrun_train(
+    out: Path, model: Path, data: Path, *extra: str, launcher: str = "torchrun"
+) -> subprocess.CompletedProcess:
+    """``hf-lowrank train`` on two CPU processes, as `torchrun --nproc_per_node 2 $(which hf-lowrank) train` runs it
+    (``launcher="deepspeed"``: `deepspeed --num_gpus 2 $(which hf-lowrank) train`; ``"none"``: one process, with
+    the same global batch of 4)."""
+    processes = 1 if launcher == "none" else 2
     argv = ["--method", "lora", "--model", str(model), "--dataset", str(data), "--output-dir", str(out)]
-    argv += ["--max-steps", "6", "--batch-size", "2", "--seq-len", "16", "--eval-blocks", "2", "--rank", "2"]
-    argv += ["--lr", "5e-3", "--save-steps", "3", *extra]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    argv += ["--max-steps", "6", "--batch-size", str(4 // processes), "--seq-len", "16", "--eval-blocks", "2"]
+    argv += ["--rank", "2", "--lr", "5e-3", "--save-steps", "3", *extra]
+    hf_lowrank = [str(Path(sys.executable).parent / "hf-lowrank")]
+    command = {
+        "torchrun": [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            *hf_lowrank,
+        ],
+        "deepspeed": [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", *hf_lowrank],
+        "none": hf_lowrank,
+    }[launcher]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [*launcher, "-m", "hf_lowrank_plugins", "train", *argv], env=env, capture_output=True, text=True, timeout=300
-    )
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the deepspeed launcher's python
+    return subprocess.run([*command, "train", *argv], env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.ddp
@@ -114,3 +131,46 @@ def test_accelerate_launch_on_cpu_starting_one_of_several_processes_is_refused(t
     assert len(lines) == 1 and "accelerate launch --cpu started one process" in lines[0], proc.stderr[-2000:]
     assert "torchrun --nproc_per_node N" in lines[0]
     assert not (tmp_path / "out").exists()  # refused before anything was claimed
+
+
+ZERO_CONFIG = {
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "train_batch_size": "auto",
+    "gradient_clipping": "auto",
+}
+
+
+@pytest.mark.ddp
+@pytest.mark.deepspeed
+def test_the_cli_under_ddp_and_deepspeed_zero3_equals_one_process(tmp_path, tiny_model_dir, text_file):
+    """Two processes with the same global batch train what one process trains: plain DDP (torchrun) and
+    `--deepspeed ds.json` at ZeRO-3 under DeepSpeed's own launcher (every weight partitioned; the adapter and
+    merged model gathered for rank 0 to write). The DDP run used to train each rank alone: the Trainer's evaluation before training marked the
+    model prepared without wrapping it, so gradients were never averaged (the ranks' weights parted at step 1)."""
+    pytest.importorskip("deepspeed")
+    from safetensors.torch import load_file
+
+    from hf_lowrank_plugins import verify_manifest
+
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3}, **ZERO_CONFIG}))
+    runs = {"single": ((), "none"), "ddp": ((), "torchrun"), "zero3": (("--deepspeed", str(config)), "deepspeed")}
+    for name, (extra, launcher) in runs.items():
+        done = _torchrun_train(tmp_path / name, tiny_model_dir, text_file, "--merge", *extra, launcher=launcher)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert sum(line.startswith("lora: eval loss") for line in done.stdout.splitlines()) == 1
+        verify_manifest(tmp_path / name)
+    metrics = {name: json.loads((tmp_path / name / "metrics.json").read_text()) for name in runs}
+    assert [metrics[name]["world_size"] for name in runs] == [1, 2, 2]
+    single = metrics["single"]
+    for name in ("ddp", "zero3"):
+        assert metrics[name]["steps"] == 6 and metrics[name]["train_examples"] == single["train_examples"]
+        assert metrics[name]["eval_loss_before"] == pytest.approx(single["eval_loss_before"], rel=1e-6)
+        assert metrics[name]["eval_loss_after"] == pytest.approx(single["eval_loss_after"], rel=1e-5)
+        for deliverable in ("adapter/adapter_model.safetensors", "merged/model.safetensors"):
+            a, b = load_file(tmp_path / "single" / deliverable), load_file(tmp_path / name / deliverable)
+            assert a.keys() == b.keys()
+            for key in a:  # reduction order and DeepSpeed's fp32 master weights: equal to float rounding
+                scale = a[key].abs().max().clamp_min(1e-12)
+                assert ((a[key] - b[key]).abs().max() / scale).item() <= 1e-4, (name, key)

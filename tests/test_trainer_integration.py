@@ -322,6 +322,31 @@ def test_fsdp_refusals_come_from_the_method_declaration(tmp_path, method, refuse
             check_parallelism(info, args)
 
 
+def test_accelerate_launch_settings_from_the_environment_are_checked_too(tmp_path, monkeypatch):
+    """`accelerate launch --use_fsdp` / `--use_deepspeed --zero_stage N` configure the Trainer through the
+    environment, not through TrainingArguments' fields: the refusals read it there as well."""
+    from hf_lowrank_plugins.distributed import check_parallelism, zero_stage
+
+    registry = hlp.get_registry()
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(hlp.IncompatibleError, match="'galore' cannot train under FSDP"):
+        check_parallelism(registry.get("galore"), training_args(tmp_path))
+    check_parallelism(registry.get("dora"), training_args(tmp_path))
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    pytest.importorskip("deepspeed")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    try:
+        args = training_args(tmp_path)
+        assert not args.deepspeed and zero_stage(args) == 3
+        with pytest.raises(hlp.IncompatibleError, match="'corda' cannot train under DeepSpeed ZeRO-3"):
+            check_parallelism(registry.get("corda"), args)
+    finally:
+        unset_hf_deepspeed_config()  # else later models would be built partitioned (deepspeed.zero.Init)
+
+
 def test_master_weights_are_refreshed_through_optimizer_wrappers():
     """A DeepSpeed optimizer inside accelerate's wrapper gets refresh_fp32_params(); plain torch ones are left."""
     from hf_lowrank_plugins.distributed import refresh_master_weights

@@ -416,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``hf-lowrank`` argument parser."""
     parser = OneLineParser(prog="hf-lowrank", description="Low-rank fine-tuning methods for transformers.Trainer")
     parser.add_argument("--version", action=_VersionAction, help="print the versions and exit")
+    # the `deepspeed` launcher puts --local_rank=N before each process's arguments; the ranks come from the
+    # environment it sets as well (LOCAL_RANK, RANK, WORLD_SIZE), so the value itself is not needed
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     p = sub.add_parser("list", help="installed methods, or one method's options", formatter_class=HelpFormatter)

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from ..errors import LowRankError
 from ..outputs import OutputSet
+from ..types import MethodInfo
 
 T = TypeVar("T")
 
@@ -35,6 +36,63 @@ def check_accelerate_cpu_launch(env: Any) -> None:
             "CPU processes only through mpirun, --mpirun_hostfile); launch with torchrun --nproc_per_node N "
             "$(which hf-lowrank) train ..., or drop --num_processes"
         )
+
+
+#: DeepSpeed config keys the Trainer fills in from its own arguments ("auto"): key -> (option, value getter)
+_TRAINER_FILLED = {
+    "train_micro_batch_size_per_gpu": "--batch-size",
+    "gradient_accumulation_steps": "--grad-accum",
+    "gradient_clipping": "--max-grad-norm",
+    "train_batch_size": "--batch-size x --grad-accum x processes",
+}
+
+
+def read_deepspeed_config(path: str, info: MethodInfo, trainer_values: dict[str, float]) -> dict[str, Any]:
+    """The DeepSpeed config at ``path``, refused in one line where the run could not use it as written.
+
+    Refused: a file that is not a JSON object, a ZeRO stage the method declared it cannot train
+    under, an ``optimizer`` section for a method that replaces the optimizer (DeepSpeed would build
+    its own and the method's update would silently not run), and a batch size, accumulation or
+    clipping value that disagrees with the run's (``trainer_values``; transformers would stop at
+    the Trainer's construction with a paragraph; ``"auto"`` takes the run's).
+    """
+    import importlib.util
+    import json
+
+    from ..distributed import check_zero_stage
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise LowRankError(
+            f"--deepspeed {path}: DeepSpeed is not installed; DS_BUILD_OPS=0 pip install 'hf-lowrank-plugins[deepspeed]'"
+        )
+    try:
+        config = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise LowRankError(f"--deepspeed {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LowRankError(f"--deepspeed {path}: cannot read it ({exc})") from None
+    except ValueError as exc:
+        raise LowRankError(f"--deepspeed {path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise LowRankError(f"--deepspeed {path}: expected a JSON object of DeepSpeed settings")
+    zero = config.get("zero_optimization", {})
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+    if not isinstance(stage, int) or isinstance(stage, bool) or not 0 <= stage <= 3:
+        raise LowRankError(f"--deepspeed {path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    check_zero_stage(info, stage)
+    if info.wraps_optimizer and "optimizer" in config:
+        raise LowRankError(
+            f"--deepspeed {path}: its optimizer section would replace method '{info.name}''s own optimizer; remove it "
+            "(the Trainer hands the method's optimizer to DeepSpeed)"
+        )
+    for key, option in _TRAINER_FILLED.items():
+        given = config.get(key, "auto")
+        if given != "auto" and given != trainer_values[key]:
+            raise LowRankError(
+                f"--deepspeed {path}: {key} is {given!r} but this run's is {trainer_values[key]:g} ({option}); "
+                'set it to "auto" or to the same value'
+            )
+    return config
 
 
 class FollowerExit(LowRankError):

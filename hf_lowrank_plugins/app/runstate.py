@@ -173,9 +173,22 @@ class RunRecorder(TrainerCallback):
     """
 
     def __init__(
-        self, identity: dict[str, Any], timer: StepTimer, init_seconds: dict[str, float], base: dict[str, Any]
+        self,
+        identity: dict[str, Any],
+        timer: StepTimer,
+        init_seconds: dict[str, float],
+        base: dict[str, Any],
+        eval_loss_before: float | None = None,
     ) -> None:
         self.identity, self.timer, self.init_seconds, self.base = identity, timer, init_seconds, base
+        #: the first evaluation of the run (before its first step), carried over a resume by the records
+        self.eval_loss_before = eval_loss_before
+
+    def on_evaluate(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        """Keep the run's first evaluation (``evaluate()`` before ``train()``, or ``eval_on_start``)."""
+        metrics = kwargs.get("metrics") or {}
+        if self.eval_loss_before is None and "eval_loss" in metrics:
+            self.eval_loss_before = float(metrics["eval_loss"])
 
     def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
         """Log on every saving step (``DefaultFlowCallback`` has decided ``should_save`` already)."""
@@ -190,6 +203,7 @@ class RunRecorder(TrainerCallback):
                 **self.identity,
                 "base": self.base,
                 **self.init_seconds,
+                "eval_loss_before": self.eval_loss_before,
                 "steps": self.timer._global_steps,
                 "step_seconds": self.timer.step_seconds,
             }

@@ -145,6 +145,14 @@ class TrainSpec:
         default=None,
         metadata=opt("Hub repository to push to, NAMESPACE/NAME (default: the output folder's name)", scope="train"),
     )
+    deepspeed: str | None = field(
+        default=None,
+        metadata=opt(
+            "DeepSpeed config JSON (ZeRO-0/1/2/3) for a run launched with torchrun or deepspeed; batch sizes and "
+            'clipping may be "auto" (see docs/distributed.md)',
+            scope="train",
+        ),
+    )
     progress_bar: bool = field(default=True, metadata=opt("the Trainer's progress bar", scope="none"))
     settings: dict[str, Any] = field(default_factory=dict, metadata=opt("method config fields (--set)", scope="none"))
 

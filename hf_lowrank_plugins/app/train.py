@@ -8,6 +8,7 @@ folder is claimed, and the deliverables plus ``metrics.json`` are committed as o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 
 from ..api import attach, make_config
 from ..checkpoints import check_model_dir, checkpoint_dtype, load_causal_lm, torch_dtype
+from ..distributed import gathered_model
 from ..errors import LowRankError
 from ..outputs import CHECKPOINTS, OutputSet
 from ..quantization import load_quantized
@@ -29,7 +31,7 @@ from ..sources import ModelSource, load_model_config, load_tokenizer, resolve_mo
 from ..types import MethodInfo, QuantizationSettings
 from .data import DataSource, TrainingData, data_source, load_training_data
 from .embedded import default_model_dir, default_text_path
-from .launch import Launch
+from .launch import Launch, read_deepspeed_config
 from .model import check_bf16, position_limit
 from .push import hub_repo_id, push_run
 from .runstate import (
@@ -64,9 +66,20 @@ def reports_to_tensorboard(spec: TrainSpec) -> bool:
     return "tensorboard" in spec.report_to or "all" in spec.report_to
 
 
-def training_arguments(spec: TrainSpec, output_dir: Path, steps: int | None) -> TrainingArguments:
-    """The Trainer's arguments for ``spec``; checkpoints go to ``output_dir/checkpoints``."""
+def training_arguments(
+    spec: TrainSpec,
+    output_dir: Path,
+    steps: int | None,
+    deepspeed: dict[str, Any] | None = None,
+    world_size: int = 1,
+) -> TrainingArguments:
+    """The Trainer's arguments for ``spec``; checkpoints go to ``output_dir/checkpoints``.
+
+    ``deepspeed``: the run's checked DeepSpeed config (:func:`.launch.read_deepspeed_config`);
+    ``world_size``: the processes of the launch.
+    """
     log_every = max(1, min(10, (steps or 50) // 5))
+    on_cpu = not torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(output_dir / CHECKPOINTS),
         max_steps=steps if steps is not None else -1,
@@ -90,8 +103,14 @@ def training_arguments(spec: TrainSpec, output_dir: Path, steps: int | None) -> 
         torch_compile=spec.torch_compile,
         report_to=[b for b in spec.report_to if b != "none"] or "none",
         dataloader_num_workers=0,
-        use_cpu=not torch.cuda.is_available(),  # torchrun on CPU then gets a gloo process group
+        use_cpu=on_cpu,  # torchrun on CPU then gets a gloo process group
         disable_tqdm=not spec.progress_bar,
+        deepspeed=deepspeed,
+        # An evaluate() before train() marks the model prepared without wrapping it, so under DDP every rank then
+        # trained alone (accelerate's prepare_model(evaluation_mode=True)), and under DeepSpeed train() took the
+        # evaluation engine, which has no optimizer; with several processes the first evaluation runs in train().
+        eval_on_start=deepspeed is not None or world_size > 1,
+        ddp_backend="gloo" if on_cpu and deepspeed is not None else None,  # DeepSpeed's own default is NCCL
     )
 
 
@@ -179,6 +198,15 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
             f"--load-in-4bit: method '{info.name}' cannot train on a 4-bit base: {info.no_quantized_base}"
         )
     data_inputs = local_inputs(spec)  # a dataset that is neither a path nor an id fails before any loading
+    deepspeed = None
+    if spec.deepspeed is not None:
+        batch = {
+            "train_micro_batch_size_per_gpu": spec.batch_size,
+            "gradient_accumulation_steps": spec.grad_accum,
+            "gradient_clipping": spec.max_grad_norm,
+            "train_batch_size": spec.batch_size * spec.grad_accum * launch.world_size,
+        }
+        deepspeed = read_deepspeed_config(spec.deepspeed, info, batch)
     if spec.bf16:
         check_bf16()
     source = resolve_model(spec.model, spec.revision) if spec.model is not None else ModelSource(default_model_dir())
@@ -227,11 +255,12 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
     resume = spec.resume_from_checkpoint
     record = check_checkpoint(resume, identity, spec.steps_or_default) if resume else {}
 
-    with launch.claim(outputs) as work:  # rank 0 owns the set; every rank checkpoints into its work folder
+    # rank 0 owns the set; every rank checkpoints into its work folder
+    with launch.claim(outputs) as work, contextlib.ExitStack() as export_scope:
         if reports_to_tensorboard(spec):
             # transformers reads the folder from the environment (else ./runs/...): keep it in this run's set
             os.environ["TENSORBOARD_LOGGING_DIR"] = str(work / TENSORBOARD)
-        args = training_arguments(spec, work, spec.steps_or_default)
+        args = training_arguments(spec, work, spec.steps_or_default, deepspeed, launch.world_size)
         timer = StepTimer()
         timer.restore(record.get("steps", []), record.get("step_seconds", []))
         init_seconds = {
@@ -239,7 +268,7 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
             "startup_seconds": record.get("startup_seconds", 0.0),
         }
         base_source = {"model": source.hub_id or str(source.folder.resolve()), "revision": source.revision}
-        recorder = RunRecorder(identity, timer, init_seconds, base_source)
+        recorder = RunRecorder(identity, timer, init_seconds, base_source, record.get("eval_loss_before"))
         method_kwargs = adapted.trainer_kwargs()
         trainer = Trainer(
             model=adapted.model,
@@ -252,12 +281,17 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
             callbacks=[timer, *method_kwargs.pop("callbacks"), memory, recorder, *(callbacks or [])],
             **method_kwargs,
         )
-        eval_before = trainer.evaluate()["eval_loss"]
+        if not args.eval_on_start:
+            trainer.evaluate()  # the recorder keeps it (a resumed run keeps its checkpoint's)
         result = trainer.train(resume_from_checkpoint=spec.resume_from_checkpoint)
+        eval_before = recorder.eval_loss_before
+        assert eval_before is not None  # evaluated above, or by eval_on_start before the first step
         resumed_from = trainer._initial_global_step if spec.resume_from_checkpoint else 0
         if not record:
             init_seconds["startup_seconds"] = timer.startup_seconds
         eval_after = trainer.evaluate()["eval_loss"]
+        # ZeRO-3: every rank gathers the partitioned weights (collective) for rank 0 to check and export
+        export_scope.enter_context(gathered_model(adapted.model))
         if not launch.is_main:  # rank 0 exports and writes the set
             return {"rank": launch.rank, "world_size": launch.world_size}
 
