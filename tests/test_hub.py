@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -80,69 +83,156 @@ def test_a_revision_of_a_local_folder_is_refused(tiny_model_dir, capsys):
     assert "is a local folder, not a Hub id; drop --revision" in capsys.readouterr().err
 
 
-class FakeHub:
-    """``huggingface_hub.HfApi`` without a network: records what would be uploaded."""
+class LocalHub(ThreadingHTTPServer):
+    """The Hub's upload API as huggingface_hub speaks it, on localhost: create a repository, ask how each
+    file is to be uploaded (answered "regular": its bytes travel in the commit, base64, no LFS or Xet), commit.
+    Records the repositories with their visibility and every commit with its message and files."""
 
-    calls: list[tuple[str, dict]] = []
-    fail = False
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _HubHandler)
+        self.repos: dict[str, str | None] = {}  # repo id -> visibility asked for (None: the Hub's default)
+        self.commits: list[dict] = []
+        self.unknown: list[str] = []
+        self.cards: list[dict] = []  # the metadata of each model card validated
+        self.refuse = False  # answer 403 to everything (a token without write access)
 
-    def create_repo(self, repo_id, **kwargs):
-        FakeHub.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
-        return f"https://huggingface.co/{repo_id}"
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
 
-    def upload_folder(self, **kwargs):
-        if FakeHub.fail:
-            raise ConnectionError("the Hub is unreachable")
-        FakeHub.calls.append(("upload_folder", kwargs))
 
-    def upload_file(self, **kwargs):
-        FakeHub.calls.append(("upload_file", kwargs))
+class _HubHandler(BaseHTTPRequestHandler):
+    server: LocalHub
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":  # the commit's NDJSON is streamed
+            body = b""
+            while (size := int(self.rfile.readline().strip(), 16)) > 0:
+                body += self.rfile.read(size)
+                self.rfile.readline()
+            self.rfile.readline()
+            return body
+        return self.rfile.read(int(self.headers.get("Content-Length", 0)))
+
+    def _answer(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self) -> None:
+        body, hub, path = self._body(), self.server, self.path.split("?")[0]
+        if hub.refuse:
+            return self._answer(403, {"error": "You don't have the rights to create a model under this namespace"})
+        if path == "/api/repos/create":
+            asked = json.loads(body)
+            repo_id = f"{asked['organization']}/{asked['name']}" if asked.get("organization") else asked["name"]
+            # huggingface_hub 2 sends "visibility"; earlier releases sent "private"
+            private = {True: "private", False: "public"}.get(asked.get("private"))
+            hub.repos[repo_id] = asked.get("visibility", private)
+            return self._answer(200, {"url": f"{hub.endpoint}/{repo_id}", "name": repo_id})
+        if path == "/api/validate-yaml":  # the Hub checks a README's metadata block before a commit with it
+            import yaml
+
+            content = json.loads(body)["content"]
+            front = content.split("---")[1] if content.startswith("---") else ""
+            hub.cards.append(yaml.safe_load(front))  # a card whose metadata does not parse fails the push
+            return self._answer(200, {"errors": [], "warnings": []})
+        parts = path.split("/")  # /api/models/NS/NAME/(preupload|commit)/REVISION
+        if len(parts) == 7 and parts[:3] == ["", "api", "models"] and parts[5] == "preupload":
+            files = json.loads(body)["files"]
+            modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None} for f in files]
+            return self._answer(200, {"files": modes})
+        if len(parts) == 7 and parts[:3] == ["", "api", "models"] and parts[5] == "commit":
+            lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+            header = next(line["value"] for line in lines if line["key"] == "header")
+            files = {
+                line["value"]["path"]: base64.b64decode(line["value"]["content"])
+                for line in lines
+                if line["key"] == "file"
+            }
+            oid = f"{len(hub.commits) + 1:040x}"
+            hub.commits.append({"repo": f"{parts[3]}/{parts[4]}", "message": header["summary"], "files": files})
+            return self._answer(
+                200, {"commitUrl": f"{hub.endpoint}/{parts[3]}/{parts[4]}/commit/{oid}", "commitOid": oid}
+            )
+        hub.unknown.append(f"POST {self.path}")
+        return self._answer(404, {"error": "not found"})
 
 
 @pytest.fixture
-def fake_hub(monkeypatch):
-    import huggingface_hub
+def local_hub(monkeypatch):
+    """huggingface_hub pointed at a :class:`LocalHub` (its ``HF_ENDPOINT``), online, with a token."""
     import huggingface_hub.constants as constants
 
-    FakeHub.calls, FakeHub.fail = [], False
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    hub = LocalHub()
+    thread = threading.Thread(target=hub.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    return FakeHub
+    monkeypatch.setenv("HF_TOKEN", "hf_local_test_token")
+    yield hub
+    hub.shutdown()
+    hub.server_close()
 
 
-def test_push_to_hub_uploads_the_committed_adapter_and_merged_weights(
-    fake_hub, tiny_model_dir, text_file, tmp_path, capsys
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_push_to_hub_uploads_the_committed_run_through_the_hub_api(
+    local_hub, tiny_model_dir, text_file, tmp_path, capsys
 ):
+    """Against a local endpoint speaking the Hub's upload protocol: the adapter at the repository's root (where
+    PeftModel.from_pretrained(base, repo) looks), metrics.json beside it, merged/ in its folder, each file
+    byte for byte, one commit each, after the local set is complete."""
+    from hf_lowrank_plugins.outputs import verify_manifest
+
     out = tmp_path / "run"
+    argv = ["--merge", "--push-to-hub", "--hub-model-id", "me/tiny", "--hub-private", "--push-merged"]
+    assert main(_train_argv(tiny_model_dir, text_file, out, *argv)) == 0
+    assert f"pushed to {local_hub.endpoint}/me/tiny" in capsys.readouterr().out
+    assert verify_manifest(out) == [] and local_hub.unknown == []
+    assert local_hub.repos == {"me/tiny": "private"}
+    assert [(c["repo"], c["message"]) for c in local_hub.commits] == [
+        ("me/tiny", "hf-lowrank: adapter"),
+        ("me/tiny", "hf-lowrank: run metrics"),
+        ("me/tiny", "hf-lowrank: merged weights"),
+    ]
+    adapter, metrics, merged = (c["files"] for c in local_hub.commits)
+    assert adapter == _tree(out / "adapter") and "adapter_model.safetensors" in adapter and "README.md" in adapter
+    assert metrics == {"metrics.json": (out / "metrics.json").read_bytes()}
+    assert merged == {f"merged/{name}": data for name, data in _tree(out / "merged").items()}
+    card = local_hub.cards[0]  # as the Hub parsed it
+    assert card["library_name"] == "peft" and card["pipeline_tag"] == "text-generation"
+    assert card["base_model"] == str(tiny_model_dir) and f"base_model:adapter:{tiny_model_dir}" in card["tags"]
+
+    local_hub.commits.clear()
+    plain = tmp_path / "plain"  # without --hub-private the Hub decides; without --push-merged merged/ stays local
     assert (
-        main(_train_argv(tiny_model_dir, text_file, out, "--merge", "--push-to-hub", "--hub-model-id", "me/tiny")) == 0
+        main(_train_argv(tiny_model_dir, text_file, plain, "--merge", "--push-to-hub", "--hub-model-id", "me/b")) == 0
     )
-    assert "pushed to https://huggingface.co/me/tiny" in capsys.readouterr().out
-    kinds = [
-        (kind, call.get("path_in_repo"), str(call.get("folder_path", call.get("path_or_fileobj"))))
-        for kind, call in fake_hub.calls
-    ]
-    assert kinds == [
-        ("create_repo", None, "None"),
-        ("upload_folder", None, str(out / "adapter")),
-        ("upload_file", "metrics.json", str(out / "metrics.json")),
-        ("upload_folder", "merged", str(out / "merged")),
-    ]
-    assert fake_hub.calls[0][1]["private"] is True
+    assert local_hub.repos["me/b"] is None
+    assert [c["message"] for c in local_hub.commits] == ["hf-lowrank: adapter", "hf-lowrank: run metrics"]
 
 
 def test_a_failed_push_keeps_the_complete_run_and_names_the_upload_command(
-    fake_hub, tiny_model_dir, text_file, tmp_path, capsys
+    local_hub, tiny_model_dir, text_file, tmp_path, capsys
 ):
     from hf_lowrank_plugins.outputs import verify_manifest
 
-    fake_hub.fail = True
+    local_hub.refuse = True
     out = tmp_path / "run"
     assert main(_train_argv(tiny_model_dir, text_file, out, "--push-to-hub", "--hub-model-id", "me/tiny")) == 1
     err = capsys.readouterr().err  # the progress bars of the run come before the one line
     last = err.strip().splitlines()[-1]
     assert "Traceback" not in err and last.startswith("hf-lowrank: error: the run is complete in")
-    assert f"hf upload me/tiny {out / 'adapter'} ." in last
+    assert f"hf upload me/tiny {out / 'adapter'} ." in last and "403" in last
     assert verify_manifest(out) == []
 
 

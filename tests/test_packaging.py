@@ -78,3 +78,18 @@ def test_every_third_party_module_the_core_imports_is_declared():
                 if not distributions & declared:
                     missing.setdefault(top, []).append(file.relative_to(ROOT).as_posix())
     assert not missing, missing
+
+
+def test_the_floors_file_pins_exactly_the_declared_floors():
+    """`make test-floors` installs tests/floors.txt; it must be the floors pyproject declares (torch aside:
+    its floor has no CPU wheel here), or the floors it tests are not the ones users get."""
+    pinned = {}
+    for line in (ROOT / "tests" / "floors.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            requirement = Requirement(line)
+            pinned[_normalised(requirement.name)] = _floor(requirement)
+    declared = {_normalised(Requirement(r).name): _floor(Requirement(r)) for r in _project(ROOT)["dependencies"]}
+    assert set(pinned) == set(declared)
+    assert {name: floor for name, floor in pinned.items() if name != "torch"} == {
+        name: floor for name, floor in declared.items() if name != "torch"
+    }

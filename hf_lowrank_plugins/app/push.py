@@ -2,8 +2,8 @@
 
 The run is committed locally first, so a failed upload loses nothing: the message names the
 command that uploads the same folder later. The adapter goes to the repository's root (where
-``PeftModel.from_pretrained(base, repo_id)`` looks), ``merged/`` to a ``merged`` folder
-(``from_pretrained(repo_id, subfolder="merged")``), with ``metrics.json`` beside the adapter.
+``PeftModel.from_pretrained(base, repo_id)`` looks), with ``metrics.json`` beside the adapter, and
+with ``--push-merged`` ``merged/`` to a ``merged`` folder (``from_pretrained(repo_id, subfolder="merged")``).
 """
 
 from __future__ import annotations
@@ -30,17 +30,27 @@ def hub_repo_id(hub_model_id: str | None, output_dir: Path) -> str:
     return repo_id
 
 
-def push_run(output_dir: Path, repo_id: str) -> str:
-    """Upload the committed run in ``output_dir`` to ``repo_id`` (created private if new); its URL."""
+def push_run(output_dir: Path, repo_id: str, private: bool = False, merged: bool = False) -> str:
+    """Upload the committed run in ``output_dir`` to ``repo_id``; its URL.
+
+    A new repository is created private with ``private``, else as the Hub creates it for its owner
+    (public, unless an organisation says otherwise), as transformers' ``push_to_hub`` does.
+    ``merged``: upload ``merged/`` too.
+    """
     from huggingface_hub import HfApi
 
     api = HfApi()
     later = f"hf upload {repo_id} {output_dir / 'adapter'} ."
     try:
-        url = api.create_repo(repo_id, private=True, exist_ok=True)
+        url = api.create_repo(repo_id, private=True if private else None, exist_ok=True)
         api.upload_folder(repo_id=repo_id, folder_path=output_dir / "adapter", commit_message="hf-lowrank: adapter")
-        api.upload_file(repo_id=repo_id, path_or_fileobj=output_dir / "metrics.json", path_in_repo="metrics.json")
-        if (output_dir / "merged").is_dir():
+        api.upload_file(
+            repo_id=repo_id,
+            path_or_fileobj=output_dir / "metrics.json",
+            path_in_repo="metrics.json",
+            commit_message="hf-lowrank: run metrics",
+        )
+        if merged:
             api.upload_folder(
                 repo_id=repo_id,
                 folder_path=output_dir / "merged",

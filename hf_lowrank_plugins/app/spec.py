@@ -145,6 +145,13 @@ class TrainSpec:
         default=None,
         metadata=opt("Hub repository to push to, NAMESPACE/NAME (default: the output folder's name)", scope="train"),
     )
+    hub_private: bool = field(
+        default=False,
+        metadata=opt("create the Hub repository private (default: the Hub's default for its owner)", scope="train"),
+    )
+    push_merged: bool = field(
+        default=False, metadata=opt("with --push-to-hub and --merge: upload merged/ too", scope="train")
+    )
     deepspeed: str | None = field(
         default=None,
         metadata=opt(
@@ -158,8 +165,11 @@ class TrainSpec:
 
     def __post_init__(self) -> None:
         validate_config(self, flags=True)
-        if self.hub_model_id is not None and not self.push_to_hub:
-            raise ConfigError("--hub-model-id names where to push; add --push-to-hub (or drop --hub-model-id)")
+        for option, given in (("--hub-model-id", self.hub_model_id is not None), ("--hub-private", self.hub_private)):
+            if given and not self.push_to_hub:
+                raise ConfigError(f"{option} says how to push; add --push-to-hub (or drop {option})")
+        if self.push_merged and not (self.push_to_hub and self.merge):
+            raise ConfigError("--push-merged uploads merged/, which needs --push-to-hub and --merge; add them")
         unknown = [b for b in self.report_to if b not in REPORT_TO]
         if unknown:
             raise ConfigError(

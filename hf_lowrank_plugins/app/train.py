@@ -187,6 +187,53 @@ def largest_trained_value(model: torch.nn.Module) -> float:
     return max(values, default=0.0)
 
 
+def deepspeed_config(spec: TrainSpec, info: MethodInfo, world_size: int) -> dict[str, Any]:
+    """``spec.deepspeed``'s config, checked against the method and this run's batch settings."""
+    assert spec.deepspeed is not None  # the caller's condition
+    batch = {
+        "train_micro_batch_size_per_gpu": spec.batch_size,
+        "gradient_accumulation_steps": spec.grad_accum,
+        "gradient_clipping": spec.max_grad_norm,
+        "train_batch_size": spec.batch_size * spec.grad_accum * world_size,
+    }
+    return read_deepspeed_config(spec.deepspeed, info, batch)
+
+
+def outcome_warnings(eval_before: float, eval_after: float, largest_weight: float, lr: float) -> list[str]:
+    """What the user should hear about a run that finished without an error but did not go well."""
+    warnings = []
+    if eval_after > eval_before or not math.isfinite(eval_after):
+        warnings.append(
+            f"the eval loss ended worse than it started ({eval_before:.4g} -> {eval_after:.4g}): the run did not "
+            "learn; lower --lr, or check the data"
+        )
+    if largest_weight > HUGE_WEIGHT:
+        warnings.append(
+            f"trained weights reach |w| = {largest_weight:.3g}, far beyond the scale of any trained model "
+            f"(finite, so no divergence was detected): --lr {lr:g} is likely too high"
+        )
+    return warnings
+
+
+def histories(
+    log_history: list[dict[str, Any]], timer: StepTimer, init_seconds: float
+) -> tuple[list[dict[str, Any]], list[dict[str, float]]]:
+    """The training losses per logging step and the eval losses per evaluated step (with the seconds
+    since the run began: initialisation plus the steps' time), from the Trainer's log history."""
+    train_history: list[dict[str, Any]] = [
+        {k: entry[k] for k in ("step", "epoch", "loss", "learning_rate", "grad_norm") if k in entry}
+        for entry in log_history
+        if "loss" in entry
+    ]
+    eval_history: list[dict[str, float]] = []
+    for entry in log_history:
+        # One entry per step: the final evaluate() repeats the last periodic evaluation's step.
+        if "eval_loss" in entry and (not eval_history or entry["step"] != eval_history[-1]["step"]):
+            seconds = init_seconds + timer.elapsed(int(entry["step"]))
+            eval_history.append({"step": entry["step"], "eval_loss": entry["eval_loss"], "seconds": seconds})
+    return train_history, eval_history
+
+
 def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: list | None = None) -> dict[str, Any]:
     """Train ``spec.method``; commit ``metrics.json``, ``adapter/`` and (with ``merge``) ``merged/`` as one set."""
     registry = registry or get_registry()
@@ -198,15 +245,7 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
             f"--load-in-4bit: method '{info.name}' cannot train on a 4-bit base: {info.no_quantized_base}"
         )
     data_inputs = local_inputs(spec)  # a dataset that is neither a path nor an id fails before any loading
-    deepspeed = None
-    if spec.deepspeed is not None:
-        batch = {
-            "train_micro_batch_size_per_gpu": spec.batch_size,
-            "gradient_accumulation_steps": spec.grad_accum,
-            "gradient_clipping": spec.max_grad_norm,
-            "train_batch_size": spec.batch_size * spec.grad_accum * launch.world_size,
-        }
-        deepspeed = read_deepspeed_config(spec.deepspeed, info, batch)
+    deepspeed = deepspeed_config(spec, info, launch.world_size) if spec.deepspeed is not None else None
     if spec.bf16:
         check_bf16()
     source = resolve_model(spec.model, spec.revision) if spec.model is not None else ModelSource(default_model_dir())
@@ -282,7 +321,9 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
             **method_kwargs,
         )
         if not args.eval_on_start:
-            trainer.evaluate()  # the recorder keeps it (a resumed run keeps its checkpoint's)
+            evaluated = trainer.evaluate()["eval_loss"]
+            if recorder.eval_loss_before is None:  # a resumed run keeps its checkpoint's
+                recorder.eval_loss_before = evaluated
         result = trainer.train(resume_from_checkpoint=spec.resume_from_checkpoint)
         eval_before = recorder.eval_loss_before
         assert eval_before is not None  # evaluated above, or by eval_on_start before the first step
@@ -318,31 +359,10 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
         )
         memory.end()
         init = init_seconds["attach_seconds"] + init_seconds["startup_seconds"]
-        train_history = [
-            {k: entry[k] for k in ("step", "epoch", "loss", "learning_rate", "grad_norm") if k in entry}
-            for entry in trainer.state.log_history
-            if "loss" in entry
-        ]
-        run_warnings = []
-        if eval_after > eval_before or not math.isfinite(eval_after):
-            run_warnings.append(
-                f"the eval loss ended worse than it started ({eval_before:.4g} -> {eval_after:.4g}): the run did not "
-                "learn; lower --lr, or check the data"
-            )
-            print(f"hf-lowrank: warning: {run_warnings[-1]}", file=sys.stderr)
-        largest = largest_trained_value(adapted.model)
-        if largest > HUGE_WEIGHT:
-            run_warnings.append(
-                f"trained weights reach |w| = {largest:.3g}, far beyond the scale of any trained model "
-                f"(finite, so no divergence was detected): --lr {spec.lr:g} is likely too high"
-            )
-            print(f"hf-lowrank: warning: {run_warnings[-1]}", file=sys.stderr)
-        eval_history: list[dict[str, float]] = []
-        for entry in trainer.state.log_history:
-            # One entry per step: the final evaluate() repeats the last periodic evaluation's step.
-            if "eval_loss" in entry and (not eval_history or entry["step"] != eval_history[-1]["step"]):
-                seconds = init + timer.elapsed(int(entry["step"]))
-                eval_history.append({"step": entry["step"], "eval_loss": entry["eval_loss"], "seconds": seconds})
+        run_warnings = outcome_warnings(eval_before, eval_after, largest_trained_value(adapted.model), spec.lr)
+        for warning in run_warnings:
+            print(f"hf-lowrank: warning: {warning}", file=sys.stderr)
+        train_history, eval_history = histories(trainer.state.log_history, timer, init)
         metrics = {
             "method": spec.method,
             "world_size": launch.world_size,
@@ -383,5 +403,6 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
         trainer.state.save_to_json(str(outputs.stage / "trainer_state.json"))  # the whole run's, not a checkpoint's
         outputs.commit(info={"method": spec.method, "steps": steps})
     if repo_id is not None:
-        print(f"{spec.method}: pushed to {push_run(outputs.path, repo_id)}")
+        url = push_run(outputs.path, repo_id, private=spec.hub_private, merged=spec.push_merged)
+        print(f"{spec.method}: pushed to {url}")
     return metrics
