@@ -199,6 +199,55 @@ def _activation_bytes(config: Any, settings: PlanSettings, compute: int) -> tupl
     return layer, logits
 
 
+def _check_settings(info: MethodInfo, settings: PlanSettings) -> None:
+    """Refuse what ``train`` would refuse for these settings, in the same words."""
+    if settings.load_in_4bit and not info.supports_quantized_base:
+        raise LowRankError(f"method '{info.name}' cannot train on a 4-bit base: {info.no_quantized_base}")
+    if settings.zero_stage not in (0, 1, 2, 3) or settings.world_size < 1:
+        raise LowRankError("zero_stage must be 0-3 and world_size at least 1")
+    check_zero_stage(info, settings.zero_stage or None)  # stage 0 plans also serve runs without DeepSpeed
+
+
+def _frozen_bytes(
+    meta: nn.Module, trainable_ids: set[int], four_bit: bool, base_dtype: torch.dtype, model_config: Any
+) -> tuple[float, int]:
+    """Bytes of the weights that do not train, and of the checkpoint pages a CPU process keeps mapped
+    while quantizing (tied weights counted once)."""
+    quantized_ids: set[int] = set()  # the weights the 4-bit service quantizes
+    if four_bit:
+        from .targets import task_heads
+
+        skipped = set(task_heads(meta)) | {"lm_head"}
+        adapter_ids = _adapter_parameter_ids(meta)  # an adapter's own linear layers stay in full precision
+        for name, module in meta.named_modules():
+            if type(module) is nn.Linear and not any(name.endswith(s) for s in skipped):
+                if id(module.weight) not in adapter_ids:
+                    quantized_ids.add(id(module.weight))
+    frozen_bytes, mapped_bytes = 0.0, 0
+    checkpoint_size = _element_size(checkpoint_dtype(model_config))
+    seen: set[int] = set()
+    for p in meta.parameters():
+        if id(p) in trainable_ids or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if id(p) in quantized_ids:
+            frozen_bytes += p.numel() * NF4_BYTES_PER_WEIGHT
+            mapped_bytes += p.numel() * checkpoint_size
+        else:  # PEFT's k-bit preparation keeps the rest in fp32
+            frozen_bytes += p.numel() * (4 if four_bit else _element_size(base_dtype))
+    return frozen_bytes, mapped_bytes
+
+
+def _peak_activation_bytes(model_config: Any, settings: PlanSettings, compute: int) -> int:
+    """Activations kept for backward at the peak: every layer's (or, with checkpointing, every layer's
+    input and one layer's recomputed ones) plus the logits."""
+    layer, logits = _activation_bytes(model_config, settings, compute)
+    layers = model_config.num_hidden_layers
+    if settings.gradient_checkpointing:
+        return int(layers * settings.tokens * model_config.hidden_size * compute + layer + logits)
+    return int(layers * layer + logits)
+
+
 def plan_memory(
     model: str | Path | Any,
     method: str | MethodInfo,
@@ -214,11 +263,7 @@ def plan_memory(
     settings = settings or PlanSettings()
     registry = registry or get_registry()
     info = method if isinstance(method, MethodInfo) else registry.get(method)
-    if settings.load_in_4bit and not info.supports_quantized_base:
-        raise LowRankError(f"method '{info.name}' cannot train on a 4-bit base: {info.no_quantized_base}")
-    if settings.zero_stage not in (0, 1, 2, 3) or settings.world_size < 1:
-        raise LowRankError("zero_stage must be 0-3 and world_size at least 1")
-    check_zero_stage(info, settings.zero_stage or None)  # stage 0 plans also serve runs without DeepSpeed
+    _check_settings(info, settings)
     config = make_config(info, registry=registry, **fields)
     model_config = load_config(model)
     base_dtype = settings.dtype or (checkpoint_dtype(model_config) if info.trains_adapter else torch.float32)
@@ -232,42 +277,13 @@ def plan_memory(
     else:
         trainable = list(meta.parameters())
     trainable_params = sum(p.numel() for p in trainable)
-    trainable_ids = {id(p) for p in trainable}
-
-    frozen_bytes = 0.0
-    quantized_ids: set[int] = set()  # the weights the 4-bit service quantizes
-    if four_bit:
-        from .targets import task_heads
-
-        skipped = set(task_heads(meta)) | {"lm_head"}
-        adapter_ids = _adapter_parameter_ids(meta)  # an adapter's own linear layers stay in full precision
-        for name, module in meta.named_modules():
-            if type(module) is nn.Linear and not any(name.endswith(s) for s in skipped):
-                if id(module.weight) not in adapter_ids:
-                    quantized_ids.add(id(module.weight))
-    mapped_bytes = 0  # checkpoint pages a CPU process keeps mapped (see below)
-    checkpoint_size = _element_size(checkpoint_dtype(model_config))
-    seen: set[int] = set()
-    for p in meta.parameters():
-        if id(p) in trainable_ids or id(p) in seen:
-            continue
-        seen.add(id(p))
-        if id(p) in quantized_ids:
-            frozen_bytes += p.numel() * NF4_BYTES_PER_WEIGHT
-            mapped_bytes += p.numel() * checkpoint_size
-        else:  # PEFT's k-bit preparation keeps the rest in fp32
-            frozen_bytes += p.numel() * (4 if four_bit else _element_size(base_dtype))
+    frozen_bytes, mapped_bytes = _frozen_bytes(meta, {id(p) for p in trainable}, four_bit, base_dtype, model_config)
     shard = settings.world_size
     stage = settings.zero_stage
     compute = 4 if four_bit else _element_size(base_dtype) if info.trains_adapter else 4
     if settings.device == "cuda" and four_bit:
         compute = 2  # bf16 compute on a GPU
-    layer, logits = _activation_bytes(model_config, settings, compute)
-    layers = model_config.num_hidden_layers
-    if settings.gradient_checkpointing:
-        activations = layers * settings.tokens * model_config.hidden_size * compute + layer + logits
-    else:
-        activations = layers * layer + logits
+    activations = _peak_activation_bytes(model_config, settings, compute)
     # adapters train in fp32 whatever the base's dtype; weights trained themselves train in the dtype asked
     # for (--dtype bfloat16: bf16 weights, gradients and AdamW moments), fp32 master weights by default
     trained = _element_size(settings.dtype) if settings.dtype is not None and not info.trains_adapter else 4

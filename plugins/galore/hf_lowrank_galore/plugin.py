@@ -131,18 +131,8 @@ def _hyperparameters(group: dict, args: Any, optimizer: str, trainer_optim: str)
     }
 
 
-@hookimpl
-def wrap_optimizer(
-    model: nn.Module, optimizer: torch.optim.Optimizer, config: GaLoreConfig, args: Any
-) -> GaLoreOptimizer:
-    """Replace the Trainer's optimizer by GaLore AdamW or Adafactor with the same groups and hyperparameters.
-
-    Each group of the Trainer's optimizer (decayed weights / biases and norms) is split into its
-    target weights (``galore=True``) and the rest, keeping the group's lr, weight decay and (AdamW)
-    betas and eps or (Adafactor) all of Adafactor's settings, so the Trainer's scheduler, clipping
-    and checkpointing apply unchanged.
-    """
-    optim_name = replaced_optim_name(optimizer, args, "galore")
+def _warn_what_is_replaced(optim_name: str, config: GaLoreConfig) -> None:
+    """Say which of the Trainer's optimizer settings GaLore's optimizer takes over and which it cannot."""
     adafactor = config.optimizer == "adafactor"
     if adafactor and optim_name != "adafactor":
         logger.warning(
@@ -163,6 +153,10 @@ def wrap_optimizer(
             "GaLore's optimizer='adamw8bit' (--set optimizer=adamw8bit)",
             optim_name,
         )
+
+
+def _check_parallelism(config: GaLoreConfig, args: Any) -> None:
+    """Refuse the settings that cannot train under fp16 scaling, DDP or ZeRO, with the reason."""
     if config.layerwise and getattr(args, "fp16", False):
         raise IncompatibleError(
             "layer-wise GaLore cannot train with fp16 loss scaling: its hooks consume each gradient inside "
@@ -183,8 +177,41 @@ def wrap_optimizer(
             "quantizes them in per-weight blocks) and layer-wise hooks would fire before ZeRO reduces gradients; "
             "use optimizer='adamw', layerwise=False"
         )
+
+
+@hookimpl
+def wrap_optimizer(
+    model: nn.Module, optimizer: torch.optim.Optimizer, config: GaLoreConfig, args: Any
+) -> GaLoreOptimizer:
+    """Replace the Trainer's optimizer by GaLore AdamW or Adafactor with the same groups and hyperparameters.
+
+    Each group of the Trainer's optimizer (decayed weights / biases and norms) is split into its
+    target weights (``galore=True``) and the rest, keeping the group's lr, weight decay and (AdamW)
+    betas and eps or (Adafactor) all of Adafactor's settings, so the Trainer's scheduler, clipping
+    and checkpointing apply unchanged.
+    """
+    optim_name = replaced_optim_name(optimizer, args, "galore")
+    _warn_what_is_replaced(optim_name, config)
+    _check_parallelism(config, args)
+    groups = _split_groups(optimizer, model, config, args, optim_name)
+    if not any(g["galore"] for g in groups):
+        raise ConfigError("none of GaLore's target weights is trainable; unfreeze them or change target_modules")
+    if config.optimizer == "adafactor":
+        return GaLoreAdafactor(groups, layerwise=bool(config.layerwise))
+    return GaLoreAdamW(
+        groups,
+        optim_bits=8 if config.optimizer == "adamw8bit" else 32,
+        min_8bit_size=int(config.min_8bit_size),
+        layerwise=bool(config.layerwise),
+    )
+
+
+def _split_groups(
+    optimizer: torch.optim.Optimizer, model: nn.Module, config: GaLoreConfig, args: Any, optim_name: str
+) -> list[dict[str, Any]]:
+    """Each of the Trainer's groups split into its projected target weights and the rest, hyperparameters kept."""
     targets = {id(p) for p in target_weights(model, config).values() if p.requires_grad}
-    groups: list[dict] = []
+    groups: list[dict[str, Any]] = []
     for group in optimizer.param_groups:
         hyper = _hyperparameters(group, args, config.optimizer, optim_name)
         projected = [p for p in group["params"] if id(p) in targets]
@@ -205,13 +232,4 @@ def wrap_optimizer(
                     "proj_type": config.proj_type,
                 }
             )
-    if not any(g["galore"] for g in groups):
-        raise ConfigError("none of GaLore's target weights is trainable; unfreeze them or change target_modules")
-    if adafactor:
-        return GaLoreAdafactor(groups, layerwise=bool(config.layerwise))
-    return GaLoreAdamW(
-        groups,
-        optim_bits=8 if config.optimizer == "adamw8bit" else 32,
-        min_8bit_size=int(config.min_8bit_size),
-        layerwise=bool(config.layerwise),
-    )
+    return groups
