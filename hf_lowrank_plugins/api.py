@@ -31,12 +31,11 @@ from .distributed import gathered_model
 from .errors import ConfigError, DivergenceError, IncompatibleError, LowRankError
 from .export import METHOD_SETTINGS_FILE, default_export
 from .memory import trim_heap
-from .method import config_fields, derived_fields, owned_fields
+from .method import config_fields, default_init_fields, derived_fields, owned_fields
 from .optim import build_default_optimizer
 from .outputs import OutputSet
 from .quantization import is_quantized, quantize_model
 from .registry import Registry, get_registry
-from .targets import is_linear_like, layer_shape
 from .types import ExportResult, MethodInfo, QuantizationSettings
 
 #: Set on a base model by :func:`attach`: (method, trains an adapter); a second attach is refused
@@ -472,8 +471,13 @@ def check_not_a_training_state(adapter_dir: str | Path, info: MethodInfo) -> Non
 
 
 def check_adapter_fits(base_model: nn.Module, adapter_dir: str | Path) -> None:
-    """Raise :class:`IncompatibleError` unless every adapted layer of ``adapter_dir`` exists in
-    ``base_model`` with the shape the adapter was trained for, naming the first layer that differs."""
+    """Raise :class:`IncompatibleError` unless every tensor of the adapter in ``adapter_dir`` has its
+    place, with its shape, in the adapter PEFT lays on ``base_model``, naming the first that differs.
+
+    The expected tensors come from PEFT itself (its config of the adapter, laid on a meta-device twin
+    of ``base_model``: no memory, and the model is untouched), so the check holds for every PEFT
+    tuner, not only LoRA's ``lora_A``/``lora_B`` layout.
+    """
     from safetensors import safe_open
 
     weights = Path(adapter_dir) / "adapter_model.safetensors"
@@ -484,26 +488,44 @@ def check_adapter_fits(base_model: nn.Module, adapter_dir: str | Path) -> None:
             shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
     except Exception as exc:
         raise LowRankError(f"{weights} is not a readable safetensors file ({exc}); export the adapter again") from None
-    modules = dict(base_model.named_modules())
+    expected = _expected_adapter_shapes(base_model, adapter_dir)
+    if expected is None:
+        return
     base_name = type(base_model).__name__
     for key, shape in shapes.items():
-        for part, axis in ((".lora_A.", 1), (".lora_B.", 0)):
-            if part not in key:
-                continue
-            path = key.split(part)[0].removeprefix("base_model.model.")
-            module = modules.get(path)
-            if module is None:
-                raise IncompatibleError(
-                    f"adapter {adapter_dir} adapts layer '{path}', which {base_name} does not have: it was trained "
-                    "on another base model; load the base it names in adapter_config.json (base_model_name_or_path)"
-                )
-            dims = layer_shape(module) if is_linear_like(module) else None
-            if dims is not None and shape[axis] != dims[axis]:
-                side = "input" if axis == 1 else "output"
-                raise IncompatibleError(
-                    f"adapter {adapter_dir} was trained for a base whose '{path}' has {side} size {shape[axis]}, but this "
-                    f"{base_name} has {dims[axis]}: another base model; load the one the adapter names"
-                )
+        name = key.removeprefix("base_model.model.")
+        if key not in expected:
+            raise IncompatibleError(
+                f"adapter {adapter_dir} holds '{name}', for which this {base_name} has no layer: it was trained on "
+                "another base model; load the base it names in adapter_config.json (base_model_name_or_path)"
+            )
+        if expected[key] != shape:
+            raise IncompatibleError(
+                f"adapter {adapter_dir} holds '{name}' of shape {tuple(shape)}, but on this {base_name} it has shape "
+                f"{expected[key]}: the adapter was trained on another base model; load the one it names"
+            )
+
+
+def _expected_adapter_shapes(base_model: nn.Module, adapter_dir: str | Path) -> dict[str, tuple[int, ...]] | None:
+    """The tensor names and shapes PEFT saves for the adapter of ``adapter_dir`` on ``base_model``'s
+    architecture, from a twin built on the meta device; ``None`` for a model transformers cannot rebuild
+    from its config, or an adapter config PEFT cannot read (its own loading then reports)."""
+    from accelerate import init_empty_weights
+    from peft import get_peft_model, get_peft_model_state_dict
+    from transformers import PreTrainedModel
+
+    if not isinstance(base_model, PreTrainedModel):
+        return None
+    try:
+        peft_config = PeftConfig.from_pretrained(str(adapter_dir))
+    except Exception:
+        return None
+    for name, value in default_init_fields(type(peft_config)).items():  # no data-dependent init on meta
+        setattr(peft_config, name, value)
+    with init_empty_weights():
+        twin = type(base_model)(base_model.config)
+        twin_peft = get_peft_model(twin, peft_config)
+    return {key: tuple(tensor.shape) for key, tensor in get_peft_model_state_dict(twin_peft).items()}
 
 
 def load_adapter(

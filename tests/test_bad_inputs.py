@@ -273,7 +273,7 @@ CLI_CASES = [
     (
         "merge-other-base",
         lambda w: ["merge", str(w / "run/adapter"), "--base", str(w / "other_base"), "--output-dir", str(w / "out")],
-        "input size 128, but this LlamaForCausalLM has 96",
+        "but on this LlamaForCausalLM it has shape",
     ),
     (
         "merge-into-adapter",
@@ -380,7 +380,7 @@ API_CASES = [
         "adapter-other-base",
         lambda w: hlp.load_adapter(make_tiny_model(intermediate_size=96), w / "run/adapter"),
         hlp.IncompatibleError,
-        "has 96",
+        r"has shape \(\d+, 96\)",
     ),
     (
         "export-foreign",

@@ -279,7 +279,7 @@ CLI_CASES = [
         "train_micro_batch_size_per_gpu is 3",
     ),
     # merge
-    ("merge-other-width", lambda w: _merge(w, "other_base"), "has 96"),
+    ("merge-other-width", lambda w: _merge(w, "other_base"), "96)"),
     ("merge-pickled-base", lambda w: _merge(w, "pickled"), DAMAGED_WEIGHTS),
     ("merge-remote-tokenizer", lambda w: _merge(w, "remote_tokenizer"), NEVER_RUNS_CODE),
     ("merge-missing-adapter", lambda w: ["merge", str(w / "nowhere"), "--output-dir", str(w / "m")], "nowhere"),
@@ -388,7 +388,7 @@ API_CASES = [
         "load-adapter-other-width",
         lambda w: hlp.load_adapter(make_tiny_model(intermediate_size=96), w / "run" / "adapter"),
         hlp.IncompatibleError,
-        "has 96",
+        r"has shape \(\d+, 96\)",
     ),
     (
         "export-merge-text",

@@ -186,8 +186,8 @@ def test_attaching_twice_or_to_another_base_names_both(tmp_path, tiny_model, bat
     wider = make_tiny_model(intermediate_size=96)
     with pytest.raises(
         hlp.IncompatibleError,
-        match=r"'model.layers.0.mlp.\w+_proj' has (in|out)put size 128, but this "
-        r"LlamaForCausalLM has 96",
+        match=r"holds 'model.layers.0.mlp.\w+_proj.lora_[AB].weight' of shape \(\d+, 128\), but on this "
+        r"LlamaForCausalLM it has shape \(\d+, 96\)",
     ):
         hlp.load_adapter(wider, saved)
 
@@ -264,3 +264,23 @@ def test_a_loop_of_ones_own_arms_the_guard_through_build_optimizer(by_hand):
     loss.backward()
     optimizer.step()
     assert type(optimizer).__module__.startswith("hf_lowrank_galore")
+
+
+def test_an_adapter_of_another_base_is_refused_for_any_peft_tuner(tmp_path):
+    """The check compares with what PEFT itself lays on the base, so it holds beyond LoRA's A and B:
+    an IA3 adapter (vectors of the layers' widths) on a wider base is refused naming the tensor, and the
+    base model it was given is left as it was."""
+    from peft import IA3Config, get_peft_model
+
+    from hf_lowrank_plugins.api import check_adapter_fits
+
+    adapter = get_peft_model(
+        make_tiny_model(), IA3Config(target_modules=["down_proj"], feedforward_modules=["down_proj"])
+    )
+    adapter.save_pretrained(tmp_path / "ia3")
+    check_adapter_fits(make_tiny_model(), tmp_path / "ia3")  # the same architecture fits
+    wider = make_tiny_model(intermediate_size=96)
+    before = {name: tuple(p.shape) for name, p in wider.named_parameters()}
+    with pytest.raises(hlp.IncompatibleError, match=r"'model.layers.0.mlp.down_proj.ia3_l' of shape \(1, 128\)"):
+        check_adapter_fits(wider, tmp_path / "ia3")
+    assert {name: tuple(p.shape) for name, p in wider.named_parameters()} == before
