@@ -525,7 +525,11 @@ def _expected_adapter_shapes(base_model: nn.Module, adapter_dir: str | Path) -> 
     with init_empty_weights():
         twin = type(base_model)(base_model.config)
         twin_peft = get_peft_model(twin, peft_config)
-    return {key: tuple(tensor.shape) for key, tensor in get_peft_model_state_dict(twin_peft).items()}
+    # whole embedding rows an adapter may carry (a resized vocabulary) are checked against the base's own weights;
+    # PEFT's "auto" would look the base up on the Hub to decide whether to list them
+    expected = {f"base_model.model.{name}": tuple(p.shape) for name, p in twin.named_parameters()}
+    state = get_peft_model_state_dict(twin_peft, save_embedding_layers=False)
+    return {**expected, **{key: tuple(tensor.shape) for key, tensor in state.items()}}
 
 
 def load_adapter(

@@ -38,7 +38,7 @@ def check_accelerate_cpu_launch(env: Any) -> None:
         )
 
 
-#: DeepSpeed config keys the Trainer fills in from its own arguments ("auto"): key -> (option, value getter)
+#: DeepSpeed config keys the Trainer fills in from its own arguments ("auto"): key -> the options that set it
 _TRAINER_FILLED = {
     "train_micro_batch_size_per_gpu": "--batch-size",
     "gradient_accumulation_steps": "--grad-accum",

@@ -187,16 +187,15 @@ def largest_trained_value(model: torch.nn.Module) -> float:
     return max(values, default=0.0)
 
 
-def deepspeed_config(spec: TrainSpec, info: MethodInfo, world_size: int) -> dict[str, Any]:
-    """``spec.deepspeed``'s config, checked against the method and this run's batch settings."""
-    assert spec.deepspeed is not None  # the caller's condition
+def deepspeed_config(path: str, spec: TrainSpec, info: MethodInfo, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config at ``path``, checked against the method and this run's batch settings."""
     batch = {
         "train_micro_batch_size_per_gpu": spec.batch_size,
         "gradient_accumulation_steps": spec.grad_accum,
         "gradient_clipping": spec.max_grad_norm,
         "train_batch_size": spec.batch_size * spec.grad_accum * world_size,
     }
-    return read_deepspeed_config(spec.deepspeed, info, batch)
+    return read_deepspeed_config(path, info, batch)
 
 
 def outcome_warnings(eval_before: float, eval_after: float, largest_weight: float, lr: float) -> list[str]:
@@ -245,7 +244,7 @@ def run_training(spec: TrainSpec, registry: Registry | None = None, callbacks: l
             f"--load-in-4bit: method '{info.name}' cannot train on a 4-bit base: {info.no_quantized_base}"
         )
     data_inputs = local_inputs(spec)  # a dataset that is neither a path nor an id fails before any loading
-    deepspeed = deepspeed_config(spec, info, launch.world_size) if spec.deepspeed is not None else None
+    deepspeed = deepspeed_config(spec.deepspeed, spec, info, launch.world_size) if spec.deepspeed else None
     if spec.bf16:
         check_bf16()
     source = resolve_model(spec.model, spec.revision) if spec.model is not None else ModelSource(default_model_dir())
