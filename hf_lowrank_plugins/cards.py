@@ -77,22 +77,17 @@ def _settings_lines(info: MethodInfo, config: Any) -> list[str]:
     return ["| setting (others at their default) | value |", "| --- | --- |", *rows, ""]
 
 
-def serving_notes(adapter_config: Mapping[str, Any]) -> list[str]:
-    """What LoRA-serving engines (vLLM's PEFT loader) accept of an adapter with this config."""
-    notes = [f"- rank {adapter_config.get('r')}: start the engine with `--max-lora-rank` at least this"]
-    if adapter_config.get("use_dora"):
-        notes.append(
-            "- DoRA: vLLM does not serve DoRA adapters; serve `merged/` (or this adapter merged with "
-            "`hf-lowrank merge`) as a plain model instead"
-        )
-    if adapter_config.get("modules_to_save"):
-        notes.append(
-            f"- trains `{', '.join(adapter_config['modules_to_save'])}` in full (`modules_to_save`), which "
-            "vLLM rejects; serve the merged model"
-        )
-    if adapter_config.get("bias", "none") != "none":
-        notes.append("- carries biases, which vLLM rejects; serve the merged model")
-    return notes
+def _serving_lines(config: Any, adapter_name: str, adapter_config: Mapping[str, Any]) -> list[str]:
+    """The card's serving section: the method family's own (a config's ``serving_card_lines``, which
+    the LoRA family's base defines), else the merged model, which every engine serves."""
+    lines = getattr(config, "serving_card_lines", None)
+    if callable(lines):
+        return [*lines(adapter_name, adapter_config), ""]
+    return [
+        f"Serving engines load LoRA adapters only: serve this adapter merged (`hf-lowrank merge {adapter_name} "
+        "--output-dir merged`) as a plain model.",
+        "",
+    ]
 
 
 def _task(config: Any, adapter_config: Mapping[str, Any]) -> str | None:
@@ -142,11 +137,7 @@ def write_model_card(
             f"With this package, the method's own config comes back too: `hf_lowrank_plugins.load_adapter(base, "
             f'"{folder.name}")`. Merge it into a plain checkpoint: `hf-lowrank merge {folder.name} --output-dir merged`.',
             "",
-            "Serving with LoRA-serving engines (vLLM: `vllm serve BASE --enable-lora --lora-modules "
-            f"name={folder.name}`):",
-            "",
-            *serving_notes(adapter_config),
-            "",
+            *_serving_lines(config, folder.name, adapter_config),
         ]
     else:
         lines += [

@@ -44,3 +44,17 @@ def test_plan_lays_the_ia3_vectors_and_counts_what_attach_trains():
     trainable = sum(p.numel() for p in adapted.model.parameters() if p.requires_grad)
     assert plan.trainable_params == trainable > 0
     assert plan.terms["optimizer"] == 8 * trainable  # AdamW's two fp32 moments
+
+
+def test_the_card_of_an_ia3_adapter_points_to_the_merged_model_not_to_lora_serving(tmp_path):
+    """Serving notes are the LoRA family's knowledge (its config's ``serving_card_lines``): an IA3 adapter,
+    which LoRA-serving engines do not load, gets no `--max-lora-rank` advice but the merged model."""
+    import hf_lowrank_plugins as hlp
+    from hf_lowrank_plugins.testing.models import LLAMA
+
+    registry = hlp.get_registry()
+    if "ia3" not in registry.methods:
+        registry.register(hf_lowrank_ia3, name="ia3-by-hand")
+    card = (hlp.attach(LLAMA.build(), "ia3").export(tmp_path / "out").adapter_dir / "README.md").read_text()
+    assert "--max-lora-rank" not in card and "--enable-lora" not in card
+    assert "Serving engines load LoRA adapters only: serve this adapter merged (`hf-lowrank merge adapter" in card

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -97,6 +98,27 @@ class LoraMethodConfig(LoraConfig):
         raise ConfigError(
             f"method {self.hf_lowrank_method!r} cannot use init_lora_weights={init!r} ({reason}); use one of {allowed}"
         )
+
+    def serving_card_lines(self, adapter_name: str, adapter_config: Mapping[str, Any]) -> list[str]:
+        """The model card's serving section for this adapter as saved (``adapter_config``): what
+        LoRA-serving engines (vLLM's PEFT loader) need and refuse. The core's card writer asks a
+        config for it; tuners that serving engines do not load say nothing and the card points to
+        the merged model."""
+        notes = [f"- rank {adapter_config.get('r')}: start the engine with `--max-lora-rank` at least this"]
+        if adapter_config.get("use_dora"):
+            notes.append(
+                "- DoRA: vLLM does not serve DoRA adapters; serve `merged/` (or this adapter merged with "
+                "`hf-lowrank merge`) as a plain model instead"
+            )
+        if adapter_config.get("modules_to_save"):
+            notes.append(
+                f"- trains `{', '.join(adapter_config['modules_to_save'])}` in full (`modules_to_save`), which "
+                "vLLM rejects; serve the merged model"
+            )
+        if adapter_config.get("bias", "none") != "none":
+            notes.append("- carries biases, which vLLM rejects; serve the merged model")
+        engine = f"vLLM: `vllm serve BASE --enable-lora --lora-modules name={adapter_name}`"
+        return [f"Serving with LoRA-serving engines ({engine}):", "", *notes]
 
     def check(self) -> None:
         """Method-specific checks, run after every field's type and range was checked; extend in subclasses.
