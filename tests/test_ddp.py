@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from hf_lowrank_plugins.testing.helpers import TORCHRUN_TWO_PROCESSES
+
 pytestmark = pytest.mark.integration  # end to end: left out of `make test-fast`
 
 
@@ -22,12 +24,7 @@ def test_two_process_ddp_through_the_trainer(tmp_path, method):
     env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
+            *TORCHRUN_TWO_PROCESSES,
             str(HERE / "ddp_train.py"),
             method,
             str(tmp_path),
@@ -58,15 +55,7 @@ def _torchrun_train(
     argv += ["--rank", "2", "--lr", "5e-3", "--save-steps", "3", *extra]
     hf_lowrank = [str(Path(sys.executable).parent / "hf-lowrank")]
     command = {
-        "torchrun": [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            *hf_lowrank,
-        ],
+        "torchrun": [*TORCHRUN_TWO_PROCESSES, *hf_lowrank],
         "deepspeed": [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", *hf_lowrank],
         "none": hf_lowrank,
     }[launcher]

@@ -20,6 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hf_lowrank_plugins.testing.helpers import TORCHRUN_TWO_PROCESSES
+
 pytest.importorskip("deepspeed")
 
 HERE = Path(__file__).resolve().parent
@@ -52,9 +54,8 @@ def launches(tmp_path_factory):
     folders = {}
     for stage, methods in STAGE_METHODS.items():
         folders[stage] = root / f"zero{stage}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
         proc = subprocess.run(
-            [*cmd, str(HERE / "deepspeed_train.py"), str(stage), str(folders[stage]), *methods],
+            [*TORCHRUN_TWO_PROCESSES, str(HERE / "deepspeed_train.py"), str(stage), str(folders[stage]), *methods],
             env=env if stage in (2, 3) else {k: v for k, v in env.items() if k != "RESUME_METHODS"},
             capture_output=True,
             text=True,

@@ -9,7 +9,7 @@ import torch
 from transformers import Trainer
 
 import hf_lowrank_plugins as hlp
-from hf_lowrank_plugins.testing.helpers import TokenDataset, make_tiny_model, training_args
+from hf_lowrank_plugins.testing.helpers import TORCHRUN_TWO_PROCESSES, TokenDataset, make_tiny_model, training_args
 
 pytestmark = pytest.mark.integration  # end to end: left out of `make test-fast`
 
@@ -245,19 +245,13 @@ def test_a_launched_process_without_a_process_group_is_refused(tmp_path):
     """torchrun on CPU without use_cpu=True: each process would train alone (no DDP); we refuse instead."""
     import os
     import subprocess
-    import sys
 
     script = tmp_path / "lone.py"
     script.write_text(LONE_PROCESS)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
+            *TORCHRUN_TWO_PROCESSES,
             str(script),
             str(tmp_path / "out"),
         ],

@@ -27,6 +27,11 @@ __all__ = [
 ]
 
 
+#: ``torchrun --standalone --nproc_per_node 2`` run by this interpreter: the two-process launches of the tests
+#: (on a CPU the processes form a gloo group)
+TORCHRUN_TWO_PROCESSES = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+
+
 def tiny_llama_config(**overrides: Any) -> Any:
     """A 2-layer Llama config (64 wide) small enough to train in milliseconds."""
     from transformers import LlamaConfig

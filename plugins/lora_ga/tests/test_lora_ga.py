@@ -6,7 +6,6 @@ import copy
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from hf_lowrank_lora import lora_layers
 from hf_lowrank_lora_ga import plugin as ga_plugin
 from hf_lowrank_lora_ga.gradient import collect_batches, estimate_gradient_factors
 from hf_lowrank_plugins.testing.helpers import (
+    TORCHRUN_TWO_PROCESSES,
     TokenDataset,
     logits,
     make_tiny_model,
@@ -639,12 +639,7 @@ def test_two_process_ddp_ranks_initialise_identically(tmp_path, estimator):
     env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
+            *TORCHRUN_TWO_PROCESSES,
             str(HERE / "ddp_train_lora_ga.py"),
             str(tmp_path),
             estimator,
