@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .hookspecs import hookimpl, hookspec
     from .io import atomic_directory, write_json_atomic
     from .merge import merge_adapter
-    from .method import describe_fields, validate_config
+    from .method import MethodConfig, describe_fields, validate_config
     from .outputs import OutputFolderError, OutputSet, verify_manifest
     from .quantization import is_quantized
     from .registry import Registry, get_registry, set_registry
@@ -44,7 +44,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["hookimpl", "hookspec"], "hookspecs"),
     **dict.fromkeys(["atomic_directory", "write_json_atomic"], "io"),
     "merge_adapter": "merge",
-    **dict.fromkeys(["describe_fields", "validate_config"], "method"),
+    **dict.fromkeys(["MethodConfig", "describe_fields", "validate_config"], "method"),
     **dict.fromkeys(["OutputFolderError", "OutputSet", "verify_manifest"], "outputs"),
     "is_quantized": "quantization",
     **dict.fromkeys(["Registry", "get_registry", "set_registry"], "registry"),

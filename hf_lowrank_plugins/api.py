@@ -31,7 +31,7 @@ from .distributed import gathered_model
 from .errors import ConfigError, DivergenceError, IncompatibleError, LowRankError
 from .export import METHOD_SETTINGS_FILE, default_export
 from .memory import trim_heap
-from .method import config_fields, default_init_fields, derived_fields, owned_fields
+from .method import MethodConfig, config_fields, default_init_fields, derived_fields, name_config, owned_fields
 from .optim import build_default_optimizer
 from .outputs import OutputSet
 from .quantization import is_quantized, quantize_model
@@ -90,6 +90,8 @@ def make_config(method: str | MethodInfo, registry: Registry | None = None, **fi
             f"unknown option(s) {', '.join(unknown)} for method '{info.name}' ({info.config_class.__name__}).{hints} "
             f"`hf-lowrank list --method {info.name}` shows every option with its help"
         )
+    if issubclass(info.config_class, MethodConfig):
+        fields["hf_lowrank_method"] = info.name  # before its checks run, so their messages name the method
     try:
         return info.config_class(**fields)
     except ConfigError:
@@ -351,6 +353,7 @@ def attach(
         if fields:
             raise ConfigError("pass either a config instance or keyword fields, not both")
         config, info = method, registry.method_for_config(method)
+        name_config(config, info.name)
     else:
         info = registry.get(method)
         config = make_config(info, registry=registry, **fields)
@@ -439,7 +442,9 @@ def load_config(adapter_dir: str | Path, registry: Registry | None = None) -> Pe
         config_class = info.config_class
         valid = config_fields(config_class)
         settings = {**raw, **ours.get("settings", {})}
-        return config_class(**{k: v for k, v in settings.items() if k in valid})
+        config = config_class(**{k: v for k, v in settings.items() if k in valid})
+        name_config(config, info.name)
+        return config
     try:
         return PeftConfig.from_pretrained(str(adapter_dir))
     except Exception as exc:

@@ -20,7 +20,7 @@ import math
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Union
 
 from .errors import ConfigError
@@ -32,11 +32,36 @@ if TYPE_CHECKING:
 # ----------------------------------------------------------------------------- config fields
 
 
+@dataclass
+class MethodConfig:
+    """The core's part of every method's config class: mix it in beside the PEFT config it extends
+    (``class DoraConfig(LoraConfig, MethodConfig)``, ``class GaLoreConfig(PeftConfig, MethodConfig)``).
+
+    ``hf_lowrank_method`` names the method the config belongs to. A plugin does not set it: the core
+    fills it in from the method's declaration (:attr:`MethodInfo.name <hf_lowrank_plugins.types.MethodInfo>`)
+    when it makes the config, attaches it or loads it back, and PEFT saves it with every Trainer
+    checkpoint's ``adapter_config.json``, so a checkpoint loads back as its method's class (an
+    exported adapter keeps it in ``hf_lowrank_method.json`` instead, for plain PEFT).
+    """
+
+    hf_lowrank_method: str = field(
+        default="",
+        metadata={"help": "the method this config belongs to, filled in by hf-lowrank from the method's declaration"},
+    )
+
+
+def name_config(config: object, method_name: str) -> None:
+    """Record ``method_name`` in ``config`` (a :class:`MethodConfig`; plain PEFT configs carry no name)."""
+    if isinstance(config, MethodConfig):
+        config.hf_lowrank_method = method_name
+
+
 def peft_internal_fields() -> frozenset[str]:
     """Fields every ``PeftConfig`` has that describe the adapter's bookkeeping, not the method."""
     from peft import PeftConfig
 
-    return frozenset(f.name for f in dataclasses.fields(PeftConfig)) | {"hf_lowrank_method", "runtime_config"}
+    own = {f.name for f in dataclasses.fields(MethodConfig)}
+    return frozenset(f.name for f in dataclasses.fields(PeftConfig)) | own | {"runtime_config"}
 
 
 def owned_fields() -> frozenset[str]:

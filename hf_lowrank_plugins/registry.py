@@ -347,10 +347,15 @@ class Registry:
     def method_for_config(self, config: PeftConfig) -> MethodInfo:
         """The method whose config class is exactly ``type(config)``, or the one it names."""
         name = getattr(config, "hf_lowrank_method", None)
-        if isinstance(name, str) and name:
-            self._load_needed_for(method_key(name))
-        else:
-            self._load_where(lambda declared: True)
+        path = f"{type(config).__module__}.{type(config).__qualname__}"
+        # only the plugins that declare this class (or the named method), those that declare no method, and
+        # those the index does not know yet
+        self._load_where(
+            lambda declared: (
+                not declared
+                or any(d.get("config_class") == path or (name and d.get("name") == method_key(name)) for d in declared)
+            )
+        )
         for info in self._registered_methods().values():
             if type(config) is info.config_class:
                 return info

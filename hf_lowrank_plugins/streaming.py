@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from peft import PeftModel
@@ -40,6 +40,7 @@ from peft.utils import ModulesToSaveWrapper, TrainableTokensWrapper
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .errors import IncompatibleError
 from .quantization import dequantized_4bit_weight
 
 #: transformers' own default shard size for ``save_pretrained``.
@@ -145,6 +146,41 @@ class CheckpointTensor:
         return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
 
 
+class DequantizedMerge(Protocol):
+    """The one thing the merged-checkpoint writer asks of a method family: its merge on a 4-bit base.
+
+    PEFT's own merge of a 4-bit layer quantizes the merged weight again, losing most of the update, so
+    a 4-bit base's merged checkpoint is computed in full precision instead, from ``deq(Q(W))``; only the
+    family knows its layers' maths. A method's config class declares it (the LoRA family's
+    ``LoraMethodConfig``); a full-precision base needs nothing: PEFT's own ``merge`` runs on a copy of
+    the layer, for any tuner.
+    """
+
+    def merged_on_dequantized(
+        self, layer: nn.Module, adapter: str, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``layer``'s merged weight (``(out, in)``, the dtype of ``weight``) and bias for ``adapter``, given
+        its base's dequantized weight and its bias (``None``: it has none)."""
+        ...
+
+
+@dataclass
+class _Entry:
+    """One tensor of the plain checkpoint as the walk finds it: a tensor of the model written as it is
+    (``produce`` unset), or one computed when written (``produce``, ``shape``, ``dtype``; ``dtype=None``:
+    as stored in the base checkpoint). ``tensor`` is the model's own tensor, so tied weights, which
+    share it, are written once; a computed one is the same tensor only when computed from the same
+    adapter tensors too (``computed_from``: a tied head's trainable token rows are the embedding's, a
+    LoRA on a tied head is its own)."""
+
+    name: str
+    tensor: torch.Tensor
+    produce: Callable[[], torch.Tensor] | None = None
+    shape: tuple[int, ...] = ()
+    dtype: torch.dtype | None = None
+    computed_from: tuple[int, ...] = ()
+
+
 def _is_4bit(module: nn.Module) -> bool:
     return type(module).__name__ == "Linear4bit" and type(getattr(module, "weight", None)).__name__ == "Params4bit"
 
@@ -162,74 +198,139 @@ def _cast_produced(produce: Callable[[], torch.Tensor], dtype: torch.dtype) -> t
     return _cast(produce(), dtype)
 
 
-def _plain_entries(prefix: str, module: nn.Module) -> Iterator[tuple[str, torch.Tensor, None]]:
-    """``(name, tensor, None)`` for a module's own parameters and persistent buffers (not its children's)."""
+def _plain_entries(prefix: str, module: nn.Module) -> Iterator[_Entry]:
+    """A module's own parameters and persistent buffers (not its children's), written as they are."""
     for name, param in module._parameters.items():
         if param is not None:
-            yield prefix + name, param, None
+            yield _Entry(prefix + name, param)
     for name, buf in module._buffers.items():
         if buf is not None and name not in module._non_persistent_buffers_set:
-            yield prefix + name, buf, None
+            yield _Entry(prefix + name, buf)
 
 
-def _merged_weight(
-    layer: Any, adapter: str, quantized: bool, dequant_dtype: torch.dtype, stored: Callable[[], torch.Tensor] | None
-) -> torch.Tensor:
-    """The merged weight of one adapter layer, in the base layer's storage layout.
+class _MergedLayer:
+    """The merged parameters of one adapter layer's base, computed together when the writer first asks
+    for one of them and handed out one by one: one merge per layer, one layer in memory.
 
-    ``stored``: reads the base weight from disk when the model is a meta-device skeleton.
+    ``base_values``: a fresh copy of each base parameter (read from the base checkpoint for a
+    skeleton's meta placeholders), so the merge never touches the live model.
     """
-    base = layer.get_base_layer()
-    if not quantized:
-        work = copy.deepcopy(layer)  # one layer and its factors; the live model is never touched
-        if stored is not None:
-            work.get_base_layer().weight = nn.Parameter(stored(), requires_grad=False)
-        if adapter in getattr(work, "lora_bias", {}):
-            work.lora_bias[adapter] = False  # the bias is an entry of its own (_merged_bias), maybe still on meta
-        work.merge(safe_merge=True, adapter_names=[adapter])
-        return work.get_base_layer().weight.detach()
-    # PEFT's 4-bit merge re-quantizes the merged weight (losing the update), so the same maths as its
-    # bnb merge runs here in full precision: deq(W) + delta, DoRA's row scale on top.
-    weight = dequantized_4bit_weight(base).to(dequant_dtype)
-    delta = layer.get_delta_weight(adapter).to(dequant_dtype)
-    merged = weight + delta
-    if getattr(layer, "use_dora", {}).get(adapter, False):
-        magnitude = layer.lora_magnitude_vector[adapter]
-        norm = magnitude.get_weight_norm(weight, delta, scaling=1).detach()
-        merged = (magnitude.weight / norm).view(-1, 1) * merged
-    return merged.t() if _conv1d_source(base) else merged
+
+    def __init__(
+        self,
+        layer: Any,
+        adapter: str,
+        base_values: dict[str, Callable[[], torch.Tensor]],
+        dequantized: DequantizedMerge | None,
+        dequant_dtype: torch.dtype,
+    ) -> None:
+        self.layer, self.adapter, self.base_values = layer, adapter, base_values
+        self.dequantized, self.dequant_dtype = dequantized, dequant_dtype
+        self._merged: dict[str, torch.Tensor] = {}
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if name not in self._merged:
+            self._merged = self._merge()
+        return self._merged.pop(name)
+
+    def _merge(self) -> dict[str, torch.Tensor]:
+        base = self.layer.get_base_layer()
+        if _is_4bit(base):
+            return self._merge_dequantized(base)
+        # PEFT's own merge on a copy of this one layer whose base parameters are the fresh values
+        fresh = {
+            id(getattr(base, name)): nn.Parameter(value(), requires_grad=False)
+            for name, value in self.base_values.items()
+        }
+        work = copy.deepcopy(self.layer, fresh)
+        work.merge(safe_merge=True, adapter_names=[self.adapter])
+        merged_base = work.get_base_layer()
+        return {name: getattr(merged_base, name).detach() for name in self.base_values}
+
+    def _merge_dequantized(self, base: Any) -> dict[str, torch.Tensor]:
+        if self.dequantized is None:
+            raise IncompatibleError(
+                f"cannot merge adapter '{self.adapter}' into its 4-bit base: its config declares no full-precision "
+                "merge (merged_on_dequantized; PEFT's own would quantize the update away); load the adapter with "
+                "hf_lowrank_plugins.load_adapter so it carries its method's config, or save the adapter only"
+            )
+        weight = dequantized_4bit_weight(base).to(self.dequant_dtype)
+        bias = self.base_values["bias"]() if "bias" in self.base_values else None
+        merged, merged_bias = self.dequantized.merged_on_dequantized(self.layer, self.adapter, weight, bias)
+        out = {"weight": merged.t() if _conv1d_source(base) else merged}
+        if merged_bias is not None:
+            out["bias"] = merged_bias
+        return out
 
 
-def _merged_bias(layer: Any, adapter: str, bias: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """``b + s b_B``: a ``lora_bias`` adapter's ``lora_B`` bias is scaled with its product in the forward.
-
-    As PEFT's merge of a full-precision layer computes it; PEFT's 4-bit merge adds ``b_B`` unscaled,
-    which is not the adapted model where ``s != 1``, so this formula serves both.
-    """
-    base_bias = bias()
-    update = layer.lora_B[adapter].bias.detach() * layer.scaling[adapter]
-    return (base_bias + update.to(base_bias.device)).to(base_bias.dtype)
+def _fresh_value(tensor: torch.Tensor, name: str, source: CheckpointReader | None) -> Callable[[], torch.Tensor]:
+    """A new copy of ``tensor``'s value: read from ``source`` for a skeleton's meta placeholder."""
+    return partial(_read, source, name) if tensor.is_meta else tensor.detach().clone
 
 
-def _lazy_weight(
-    prefix: str, base: Any, produce: Callable[[], torch.Tensor], dequant_dtype: torch.dtype
-) -> tuple[str, None, tuple[tuple[int, ...], torch.dtype | None, Callable[[], torch.Tensor]]]:
-    """The planned entry of a weight computed on demand: its name, shape and dtype (``None``: as
-    stored on disk), and the producer."""
-    if _is_4bit(base):
+def _computed(
+    entry: _Entry, produce: Callable[[], torch.Tensor], base: Any, dequant_dtype: torch.dtype, layer: nn.Module
+) -> _Entry:
+    """``entry`` (a base layer's parameter) computed when written; a 4-bit weight takes the plain layout."""
+    adapter_tensors = tuple(sorted(id(p) for n, p in layer.named_parameters() if not n.startswith("base_layer.")))
+    computed_from = (id(entry.tensor), *adapter_tensors)
+    if entry.tensor is getattr(base, "weight", None) and _is_4bit(base):
         shape = tuple(base.weight.quant_state.shape)
-        return prefix + "weight", None, (shape[::-1] if _conv1d_source(base) else shape, dequant_dtype, produce)
-    dtype = None if base.weight.is_meta else base.weight.dtype
-    return prefix + "weight", None, (tuple(base.weight.shape), dtype, produce)
+        shape = shape[::-1] if _conv1d_source(base) else shape
+        return _Entry(entry.name, entry.tensor, produce, shape, dequant_dtype, computed_from)
+    dtype = None if entry.tensor.is_meta else entry.tensor.dtype
+    return _Entry(entry.name, entry.tensor, produce, tuple(entry.tensor.shape), dtype, computed_from)
+
+
+def _adapter_layer_entries(
+    prefix: str,
+    layer: Any,
+    merge: bool,
+    dequant_dtype: torch.dtype,
+    source: CheckpointReader | None,
+    configs: Mapping[str, Any],
+) -> Iterator[_Entry]:
+    """The base of an adapter layer (any PEFT tuner's, trainable token rows included) or a bare 4-bit
+    layer: merged, dequantized, or as it is."""
+    tuned = isinstance(layer, BaseTunerLayer)
+    base = layer.get_base_layer() if tuned else layer
+    adapter = layer.active_adapters[0] if tuned and layer.active_adapters else None
+    entries = list(_plain_entries(prefix, base))
+    if merge and adapter is not None:
+        params = {e.name.removeprefix(prefix): e for e in entries if isinstance(e.tensor, nn.Parameter)}
+        values = {name: _fresh_value(e.tensor, e.name, source) for name, e in params.items()}
+        dequantized = getattr(configs.get(adapter), "merged_on_dequantized", None)
+        merged = _MergedLayer(layer, adapter, values, configs.get(adapter) if dequantized else None, dequant_dtype)
+        for entry in entries:
+            short = entry.name.removeprefix(prefix)
+            yield (
+                _computed(entry, partial(merged.tensor, short), base, dequant_dtype, layer)
+                if short in params
+                else entry
+            )
+    elif _is_4bit(base):
+        for entry in entries:
+            weight = entry.tensor is base.weight
+            yield (
+                _computed(entry, partial(_base_weight, base, dequant_dtype), base, dequant_dtype, layer)
+                if weight
+                else entry
+            )
+    else:
+        yield from entries
 
 
 def _walk(
-    prefix: str, module: nn.Module, merge: bool, dequant_dtype: torch.dtype, source: CheckpointReader | None
-) -> Iterator[tuple[str, Any, Any]]:
-    """``(name, tensor, None)`` or ``(name, None, (shape, dtype, producer))`` for every tensor of the
-    plain checkpoint, in module order."""
+    prefix: str,
+    module: nn.Module,
+    merge: bool,
+    dequant_dtype: torch.dtype,
+    source: CheckpointReader | None,
+    configs: Mapping[str, Any],
+) -> Iterator[_Entry]:
+    """Every tensor of the plain checkpoint, in module order."""
     if isinstance(module, TrainableTokensWrapper):  # trained rows of an embedding, under the embedding's name
-        yield from _token_rows_entries(prefix, module.token_adapter, merge, source)
+        yield from _adapter_layer_entries(prefix, module.token_adapter, merge, dequant_dtype, source, configs)
         return
     if isinstance(module, ModulesToSaveWrapper):  # a trained head: the trained copy, under the head's name
         active = module.active_adapters[0] if module.active_adapters else None
@@ -238,62 +339,15 @@ def _walk(
             if active is not None and active in module.modules_to_save
             else module.original_module
         )
-        yield from _walk(prefix, inner, merge, dequant_dtype, source)
+        yield from _walk(prefix, inner, merge, dequant_dtype, source, configs)
         return
     if isinstance(module, BaseTunerLayer) or _is_4bit(module):
-        layer: Any = module
-        base = layer.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-        adapter = layer.active_adapters[0] if isinstance(module, BaseTunerLayer) else None
-        stored = partial(_read, source, prefix + "weight") if base.weight.is_meta else None
-        merges_bias = merge and adapter is not None and getattr(layer, "lora_bias", {}).get(adapter, False)
-        for name, tensor, _ in _plain_entries(prefix, base):
-            if name == prefix + "bias" and merges_bias and adapter is not None:
-                bias = _stored_value(tensor, name, source)
-                dtype = None if tensor.is_meta else tensor.dtype
-                yield name, None, (tuple(tensor.shape), dtype, partial(_merged_bias, layer, adapter, bias))
-            elif name != prefix + "weight" or not (_is_4bit(base) or (merge and adapter is not None)):
-                yield name, tensor, None
-            elif merge and adapter is not None:
-                merged = partial(_merged_weight, layer, adapter, _is_4bit(base), dequant_dtype, stored)
-                yield _lazy_weight(prefix, base, merged, dequant_dtype)
-            else:
-                yield _lazy_weight(prefix, base, lambda: _base_weight(base, dequant_dtype), dequant_dtype)
+        yield from _adapter_layer_entries(prefix, module, merge, dequant_dtype, source, configs)
         return
     yield from _plain_entries(prefix, module)
     for name, child in module._modules.items():
         if child is not None:
-            yield from _walk(f"{prefix}{name}.", child, merge, dequant_dtype, source)
-
-
-def _token_rows_entries(
-    prefix: str, layer: Any, merge: bool, source: CheckpointReader | None
-) -> Iterator[tuple[str, Any, Any]]:
-    """The entries of an embedding (or tied head) with PEFT's ``trainable_token_indices``: its weight with
-    the trained rows put in (what PEFT's merge does), or as it was with ``merge=False``. A head tied to
-    such an embedding shares its weight and its rows, so it is left out (listed once, as tied weights are)."""
-    base = layer.get_base_layer()
-    adapter = layer.active_adapters[0] if layer.active_adapters else None
-    tied = layer.tied_adapter is not None and layer.tied_adapter.get_base_layer().weight is base.weight
-    for name, tensor, _ in _plain_entries(prefix, base):
-        if name != prefix + "weight" or not merge or adapter is None or adapter not in layer.trainable_tokens_delta:
-            yield name, tensor, None
-        elif not tied:
-            weight = _stored_value(tensor, name, source)
-            dtype = None if tensor.is_meta else tensor.dtype
-            yield name, None, (tuple(tensor.shape), dtype, partial(_with_token_rows, layer, adapter, weight))
-
-
-def _with_token_rows(layer: Any, adapter: str, embedding: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """The embedding weight with the adapter's trained rows in place of the original ones."""
-    weight = embedding()
-    rows = torch.tensor(layer.token_indices[adapter], device=weight.device)
-    return weight.index_copy(0, rows, layer.trainable_tokens_delta[adapter].detach().to(weight))
-
-
-def _stored_value(tensor: torch.Tensor, name: str, source: CheckpointReader | None) -> Callable[[], torch.Tensor]:
-    """The base value of ``tensor``, entry ``name`` of the checkpoint: read from ``source`` when ``tensor``
-    is a skeleton's meta placeholder, the tensor itself otherwise."""
-    return partial(_read, source, name) if tensor.is_meta else tensor.detach
+            yield from _walk(f"{prefix}{name}.", child, merge, dequant_dtype, source, configs)
 
 
 def _holding(source: CheckpointReader | None, name: str) -> CheckpointReader:
@@ -339,33 +393,42 @@ def checkpoint_tensors(
     )
     if source is not None:
         source.add_tied_names(tied_weight_names(model))
+    configs = dict(getattr(model, "peft_config", None) or {}) if isinstance(model, PeftModel) else {}
     entries: list[CheckpointTensor] = []
     seen: set[int] = set()  # data pointers of real tensors
     seen_meta: set[int] = set()  # ids of meta tensors (tied ones are the same Parameter)
-    for name, tensor, lazy in _walk("", plain_model(model), merge, dequant_dtype, source):
+    seen_computed: set[tuple[int, ...]] = set()
+    for entry in _walk("", plain_model(model), merge, dequant_dtype, source, configs):
+        name, tensor = entry.name, entry.tensor
         skeleton_buffer = source is not None and name in source and not isinstance(tensor, nn.Parameter)
-        if tensor is not None and (tensor.is_meta or skeleton_buffer):
-            # a skeleton's tensor: the checkpoint's values (its real buffers were only initialised; its
-            # real parameters are the adapter's, a trained head's included)
+        if entry.produce is not None:
+            if entry.computed_from in seen_computed:
+                continue
+            seen_computed.add(entry.computed_from)
+        elif tensor.is_meta or skeleton_buffer:
             if id(tensor) in seen_meta:
                 continue
             seen_meta.add(id(tensor))
+        else:
+            if tensor.data_ptr() in seen:
+                continue
+            seen.add(tensor.data_ptr())
+        if entry.produce is not None:
+            own_dtype = entry.dtype or _holding(source, name).shape_dtype(name)[1]  # a meta base: as stored
+            out_dtype = dtype if dtype is not None else own_dtype
+            entries.append(
+                CheckpointTensor(name, entry.shape, out_dtype, partial(_cast_produced, entry.produce, out_dtype))
+            )
+        elif tensor.is_meta or skeleton_buffer:
+            # a skeleton's tensor: the checkpoint's values (its real buffers were only initialised; its
+            # real parameters are the adapter's, a trained head's included)
             _, stored_dtype = _holding(source, name).shape_dtype(name)
             out_dtype = dtype if dtype is not None and stored_dtype.is_floating_point else stored_dtype
             produce = partial(_cast_produced, partial(_read, source, name), out_dtype)
             entries.append(CheckpointTensor(name, tuple(tensor.shape), out_dtype, produce))
-        elif tensor is not None:
-            if tensor.data_ptr() in seen:
-                continue
-            seen.add(tensor.data_ptr())
+        else:
             out_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
             entries.append(CheckpointTensor(name, tuple(tensor.shape), out_dtype, partial(_cast, tensor, dtype)))
-        else:
-            shape, own_dtype, produce = lazy
-            if own_dtype is None:  # a meta base weight: the merge keeps the stored dtype
-                own_dtype = _holding(source, name).shape_dtype(name)[1]
-            out_dtype = dtype if dtype is not None else own_dtype
-            entries.append(CheckpointTensor(name, shape, out_dtype, partial(_cast_produced, produce, out_dtype)))
     return entries
 
 

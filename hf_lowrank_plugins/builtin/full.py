@@ -15,6 +15,7 @@ from peft import PeftConfig
 from torch import nn
 
 from ..hookspecs import hookimpl
+from ..method import MethodConfig
 from ..targets import train_every_weight
 from ..types import MethodInfo
 
@@ -22,15 +23,13 @@ NAME = "full"
 
 
 @dataclass
-class FullFineTuneConfig(PeftConfig):
+class FullFineTuneConfig(PeftConfig, MethodConfig):
     """Full fine-tuning has no settings of its own: the optimizer comes from ``TrainingArguments``.
 
     A ``PeftConfig`` subclass (like GaLore's) because the core builds, stores and reports every
     method's config through that interface (``make_config``, ``Adapted.config``, ``to_dict()``
     in ``metrics.json``); an empty dataclass of the same shape would have to re-implement it.
     """
-
-    hf_lowrank_method: str = NAME
 
 
 @hookimpl

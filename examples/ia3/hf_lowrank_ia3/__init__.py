@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 
 from peft import IA3Config, get_peft_model
 
-from hf_lowrank_plugins import MethodInfo, find_target_modules, hookimpl, validate_config
+from hf_lowrank_plugins import MethodConfig, MethodInfo, find_target_modules, hookimpl, validate_config
 from hf_lowrank_plugins.targets import is_transposed
 
 
 @dataclass
-class Ia3MethodConfig(IA3Config):
+class Ia3MethodConfig(IA3Config, MethodConfig):
     """PEFT's ``IA3Config`` with every linear layer targeted by default (PEFT knows the defaults of a
     few model families only); ``feedforward_modules`` defaults to the MLP projections' names."""
 
@@ -28,7 +28,6 @@ class Ia3MethodConfig(IA3Config):
         default=r".*(mlp|ffn|feed_forward|DenseReluDense|intermediate|output\.dense|c_fc|c_proj|fc\d).*",
         metadata={"help": "of the targets, those whose input (not output) is scaled: names or regex"},
     )
-    hf_lowrank_method: str = "ia3"
 
     def __post_init__(self) -> None:
         validate_config(self)  # every field against its type (and range metadata), as --set and attach() need

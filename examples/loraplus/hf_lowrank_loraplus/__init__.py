@@ -22,7 +22,6 @@ class LoraPlusConfig(LoraMethodConfig):
     loraplus_lr_ratio: float = field(
         default=16.0, metadata={"help": "learning rate of B / learning rate of A", "min_exclusive": 0}
     )
-    hf_lowrank_method: str = "loraplus"
 
 
 @hookimpl

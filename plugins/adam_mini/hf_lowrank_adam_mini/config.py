@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 
 from peft import PeftConfig
 
-from hf_lowrank_plugins import validate_config
+from hf_lowrank_plugins import MethodConfig, validate_config
 
 
 @dataclass
-class AdamMiniConfig(PeftConfig):
+class AdamMiniConfig(PeftConfig, MethodConfig):
     """Adam-mini: every weight trains; the optimizer keeps Adam's first moment per entry but one second
     moment per block (a query/key head, an output neuron, a whole norm), about half of AdamW's state.
 
@@ -20,7 +20,6 @@ class AdamMiniConfig(PeftConfig):
     config does not name it the transformers way.
     """
 
-    hf_lowrank_method: str = "adam_mini"
     hidden_size: int | None = field(
         default=None, metadata={"help": "model width (default: the model config's hidden_size)", "min": 1}
     )

@@ -7,11 +7,11 @@ from typing import Literal
 
 from peft import PeftConfig
 
-from hf_lowrank_plugins import validate_config
+from hf_lowrank_plugins import MethodConfig, validate_config
 
 
 @dataclass
-class ApolloConfig(PeftConfig):
+class ApolloConfig(PeftConfig, MethodConfig):
     """APOLLO: every weight trains; the target weights' gradients are projected to rank ``rank`` by a
     random matrix (refreshed every ``update_proj_gap`` steps), AdamW's moments are kept of that
     projection only, and the ratio of its Adam update to itself scales the full gradient, per channel
@@ -42,7 +42,6 @@ class ApolloConfig(PeftConfig):
     exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "layers to leave out of target_modules"}
     )
-    hf_lowrank_method: str = "apollo"
 
     def __post_init__(self) -> None:
         validate_config(self)
@@ -62,4 +61,3 @@ class ApolloMiniConfig(ApolloConfig):
         default=128.0,
         metadata={"help": "the update is multiplied by sqrt(scale) (the paper's alpha)", "min_exclusive": 0},
     )
-    hf_lowrank_method: str = "apollo_mini"

@@ -21,7 +21,6 @@ class CordaMethodConfig(LoraMethodConfig):
     batches.
     """
 
-    hf_lowrank_method: str = "corda"
     corda_method: Literal["ipm", "kpm"] = field(
         default="ipm",
         metadata={"help": "ipm: adapt the r largest components of W C (instruction-previewed); kpm: the r smallest"},

@@ -23,7 +23,6 @@ class DoraConfig(LoraMethodConfig):
 
     # keep PEFT's field metadata: its layer code finds LoRA variants by the "is_lora_variant" tag
     use_dora: bool = field(default=True, metadata=next(f.metadata for f in fields(LoraConfig) if f.name == "use_dora"))
-    hf_lowrank_method: str = "dora"
 
     #: PEFT refuses MiCA's variant beside DoRA's
     BASE_KEEPING_INITS: ClassVar[tuple[bool | str, ...]] = (True, False, "gaussian", "orthogonal")

@@ -19,7 +19,6 @@ class EvaMethodConfig(LoraMethodConfig):
     ``init_lora_weights`` is ``"eva"`` and is not set by hand.
     """
 
-    hf_lowrank_method: str = "eva"
     rho: float = field(
         default=2.0,
         metadata={

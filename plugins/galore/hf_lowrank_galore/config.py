@@ -7,7 +7,7 @@ from typing import Literal
 
 from peft import PeftConfig
 
-from hf_lowrank_plugins import validate_config
+from hf_lowrank_plugins import MethodConfig, validate_config
 
 #: Projection types of galore-torch 1.0. ``std`` projects the smaller side of each weight.
 PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
@@ -17,7 +17,7 @@ OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
 
 
 @dataclass
-class GaLoreConfig(PeftConfig):
+class GaLoreConfig(PeftConfig, MethodConfig):
     """GaLore: full-weight training with Adam moments kept in a low-rank gradient subspace.
 
     No adapter is attached; every parameter trains. Target weights (2-D linear weights selected by
@@ -71,7 +71,6 @@ class GaLoreConfig(PeftConfig):
     min_8bit_size: int = field(
         default=4096, metadata={"help": "adamw8bit: tensors with fewer elements keep 32-bit moments", "min": 1}
     )
-    hf_lowrank_method: str = "galore"
 
     def __post_init__(self) -> None:
         """Reject settings that cannot work, naming the field and the valid values."""

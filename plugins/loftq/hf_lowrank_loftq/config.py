@@ -19,8 +19,6 @@ class LoftqConfig(LoraMethodConfig):
     original model in 4-bit reproduces, so the adapter is portable.
     """
 
-    hf_lowrank_method: str = "loftq"
-
     BASE_KEEPING_INITS: ClassVar[tuple[bool | str, ...]] = (True,)
     OTHER_INITS_REFUSED: ClassVar[str] = "LoftQ initialises the adapter from the quantization error itself"
 

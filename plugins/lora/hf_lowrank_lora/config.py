@@ -6,9 +6,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
+import torch
 from peft import LoraConfig
 
-from hf_lowrank_plugins import ConfigError, validate_config
+from hf_lowrank_plugins import ConfigError, MethodConfig, validate_config
 
 #: Why each ``init_lora_weights`` value PEFT accepts but this method refuses is refused, and the fix.
 #: They rewrite the base weights (or need calibration data) at attach; PEFT saves only the adapter and
@@ -41,13 +42,12 @@ def peft_meta(name: str, **extra: Any) -> dict[str, Any]:
 
 
 @dataclass
-class LoraMethodConfig(LoraConfig):
+class LoraMethodConfig(LoraConfig, MethodConfig):
     """``peft.LoraConfig`` with ``target_modules="all-linear"`` by default (works for any model).
 
     Every field is checked against its type and range when the config is built (``r=4.5``,
     ``lora_dropout="abc"`` or ``lora_dropout=1.5`` raise :class:`~hf_lowrank_plugins.ConfigError`),
-    so the Python API and ``--set`` fail alike. ``hf_lowrank_method`` names the method so the
-    adapter loads back as this class when the plugin is installed. All PEFT options apply: ``r``,
+    so the Python API and ``--set`` fail alike. All PEFT options apply: ``r``,
     ``lora_alpha``, ``use_rslora``, ``lora_dropout``, ``target_modules`` (names, regex,
     ``"all-linear"``), ``exclude_modules``, ``bias``, ...
     """
@@ -55,7 +55,6 @@ class LoraMethodConfig(LoraConfig):
     target_modules: list[str] | str | None = field(default="all-linear", metadata=peft_meta("target_modules"))
     # PEFT annotates int, but any positive real works (s = alpha / r); `--alpha 16` arrives as a float
     lora_alpha: int | float = field(default=8, metadata=peft_meta("lora_alpha"))  # type: ignore[assignment]
-    hf_lowrank_method: str = "lora"
 
     #: Ranges of inherited PEFT fields, which carry no such metadata of their own.
     FIELD_LIMITS: ClassVar[dict[str, dict[str, Any]]] = {
@@ -95,9 +94,8 @@ class LoraMethodConfig(LoraConfig):
             raise ConfigError(f"init_lora_weights={init!r} is not an initialisation; use one of {allowed}")
         prefix = next((p for p in _REWRITING_INITS if isinstance(init, str) and init.startswith(p)), None)
         reason = _REWRITING_INITS[prefix] if prefix else self.OTHER_INITS_REFUSED
-        raise ConfigError(
-            f"method {self.hf_lowrank_method!r} cannot use init_lora_weights={init!r} ({reason}); use one of {allowed}"
-        )
+        who = f"method {self.hf_lowrank_method!r}" if self.hf_lowrank_method else type(self).__name__
+        raise ConfigError(f"{who} cannot use init_lora_weights={init!r} ({reason}); use one of {allowed}")
 
     def serving_card_lines(self, adapter_name: str, adapter_config: Mapping[str, Any]) -> list[str]:
         """The model card's serving section for this adapter as saved (``adapter_config``): what
@@ -119,6 +117,28 @@ class LoraMethodConfig(LoraConfig):
             notes.append("- carries biases, which vLLM rejects; serve the merged model")
         engine = f"vLLM: `vllm serve BASE --enable-lora --lora-modules name={adapter_name}`"
         return [f"Serving with LoRA-serving engines ({engine}):", "", *notes]
+
+    def merged_on_dequantized(
+        self, layer: Any, adapter: str, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The merged weight and bias of a LoRA layer on a 4-bit base, in full precision: what the core's
+        merged-checkpoint writer asks the family for (:class:`~hf_lowrank_plugins.streaming.DequantizedMerge`).
+
+        The maths of PEFT's bitsandbytes merge, ``deq(W) + s·B·A`` with DoRA's row scale on top, without
+        its last step (quantizing the sum again loses the update). A ``lora_bias`` adapter's bias is
+        ``b + s·b_B`` as the forward computes it; PEFT's 4-bit merge adds ``b_B`` unscaled, which is not
+        the adapted model where ``s != 1``.
+        """
+        delta = layer.get_delta_weight(adapter).to(weight.dtype)
+        merged = weight + delta
+        if layer.use_dora.get(adapter, False):
+            magnitude = layer.lora_magnitude_vector[adapter]
+            norm = magnitude.get_weight_norm(weight, delta, scaling=1).detach()
+            merged = (magnitude.weight / norm).view(-1, 1) * merged
+        if bias is not None and layer.lora_bias.get(adapter, False):
+            update = layer.lora_B[adapter].bias.detach() * layer.scaling[adapter]
+            bias = (bias + update.to(bias.device)).to(bias.dtype)
+        return merged, bias
 
     def check(self) -> None:
         """Method-specific checks, run after every field's type and range was checked; extend in subclasses.

@@ -124,7 +124,6 @@ class LoraGaConfig(LoraMethodConfig):
             "min": 0,
         },
     )
-    hf_lowrank_method: str = "lora_ga"
 
     #: B = 0 at attach; the gradient init replaces A and B after, so PEFT's own inits have no say
     BASE_KEEPING_INITS: ClassVar[tuple[bool | str, ...]] = (True,)

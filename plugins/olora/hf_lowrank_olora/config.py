@@ -17,8 +17,6 @@ class OloraConfig(LoraMethodConfig):
     not set by hand; DoRA's magnitude is refused (the export to a plain LoRA on W is exact without it).
     """
 
-    hf_lowrank_method: str = "olora"
-
     BASE_KEEPING_INITS: ClassVar[tuple[bool | str, ...]] = (True,)
     OWN_INITS: ClassVar[tuple[str, ...]] = ("olora",)
     OTHER_INITS_REFUSED: ClassVar[str] = "OLoRA initialises the adapter from the QR decomposition itself"

@@ -56,7 +56,6 @@ class PissaConfig(LoraMethodConfig):
     bnb_4bit_compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
         default="auto", metadata={"help": "dtype 4-bit matmuls dequantize to; auto: bfloat16 on a GPU, float32 on CPU"}
     )
-    hf_lowrank_method: str = "pissa"
 
     #: PiSSA sets ``init_lora_weights`` from ``svd`` (and exports a plain LoRA on the original weights)
     BASE_KEEPING_INITS: ClassVar[tuple[bool | str, ...]] = (True,)

@@ -22,7 +22,6 @@ class QLoraConfig(LoraMethodConfig):
     bnb_4bit_compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
         default="auto", metadata={"help": "dtype 4-bit matmuls dequantize to; auto: bfloat16 on a GPU, float32 on CPU"}
     )
-    hf_lowrank_method: str = "qlora"
 
     #: PEFT's orthogonal and MiCA inits read the base weight as floats, which a 4-bit base is not
     BASE_KEEPING_INITS: ClassVar[tuple[bool | str, ...]] = (True, False, "gaussian")

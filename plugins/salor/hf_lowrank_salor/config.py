@@ -103,7 +103,6 @@ class SalorConfig(LoraMethodConfig):
     bnb_4bit_compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
         default="auto", metadata={"help": "dtype 4-bit matmuls dequantize to; auto: bfloat16 on a GPU, float32 on CPU"}
     )
-    hf_lowrank_method: str = "salor"
 
     BASE_KEEPING_INITS: ClassVar[tuple[bool | str, ...]] = DATA_FREE_LORA_INITS
 
