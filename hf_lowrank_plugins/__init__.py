@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Any
 from . import _import_notices  # noqa: F401 - first: before PEFT imports bitsandbytes
 
 if TYPE_CHECKING:
-    from .api import Adapted, attach, infer_task_type, load_adapter, load_config, make_config
+    from .api import Adapted, attach, infer_task_type, make_config
     from .callback import LowRankCallback
     from .errors import ConfigError, IncompatibleError, LowRankError, PluginError, TargetError, UnknownMethodError
     from .export import default_export, merged_copy, save_adapter, save_merged
     from .hookspecs import hookimpl, hookspec
     from .io import atomic_directory, write_json_atomic
+    from .loading import load_adapter, load_config
     from .merge import merge_adapter
     from .method import MethodConfig, describe_fields, validate_config
     from .outputs import OutputFolderError, OutputSet, verify_manifest
@@ -34,7 +35,8 @@ if TYPE_CHECKING:
 
 #: Public name -> the module that defines it (the imports above, for type checkers, say the same).
 _EXPORTS: dict[str, str] = {
-    **dict.fromkeys(["Adapted", "attach", "infer_task_type", "load_adapter", "load_config", "make_config"], "api"),
+    **dict.fromkeys(["Adapted", "attach", "infer_task_type", "make_config"], "api"),
+    **dict.fromkeys(["load_adapter", "load_config"], "loading"),
     "LowRankCallback": "callback",
     **dict.fromkeys(
         ["ConfigError", "IncompatibleError", "LowRankError", "PluginError", "TargetError", "UnknownMethodError"],

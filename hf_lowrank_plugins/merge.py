@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from .api import load_adapter, load_config, read_adapter_config
 from .cards import write_model_card
 from .checkpoints import check_model_dir, checkpoint_dtype, load_causal_lm
 from .errors import LowRankError
 from .export import write_merged
+from .loading import load_adapter, load_config, read_adapter_config
 from .outputs import OutputSet
 from .plan import meta_model
 from .quantization import load_quantized

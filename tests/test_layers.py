@@ -81,6 +81,42 @@ def test_the_contract_is_the_ground_floor(module):
     assert GRAPH[module] <= GROUND_FLOOR[module], f"{module} imports {sorted(GRAPH[module] - GROUND_FLOOR[module])}"
 
 
+#: Attributes of PEFT's LoRA layers and config: the LoRA family's knowledge, which lives in hf_lowrank_lora.
+LORA_INTERNALS = ("lora_", "use_dora", "init_lora_weights", "scaling")
+
+
+def _names_in_code(path: Path) -> set[str]:
+    """Attribute names, identifiers and string constants of ``path``'s code, its docstrings left out."""
+    tree = ast.parse(path.read_text())
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            names.add(node.attr)
+        elif isinstance(node, ast.Name):
+            names.add(node.id)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            names.add(node.value)
+    return names
+
+
+@pytest.mark.parametrize(
+    "module", sorted(m for m in LIBRARY if not m.startswith("hf_lowrank_plugins.testing")), ids=lambda m: m
+)
+def test_the_library_names_no_attribute_of_peft_lora_layers(module):
+    """What the core needs of the LoRA family it asks through the config class or PEFT's tuner-neutral
+    calls; a name such as ``lora_bias`` in its code is LoRA knowledge that belongs in hf_lowrank_lora."""
+    named = {n for n in _names_in_code(MODULES[module]) if n.startswith(LORA_INTERNALS) or n in LORA_INTERNALS}
+    assert named == set(), f"{module} names {sorted(named)}"
+
+
 def test_the_library_imports_nothing_of_the_application_even_lazily():
     offenders = {m: sorted(GRAPH[m] & APPLICATION) for m in LIBRARY if GRAPH[m] & APPLICATION}
     assert offenders == {}

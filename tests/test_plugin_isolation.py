@@ -272,7 +272,7 @@ def test_an_adapter_of_another_base_is_refused_for_any_peft_tuner(tmp_path):
     base model it was given is left as it was."""
     from peft import IA3Config, get_peft_model
 
-    from hf_lowrank_plugins.api import check_adapter_fits
+    from hf_lowrank_plugins.loading import check_adapter_fits
 
     adapter = get_peft_model(
         make_tiny_model(), IA3Config(target_modules=["down_proj"], feedforward_modules=["down_proj"])

@@ -37,7 +37,7 @@ def resolve(
     if (path / "adapter" / "adapter_config.json").is_file():
         path = path / "adapter"
     if (path / "adapter_config.json").is_file():
-        from ..api import read_adapter_config
+        from ..loading import read_adapter_config
 
         base_source = resolve_adapter_base(path, read_adapter_config(path), str(base) if base else None, revision)
         return check_model_dir(base_source.folder), path
@@ -50,7 +50,7 @@ def load(source: str | Path | None, base: str | Path | None = None, revision: st
     tokenizer = load_tokenizer(_tokenizer_folder(model_dir, adapter))
     model = load_causal_lm(model_dir, checkpoint_dtype(model_dir))
     if adapter is not None:
-        from ..api import load_adapter
+        from ..loading import load_adapter
 
         model = load_adapter(model, adapter).model
     return model.eval(), tokenizer

@@ -241,7 +241,7 @@ def adapter_base_dir(adapter_dir: Path) -> Path:
 
 def reloaded_output(run: TrainedRun) -> torch.Tensor:
     """Output of the exported adapter loaded with :func:`~hf_lowrank_plugins.load_adapter` onto the base it names."""
-    from ..api import load_adapter
+    from ..loading import load_adapter
 
     assert run.exported.adapter_dir is not None
     base = load_base(run.case, adapter_base_dir(run.exported.adapter_dir), run.device)
