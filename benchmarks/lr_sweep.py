@@ -131,7 +131,7 @@ def main() -> None:
     for item in ns.sweep:
         method, _, rates = item.partition("=")
         sweep[method.strip()] = [float(x) for x in rates.split(",") if x.strip()]
-    from hf_lowrank_plugins.app.cli import parse_scoped_set  # compare's --set syntax and value parsing
+    from hf_lowrank_plugins.app.parser import parse_scoped_set  # compare's --set syntax and value parsing
 
     runs = run_sweep(sweep, ns.steps, Path(ns.output), parse_scoped_set(ns.set), ns.fresh)
     print_curves(runs)

@@ -178,6 +178,45 @@ def roundtrip_4bit(weight: torch.Tensor, settings: QuantizationSettings) -> torc
     return bnb.functional.dequantize_4bit(packed.data, packed.quant_state)
 
 
+def is_4bit_layer(module: nn.Module) -> bool:
+    """True for a bitsandbytes ``Linear4bit`` holding packed weights."""
+    return type(module).__name__ == "Linear4bit" and type(getattr(module, "weight", None)).__name__ == "Params4bit"
+
+
+@torch.no_grad()
+def requantize_4bit_weight(module: Any, weight: torch.Tensor) -> None:
+    """Quantize ``weight`` (``out x in``, full precision) into the 4-bit layer ``module`` in place of the
+    weight it holds, with the layer's own settings (quant type, block size, double quantization), so
+    the layer holds ``Q(weight)``: a residual computed after the base was quantized (QLoRA-GA's
+    ``deq(Q(W)) - s·B0·A0`` at train start). The layer object, the adapter on it and every other
+    parameter stay, so the optimizer's references do too; deterministic, so a resumed run that
+    computes the same residual holds the same bits.
+    """
+    _require_bitsandbytes()
+    import bitsandbytes as bnb
+
+    old = module.weight
+    settings = {
+        k: v
+        for k, v in old.__dict__.items()
+        if k in ("blocksize", "compress_statistics", "quant_type", "quant_storage")
+    }
+    unpacked: Any = bnb.nn.Params4bit(
+        weight.detach().to(old.quant_state.dtype).contiguous(), requires_grad=False, module=module, **settings
+    )
+    module.weight = unpacked.to(old.device)  # .to quantizes
+
+
+def packed_4bit_tensors(module: Any) -> list[torch.Tensor]:
+    """Every tensor that holds a 4-bit layer's weight (the packed codes and the scales, nested ones
+    included): what a process must receive to hold another's quantized weight bit for bit."""
+    state = module.weight.quant_state
+    tensors = [module.weight.data, state.absmax]
+    if state.nested:
+        tensors += [state.state2.absmax, state.offset]
+    return tensors
+
+
 def prepare_for_training(model: nn.Module) -> nn.Module:
     """PEFT's k-bit preparation, once. Gradient checkpointing is left to ``TrainingArguments``."""
     module: Any

@@ -40,7 +40,7 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pluggy
 
@@ -68,6 +68,21 @@ def _core_version() -> str:
         return version(CORE_DISTRIBUTION)
     except PackageNotFoundError:  # pragma: no cover - a source tree without install
         return "0"
+
+
+_Claim = TypeVar("_Claim")
+
+
+def split_claims(
+    claims: Iterable[_Claim], name_of: Callable[[_Claim], str]
+) -> tuple[dict[str, _Claim], dict[str, list[_Claim]]]:
+    """Method declarations grouped by name: those one plugin claims (by name), and the conflicts (a
+    name several plugins claim, with every claim in the order found)."""
+    by_name: dict[str, list[_Claim]] = {}
+    for claim in claims:
+        by_name.setdefault(name_of(claim), []).append(claim)
+    unique = {name: found[0] for name, found in by_name.items() if len(found) == 1}
+    return unique, {name: found for name, found in by_name.items() if len(found) > 1}
 
 
 def method_key(name: str) -> str:
@@ -256,12 +271,9 @@ class Registry:
         return out
 
     def _collect_methods(self) -> dict[str, MethodInfo]:
-        by_name: dict[str, list[MethodInfo]] = {}
-        for plugin_name, _ in self.pm.list_name_plugin():
-            for info in self._declared_methods(plugin_name):
-                by_name.setdefault(info.name, []).append(info)
-        self.conflicts = {name: infos for name, infos in by_name.items() if len(infos) > 1}
-        self._methods = {name: infos[0] for name, infos in sorted(by_name.items()) if len(infos) == 1}
+        declared = [info for name, _ in self.pm.list_name_plugin() for info in self._declared_methods(name)]
+        methods, self.conflicts = split_claims(declared, lambda info: info.name)
+        self._methods = dict(sorted(methods.items()))
         return self._methods
 
     # ------------------------------------------------------------------ lookup

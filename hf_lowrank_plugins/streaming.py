@@ -41,7 +41,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .errors import IncompatibleError
-from .quantization import dequantized_4bit_weight
+from .quantization import dequantized_4bit_weight, is_4bit_layer
 
 #: transformers' own default shard size for ``save_pretrained``.
 DEFAULT_MAX_SHARD_SIZE = 50 * 10**9
@@ -181,10 +181,6 @@ class _Entry:
     computed_from: tuple[int, ...] = ()
 
 
-def _is_4bit(module: nn.Module) -> bool:
-    return type(module).__name__ == "Linear4bit" and type(getattr(module, "weight", None)).__name__ == "Params4bit"
-
-
 def _conv1d_source(module: nn.Module) -> bool:
     """A 4-bit layer quantized from GPT-2's ``Conv1D`` (stored (in, out) in the checkpoint)."""
     return issubclass(getattr(module, "source_cls", nn.Module), Conv1D)
@@ -235,7 +231,7 @@ class _MergedLayer:
 
     def _merge(self) -> dict[str, torch.Tensor]:
         base = self.layer.get_base_layer()
-        if _is_4bit(base):
+        if is_4bit_layer(base):
             return self._merge_dequantized(base)
         # PEFT's own merge on a copy of this one layer whose base parameters are the fresh values
         fresh = {
@@ -274,7 +270,7 @@ def _computed(
     """``entry`` (a base layer's parameter) computed when written; a 4-bit weight takes the plain layout."""
     adapter_tensors = tuple(sorted(id(p) for n, p in layer.named_parameters() if not n.startswith("base_layer.")))
     computed_from = (id(entry.tensor), *adapter_tensors)
-    if entry.tensor is getattr(base, "weight", None) and _is_4bit(base):
+    if entry.tensor is getattr(base, "weight", None) and is_4bit_layer(base):
         shape = tuple(base.weight.quant_state.shape)
         shape = shape[::-1] if _conv1d_source(base) else shape
         return _Entry(entry.name, entry.tensor, produce, shape, dequant_dtype, computed_from)
@@ -308,7 +304,7 @@ def _adapter_layer_entries(
                 if short in params
                 else entry
             )
-    elif _is_4bit(base):
+    elif is_4bit_layer(base):
         for entry in entries:
             weight = entry.tensor is base.weight
             yield (
@@ -341,7 +337,7 @@ def _walk(
         )
         yield from _walk(prefix, inner, merge, dequant_dtype, source, configs)
         return
-    if isinstance(module, BaseTunerLayer) or _is_4bit(module):
+    if isinstance(module, BaseTunerLayer) or is_4bit_layer(module):
         yield from _adapter_layer_entries(prefix, module, merge, dequant_dtype, source, configs)
         return
     yield from _plain_entries(prefix, module)
@@ -364,7 +360,7 @@ def _read(source: CheckpointReader | None, name: str) -> torch.Tensor:
 
 def _base_weight(base: Any, dequant_dtype: torch.dtype) -> torch.Tensor:
     """A base layer's weight as a plain checkpoint stores it (dequantized when 4-bit)."""
-    if not _is_4bit(base):
+    if not is_4bit_layer(base):
         return base.weight.detach()
     weight = dequantized_4bit_weight(base).to(dequant_dtype)
     return weight.t() if _conv1d_source(base) else weight

@@ -190,7 +190,7 @@ CLI_CASES = [
     ("galore-bad-proj", lambda w: _train(w, "--set", "proj_type=diag", method="galore"), "proj_type must be one of"),
     ("pissa-bad-svd", lambda w: _train(w, "--set", "svd=approx", method="pissa"), "svd must be one of"),
     ("salor-sparsity", lambda w: _train(w, "--set", "sparsity=1.5", method="salor"), "sparsity must be"),
-    ("lora-ga-4bit", lambda w: _train(w, "--load-in-4bit", method="lora_ga"), "(QLoRA-GA) is not supported"),
+    ("corda-4bit", lambda w: _train(w, "--load-in-4bit", method="corda"), "CorDA decomposes and rewrites"),
     ("full-4bit", lambda w: _train(w, "--load-in-4bit", method="full"), "cannot train on a 4-bit base"),
     ("dora-without-dora", lambda w: _train(w, "--set", "use_dora=false", method="dora"), "needs use_dora=True"),
     ("dataset-missing", lambda w: _train(w, data="missing.txt"), "dataset not found"),

@@ -12,7 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from hf_lowrank_plugins.app.cli import main, parse_set
+from hf_lowrank_plugins.app.cli import main
+from hf_lowrank_plugins.app.parser import parse_set
 from hf_lowrank_plugins.method import owned_fields
 
 pytestmark = pytest.mark.integration  # end to end: left out of `make test-fast`

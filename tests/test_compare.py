@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM
 
 import hf_lowrank_plugins as hlp
 from hf_lowrank_plugins.app import compare
-from hf_lowrank_plugins.app.cli import main, parse_lr, parse_scoped_set
+from hf_lowrank_plugins.app.cli import main
+from hf_lowrank_plugins.app.parser import parse_lr, parse_scoped_set
 
 pytestmark = pytest.mark.integration  # end to end: left out of `make test-fast`
 

@@ -149,10 +149,11 @@ def test_declarations_are_derived_from_the_hooks():
     # SALOR hangs its step schedule on the Trainer's own optimizer, at training start
     assert not reg.get("salor").wraps_optimizer and reg.get("salor").trainer_hooks == {"on_train_begin"}
     assert not reg.get("lora").wraps_optimizer and reg.get("lora_ga").needs_trainer_hooks
-    lora_ga = reg.get("lora_ga").as_dict()
-    assert lora_ga["supports_quantized_base"] is False and "QLoRA-GA" in lora_ga["no_quantized_base"]
-    with pytest.raises(hlp.IncompatibleError, match=r"\(QLoRA-GA\) is not supported"):
-        hlp.attach(make_tiny_model(), "lora_ga", r=2, load_in_4bit=True)
+    corda = reg.get("corda").as_dict()
+    assert corda["supports_quantized_base"] is False and "CorDA decomposes" in corda["no_quantized_base"]
+    assert reg.get("lora_ga").supports_quantized_base  # QLoRA-GA
+    with pytest.raises(hlp.IncompatibleError, match="cannot train on a quantized .4-bit. base: CorDA decomposes"):
+        hlp.attach(make_tiny_model(), "corda", r=2, load_in_4bit=True)
 
 
 @pytest.mark.parametrize("after_a_run", [False, True], ids=["fresh", "after-a-run-with-them"])

@@ -27,6 +27,7 @@ from peft.utils.other import transpose
 
 from hf_lowrank_plugins.distributed import gathered, is_partitioned
 from hf_lowrank_plugins.memory import release_replaced, weight_locations
+from hf_lowrank_plugins.quantization import dequantized_4bit_weight, is_4bit_layer, requantize_4bit_weight
 
 from . import residual
 from .model import LoraModule, lora_layers
@@ -41,9 +42,15 @@ def subtract_factors(layer: LoraModule, A: torch.Tensor, B: torch.Tensor, scalin
     page on first touch (1.6-1.8x the time of a new tensor plus handing the old pages back, on SmolLM2-135M): there the weight
     gets a new tensor and the old pages are handed back (:func:`release_replaced`). Elsewhere, and
     for ZeRO-3's gathered weights (DeepSpeed partitions what ``.data`` holds), it is written in place.
+    A 4-bit base holds ``Q(deq(W) - sign * s * B @ A)`` afterwards (QLoRA-GA's residual: the base was
+    quantized before the data the factors come from was seen).
     """
     base = layer.get_base_layer()
     weight = base.weight
+    if is_4bit_layer(base):
+        product = (B.float() @ A.float()).mul_(sign * scaling)
+        requantize_4bit_weight(base, dequantized_4bit_weight(base).float() - product)
+        return
     delta = transpose((B.float() @ A.float()).mul_(sign * scaling), getattr(layer, "fan_in_fan_out", False))
     if weight.device.type == "cpu" and not is_partitioned(weight):
         locations = weight_locations([base])

@@ -9,6 +9,7 @@ from peft.utils.other import transpose
 
 from hf_lowrank_lora import LoraModule
 from hf_lowrank_lora.resume import subtract_factors
+from hf_lowrank_plugins.quantization import dequantized_4bit_weight, is_4bit_layer
 
 from .gradient import GradientFactors, seed_for
 
@@ -87,8 +88,12 @@ def lora_ga_factors(
 
 
 def base_weight(layer: LoraModule) -> torch.Tensor:
-    """The layer's base weight in LoRA orientation (out x in) as stored (a view for transposed weights)."""
-    return transpose(layer.get_base_layer().weight, getattr(layer, "fan_in_fan_out", False))
+    """The layer's base weight in LoRA orientation (out x in) as stored (a view for transposed weights;
+    a 4-bit weight dequantized)."""
+    base = layer.get_base_layer()
+    if is_4bit_layer(base):
+        return dequantized_4bit_weight(base)
+    return transpose(base.weight, getattr(layer, "fan_in_fan_out", False))
 
 
 @torch.no_grad()

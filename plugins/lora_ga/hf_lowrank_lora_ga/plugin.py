@@ -22,6 +22,7 @@ from hf_lowrank_plugins import (
 )
 from hf_lowrank_plugins.distributed import end_passes_outside_engine, gathered, is_partitioned
 from hf_lowrank_plugins.plan import linear_shapes
+from hf_lowrank_plugins.quantization import is_4bit_layer, is_quantized, packed_4bit_tensors
 from hf_lowrank_plugins.types import PlanSettings
 
 from .config import LoraGaConfig
@@ -33,16 +34,12 @@ RESUME_SLOTS = ResumeSlots("lora_ga")
 
 logger = logging.getLogger(__name__)
 ADAPTER = "default"
-NO_4BIT_REASON = (
-    "LoRA-GA on a 4-bit base (QLoRA-GA) is not supported yet: the residual W - s*B@A would have to be "
-    "re-quantized after the train-start gradient estimate. Load the model in 16/32-bit without load_in_4bit, "
-    "or use method 'pissa' with quantize_residual=True (QPiSSA) or 'qlora'"
-)
 
 
 @hookimpl
 def describe_methods() -> list[MethodInfo]:
-    """Declare ``lora_ga``; the core refuses a 4-bit base with :data:`NO_4BIT_REASON`."""
+    """Declare ``lora_ga``. On a 4-bit base (QLoRA-GA) the core quantizes first; the train-start estimate
+    then sees the dequantized weights and the residual is quantized again (:func:`subtract_factors`)."""
     return [
         MethodInfo(
             name="lora_ga",
@@ -52,7 +49,6 @@ def describe_methods() -> list[MethodInfo]:
             lr_reason="the initialisation aligns the first adapter step with full fine-tuning's gradient step, "
             "so it is tuned at full-fine-tuning-like rates, like PiSSA",
             aliases=LORA_ALIASES,
-            no_quantized_base=NO_4BIT_REASON,
             no_fsdp="its train-start initialisation rewrites A, B and W after FSDP has sharded them, which would "
             "need FSDP's summon_full_params and cannot be tested without GPUs",
         )
@@ -87,8 +83,11 @@ def init_adapter(model: nn.Module, config: LoraGaConfig) -> nn.Module:
 
 
 def _weights(layer: LoraModule) -> list[torch.Tensor]:
-    """A, B and the base W of one LoRA layer: what the initialisation writes."""
-    return [layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight, layer.get_base_layer().weight]
+    """A, B and the base W of one LoRA layer: what the initialisation writes (for a 4-bit W, the
+    tensors that hold its packed codes and scales)."""
+    base = layer.get_base_layer()
+    held = packed_4bit_tensors(base) if is_4bit_layer(base) else [base.weight]
+    return [layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight, *held]
 
 
 def _copy_from_rank0(layers: dict[str, LoraModule]) -> None:
@@ -184,6 +183,12 @@ def post_train_merge(
     merged_dtype: torch.dtype | None = None,
 ) -> ExportResult:
     """``adapter/``: rank-2r LoRA relative to the original W (plain PEFT loads it on the untouched
-    base); ``merged/``: the trained model as a plain checkpoint."""
+    base); ``merged/``: the trained model as a plain checkpoint (a 4-bit residual dequantized)."""
     with RESUME_SLOTS.hidden(model):  # the resume slots of A0, B0 are no part of a deliverable
-        return residual.export_portable(model, output_dir, "LoRA-GA", merge, tokenizer, merged_dtype)
+        result = residual.export_portable(model, output_dir, "LoRA-GA", merge, tokenizer, merged_dtype)
+    if is_quantized(model):
+        result.notes.append(
+            "QLoRA-GA: training ran on NF4(deq(NF4(W)) - s*B0@A0); adapter/ on NF4(W) (a QLoRA loader) differs from "
+            "the trained model by that residual's rounding; merged/ is the trained model itself"
+        )
+    return result

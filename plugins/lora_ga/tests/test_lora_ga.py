@@ -613,8 +613,6 @@ def test_config_defaults_and_errors():
             hlp.make_config("lora_ga", r=4, **bad)
     with pytest.raises(hlp.ConfigError, match=r"2r <= min\(out, in\)"):
         hlp.attach(make_tiny_model(), "lora_ga", r=17)  # k_proj is 32 x 64: 2r = 34 > 32
-    with pytest.raises(hlp.IncompatibleError, match="QLoRA-GA"):
-        hlp.attach(make_tiny_model(), "lora_ga", r=4, load_in_4bit=True)
 
 
 def test_runtime_errors_name_the_fix(tmp_path):
@@ -633,9 +631,10 @@ def test_runtime_errors_name_the_fix(tmp_path):
 
 
 @pytest.mark.ddp
-@pytest.mark.parametrize("estimator", ["sketch", "full"])
+@pytest.mark.parametrize("estimator, base", [("sketch", "full"), ("full", "full"), ("full", "4bit")])
 @pytest.mark.integration
-def test_two_process_ddp_ranks_initialise_identically(tmp_path, estimator):
+def test_two_process_ddp_ranks_initialise_identically(tmp_path, estimator, base):
+    """On a 4-bit base (QLoRA-GA) every rank holds rank 0's packed residual, codes and scales."""
     env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [
@@ -643,6 +642,7 @@ def test_two_process_ddp_ranks_initialise_identically(tmp_path, estimator):
             str(HERE / "ddp_train_lora_ga.py"),
             str(tmp_path),
             estimator,
+            base,
         ],
         env=env,
         capture_output=True,
@@ -654,3 +654,37 @@ def test_two_process_ddp_ranks_initialise_identically(tmp_path, estimator):
     assert result["world_size"] == 2 and result["init_norm"] > 0
     assert result["init_difference"] == 0.0  # all-reduced statistics: the same A0, B0 and W_res on both ranks
     assert result["trained_difference"] == 0.0
+
+
+@pytest.mark.integration
+def test_qlora_ga_estimates_on_the_dequantized_weights_and_quantizes_the_residual(batch):
+    """QLoRA-GA: A, B are full-precision LoRA-GA's on deq(NF4(W)) (the 4-bit forward is that model's), and
+    each base holds NF4(deq(NF4(W)) - s*B@A) exactly; the adapted model is that base plus s*B@A."""
+    from hf_lowrank_plugins.quantization import (
+        dequantize_model,
+        dequantized_4bit_weight,
+        quantize_model,
+        roundtrip_4bit,
+    )
+
+    settings = {"r": 4, "estimator": "full", "svd": "exact", "ga_batches": 3}
+    batches = _batches()
+    qlora_ga = hlp.attach(make_tiny_model(), "lora_ga", load_in_4bit=True, **settings)
+    quantization = hlp.QuantizationSettings.from_config(qlora_ga.config)
+    nf4 = {n: dequantized_4bit_weight(layer.get_base_layer()) for n, layer in lora_layers(qlora_ga.model).items()}
+    on_dequantized = hlp.attach(
+        dequantize_model(quantize_model(make_tiny_model(), quantization)), "lora_ga", **settings
+    )
+    assert qlora_ga.begin_training(batches) and on_dequantized.begin_training(batches)
+    reference = lora_layers(on_dequantized.model)
+    for name, layer in lora_layers(qlora_ga.model).items():
+        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        A_ref, B_ref = reference[name].lora_A["default"].weight, reference[name].lora_B["default"].weight
+        tol = 1e-4 * max(A_ref.abs().max(), B_ref.abs().max())
+        _assert_close_up_to_sign(A, A_ref, rows=True, atol=tol)
+        _assert_close_up_to_sign(B, B_ref, rows=False, atol=tol)
+        residual = nf4[name].float() - (B.float() @ A.float()).mul_(layer.scaling["default"])
+        assert torch.equal(dequantized_4bit_weight(layer.get_base_layer()), roundtrip_4bit(residual, quantization))
+    qlora_ga.model.eval()
+    with_residual = dequantize_model(copy.deepcopy(qlora_ga.model))  # PEFT's merge of deq(base) + s*B@A
+    assert rel_err(logits(qlora_ga.model, batch), logits(with_residual.merge_and_unload(), batch)) <= 1e-5
