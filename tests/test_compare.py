@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hf_lowrank_plugins as hlp
-from hf_lowrank_plugins.app import compare
+from hf_lowrank_plugins.app import compare, report
 from hf_lowrank_plugins.app.cli import main
 from hf_lowrank_plugins.app.parser import parse_lr, parse_scoped_set
 
@@ -68,7 +68,7 @@ def test_compare_trains_each_method_in_its_own_process_and_reports_a_failure(
     assert lora["status"] == full["status"] == "ok"
     assert (lora["lr"], full["lr"], dora["lr"]) == (5e-3, 1e-4, hlp.get_registry().get("dora").default_lr)
     assert all(v == pytest.approx(1.0) for v in lora["ratios"].values())
-    for key in compare.RATIO_FIELDS:
+    for key in report.RATIO_FIELDS:
         assert full["ratios"][key] == pytest.approx(full[key] / lora[key])
     total = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
     assert full["trainable_params"] == total > lora["trainable_params"] > 0

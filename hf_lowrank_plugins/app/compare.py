@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -29,24 +28,15 @@ from typing import Any
 
 from ..api import make_config
 from ..errors import ConfigError, LowRankError
-from ..io import write_json_atomic, write_text_atomic
+from ..io import write_json_atomic
 from ..outputs import OutputSet
 from ..registry import Registry, get_registry
 from ..sources import resolve_model
 from ..types import MethodInfo
-from .spec import DEFAULT_MAX_STEPS, TrainSpec
+from .report import add_ratios, format_lr, format_seconds, machine_description, run_length, write_reports
+from .spec import TrainSpec
 from .train import local_inputs
 
-#: Learning rate per method when ``--lr`` does not name one, with the reason (shown in comparison.md).
-#: Figures compared as ratios to the reference method (key in a method's result -> label).
-RATIO_FIELDS = {
-    "trainable_params": "trainable params",
-    "init_seconds": "init s",
-    "median_step_seconds": "median step s",
-    "peak_memory_mb": "peak memory MB",
-    "eval_loss": "eval loss",
-    "artifact_bytes": "artifact MB",
-}
 PROGRESS_PREFIX = "@hf-lowrank-progress "
 WORKER_MODULE = "hf_lowrank_plugins.app.compare"
 
@@ -231,21 +221,10 @@ def worker_main(argv: list[str]) -> int:
 # ---------------------------------------------------------------- parent
 
 
-def format_lr(lr: float) -> str:
-    """``2e-4`` rather than ``0.0002``: learning rates are read in powers of ten."""
-    mantissa, exponent = f"{lr:.3e}".split("e")
-    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
-
-
-def _format_seconds(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
-
-
 def _failure_message(error_file: Path, log: Path, returncode: int, timed_out: float | None) -> str:
     """Why a worker failed: its error file, else the last line of its log, else its exit status."""
     if timed_out is not None:
-        return f"timed out after {_format_seconds(timed_out)} (raise --timeout)"
+        return f"timed out after {format_seconds(timed_out)} (raise --timeout)"
     if error_file.is_file():
         return json.loads(error_file.read_text())["error"]
     status = f"killed by signal {-returncode}" if returncode < 0 else f"exit status {returncode}"
@@ -305,7 +284,7 @@ def _progress_text(event: dict[str, Any]) -> str:
         return f"eval loss before training {event['eval_loss']:.4f}"
     if event["event"] == "eval":
         return f"{where}, eval loss {event['eval_loss']:.4f}"
-    return f"{where}, loss {event['loss']:.4f} ({_format_seconds(event['elapsed'])})"
+    return f"{where}, loss {event['loss']:.4f} ({format_seconds(event['elapsed'])})"
 
 
 def method_result(run: PlannedRun, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -341,34 +320,6 @@ def method_result(run: PlannedRun, metrics: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def add_ratios(rows: list[dict[str, Any]], reference: str) -> None:
-    """Set ``row["ratios"][field] = value / reference's value`` for every figure both rows have."""
-    ref = next((r for r in rows if r["method"] == reference and r["status"] == "ok"), None)
-    for row in rows:
-        if row["status"] != "ok":
-            continue
-        row["ratios"] = {
-            key: row[key] / ref[key] if ref and row.get(key) is not None and ref.get(key) else None
-            for key in RATIO_FIELDS
-        }
-
-
-def machine_description() -> dict[str, Any]:
-    """Where the figures were measured (they mean little without it)."""
-    import torch
-
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu_count": os.cpu_count(),
-        "processor": platform.processor(),
-    }
-    if torch.cuda.is_available():
-        info["cuda_device"] = torch.cuda.get_device_name(0)
-    return info
-
-
 def build_comparison(spec: CompareSpec, runs: list[PlannedRun], rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The ``comparison.json`` document: shared settings, machine, and one row per method run so far."""
     reference = reference_method(spec, runs)
@@ -395,94 +346,6 @@ def build_comparison(spec: CompareSpec, runs: list[PlannedRun], rows: list[dict[
         "machine": machine_description(),
         "results": rows,
     }
-
-
-def _cell(row: dict[str, Any], key: str) -> str:
-    value = row.get(key)
-    if value is None:
-        return "-"
-    if key == "trainable_params":
-        text = f"{value:,}"
-    elif key == "artifact_bytes":
-        text = f"{value / 2**20:.1f}"
-    elif key in ("eval_loss",):
-        text = f"{value:.4f}"
-    elif key == "peak_memory_mb":
-        text = f"{value:.0f}"
-    else:
-        text = f"{value:.3g}"
-    ratio = row.get("ratios", {}).get(key)
-    return f"{text} ({ratio:.2f}x)" if ratio is not None else text
-
-
-def _run_length(shared: dict[str, Any]) -> str:
-    """How long each method trained, as the run's settings say (``--max-steps``, ``--epochs`` or the default)."""
-    if shared.get("max_steps") is not None:
-        return f"{shared['max_steps']} steps"
-    if shared.get("epochs") is not None:
-        return f"{shared['epochs']:g} epoch(s)"
-    return f"{DEFAULT_MAX_STEPS} steps"
-
-
-def render_markdown(comparison: dict[str, Any]) -> str:
-    """``comparison.md``: the main table with ratios, eval loss per step, learning rates and errors."""
-    s, rows, ref = comparison["shared_settings"], comparison["results"], comparison["reference"]
-    m = comparison["machine"]
-    lines = [
-        "# Method comparison",
-        "",
-        f"Model `{s['model'] or 'SmolLM2-135M-Instruct (embedded)'}`, data `{s['dataset'] or 'KJV (embedded)'}`; "
-        f"{_run_length(s)} of {s['batch_size']} x {s['seq_len']} tokens (grad accum {s['grad_accum']}), seed {s['seed']}, "
-        f"rank {s['rank'] if s['rank'] is not None else 'per-method default'}; eval every {s['eval_every'] or '-'} steps on "
-        f"{s['eval_blocks']} held-out blocks. Each method ran in a fresh process. Ratios `(1.00x)` are to **{ref}**.",
-        "",
-        f"Machine: {m['platform']}, {m['cpu_count']} CPUs{', ' + m['cuda_device'] if 'cuda_device' in m else ''}, "
-        f"torch {m['torch']}. Peak memory is the process's peak RSS (CPU) or CUDA allocator peak (GPU); init s is "
-        "attach() plus data-dependent initialisation; median step s excludes 2 warm-up steps and evaluation.",
-        "",
-        "| method | lr | " + " | ".join(RATIO_FIELDS.values()) + " |",
-        "|---|---|" + "---|" * len(RATIO_FIELDS),
-    ]
-    for row in rows:
-        if row["status"] != "ok":
-            error = " ".join(str(row["error"]).split()).replace("|", "\\|")
-            lines.append(
-                f"| {row['method']} | {format_lr(row['lr'])} | failed: {error} |" + " |" * (len(RATIO_FIELDS) - 1)
-            )
-            continue
-        lines.append(
-            f"| {row['method']} | {format_lr(row['lr'])} | " + " | ".join(_cell(row, k) for k in RATIO_FIELDS) + " |"
-        )
-    ok = [r for r in rows if r["status"] == "ok"]
-    steps = sorted({e["step"] for r in ok for e in r["eval_history"]})
-    if ok:
-        lines += [
-            "",
-            "## Eval loss by step",
-            "",
-            "| method | " + " | ".join(f"step {st}" for st in steps) + " |",
-            "|---|" + "---|" * len(steps),
-        ]
-        for row in ok:
-            by_step = {e["step"]: e["eval_loss"] for e in row["eval_history"]}
-            lines.append(
-                f"| {row['method']} | "
-                + " | ".join(f"{by_step[st]:.4f}" if st in by_step else "-" for st in steps)
-                + " |"
-            )
-    lines += ["", "## Learning rates and settings", ""]
-    for row in rows:
-        extra = f"; settings {json.dumps(row['settings'])}" if row["settings"] else ""
-        lines.append(f"- **{row['method']}**: {format_lr(row['lr'])} ({row['lr_source']}){extra}")
-    for note in comparison.get("notes", []):
-        lines += ["", note]
-    return "\n".join(lines) + "\n"
-
-
-def write_reports(comparison: dict[str, Any], out_dir: Path) -> None:
-    """Write ``comparison.json`` and ``comparison.md`` atomically."""
-    write_json_atomic(out_dir / "comparison.json", comparison)
-    write_text_atomic(out_dir / "comparison.md", render_markdown(comparison))
 
 
 def run_comparison(spec: CompareSpec, registry: Any = None, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -516,22 +379,22 @@ def run_comparison(spec: CompareSpec, registry: Any = None, log: Callable[[str],
             # in it is replaced; each worker then claims its folder as a new set of its own.
             shutil.rmtree(run.spec.resolved_output_dir(), ignore_errors=True)
             log(
-                f"{label}: training (lr {format_lr(run.spec.lr)}, {_run_length(dataclasses.asdict(run.spec))}) -> {out_dir / run.method}"
+                f"{label}: training (lr {format_lr(run.spec.lr)}, {run_length(dataclasses.asdict(run.spec))}) -> {out_dir / run.method}"
             )
             row = method_result(run, run_method(run, label, log, spec.timeout, logs_dir=work / "logs"))
             rows.append(row)
             written.append(run.method)
             if row["status"] == "ok":
                 log(
-                    f"{label}: done in {_format_seconds(row['wall_seconds'])}: eval loss {row['eval_loss_before']:.4f} -> "
+                    f"{label}: done in {format_seconds(row['wall_seconds'])}: eval loss {row['eval_loss_before']:.4f} -> "
                     f"{row['eval_loss']:.4f}, median step {row['median_step_seconds']:.3f}s, peak {row['peak_memory_mb']:.0f} MB"
                 )
             else:
-                log(f"{label}: FAILED after {_format_seconds(row['wall_seconds'])}: {row['error']}")
+                log(f"{label}: FAILED after {format_seconds(row['wall_seconds'])}: {row['error']}")
             elapsed = time.perf_counter() - started
             failed = sum(r["status"] != "ok" for r in rows)
-            left = f", about {_format_seconds(elapsed / i * (len(runs) - i))} left" if i < len(runs) else ""
-            log(f"overall: {i}/{len(runs)} methods done ({failed} failed) in {_format_seconds(elapsed)}{left}")
+            left = f", about {format_seconds(elapsed / i * (len(runs) - i))} left" if i < len(runs) else ""
+            log(f"overall: {i}/{len(runs)} methods done ({failed} failed) in {format_seconds(elapsed)}{left}")
             comparison = build_comparison(spec, runs, rows)
             write_reports(comparison, work)  # after every method: an interrupted comparison keeps what finished
         try:

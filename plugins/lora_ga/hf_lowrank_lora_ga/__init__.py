@@ -6,8 +6,9 @@ Trainer's own training batches; see :mod:`.gradient` for how it stays at LoRA's 
 
 from importlib.metadata import version
 
+from .accumulators import GradientFactors
 from .config import LoraGaConfig
-from .gradient import GradientFactors, estimate_gradient_factors
+from .gradient import estimate_gradient_factors
 from .init import lora_ga_factors
 
 __all__ = ["GradientFactors", "LoraGaConfig", "estimate_gradient_factors", "lora_ga_factors"]

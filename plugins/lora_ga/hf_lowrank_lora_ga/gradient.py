@@ -35,9 +35,7 @@ import contextlib
 import logging
 import math
 import weakref
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -48,35 +46,26 @@ from hf_lowrank_lora import LoraModule, lora_layers
 from hf_lowrank_plugins import ConfigError, LowRankError
 from hf_lowrank_plugins.memory import in_use_bytes, trim_heap
 
+from .accumulators import (
+    Accumulator,
+    FullAccumulator,
+    GradientFactors,
+    SketchAccumulator,
+    SketchMatrices,
+    compact_factors,
+    seed_for,
+    sketch_sizes,
+    sketch_svd,
+    truncated_svd,
+)
+from .grouping import ACCUMULATOR_SHARE, LayerInput, PassMemory, batch_rows, layer_group_count, layer_groups
+
 logger = logging.getLogger(__name__)
-
-#: By default one layer group's fp32 accumulators may take this share of the memory in use.
-ACCUMULATOR_SHARE = 0.1
-
-
-@dataclass
-class GradientFactors:
-    """Top singular triplets of a layer's averaged gradient, G ~ U @ diag(S) @ Vh (m x n, LoRA orientation)."""
-
-    U: torch.Tensor
-    S: torch.Tensor
-    Vh: torch.Tensor
 
 
 def layer_dims(layer: LoraModule) -> tuple[int, int]:
     """(out, in) of the LoRA layer's weight in LoRA orientation."""
     return int(layer.out_features), int(layer.in_features)
-
-
-def factors_outgrow_sum(rows: int, m: int, n: int) -> bool:
-    """Whether ``rows`` tokens of an ``m x n`` layer's factors, ``rows x (m + n)`` entries, are at least
-    its sum G's ``m x n``: from then on :class:`FullAccumulator` holds G instead."""
-    return rows * (m + n) >= m * n
-
-
-def seed_for(*parts: Any) -> int:
-    """A stable 31-bit seed from ``parts`` (same on every process and run, unlike ``hash``)."""
-    return zlib.crc32(":".join(map(str, parts)).encode()) & 0x7FFFFFFF
 
 
 def collect_batches(
@@ -118,143 +107,6 @@ def collect_batches(
     return out
 
 
-class _Accumulator:
-    """Running sum of one layer's per-batch gradients (or of their sketch), in fp32."""
-
-    def fold(self, x: torch.Tensor, g: torch.Tensor) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def tensors(self) -> list[torch.Tensor]:  # pragma: no cover - interface
-        raise NotImplementedError
-
-
-class FullAccumulator(_Accumulator):
-    """Exact ``G = sum_b (dL_b/dy)^T x`` (m x n): the factors while they are smaller, then G in fp32."""
-
-    def __init__(self, m: int, n: int, device: torch.device) -> None:
-        self.m, self.n, self.device = m, n, device
-        self.factors: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int]]] = []
-        self.rows = 0
-        self._G: torch.Tensor | None = None
-        self.compacted = 0  # factors already moved by compact_factors
-
-    def fold(self, x: torch.Tensor, g: torch.Tensor) -> None:
-        """Add one batch's gradient ``g^T x`` (tokens flattened): keep the pair, or add it to G."""
-        if self._G is None and not factors_outgrow_sum(self.rows + x.shape[0], self.m, self.n):
-            # x as the layer saw it (layers fed the same input share it), with the versions to prove it unchanged
-            self.factors.append((x, g, (x._version, g._version)))
-            self.rows += x.shape[0]
-            return
-        self.dense().addmm_(g.float().t(), x.float())
-
-    def checked_factors(self) -> list[tuple[torch.Tensor, torch.Tensor, tuple[int, int]]]:
-        """The kept pairs, each proven unchanged since it was folded (by its version counters)."""
-        for x, g, versions in self.factors:
-            if (x._version, g._version) != versions:
-                raise LowRankError(
-                    "LoRA-GA kept a layer's input and output gradient to sum later, but the model changed one "
-                    "in place after the pass; use estimator='sketch', which folds each batch at once"
-                )
-        return self.factors
-
-    def dense(self) -> torch.Tensor:
-        """G itself: the kept pairs summed in the order they came (then dropped)."""
-        if self._G is None:
-            self._G = torch.zeros(self.m, self.n, device=self.device, dtype=torch.float32)
-            for x, g, _ in self.checked_factors():
-                self._G.addmm_(g.float().t(), x.float())
-            self.factors = []
-        return self._G
-
-    def tensors(self) -> list[torch.Tensor]:
-        """The tensors to all-reduce across ranks."""
-        return [self.dense()]
-
-
-def compact_factors(accumulators: Iterable[_Accumulator], device: torch.device) -> int:
-    """Move the pairs the sums kept since the last call into one buffer of their own; returns its bytes.
-
-    Called on a CPU after each batch's backward but the last. The kept ``x`` and ``dL/dy`` were
-    allocated among that batch's activations, and glibc's heap, holding them in the middle of the
-    freed space, fits the next batch's activations only partly around them. Copied out into one block
-    (above glibc's mmap threshold, so outside the heap) and the heap's free pages handed back, the
-    next forward lays its activations out as the first did. SmolLM2-135M, two batches of 2 x 64
-    tokens, one group: the pass peaked at 1,586 MiB without this and 1,522-1,525 MiB with it,
-    against 1,450 MiB for a LoRA training step; the copy (118 MiB) and the trim took 55 ms. An input
-    that layers share (q/k/v's) is copied once; every copy starts 64-byte aligned, as the
-    allocator's own tensors do.
-    """
-    pending = [
-        (acc, index)
-        for acc in accumulators
-        if isinstance(acc, FullAccumulator)
-        for index in range(acc.compacted, len(acc.checked_factors()))
-    ]
-    unique: dict[tuple[int, tuple[int, ...], torch.dtype], torch.Tensor] = {}
-    for acc, index in pending:
-        for tensor in acc.factors[index][:2]:
-            unique.setdefault((tensor.data_ptr(), tuple(tensor.shape), tensor.dtype), tensor)
-    offsets, total = {}, 0
-    for key, tensor in unique.items():
-        offsets[key] = total
-        total += -(-tensor.numel() * tensor.element_size() // 64) * 64
-    if not total:
-        return 0
-    block = torch.empty(total, dtype=torch.uint8, device=device)
-    copies = {}
-    for key, tensor in unique.items():
-        start = offsets[key]
-        view = block[start : start + tensor.numel() * tensor.element_size()].view(tensor.dtype).view(tensor.shape)
-        copies[key] = view.copy_(tensor)
-    for acc, index in pending:
-        x, g, _ = acc.factors[index]
-        x, g = (copies[(t.data_ptr(), tuple(t.shape), t.dtype)] for t in (x, g))
-        acc.factors[index] = (x, g, (x._version, g._version))
-    for acc in {id(acc): acc for acc, _ in pending}.values():
-        acc.compacted = len(acc.factors)
-    return total
-
-
-class SketchAccumulator(_Accumulator):
-    """Two-sided randomized sketch ``Y = G Omega`` (m x k), ``Z = Psi G`` (l x n) of the running sum."""
-
-    def __init__(self, omega: torch.Tensor, psi: torch.Tensor) -> None:
-        self.omega, self.psi = omega, psi  # shared by layers of equal shape: never written
-        self.Y = torch.zeros(psi.shape[1], omega.shape[1], device=omega.device, dtype=torch.float32)
-        self.Z = torch.zeros(psi.shape[0], omega.shape[0], device=omega.device, dtype=torch.float32)
-
-    def fold(self, x: torch.Tensor, g: torch.Tensor) -> None:
-        """Add one batch's ``g^T x`` to both sketches, never forming the m x n product."""
-        x, g = x.float(), g.float()
-        self.Y.addmm_(g.t(), x @ self.omega)
-        self.Z.addmm_((g @ self.psi.t()).t(), x)
-
-    def tensors(self) -> list[torch.Tensor]:
-        """The tensors to all-reduce across ranks."""
-        return [self.Y, self.Z]
-
-
-def sketch_sizes(m: int, n: int, r: int, sketch_rank: int | None) -> tuple[int, int]:
-    """(k, l): range-sketch rank k = min(sketch_rank or 4r, m, n), co-range rows l = min(2k + 1, m)."""
-    k = min(sketch_rank or 4 * r, m, n)
-    return k, min(2 * k + 1, m)
-
-
-class _TestMatrices:
-    """Seeded Gaussian test matrices, one per (dimension, width): identical on every rank and run."""
-
-    def __init__(self, seed: int, device: torch.device) -> None:
-        self.seed, self.device = seed, device
-        self.cache: dict[tuple[int, int, str], torch.Tensor] = {}
-
-    def get(self, rows: int, cols: int, tag: str) -> torch.Tensor:
-        key = (rows, cols, tag)
-        if key not in self.cache:
-            gen = torch.Generator().manual_seed(seed_for(self.seed, *key))
-            self.cache[key] = torch.randn(rows, cols, generator=gen).div_(math.sqrt(cols)).to(self.device)
-        return self.cache[key]
-
-
 def _make_input_require_grad(module: nn.Module, args: tuple) -> tuple | None:
     """Forward pre-hook: give the first target layer an input that requires grad.
 
@@ -286,7 +138,7 @@ class _Taps:
     of the inputs they kept.
     """
 
-    def __init__(self, accumulators: dict[str, _Accumulator], record_inputs: bool = False) -> None:
+    def __init__(self, accumulators: dict[str, Accumulator], record_inputs: bool = False) -> None:
         self.accumulators = accumulators
         self.inputs: dict[str, LayerInput] | None = {} if record_inputs else None
         # weakly: a call whose output never gets a gradient (a recomputation for non-reentrant
@@ -410,133 +262,6 @@ def _all_reduce(tensors: list[torch.Tensor]) -> None:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
-def _truncated_svd(G: torch.Tensor, k: int, svd: str, niter: int, seed: int) -> GradientFactors:
-    if svd == "exact":
-        U, S, Vh = torch.linalg.svd(G, full_matrices=False)
-    else:
-        with torch.random.fork_rng(devices=[G.device.index or 0] if G.device.type == "cuda" else []):
-            torch.manual_seed(seed)  # svd_lowrank takes no generator; every rank must draw the same projection
-            U, S, V = torch.svd_lowrank(G, q=min(2 * k, min(G.shape)), niter=niter)
-        Vh = V.t()
-    return GradientFactors(U[:, :k].contiguous(), S[:k].contiguous(), Vh[:k].contiguous())
-
-
-def _sketch_svd(acc: SketchAccumulator, scale: float, k: int) -> GradientFactors:
-    """Top-k triplets of the sketched G: Q = orth(Y), X = (Psi Q)^+ Z, G ~ Q X."""
-    Y, Z = acc.Y * scale, acc.Z * scale
-    Q, _ = torch.linalg.qr(Y)
-    X = torch.linalg.lstsq(acc.psi @ Q, Z).solution
-    Ux, S, Vh = torch.linalg.svd(X, full_matrices=False)
-    return GradientFactors((Q @ Ux)[:, :k].contiguous(), S[:k].contiguous(), Vh[:k].contiguous())
-
-
-def batch_rows(batches: list[dict[str, Any]]) -> int | None:
-    """The rows (tokens) a layer's input has over all ``batches``: per batch, the largest
-    ``batch x sequence`` among its tensors of two or more dimensions; ``None`` when a batch has none."""
-    total = 0
-    for batch in batches:
-        sizes = [v.shape[0] * v.shape[1] for v in batch.values() if torch.is_tensor(v) and v.dim() >= 2]
-        if not sizes:
-            return None
-        total += max(sizes)
-    return total
-
-
-@dataclass(frozen=True)
-class LayerInput:
-    """What one layer's exact sum (:class:`FullAccumulator`) holds per token, as seen in a forward."""
-
-    out_features: int
-    in_features: int
-    input_key: int  # the input's storage: layers fed the same tensor (q/k/v, gate/up) keep it once
-    input_row_bytes: int  # one row of x in the dtype the layer saw
-    grad_row_bytes: int  # one row of dL/dy, in the output's dtype
-
-    @classmethod
-    def of(cls, x: torch.Tensor, output: torch.Tensor) -> LayerInput:
-        """The layer that read ``x`` and wrote ``output``."""
-        n, m = x.shape[-1], output.shape[-1]
-        return cls(m, n, x.untyped_storage().data_ptr(), n * x.element_size(), m * output.element_size())
-
-    @classmethod
-    def assumed(cls, m: int, n: int, key: int) -> LayerInput:
-        """An ``m x n`` layer not seen in a forward: fp32 rows and an input of its own (``key``)."""
-        return cls(m, n, key, 4 * n, 4 * m)
-
-    def is_dense(self, rows: int | None) -> bool:
-        """Whether after ``rows`` tokens the sum is fp32 G (:meth:`FullAccumulator.fold`'s switch);
-        ``None``: unknown tokens, counted as G."""
-        return rows is None or factors_outgrow_sum(rows, self.out_features, self.in_features)
-
-
-def held_bytes(group: Iterable[str], inputs: dict[str, LayerInput], rows: int | None) -> int:
-    """What the sums of the layers in ``group`` hold after ``rows`` tokens: fp32 G for a layer past
-    :class:`FullAccumulator`'s switch, else its rows of ``dL/dy`` and of its input, an input that
-    several layers of the group read counted once."""
-    total, kept_inputs = 0, {}
-    for name in group:
-        layer = inputs[name]
-        if layer.is_dense(rows):
-            total += 4 * layer.out_features * layer.in_features
-        else:
-            assert rows is not None  # for mypy: is_dense(None) is True
-            total += rows * layer.grad_row_bytes
-            kept_inputs[layer.input_key] = rows * layer.input_row_bytes
-    return total + sum(kept_inputs.values())
-
-
-def accumulator_bytes(m: int, n: int, rows: int | None) -> int:
-    """What a :class:`FullAccumulator` of an ``m x n`` layer holds after ``rows`` tokens, at most (fp32
-    factors, the layer's input counted as its own): the factors or, once larger, G (:func:`held_bytes`)."""
-    return held_bytes(["layer"], {"layer": LayerInput.assumed(m, n, 0)}, rows)
-
-
-def layer_groups(inputs: dict[str, LayerInput], rows: int | None, count: int) -> list[list[str]]:
-    """``inputs``' layers (in model order) in ``count`` contiguous groups of about equal sums after ``rows`` tokens."""
-    sizes = {name: held_bytes([name], inputs, rows) for name in inputs}
-    target, acc = sum(sizes.values()) / count, 0.0
-    groups: list[list[str]] = []
-    current: list[str] = []
-    for name, size in sizes.items():
-        current.append(name)
-        acc += size
-        if acc >= target * (len(groups) + 1) and len(groups) < count - 1:
-            groups.append(current)
-            current = []
-    if current:
-        groups.append(current)
-    return groups
-
-
-@dataclass(frozen=True)
-class PassMemory:
-    """What a pass over the estimate batches holds besides the sums, read after the first batch's forward."""
-
-    in_use: int  # the memory in use then (in_use_bytes): weights, libraries, one batch's activations
-    rows_before_last: int | None  # tokens of every batch but the last
-    rows: int | None  # tokens of all batches
-
-    def peak_bytes(self, group: list[str], inputs: dict[str, LayerInput]) -> int:
-        """What the sums of ``group`` add to the pass's peak, at the start of the last backward: those
-        of every batch but the last. The last batch's inputs are its activations, and its ``dL/dy``
-        arrive as its backward frees them (on a CPU once :func:`compact_factors` has kept the heap's
-        layout: SmolLM2-135M's last backward then grew by what a LoRA step's does)."""
-        return held_bytes(group, inputs, self.rows_before_last)
-
-
-def layer_group_count(inputs: dict[str, LayerInput], memory: PassMemory) -> int:
-    """The fewest contiguous layer groups (:func:`layer_groups`) whose sums each add at most
-    :data:`ACCUMULATOR_SHARE` of ``memory.in_use`` to a pass's peak (:meth:`PassMemory.peak_bytes`);
-    one layer a pass without a reading of the memory in use (no ``/proc``)."""
-    budget = ACCUMULATOR_SHARE * memory.in_use
-    if budget > 0:
-        for count in range(1, len(inputs) + 1):
-            groups = layer_groups(inputs, memory.rows, count)
-            if max(memory.peak_bytes(group, inputs) for group in groups) <= budget:
-                return count
-    return len(inputs)
-
-
 def _agree(values: list[float], device: torch.device) -> list[float]:
     """The largest of each of ``values`` over DDP ranks (themselves outside torch.distributed)."""
     agreed = torch.tensor(values, dtype=torch.float64, device=device)
@@ -546,13 +271,13 @@ def _agree(values: list[float], device: torch.device) -> list[float]:
 
 
 def _factor(
-    name: str, accumulator: _Accumulator, layer: LoraModule, config: Any, adapter: str, scale: float
+    name: str, accumulator: Accumulator, layer: LoraModule, config: Any, adapter: str, scale: float
 ) -> GradientFactors:
     """All-reduce the layer's sum, scale it to the mean and take its top-2r triplets."""
     _all_reduce(accumulator.tensors())
     G = cast(FullAccumulator, accumulator).dense().mul_(scale)
     r = layer.r[adapter]
-    return _truncated_svd(G, 2 * r, config.svd, config.svd_niter, seed_for(config.ga_seed, name))
+    return truncated_svd(G, 2 * r, config.svd, config.svd_niter, seed_for(config.ga_seed, name))
 
 
 def _size_groups(
@@ -612,7 +337,7 @@ def _estimate_exact(
     pending = [list(layers)] if sizing else layer_groups(assumed, rows, int(config.ga_layer_groups))
     results: dict[str, GradientFactors] = {}
     while pending:
-        sums: dict[str, _Accumulator] = {n: FullAccumulator(*layer_dims(layers[n]), device) for n in pending.pop(0)}
+        sums: dict[str, Accumulator] = {n: FullAccumulator(*layer_dims(layers[n]), device) for n in pending.pop(0)}
         taps = _Taps(sums, record_inputs=sizing)
         sized: list[list[str]] = []
 
@@ -653,7 +378,7 @@ def estimate_gradient_factors(
     results: dict[str, GradientFactors] = {}
     with torch.random.fork_rng(devices=cuda), frozen_for_estimate(model):
         if config.estimator == "sketch":
-            tests = _TestMatrices(config.ga_seed, device)
+            tests = SketchMatrices(config.ga_seed, device)
             sketches: dict[str, SketchAccumulator] = {}
             for n in names:
                 m, d = layer_dims(layers[n])
@@ -662,7 +387,7 @@ def estimate_gradient_factors(
             _run_pass(model, layers, _Taps(dict(sketches)), batches, config.ga_seed, args, device)
             for n in names:
                 _all_reduce(sketches[n].tensors())
-                results[n] = _sketch_svd(sketches[n], inv_batches, 2 * ranks[n])
+                results[n] = sketch_svd(sketches[n], inv_batches, 2 * ranks[n])
                 del sketches[n]  # free each sketch once factored
         else:
             results = _estimate_exact(model, layers, config, batches, args, adapter, inv_batches)

@@ -11,7 +11,7 @@ from hf_lowrank_lora import LoraModule
 from hf_lowrank_lora.resume import subtract_factors
 from hf_lowrank_plugins.quantization import dequantized_4bit_weight, is_4bit_layer
 
-from .gradient import GradientFactors, seed_for
+from .accumulators import GradientFactors, seed_for
 
 if TYPE_CHECKING:
     from .config import LoraGaConfig

@@ -26,7 +26,8 @@ from hf_lowrank_plugins.quantization import is_4bit_layer, is_quantized, packed_
 from hf_lowrank_plugins.types import PlanSettings
 
 from .config import LoraGaConfig
-from .gradient import ACCUMULATOR_SHARE, accumulator_bytes, collect_batches, estimate_gradient_factors, layer_dims
+from .gradient import collect_batches, estimate_gradient_factors, layer_dims
+from .grouping import ACCUMULATOR_SHARE, accumulator_bytes
 from .init import init_layer
 
 #: Checkpoint slots of A0, B0 (keys ``lora_ga_A0``/``lora_ga_B0``): a resumed run rebuilds W_res from them.

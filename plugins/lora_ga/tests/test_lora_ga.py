@@ -200,10 +200,10 @@ def test_streaming_estimate_equals_plain_autograd_and_groups_change_nothing(n_ba
 
 
 def _assumed_inputs(layers):
-    from hf_lowrank_lora_ga import gradient
+    from hf_lowrank_lora_ga import gradient, grouping
 
     return {
-        n: gradient.LayerInput.assumed(*gradient.layer_dims(layer), i) for i, (n, layer) in enumerate(layers.items())
+        n: grouping.LayerInput.assumed(*gradient.layer_dims(layer), i) for i, (n, layer) in enumerate(layers.items())
     }
 
 
@@ -212,18 +212,18 @@ def test_default_layer_groups_are_the_fewest_whose_sums_fit_a_tenth_of_the_memor
     """Unset ``ga_layer_groups``: the fewest groups whose largest one's sums add at most 10% of the memory in
     use to a pass (here the sums are fp32 G, and the memory in use is the targets' fp32 bytes times
     ``share_of_targets`` / 0.1); 0 (no reading): one layer a pass."""
-    from hf_lowrank_lora_ga import gradient
+    from hf_lowrank_lora_ga import gradient, grouping
 
     layers = lora_layers(hlp.attach(make_tiny_model(), "lora_ga", r=4).model)
     inputs = _assumed_inputs(layers)
     targets = sum(4 * m * n for m, n in map(gradient.layer_dims, layers.values()))
     budget = targets * share_of_targets
-    memory = gradient.PassMemory(int(budget / gradient.ACCUMULATOR_SHARE), None, None)
-    count = gradient.layer_group_count(inputs, memory)
+    memory = grouping.PassMemory(int(budget / grouping.ACCUMULATOR_SHARE), None, None)
+    count = grouping.layer_group_count(inputs, memory)
     assert count == (groups or len(layers))
 
     def largest(n):
-        return max(memory.peak_bytes(group, inputs) for group in gradient.layer_groups(inputs, None, n))
+        return max(memory.peak_bytes(group, inputs) for group in grouping.layer_groups(inputs, None, n))
 
     assert largest(count) <= budget or not groups
     if count > 1:  # and one group fewer would not fit
@@ -234,8 +234,8 @@ def test_sums_count_a_shared_input_once_and_the_earlier_batches_at_the_peak():
     """What the sums hold: the factors (fp32 G once larger, :class:`FullAccumulator`'s switch), an input
     that several layers of a group read counted once; what they add to a pass's peak: the sums of every
     batch but the last."""
-    from hf_lowrank_lora_ga import gradient
-    from hf_lowrank_lora_ga.gradient import LayerInput, PassMemory, accumulator_bytes, held_bytes
+    from hf_lowrank_lora_ga import grouping
+    from hf_lowrank_lora_ga.grouping import LayerInput, PassMemory, accumulator_bytes, held_bytes
 
     q, k = LayerInput(64, 32, 1, 4 * 32, 4 * 64), LayerInput(16, 32, 1, 4 * 32, 4 * 16)
     down = LayerInput(32, 128, 2, 2 * 128, 2 * 32)  # bf16 rows
@@ -251,7 +251,7 @@ def test_sums_count_a_shared_input_once_and_the_earlier_batches_at_the_peak():
     assert PassMemory(10**6, 0, 3).peak_bytes(["q"], inputs) == 0  # one batch: nothing kept before it
     assert PassMemory(10**6, 11, 22).peak_bytes(["k"], inputs) == 4 * 16 * 32  # G by then
     assert (
-        gradient.batch_rows(_batches(2, 3)) == 2 * 3 * SEQ_LEN and gradient.batch_rows([{"x": torch.ones(3)}]) is None
+        grouping.batch_rows(_batches(2, 3)) == 2 * 3 * SEQ_LEN and grouping.batch_rows([{"x": torch.ones(3)}]) is None
     )
 
 
@@ -260,7 +260,7 @@ def test_default_sizing_reads_the_first_forward_and_changes_nothing_but_the_pass
     gate/up each share their input) and the memory in use after its first forward, then goes on with
     the first group only; each budget gives its count of passes, and the factors are bit for bit those
     of one pinned group."""
-    from hf_lowrank_lora_ga import gradient
+    from hf_lowrank_lora_ga import gradient, grouping
 
     base, batches = make_tiny_model(), _batches(2, 1)
     pinned = hlp.attach(copy.deepcopy(base), "lora_ga", r=4, estimator="full", svd="exact", ga_layer_groups=1)
@@ -282,7 +282,7 @@ def test_default_sizing_reads_the_first_forward_and_changes_nothing_but_the_pass
         assert all(kept.x is None for name in taps.kept for kept in taps.kept[name])  # no input left behind
 
     monkeypatch.setattr(gradient, "_run_pass", counting_pass)
-    rows, rows_before_last = gradient.batch_rows(batches), gradient.batch_rows(batches[:-1])
+    rows, rows_before_last = grouping.batch_rows(batches), grouping.batch_rows(batches[:-1])
 
     def estimate(in_use):
         readings = iter([in_use])  # read once, after the first forward
@@ -299,14 +299,14 @@ def test_default_sizing_reads_the_first_forward_and_changes_nothing_but_the_pass
 
     no_reading = estimate(0)
     inputs = recorded[-1]
-    assert no_reading == len(gradient.layer_groups(inputs, rows, len(layers))) > 1  # as many groups as layers
-    total = gradient.held_bytes(list(inputs), inputs, rows)
+    assert no_reading == len(grouping.layer_groups(inputs, rows, len(layers))) > 1  # as many groups as layers
+    total = grouping.held_bytes(list(inputs), inputs, rows)
     assert total < sum(4 * m * n for m, n in map(gradient.layer_dims, layers.values()))  # 2 x 16 tokens: factors
     for share in (1.0, 0.4):
-        in_use = int(share * total / gradient.ACCUMULATOR_SHARE)
-        count = original_count(inputs, gradient.PassMemory(in_use, rows_before_last, rows))
+        in_use = int(share * total / grouping.ACCUMULATOR_SHARE)
+        count = original_count(inputs, grouping.PassMemory(in_use, rows_before_last, rows))
         assert estimate(in_use) == count and (count == 1) == (share == 1.0)
-        assert folded[-count:] == [len(group) for group in gradient.layer_groups(inputs, rows, count)]
+        assert folded[-count:] == [len(group) for group in grouping.layer_groups(inputs, rows, count)]
     first = [n for n in inputs if ".layers.0." in n]
     keys = {n.rsplit(".", 1)[-1]: inputs[n].input_key for n in first}
     assert keys["q_proj"] == keys["k_proj"] == keys["v_proj"] != keys["o_proj"]
@@ -318,7 +318,7 @@ def test_compacted_factors_share_one_aligned_buffer_and_sum_bit_for_bit():
     """``compact_factors`` moves the pairs kept since its last call into one buffer: an input that two sums
     share is copied once, every copy starts 64-byte aligned, G is the plain sum bit for bit, and a kept
     tensor changed in place before the move is refused as before."""
-    from hf_lowrank_lora_ga.gradient import FullAccumulator, compact_factors
+    from hf_lowrank_lora_ga.accumulators import FullAccumulator, compact_factors
 
     gen = torch.Generator().manual_seed(0)
     cpu = torch.device("cpu")
@@ -369,7 +369,7 @@ def test_estimate_under_gradient_checkpointing_equals_the_plain_one(reentrant):
 def test_accumulator_keeps_factors_while_smaller_and_sums_bit_for_bit_like_dense(rows_per_batch):
     """A 24 x 32 layer: 3 rows a batch stay as factors (3 x 56 entries < 768) until they outgrow G,
     40 rows go to G at once; either way G is the same ``addmm_`` sequence as a plain fp32 sum."""
-    from hf_lowrank_lora_ga.gradient import FullAccumulator
+    from hf_lowrank_lora_ga.accumulators import FullAccumulator
 
     gen = torch.Generator().manual_seed(0)
     pairs = [
@@ -394,7 +394,7 @@ def test_accumulator_keeps_factors_while_smaller_and_sums_bit_for_bit_like_dense
 def test_plan_counts_the_sums_the_estimate_holds():
     """``hf-lowrank plan``: with one layer group the term is twice the sums after ga_batches x batch x
     sequence tokens (the factors while smaller than G), so fewer or shorter batches plan less."""
-    from hf_lowrank_lora_ga.gradient import accumulator_bytes
+    from hf_lowrank_lora_ga.grouping import accumulator_bytes
     from hf_lowrank_plugins.plan import plan_memory
     from hf_lowrank_plugins.testing.helpers import tiny_llama_config
     from hf_lowrank_plugins.types import PlanSettings
