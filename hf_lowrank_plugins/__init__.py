@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .io import atomic_directory, write_json_atomic
     from .loading import load_adapter, load_config
     from .merge import merge_adapter
-    from .method import MethodConfig, describe_fields, validate_config
+    from .method import MethodConfig, QuantizationFields, describe_fields, validate_config
     from .outputs import OutputFolderError, OutputSet, verify_manifest
     from .quantization import is_quantized
     from .registry import Registry, get_registry, set_registry
@@ -46,7 +46,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["hookimpl", "hookspec"], "hookspecs"),
     **dict.fromkeys(["atomic_directory", "write_json_atomic"], "io"),
     "merge_adapter": "merge",
-    **dict.fromkeys(["MethodConfig", "describe_fields", "validate_config"], "method"),
+    **dict.fromkeys(["MethodConfig", "QuantizationFields", "describe_fields", "validate_config"], "method"),
     **dict.fromkeys(["OutputFolderError", "OutputSet", "verify_manifest"], "outputs"),
     "is_quantized": "quantization",
     **dict.fromkeys(["Registry", "get_registry", "set_registry"], "registry"),

@@ -50,6 +50,20 @@ class MethodConfig:
     )
 
 
+@dataclass
+class QuantizationFields:
+    """The 4-bit base's settings as config fields, for a method that always trains on one (QLoRA, LoftQ):
+    mix it in beside :class:`MethodConfig`. :meth:`QuantizationSettings.from_config
+    <hf_lowrank_plugins.types.QuantizationSettings.from_config>` reads them; defaults follow the QLoRA
+    paper. Plain PEFT drops them when loading the adapter, which is right: they describe the base."""
+
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = field(default="nf4", metadata={"help": "4-bit data type of the base"})
+    bnb_4bit_use_double_quant: bool = field(default=True, metadata={"help": "quantize the quantization constants too"})
+    bnb_4bit_compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata={"help": "dtype 4-bit matmuls dequantize to; auto: bfloat16 on a GPU, float32 on CPU"}
+    )
+
+
 def name_config(config: object, method_name: str) -> None:
     """Record ``method_name`` in ``config`` (a :class:`MethodConfig`; plain PEFT configs carry no name)."""
     if isinstance(config, MethodConfig):

@@ -35,7 +35,7 @@ import torch
 
 from ..api import Adapted, attach
 from ..targets import task_heads
-from ..types import ExportResult
+from ..types import ExportResult, QuantizationSettings
 from .models import ModelCase, output
 
 #: Tolerances of the contract (relative to the largest output magnitude, see :func:`.models.rel_err`).
@@ -247,7 +247,6 @@ def reloaded_output(run: TrainedRun) -> torch.Tensor:
     base = load_base(run.case, adapter_base_dir(run.exported.adapter_dir), run.device)
     if run.load_in_4bit or run.adapted.method.requires_quantized_base:
         from ..quantization import quantize_model
-        from ..types import QuantizationSettings
 
         base = quantize_model(base, QuantizationSettings.from_config(run.adapted.config))
     return output(load_adapter(base, run.exported.adapter_dir).model.eval(), run.batch)
@@ -275,7 +274,6 @@ def saved_tensors_output(run: TrainedRun) -> torch.Tensor:
     base = load_base(run.case, adapter_base_dir(run.exported.adapter_dir), run.device)
     if run.load_in_4bit or run.adapted.method.requires_quantized_base:
         from ..quantization import quantize_model
-        from ..types import QuantizationSettings
 
         base = quantize_model(base, QuantizationSettings.from_config(run.adapted.config))
     return output(with_saved_tensors(base, run.exported.adapter_dir), run.batch)
@@ -299,7 +297,8 @@ for line in sys.stdin:
         kwargs = {"dtype": torch.float32}
         if request["four_bit"]:  # the heads stay full precision, as transformers documents for classifiers
             kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                load_in_4bit=True, bnb_4bit_quant_type=request["quant_type"],
+                bnb_4bit_use_double_quant=request["double_quant"],
                 bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=request["heads"] or None)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -354,6 +353,7 @@ def plain_peft_output(run: TrainedRun) -> tuple[torch.Tensor, dict[str, Any]]:
     assert run.exported.adapter_dir is not None
     batch_path, out_path = run.work_dir / "plain_batch.pt", run.work_dir / "plain_out.pt"
     torch.save(run.batch, batch_path)
+    quantization = QuantizationSettings.from_config(run.adapted.config)  # what the run's base was quantized with
     answer = PlainPeftProcess.ask(
         {
             "base": str(adapter_base_dir(run.exported.adapter_dir)),
@@ -362,6 +362,8 @@ def plain_peft_output(run: TrainedRun) -> tuple[torch.Tensor, dict[str, Any]]:
             "batch": str(batch_path),
             "out": str(out_path),
             "four_bit": bool(run.load_in_4bit or run.adapted.method.requires_quantized_base),
+            "quant_type": quantization.quant_type,
+            "double_quant": quantization.double_quant,
             "heads": list(task_heads(run.case.build())),
         }
     )

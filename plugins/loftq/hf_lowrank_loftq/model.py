@@ -1,4 +1,5 @@
-"""LoftQ on PEFT's LoRA layers over the core's 4-bit base (one alternation, as PEFT's ``replace_lora_weights_loftq``).
+"""LoftQ on PEFT's LoRA layers over the core's 4-bit base: PEFT's ``replace_lora_weights_loftq`` (one
+alternation) and ``LoftQConfig(loftq_iter=T)`` (T alternations), for any alpha and on any device.
 
 PEFT's ``replace_lora_weights_loftq`` reads the original weights back from the checkpoint's safetensors
 file after loading in 4-bit, runs on CUDA or XPU only (it moves every weight there), and sets
@@ -45,6 +46,23 @@ def loftq_factors(
 
 
 @torch.no_grad()
+def loftq_alternations(
+    weight: torch.Tensor, settings: QuantizationSettings, rank: int, scaling: float, iterations: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LoftQ's Algorithm 1 (as PEFT's ``loftq_init``): ``iterations`` rounds of quantizing ``W - s·B·A``
+    (``W`` itself first) and taking A, B from what that quantization lost of W. Returns A, B and the
+    weight the base is to be quantized from (``weight`` itself when ``iterations`` is 1), in
+    ``weight``'s dtype, as the core will quantize it."""
+    full = weight.float()
+    quantize_from = weight
+    A, B = loftq_factors(full, roundtrip_4bit(weight, settings), rank, scaling)
+    for _ in range(iterations - 1):
+        quantize_from = (full - scaling * (B @ A)).to(weight.dtype)
+        A, B = loftq_factors(full, roundtrip_4bit(quantize_from, settings), rank, scaling)
+    return A, B, quantize_from
+
+
+@torch.no_grad()
 def attach_loftq(
     model: nn.Module, config: LoftqConfig, quantization: QuantizationSettings | None, adapter: str = "default"
 ) -> PeftModel:
@@ -68,11 +86,17 @@ def attach_loftq(
             continue  # left in full precision by the core: nothing to repair
         stored = base.weight.detach()
         oriented = stored.t() if isinstance(base, Conv1D) else stored  # what the core quantizes: (out x in)
-        A, B = loftq_factors(
-            oriented, roundtrip_4bit(oriented, settings), int(layer.r[adapter]), layer.scaling[adapter]
+        A, B, quantize_from = loftq_alternations(
+            oriented, settings, int(layer.r[adapter]), layer.scaling[adapter], int(config.loftq_iter)
         )
         layer.lora_A[adapter].weight.copy_(A.to(layer.lora_A[adapter].weight.dtype))
         layer.lora_B[adapter].weight.copy_(B.to(layer.lora_B[adapter].weight.dtype))
+        if quantize_from is not oriented:  # the core quantizes W - s*B@A of the last round, not W
+            base.weight.data = quantize_from.t().contiguous() if isinstance(base, Conv1D) else quantize_from
         repaired += 1
-    logger.info("LoftQ: %d layers start from the rank-r repair of their 4-bit error", repaired)
+    logger.info(
+        "LoftQ: %d layers start from the rank-r repair of their 4-bit error (%d alternations)",
+        repaired,
+        config.loftq_iter,
+    )
     return requantize_under_adapter(peft_model, partial(quantize_model, settings=quantization))

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+import torch
 from torch import nn
 
 from hf_lowrank_lora import LORA_ALIASES, residual
-from hf_lowrank_plugins import MethodInfo, QuantizationSettings, hookimpl
+from hf_lowrank_lora.stored_base import save_adapter_on, save_base
+from hf_lowrank_plugins import ExportResult, MethodInfo, QuantizationSettings, default_export, hookimpl, save_merged
 from hf_lowrank_plugins.types import PlanSettings
 
 from .config import LoftqConfig
@@ -43,3 +48,35 @@ def init_adapter(model: nn.Module, config: LoftqConfig, quantization: Quantizati
 def plan_memory(model: nn.Module, config: LoftqConfig, settings: PlanSettings, terms: dict[str, int]) -> dict[str, int]:
     """One layer at a time in fp32: its weight, the dequantized copy and the SVD's factors."""
     return {"loftq_svd": residual.decomposition_bytes(model)}
+
+
+@hookimpl
+def post_train_merge(
+    model: nn.Module,
+    config: LoftqConfig,
+    output_dir: Path,
+    merge: bool,
+    tokenizer: Any,
+    final_dir: Path,
+    merged_dtype: torch.dtype | None = None,
+) -> ExportResult:
+    """One alternation: the default deliverables (the base is NF4(W), what a QLoRA loader rebuilds).
+    More: ``base/`` (the trained base NF4(W - s*B@A), dequantized), ``adapter/`` naming it, ``merged/``."""
+    if int(config.loftq_iter) == 1:
+        return default_export(model, output_dir, merge, tokenizer=tokenizer, merged_dtype=merged_dtype)
+    result = ExportResult()
+    base_dir = save_base(model, output_dir / "base", tokenizer=tokenizer)
+    result.extra["base"] = base_dir
+    result.adapter_dir = save_adapter_on(model, output_dir / "adapter", base_dir=Path(final_dir) / "base")
+    result.notes.append(
+        f"LoftQ with {config.loftq_iter} alternations trained on NF4(W - s*B@A), not NF4(W): adapter/ belongs to "
+        "base/ (that base dequantized); load base/ in 4-bit under it, or use merged/"
+    )
+    if config.bnb_4bit_use_double_quant:
+        result.notes.append(
+            "with double quantization a 4-bit loader rounds base/'s scales again, so the reloaded model is close to, "
+            "not equal to, the trained one (bnb_4bit_use_double_quant=False makes the reload exact, as PEFT's LoftQ)"
+        )
+    if merge:
+        result.merged_dir = save_merged(model, output_dir / "merged", tokenizer=tokenizer, dtype=merged_dtype)
+    return result

@@ -10,3 +10,11 @@ class TestLoftqConformance(MethodConformance):
         ({"use_dora": True}, "cannot be combined with use_dora"),
         ({"init_lora_weights": "pissa"}, "cannot use init_lora_weights='pissa'"),
     ]
+
+
+class TestLoftqAlternationsConformance(MethodConformance):
+    """Two alternations: the base is NF4(W - s*B@A), exported in base/ and named by adapter/. Without double
+    quantization (PEFT's LoftQ quantization) a loader's NF4 of base/ is the trained base bit for bit."""
+
+    method = "loftq"
+    settings = {"r": 4, "loftq_iter": 2, "bnb_4bit_use_double_quant": False}

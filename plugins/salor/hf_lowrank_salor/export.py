@@ -13,7 +13,6 @@ base as a plain transformers checkpoint plus a standard PEFT LoRA relative to it
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,17 +23,17 @@ from peft import PeftModel
 from torch import nn
 from transformers import AutoConfig
 
+from hf_lowrank_lora.stored_base import save_adapter_on, save_base
 from hf_lowrank_plugins import (
     ExportResult,
     IncompatibleError,
     atomic_directory,
     is_quantized,
-    save_adapter,
     save_merged,
     write_json_atomic,
 )
 from hf_lowrank_plugins.quantization import dequantize_model
-from hf_lowrank_plugins.streaming import LazyStateDict, checkpoint_tensors, plain_config, plain_model, write_checkpoint
+from hf_lowrank_plugins.streaming import LazyStateDict, checkpoint_tensors, plain_config, plain_model
 
 from .bitmap import load_compressed, save_compressed
 from .model import apply_adapter_masks
@@ -57,16 +56,9 @@ def pruned_base_copy(model: nn.Module) -> nn.Module:
 
 
 def save_pruned_base(model: nn.Module, directory: str | Path, tokenizer: Any = None) -> Path:
-    """Write the pruned base of ``model`` as a plain transformers checkpoint (plus tokenizer), atomically.
-
-    Streamed tensor by tensor from the live model (a 4-bit base dequantized layer by layer): no copy.
-    """
-    directory = Path(directory)
-    with atomic_directory(directory) as tmp:
-        write_checkpoint(model, tmp, merge=False)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return directory
+    """Write the pruned base of ``model`` as a plain transformers checkpoint (plus tokenizer), atomically
+    (:func:`hf_lowrank_lora.stored_base.save_base`: streamed, a 4-bit base dequantized layer by layer)."""
+    return save_base(model, directory, tokenizer=tokenizer)
 
 
 def save_salor_adapter(
@@ -81,14 +73,7 @@ def save_salor_adapter(
     if not isinstance(model, PeftModel):
         raise IncompatibleError(f"expected the PeftModel returned by attach(), got {type(model).__name__}")
     apply_adapter_masks(model, adapter)
-    config = model.peft_config[adapter]
-    previous = config.base_model_name_or_path
-    if base_dir is not None:
-        config.base_model_name_or_path = str(Path(base_dir).resolve())
-    try:
-        return save_adapter(model, directory)
-    finally:
-        config.base_model_name_or_path = previous
+    return save_adapter_on(model, directory, base_dir)
 
 
 def save_compressed_model(
@@ -214,8 +199,3 @@ def export_salor(
     if merge:
         result.merged_dir = save_merged(model, output_dir / "merged", tokenizer=tokenizer, dtype=merged_dtype)
     return result
-
-
-def read_sizes(directory: str | Path) -> dict[str, Any]:
-    """The ``sizes.json`` a compressed deliverable carries."""
-    return json.loads((Path(directory) / "sizes.json").read_text())
