@@ -107,6 +107,12 @@ VARIANTS: dict[str, Variant] = {
     "official:adam_mini": Variant("the adam-mini package's Adam_mini passed to the Trainer (its README's setup)"),
     "ours:apollo": Variant("hf-lowrank apollo (rank --galore-rank, channel-wise)", "hf:apollo_adamw", "apollo"),
     "hf:apollo_adamw": Variant("transformers optim=apollo_adamw (the apollo-torch package)"),
+    "ours:apollo_layerwise": Variant(
+        "hf-lowrank apollo, layerwise=True (each projected weight updated from its gradient hook)",
+        "hf:apollo_adamw_layerwise",
+        "apollo",
+    ),
+    "hf:apollo_adamw_layerwise": Variant("transformers optim=apollo_adamw_layerwise (one optimizer per weight)"),
     "ours:apollo_mini": Variant("hf-lowrank apollo_mini (rank 1, tensor-wise, scale 128)", "hf:apollo_mini", "apollo"),
     "hf:apollo_mini": Variant("transformers optim=apollo_adamw with APOLLO-Mini's optim_args"),
     "ours:full": Variant("hf-lowrank full (built-in method)", "full", "full"),
@@ -227,6 +233,10 @@ def _ours(name: str, o: BenchOptions) -> tuple[str, dict[str, Any]]:
         "adam_mini": ("adam_mini", {}),
         "apollo": ("apollo", {"rank": o.galore_rank, "update_proj_gap": o.update_proj_gap}),
         "apollo_mini": ("apollo_mini", {"update_proj_gap": o.update_proj_gap}),
+        "apollo_layerwise": (
+            "apollo",
+            {"rank": o.galore_rank, "update_proj_gap": o.update_proj_gap, "layerwise": True},
+        ),
         "full": ("full", {}),
     }[name.removesuffix("_variant_only")]  # the ablations attach the method itself (see build_variant)
 
@@ -415,7 +425,7 @@ def build_variant(variant: str, model: Any, train: Any, o: BenchOptions) -> tupl
         mini = name == "apollo_mini"
         rank, scaling = (1, "scale_type=tensor,scale=128") if mini else (o.galore_rank, "scale_type=channel,scale=1")
         extra_args = {
-            "optim": "apollo_adamw",
+            "optim": "apollo_adamw_layerwise" if name.endswith("layerwise") else "apollo_adamw",
             "optim_target_modules": HF_GALORE_TARGETS,
             "optim_args": f"rank={rank},proj=random,{scaling},update_proj_gap={o.update_proj_gap}",
         }

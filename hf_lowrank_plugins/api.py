@@ -34,7 +34,7 @@ from .optim import build_default_optimizer
 from .outputs import OutputSet
 from .quantization import is_quantized, quantize_model
 from .registry import Registry, get_registry
-from .types import ExportResult, MethodInfo, QuantizationSettings
+from .types import ExportResult, MethodInfo, QuantizationSettings, SavesPretrained
 
 #: Set on a base model by :func:`attach`: (method, trains an adapter); a second attach is refused
 #: while the first method's layers are on the model or the first method trains the weights themselves.
@@ -226,7 +226,7 @@ class Adapted:
         self,
         directory: str | Path,
         merge: bool = False,
-        tokenizer: Any = None,
+        tokenizer: SavesPretrained | None = None,
         final_dir: str | Path | None = None,
         merged_dtype: torch.dtype | None = None,
         training: Mapping[str, Any] | None = None,
@@ -269,7 +269,7 @@ class Adapted:
         self,
         output_dir: str | Path,
         merge: bool = False,
-        tokenizer: Any = None,
+        tokenizer: SavesPretrained | None = None,
         overwrite: bool = False,
         merged_dtype: torch.dtype | None = None,
         training: Mapping[str, Any] | None = None,
@@ -297,7 +297,7 @@ class Adapted:
         self,
         output_dir: str | Path,
         merge: bool,
-        tokenizer: Any,
+        tokenizer: SavesPretrained | None,
         overwrite: bool,
         merged_dtype: torch.dtype | None,
         training: Mapping[str, Any] | None,

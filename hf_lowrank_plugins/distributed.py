@@ -25,7 +25,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -33,8 +33,11 @@ from torch import nn
 from .errors import IncompatibleError
 from .types import MethodInfo
 
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
 
-def zero_stage(args: Any) -> int | None:
+
+def zero_stage(args: TrainingArguments | None) -> int | None:
     """The ZeRO stage of a run's ``TrainingArguments`` (0 for DeepSpeed without ZeRO); ``None`` without DeepSpeed."""
     if args is None:
         return None
@@ -59,14 +62,14 @@ def check_zero_stage(info: MethodInfo, stage: int | None) -> None:
         )
 
 
-def uses_fsdp(args: Any) -> bool:
+def uses_fsdp(args: TrainingArguments | None) -> bool:
     """Whether the run shards with FSDP: ``fsdp`` in its arguments, or ``accelerate launch --use_fsdp``
     (whose setting the Trainer's accelerator reads from the environment, not from the arguments)."""
     from_launcher = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1", "yes")
     return bool(getattr(args, "fsdp", None)) or from_launcher
 
 
-def check_parallelism(info: MethodInfo, args: Any) -> None:
+def check_parallelism(info: MethodInfo, args: TrainingArguments | None) -> None:
     """Refuse ``info``'s method under the run's DeepSpeed ZeRO stage or FSDP when it declared it cannot run there."""
     check_zero_stage(info, zero_stage(args))
     if uses_fsdp(args) and info.no_fsdp:

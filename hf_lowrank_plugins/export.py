@@ -10,7 +10,6 @@ import copy
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from peft import PeftConfig, PeftModel
@@ -20,7 +19,7 @@ from .errors import IncompatibleError
 from .io import atomic_directory
 from .quantization import dequantize_model, is_quantized
 from .streaming import DEFAULT_MAX_SHARD_SIZE, CheckpointReader, write_checkpoint
-from .types import ExportResult
+from .types import ExportResult, SavesPretrained
 
 #: Beside ``adapter_config.json``: our method's name and every setting PEFT's own class does not know.
 METHOD_SETTINGS_FILE = "hf_lowrank_method.json"
@@ -90,7 +89,7 @@ def merged_copy(model: nn.Module, in_place: bool = False) -> nn.Module:
 def write_merged(
     model: nn.Module,
     directory: str | Path,
-    tokenizer: Any = None,
+    tokenizer: SavesPretrained | None = None,
     dtype: torch.dtype | None = None,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     source: CheckpointReader | None = None,
@@ -114,7 +113,7 @@ def write_merged(
 def save_merged(
     model: nn.Module,
     directory: str | Path,
-    tokenizer: Any = None,
+    tokenizer: SavesPretrained | None = None,
     dtype: torch.dtype | None = None,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
@@ -133,7 +132,7 @@ def default_export(
     model: nn.Module,
     output_dir: str | Path,
     merge: bool,
-    tokenizer: Any = None,
+    tokenizer: SavesPretrained | None = None,
     merged_dtype: torch.dtype | None = None,
 ) -> ExportResult:
     """``output_dir/adapter`` for a PEFT model, ``output_dir/merged`` when ``merge``; a model that trained

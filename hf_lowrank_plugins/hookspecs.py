@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from torch.utils.data import DataLoader
     from transformers import TrainingArguments
 
-    from .types import MethodInfo, PlanSettings, QuantizationSettings
+    from .types import MethodInfo, PlanSettings, QuantizationSettings, SavesPretrained
 
 PROJECT_NAME = "hf_lowrank_plugins"
 
@@ -189,7 +189,7 @@ def post_train_merge(
     config: PeftConfig,
     output_dir: Path,
     merge: bool,
-    tokenizer: Any,
+    tokenizer: SavesPretrained | None,
     final_dir: Path,
     merged_dtype: torch.dtype | None,
 ) -> ExportResult | None:

@@ -34,7 +34,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -47,6 +47,9 @@ from .method import default_init_fields
 from .sources import load_model_config
 from .targets import check_rank, find_target_modules
 from .types import MethodInfo, PlanSettings
+
+if TYPE_CHECKING:
+    from .registry import Registry
 
 #: NF4 with double quantization: 4 bits, one 8-bit scale per 64 weights, one fp32 per 256 scales.
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
@@ -252,7 +255,7 @@ def plan_memory(
     model: str | Path | Any,
     method: str | MethodInfo,
     settings: PlanSettings | None = None,
-    registry: Any = None,
+    registry: Registry | None = None,
     **fields: Any,
 ) -> MemoryPlan:
     """Predict the peak memory per process of training ``method`` on ``model`` (a folder, a

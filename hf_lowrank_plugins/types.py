@@ -6,12 +6,22 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 if TYPE_CHECKING:
+    import os
+
     from peft import PeftConfig
+
+
+class SavesPretrained(Protocol):
+    """What the library asks of a tokenizer (or processor) it is given: to be written beside a checkpoint."""
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> Any:
+        """Write its files into ``save_directory``."""
+        ...
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..api import make_config
 from ..errors import ConfigError, LowRankError
@@ -36,6 +36,9 @@ from ..types import MethodInfo
 from .report import add_ratios, format_lr, format_seconds, machine_description, run_length, write_reports
 from .spec import TrainSpec
 from .train import local_inputs
+
+if TYPE_CHECKING:
+    from transformers import TrainerControl, TrainerState, TrainingArguments
 
 PROGRESS_PREFIX = "@hf-lowrank-progress "
 WORKER_MODULE = "hf_lowrank_plugins.app.compare"
@@ -101,7 +104,7 @@ def default_methods(registry: Registry) -> list[str]:
     return first + [m.name for m in methods if m.name not in first + last] + last
 
 
-def plan(spec: CompareSpec, registry: Any = None) -> list[PlannedRun]:
+def plan(spec: CompareSpec, registry: Registry | None = None) -> list[PlannedRun]:
     """Check every input that can be checked without weights and return one run per method.
 
     Raises :class:`~hf_lowrank_plugins.errors.LowRankError` (unknown method, option for a method
@@ -179,11 +182,20 @@ class ProgressReporter:
         reporter = self
 
         class _Callback(TrainerCallback):
-            def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            def on_train_begin(
+                self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+            ) -> None:
                 if reporter.every is None:
                     reporter.every = max(1, state.max_steps // 10)
 
-            def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
+            def on_log(
+                self,
+                args: TrainingArguments,
+                state: TrainerState,
+                control: TrainerControl,
+                logs: dict | None = None,
+                **kw: Any,
+            ) -> None:
                 logs = logs or {}
                 every = reporter.every or 1
                 if "loss" in logs and (state.global_step % every == 0 or state.global_step == state.max_steps):
@@ -348,7 +360,9 @@ def build_comparison(spec: CompareSpec, runs: list[PlannedRun], rows: list[dict[
     }
 
 
-def run_comparison(spec: CompareSpec, registry: Any = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_comparison(
+    spec: CompareSpec, registry: Registry | None = None, log: Callable[[str], None] = print
+) -> dict[str, Any]:
     """Train every method of ``spec`` in its own process and write the comparison files.
 
     Returns the ``comparison.json`` document. A method that fails is a row with its error; the

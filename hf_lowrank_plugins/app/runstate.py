@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..errors import LowRankError
 from ..memory import reset_peak_resident, status_bytes
@@ -70,7 +70,9 @@ class PhaseMemory(TrainerCallback):
         self.peaks_mb[self._phase] = peaks
         self._phase = None
 
-    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         """``init`` ends when training starts (after the method's own ``on_train_begin``)."""
         self.begin("train")
 
@@ -136,18 +138,22 @@ class StepTimer(TrainerCallback):
         self._global_steps = [*steps, *self._global_steps]
         self.step_seconds = [*seconds, *self.step_seconds]
 
-    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         """Start the clock for the startup interval."""
         self._train_begin = time.perf_counter()
 
-    def on_step_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         """Start timing one optimizer step (and close the startup interval on the first one)."""
         self._step_begin = time.perf_counter()
         if self._train_begin is not None:
             self.startup_seconds = self._step_begin - self._train_begin
             self._train_begin = None
 
-    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         """Record the step's wall time."""
         self.step_seconds.append(time.perf_counter() - self._step_begin)
         self._global_steps.append(state.global_step)
@@ -184,18 +190,18 @@ class RunRecorder(TrainerCallback):
         #: the first evaluation of the run (before its first step), carried over a resume by the records
         self.eval_loss_before = eval_loss_before
 
-    def on_evaluate(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         """Keep the run's first evaluation (``evaluate()`` before ``train()``, or ``eval_on_start``)."""
         metrics = kwargs.get("metrics") or {}
         if self.eval_loss_before is None and "eval_loss" in metrics:
             self.eval_loss_before = float(metrics["eval_loss"])
 
-    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         """Log on every saving step (``DefaultFlowCallback`` has decided ``should_save`` already)."""
         if control.should_save:
             control.should_log = True
 
-    def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         """Write the run record into the checkpoint the Trainer just saved."""
         folder = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
         if folder.is_dir() and args.should_save:

@@ -42,6 +42,13 @@ class ApolloConfig(PeftConfig, MethodConfig):
     exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "layers to leave out of target_modules"}
     )
+    layerwise: bool = field(
+        default=False,
+        metadata={
+            "help": "update each target weight in a post-accumulate-grad hook as soon as its gradient exists and "
+            "free that gradient (no two full target gradients at once); one process, no accumulation"
+        },
+    )
 
     def __post_init__(self) -> None:
         validate_config(self)

@@ -10,19 +10,83 @@ untouched, so a resumed run continues with the same random projection, seed and 
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, cast
 
+import torch
 from apollo_torch import APOLLOAdamW
 from apollo_torch.random_projector import GradientProjector
 from apollo_torch.svd_projector import GaLoreProjector
+from torch.utils.weak import WeakIdKeyDictionary
 
 PROJECTOR = "projector"
+#: Each target weight's layer-wise hook, by weight (compared by identity): a second layer-wise optimizer for
+#: the same model (a second Trainer) takes the hooks over, where the first one's would otherwise update the
+#: weight and free its gradient before the new optimizer saw it.
+_LAYERWISE_HOOKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 #: Projector classes by the name written into the state dict.
 PROJECTOR_CLASSES: dict[str, type] = {"GradientProjector": GradientProjector, "GaLoreProjector": GaLoreProjector}
 
 
 class ResumableApolloAdamW(APOLLOAdamW):
-    """``APOLLOAdamW`` whose ``state_dict`` holds only what ``torch.load(weights_only=True)`` reads back."""
+    """``APOLLOAdamW`` whose ``state_dict`` holds only what ``torch.load(weights_only=True)`` reads back.
+
+    ``layerwise=True``: each projected weight is updated by the package's own step, run for that
+    weight alone, from a post-accumulate-grad hook as soon as autograd has finished its gradient, and
+    the gradient is freed; ``step()`` then updates the other weights. APOLLO scales the full gradient,
+    so (unlike GaLore) it cannot be folded into a low-rank accumulator: the update has to happen while
+    the gradient exists. Each weight's projection seed is set at construction from its place among all
+    groups, so the updates equal the non-layer-wise ones (transformers' ``apollo_adamw_layerwise``
+    builds one optimizer per weight instead, which gives every projection the same seed).
+    """
+
+    def __init__(self, params: Iterable[Any], layerwise: bool = False, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        self.layerwise = layerwise
+        self._hooks: list[Any] = []
+        if layerwise:
+            for index, group in enumerate(self._groups()):
+                if "rank" not in group:
+                    continue
+                for p in group["params"]:
+                    if p.requires_grad:
+                        earlier = _LAYERWISE_HOOKS.get(p)
+                        if earlier is not None:
+                            earlier.remove()
+                        handle = p.register_post_accumulate_grad_hook(self._hook_for(index))
+                        _LAYERWISE_HOOKS[p] = handle
+                        self._hooks.append(handle)
+
+    def _groups(self) -> list[dict[str, Any]]:
+        # mypy cannot see the attribute's type through the untyped package class
+        return cast(list[dict[str, Any]], vars(self)["param_groups"])
+
+    def _hook_for(self, index: int) -> Callable[[torch.Tensor], None]:
+        # the group is looked up when the hook runs: loading a state dict (a resume, accelerate's device
+        # placement) replaces the group dicts, and the scheduler sets the lr in the current ones
+        def hook(p: torch.Tensor) -> None:
+            self._step_alone(p, self._groups()[index])
+
+        return hook
+
+    @torch.no_grad()
+    def _step_alone(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        """The package's update of ``p`` alone (its state, seed and group settings), then its gradient freed."""
+        if p.grad is None:
+            return
+        groups = self._groups()
+        self.param_groups = [{**group, "params": [p]}]
+        try:
+            super().step()
+        finally:
+            self.param_groups = groups
+        p.grad = None  # why layer-wise exists: the full gradient is gone before the next one is made
+
+    def remove_hooks(self) -> None:
+        """Detach the layer-wise hooks (before another optimizer takes the model over)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
 
     def state_dict(self) -> dict[str, Any]:
         """The package's state dict with each projector object replaced by a plain dict of its fields."""

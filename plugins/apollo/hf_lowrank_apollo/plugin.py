@@ -117,7 +117,35 @@ def wrap_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, config: A
         raise ConfigError(
             f"none of {config.hf_lowrank_method}'s target weights is trainable; unfreeze them or change target_modules"
         )
-    return ResumableApolloAdamW(plain + projected, lr=float(args.learning_rate))
+    if config.layerwise:
+        _check_layerwise(args)
+    return ResumableApolloAdamW(plain + projected, lr=float(args.learning_rate), layerwise=bool(config.layerwise))
+
+
+def _check_layerwise(args: Any) -> None:
+    """Refuse what layer-wise updates cannot honour, one line each; say what clipping covers."""
+    if int(getattr(args, "gradient_accumulation_steps", 1)) > 1:
+        raise ConfigError(
+            "layer-wise APOLLO updates each weight as soon as its gradient exists, and APOLLO scales the whole "
+            "gradient, which accumulation would need kept until the last micro-batch; use "
+            "gradient_accumulation_steps=1 or layerwise=False"
+        )
+    if getattr(args, "fp16", False):
+        raise ConfigError(
+            "layer-wise APOLLO cannot train with fp16 loss scaling: its hooks consume each gradient inside backward, "
+            "before the scaler unscales it and skips overflowing steps; use bf16=True or layerwise=False"
+        )
+    if int(getattr(args, "world_size", 1)) > 1:
+        raise ConfigError(
+            "layer-wise APOLLO updates weights from autograd hooks before DDP averages gradients; use layerwise=False "
+            "for multi-process training"
+        )
+    if float(getattr(args, "max_grad_norm", 0) or 0) > 0:
+        logger.warning(
+            "layer-wise APOLLO: max_grad_norm=%s clips only the weights APOLLO does not project (their gradients are "
+            "the only ones left when the Trainer clips); set max_grad_norm=0 or layerwise=False",
+            args.max_grad_norm,
+        )
 
 
 @hookimpl
@@ -135,7 +163,12 @@ def plan_memory(
         moments += state
         projectors += projector
     target_ids = {id(w) for w in targets.values()}
-    others = sum(
-        2 * p.numel() * p.element_size() for p in model.parameters() if p.requires_grad and id(p) not in target_ids
-    )
-    return {"optimizer": moments + others, "apollo_projectors": projectors}
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in target_ids]
+    plan = {
+        "optimizer": moments + sum(2 * p.numel() * p.element_size() for p in others),
+        "apollo_projectors": projectors,
+    }
+    if config.layerwise:  # a target's gradient lives until its hook has updated the weight
+        largest = max(w.numel() * w.element_size() for w in targets.values())
+        plan["gradients"] = sum(p.numel() * p.element_size() for p in others) + largest
+    return plan
