@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from method_settings import SMALL_SETTINGS
 from transformers import AutoModelForCausalLM
 
 from hf_lowrank_plugins.app.cli import main
@@ -544,3 +545,37 @@ def test_a_run_whose_eval_loss_ends_worse_warns_and_records_it(
         "the eval loss ended worse than it started (2 -> 3.5): the run did not learn; lower --lr, or check the data"
     ]
     assert f"hf-lowrank: warning: {metrics['warnings'][0]}" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method", sorted(SMALL_SETTINGS))
+def test_every_method_trains_and_merges_from_the_cli(method, tmp_path, tiny_model_dir, text_file):
+    """`hf-lowrank train --method <name> --merge` for every shipped method: exit 0, a merged/ that plain
+    transformers loads, and where there is an adapter, plain PEFT on the base it names (quantized as the
+    run's was) reproduces merged/."""
+    from peft import PeftModel
+
+    from hf_lowrank_plugins import QuantizationSettings, get_registry, load_config
+    from hf_lowrank_plugins.quantization import quantize_model
+
+    out = tmp_path / "run"
+    settings = [arg for key, value in SMALL_SETTINGS[method].items() for arg in ("--set", f"{key}={json.dumps(value)}")]
+    argv = [
+        *("train", "--method", method, "--model", str(tiny_model_dir), "--dataset", str(text_file)),
+        *("--max-steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-blocks", "2", "--lr", "1e-3"),
+        *("--merge", "--output-dir", str(out), *settings),
+    ]
+    assert main(argv) == 0
+    ids = torch.arange(3, 19).reshape(1, 16)
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()(ids).logits
+    if not (out / "adapter").is_dir():
+        assert not get_registry().get(method).trains_adapter
+        return
+    config = load_config(out / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(config.base_model_name_or_path)
+    if get_registry().get(method).requires_quantized_base:
+        base = quantize_model(base, QuantizationSettings.from_config(config))
+    with torch.no_grad():
+        plain = PeftModel.from_pretrained(base, str(out / "adapter")).eval()(ids).logits
+    assert ((plain - merged).norm() / merged.norm()).item() <= 1e-4

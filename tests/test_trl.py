@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+from method_settings import SEED_METHODS, SMALL_SETTINGS, settings_of
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import hf_lowrank_plugins as hlp
@@ -25,16 +26,7 @@ pytestmark = pytest.mark.integration  # end to end: left out of `make test-fast`
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-SETTINGS = {
-    "lora": {"r": 4},
-    "qlora": {"r": 4},
-    "dora": {"r": 4},
-    "pissa": {"r": 4, "svd": "fast", "svd_niter": 2},
-    "lora_ga": {"r": 2, "ga_batches": 2},
-    "salor": {"r": 4, "svd": "fast", "svd_niter": 2},
-    "galore": {"rank": 4},
-    "full": {},
-}
+SETTINGS = settings_of(*SEED_METHODS)
 
 
 def _config(cls, tmp_path, **kw):
@@ -65,10 +57,11 @@ def _check_export(adapted, tmp_path):
         assert not (result.adapter_dir / "ref").exists()  # TRL's reference copy is not part of the deliverable
 
 
-@pytest.mark.parametrize("method", sorted(SETTINGS))
+@pytest.mark.parametrize("method", sorted(SMALL_SETTINGS))
 def test_sft_trainer(method, tmp_path, tiny_model_dir):
+    """Every shipped method under TRL's SFTTrainer; DPO and the reward model below run the seed methods."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    adapted = hlp.attach(AutoModelForCausalLM.from_pretrained(tiny_model_dir), method, **SETTINGS[method])
+    adapted = hlp.attach(AutoModelForCausalLM.from_pretrained(tiny_model_dir), method, **SMALL_SETTINGS[method])
     data = datasets.Dataset.from_list([{"prompt": "Say yes:", "completion": " yes, yes"}] * 16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
