@@ -89,7 +89,7 @@ def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def load_config(model: str | Path | Any) -> Any:
+def planned_model_config(model: str | Path | Any) -> Any:
     """A transformers config from a model folder, a ``config.json`` path, or a config object."""
     from transformers import PretrainedConfig
 
@@ -268,7 +268,7 @@ def plan_memory(
     info = method if isinstance(method, MethodInfo) else registry.get(method)
     _check_settings(info, settings)
     config = make_config(info, registry=registry, **fields)
-    model_config = load_config(model)
+    model_config = planned_model_config(model)
     base_dtype = settings.dtype or (checkpoint_dtype(model_config) if info.trains_adapter else torch.float32)
     four_bit = settings.load_in_4bit or info.requires_quantized_base
     with torch.device("meta"):  # buffers too, and no layer's constructor allocates first (a 4 TB embedding did)

@@ -126,6 +126,7 @@ def test_the_plan_predicts_the_optimizer_state_measured_after_training(tmp_path)
 
 
 @pytest.mark.parametrize("method, settings", [("apollo", {"rank": 4}), ("apollo_mini", {})])
+@pytest.mark.integration
 def test_layerwise_updates_equal_the_global_step_and_resume(tmp_path, method, settings):
     """Layer-wise (each projected weight updated from its gradient hook, the gradient then freed) ends
     bit-identical to the global step over 10 steps with projection refreshes, and a run resumed from its

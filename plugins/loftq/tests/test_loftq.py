@@ -115,6 +115,7 @@ def test_alternations_equal_pefts_loftq_init(iterations):
         assert not torch.equal(ours, roundtrip_4bit(weight, settings)), name  # not NF4(W)
 
 
+@pytest.mark.integration
 def test_more_alternations_start_closer_to_full_precision_and_export_their_base(tmp_path):
     """The initial error falls with T on the test model, and the export writes base/ (the trained 4-bit base,
     dequantized) with adapter/ naming it: loaded in 4-bit under it, the trained model comes back (exactly

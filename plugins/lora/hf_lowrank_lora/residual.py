@@ -28,7 +28,14 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import nn
 
-from hf_lowrank_plugins import ExportResult, IncompatibleError, LowRankError, atomic_directory, save_merged
+from hf_lowrank_plugins import (
+    ExportResult,
+    IncompatibleError,
+    LowRankError,
+    atomic_directory,
+    is_quantized,
+    save_merged,
+)
 from hf_lowrank_plugins.export import split_adapter_config
 from hf_lowrank_plugins.targets import find_target_modules
 
@@ -40,12 +47,19 @@ RESIDUAL_FLAG = "_hf_lowrank_residual_base"
 INITIAL_A, INITIAL_B = "hf_lowrank_A0_", "hf_lowrank_B0_"
 
 
-def check_clean_base(model: nn.Module, method: str) -> None:
-    """Raise :class:`IncompatibleError` unless ``model`` carries no adapter and no earlier residual.
+def check_clean_base(
+    model: nn.Module,
+    method: str,
+    rewrite: str = "changes the base weights (W -> W - s*B@A)",
+    quantized_reason: str | None = None,
+) -> None:
+    """Raise :class:`IncompatibleError` unless ``model`` carries no adapter and no earlier residual, and
+    (where the method gives ``quantized_reason``, the whole message) is not already 4-bit.
 
-    A residual method rewrites the base weights. Adapters already on the model would silently run
-    on changed weights (peft#2184); a base that already holds residuals would lose its principal
-    directions twice.
+    A method that rewrites the base weights (``rewrite`` says how, for the message): adapters already
+    on the model would silently run on changed weights (peft#2184); a base that already holds
+    residuals would lose its principal directions twice; a base already in 4-bit has lost what an
+    SVD or a magnitude ranking needs.
     """
     if (
         isinstance(model, PeftModel)
@@ -53,10 +67,12 @@ def check_clean_base(model: nn.Module, method: str) -> None:
         or any(isinstance(m, BaseTunerLayer) for m in model.modules())
     ):
         raise IncompatibleError(
-            f"{method} changes the base weights (W -> W - s*B@A), so it cannot be attached to a model that "
+            f"{method} {rewrite}, so it cannot be attached to a model that "
             "already carries adapters: they would run on different weights. Load the base model again "
             f"and attach {method} to it, or merge the other adapter first (merge_and_unload())."
         )
+    if quantized_reason is not None and is_quantized(model):
+        raise IncompatibleError(quantized_reason)
     if getattr(model, RESIDUAL_FLAG, False):
         raise IncompatibleError(
             "this model's weights are residuals (W - s*B0@A0) left by an earlier PiSSA/LoRA-GA attach or unload(); "

@@ -14,26 +14,11 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from hf_lowrank_lora import attach_lora, residual
-from hf_lowrank_plugins import IncompatibleError, QuantizationSettings, is_quantized
+from hf_lowrank_plugins import QuantizationSettings
 from hf_lowrank_plugins.memory import release_replaced, weight_locations
 from hf_lowrank_plugins.quantization import quantize_model, requantize_under_adapter
 
 logger = logging.getLogger(__name__)
-
-
-def check_clean_base(model: nn.Module) -> None:
-    """Raise :class:`IncompatibleError` unless ``model`` is an untouched full-precision base.
-
-    Besides the checks shared by residual methods (no adapters, no earlier residual), the SVD
-    needs full-precision weights: an NF4 base has already lost what PiSSA would keep.
-    """
-    residual.check_clean_base(model, "PiSSA")
-    if is_quantized(model):
-        raise IncompatibleError(
-            "PiSSA needs full-precision weights for its SVD, but the base is already 4-bit. Load the model in "
-            "16/32-bit and use attach(model, 'pissa', load_in_4bit=True) (or quantize_residual=True): the SVD "
-            "runs in fp32, then the residual is quantized to NF4 (QPiSSA)."
-        )
 
 
 @contextmanager
@@ -94,7 +79,13 @@ def attach_pissa(
     ``quantization`` (``attach(..., load_in_4bit=True)``) or ``config.quantize_residual`` the
     residual is then quantized to NF4 (QPiSSA).
     """
-    check_clean_base(model)
+    residual.check_clean_base(
+        model,
+        "PiSSA",
+        quantized_reason="PiSSA needs full-precision weights for its SVD, but the base is already 4-bit. Load the model "
+        "in 16/32-bit and use attach(model, 'pissa', load_in_4bit=True) (or quantize_residual=True): the SVD runs in "
+        "fp32, then the residual is quantized to NF4 (QPiSSA).",
+    )
     residual.check_untied_targets(model, config, "PiSSA")
     with seeded(getattr(config, "svd_seed", 0), model), _old_pages_released():
         peft_model = attach_lora(model, config)

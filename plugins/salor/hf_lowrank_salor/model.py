@@ -24,11 +24,10 @@ from functools import partial
 
 import torch
 from peft import PeftModel
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from hf_lowrank_lora import LoraModule, attach_lora, lora_layers
-from hf_lowrank_plugins import IncompatibleError, QuantizationSettings, is_quantized
+from hf_lowrank_lora import LoraModule, attach_lora, lora_layers, residual
+from hf_lowrank_plugins import QuantizationSettings
 from hf_lowrank_plugins.quantization import quantize_model, requantize_under_adapter
 
 from .config import SalorConfig
@@ -68,29 +67,6 @@ def truncation_error(residual: torch.Tensor, rank: int) -> tuple[float, float, f
     return tail, total, (1 - rank / min(residual.shape)) * total
 
 
-def check_clean_base(model: nn.Module) -> None:
-    """Raise :class:`IncompatibleError` unless ``model`` carries no adapter and full-precision weights.
-
-    SALOR rewrites base weights (pruning): adapters already on the model would silently run on the
-    changed weights, and magnitudes of a 4-bit base are already rounded.
-    """
-    if (
-        isinstance(model, PeftModel)
-        or getattr(model, "_hf_peft_config_loaded", False)
-        or any(isinstance(m, BaseTunerLayer) for m in model.modules())
-    ):
-        raise IncompatibleError(
-            "SALOR prunes the base weights, so it cannot be attached to a model that already carries adapters "
-            "(they would run on different weights). Load the base model again, or merge the other adapter first."
-        )
-    if is_quantized(model):
-        raise IncompatibleError(
-            "SALOR ranks full-precision weight magnitudes and takes the SVD of the pruning residual, but the base "
-            "is already 4-bit. Load the model in 16/32-bit and pass load_in_4bit=True (or quantize_base=True): "
-            "pruning and SVD run first, then the sparse base is quantized to NF4."
-        )
-
-
 def _oriented(layer: LoraModule) -> torch.Tensor:
     """The layer's base weight as (out x in): a transposed view for ``fan_in_fan_out`` (``Conv1D``) layers."""
     weight = layer.base_layer.weight
@@ -108,7 +84,14 @@ def attach_salor(
     ``quantization`` (from ``attach(..., load_in_4bit=True)``) or ``config.quantize_base`` stores the
     pruned base in NF4 after the SVD has seen the full-precision weights.
     """
-    check_clean_base(model)
+    residual.check_clean_base(
+        model,
+        "SALOR",
+        rewrite="prunes the base weights",
+        quantized_reason="SALOR ranks full-precision weight magnitudes and takes the SVD of the pruning residual, but "
+        "the base is already 4-bit. Load the model in 16/32-bit and pass load_in_4bit=True (or quantize_base=True): "
+        "pruning and SVD run first, then the sparse base is quantized to NF4.",
+    )
     peft_model = attach_lora(model, config)  # PEFT's layers, target and rank checks
     layers = lora_layers(peft_model, adapter)
     niter = config.svd_niter if config.svd == "fast" else None
