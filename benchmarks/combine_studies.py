@@ -6,7 +6,8 @@ Methods added after a study run in their own ``compare`` invocation with the stu
 puts their rows beside the study's (a method present in several files is taken from the first) and
 writes ``OUT_DIR/comparison_all.json``, ``loss_curves.png`` and ``cost.png`` with
 ``hf_lowrank_plugins.app.plots`` (the figures ``compare`` itself draws). Runs whose shared settings
-differ are refused: their curves would not be comparable.
+differ are refused: their curves would not be comparable. The rows of a run on a 4-bit base
+(``compare --load-in-4bit``) are labelled ``METHOD (4-bit)``, so QLoRA-GA stands beside LoRA-GA.
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ def main() -> None:
     seen: set[str] = set()
     results = []
     for document in documents:
+        four_bit = bool(document["shared_settings"].get("load_in_4bit"))
         for row in document["results"]:
-            if row["method"] not in seen:
-                seen.add(row["method"])
-                results.append(row)
+            label = f"{row['method']} (4-bit)" if four_bit else row["method"]
+            if label not in seen:
+                seen.add(label)
+                results.append({**row, "method": label})
     combined = {**documents[0], "results": results, "methods_planned": [r["method"] for r in results]}
     combined["sources"] = [str(p) for p in sources]
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -101,7 +101,8 @@ def render_markdown(comparison: dict[str, Any]) -> str:
         f"Model `{s['model'] or 'SmolLM2-135M-Instruct (embedded)'}`, data `{s['dataset'] or 'KJV (embedded)'}`; "
         f"{run_length(s)} of {s['batch_size']} x {s['seq_len']} tokens (grad accum {s['grad_accum']}), seed {s['seed']}, "
         f"rank {s['rank'] if s['rank'] is not None else 'per-method default'}; eval every {s['eval_every'] or '-'} steps on "
-        f"{s['eval_blocks']} held-out blocks. Each method ran in a fresh process. Ratios `(1.00x)` are to **{ref}**.",
+        f"{s['eval_blocks']} held-out blocks{'; every method on a 4-bit NF4 base' if s.get('load_in_4bit') else ''}. "
+        f"Each method ran in a fresh process. Ratios `(1.00x)` are to **{ref}**.",
         "",
         f"Machine: {m['platform']}, {m['cpu_count']} CPUs{', ' + m['cuda_device'] if 'cuda_device' in m else ''}, "
         f"torch {m['torch']}. Peak memory is the process's peak RSS (CPU) or CUDA allocator peak (GPU); init s is "

@@ -105,7 +105,8 @@ class TrainSpec:
         default=None, metadata=opt("checkpoint folder to resume from", scope="train")
     )
     load_in_4bit: bool = field(
-        default=False, metadata=opt("4-bit NF4 base (needs the quantization extra)", scope="train")
+        default=False,
+        metadata=opt("4-bit NF4 base (needs the quantization extra); in compare, for every method", scope="run"),
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(
         default="auto",

@@ -177,6 +177,7 @@ class MethodConformance:
         """The checkpointed optimizer state loads with ``weights_only=True`` (no pickled objects)."""
         contract.optimizer_state_loads_weights_only(self._run(case, device, tmp_path_factory))
 
+    @pytest.mark.slow  # torch.compile takes seconds per method: the full suite, not the inner loop
     def test_compiles(self, case: ModelCase, device: str) -> None:
         """``torch.compile`` finds no graph break in a training forward that the base model does not have."""
         base, adapted = contract.graph_breaks(case, self.method, dict(self.settings), self.load_in_4bit, device)

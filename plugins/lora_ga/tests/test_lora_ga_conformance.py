@@ -1,5 +1,7 @@
 """LoRA-GA against the method contract (hf_lowrank_plugins.testing) over the model matrix."""
 
+import pytest
+
 from hf_lowrank_plugins.testing import MethodConformance
 from hf_lowrank_plugins.testing.models import MODEL_CASES
 
@@ -27,6 +29,7 @@ class TestQloraGaConformance(MethodConformance):
     quantized again), with the whole contract; the adapter's three loads on NF4(W) are off by the
     residual's rounding, strictly expected to fail."""
 
+    pytestmark = pytest.mark.integration  # a variant of the class above: the full suite, not the inner loop
     method = "lora_ga"
     settings = {"r": 2, "ga_batches": 2}
     load_in_4bit = True
