@@ -4,10 +4,13 @@ Merging used to deep-copy the whole model, merge the copy and save it: twice the
 at export (28 GB for a 7B bf16 model instead of 14). Here every tensor of the plain checkpoint is
 produced only when the writer reaches it:
 
-* a layer carrying an adapter is copied alone (one layer, with its factors), PEFT's own
-  ``merge(safe_merge=True)`` runs on the copy, and the merged weight is written and dropped;
+* a layer carrying an adapter (any PEFT tuner's, trainable token rows included) is copied alone (one
+  layer, with its factors), PEFT's own ``merge(safe_merge=True)`` runs on the copy, and its merged
+  weight and bias are written and dropped;
 * a 4-bit layer is dequantized alone (``deq(Q(W))``, as :func:`~.quantization.dequantize_model`
-  gives), and an adapter on it is merged with PEFT's delta (and DoRA's norm) in full precision;
+  gives), and an adapter on it is merged in full precision by its method family
+  (:class:`DequantizedMerge`, declared on the adapter's config class: PEFT's own 4-bit merge would
+  quantize the update away);
 * every other tensor is written from where it lies (cast on the way when a dtype is asked for).
 
 From disk (``hf-lowrank merge``), the model is a skeleton on the meta device with only the
