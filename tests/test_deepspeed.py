@@ -34,8 +34,8 @@ LR = 5e-3  # testing.helpers.training_args's learning rate, which deepspeed_trai
 STAGE_METHODS = {
     0: ["galore", "lora"],
     1: ["galore"],
-    2: ["lora", "qlora", "dora", "pissa", "lora_ga", "salor", "full", "galore"],
-    3: ["lora", "qlora", "dora", "pissa", "lora_ga", "salor", "full", "galore"],
+    2: ["lora", "qlora", "dora", "pissa", "lora_ga", "salor", "full", "galore", "olora", "loftq"],
+    3: ["lora", "qlora", "dora", "pissa", "lora_ga", "salor", "full", "galore", "olora", "loftq"],
 }
 CASES = [(stage, method) for stage, methods in STAGE_METHODS.items() for method in methods]
 #: methods also resumed from their halfway checkpoint under ZeRO-2 and ZeRO-3 (DeepSpeed saves the optimizer state per rank)

@@ -78,10 +78,10 @@ def test_sft_trainer(method, tmp_path, tiny_model_dir):
     _check_export(adapted, tmp_path)
 
 
-@pytest.mark.parametrize("method", sorted(SETTINGS))
+@pytest.mark.parametrize("method", sorted(SMALL_SETTINGS))
 def test_dpo_trainer(method, tmp_path, tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    adapted = hlp.attach(AutoModelForCausalLM.from_pretrained(tiny_model_dir), method, **SETTINGS[method])
+    adapted = hlp.attach(AutoModelForCausalLM.from_pretrained(tiny_model_dir), method, **SMALL_SETTINGS[method])
     data = datasets.Dataset.from_list([{"prompt": "Say yes:", "chosen": " yes", "rejected": " no"}] * 16)
     args = _config(trl.DPOConfig, tmp_path)
     ids = tokenizer("Say yes: yes", return_tensors="pt")["input_ids"]
@@ -96,9 +96,16 @@ def test_dpo_trainer(method, tmp_path, tiny_model_dir):
             processing_class=tokenizer,
             **adapted.trainer_kwargs(args),
         )
-        # TRL's "ref" adapter must leave the policy as the method started it (a second PiSSA SVD rewrote the base)
-        with torch.no_grad():
-            assert (adapted.model.eval()(ids).logits - started).abs().max() <= 1e-5
+        # TRL's "ref" adapter must leave the policy as the method started it (a second PiSSA SVD rewrote the base);
+        # on a 4-bit base TRL casts the trained adapter to bf16 (the QLoRA recipe), which moves LoftQ's nonzero
+        # start by bf16 rounding, so there the frozen copy is compared with it, in its dtype
+        if hlp.is_quantized(adapted.model):
+            weights = dict(adapted.model.named_parameters())
+            pairs = [(p, weights[name.replace(".ref.", ".default.")]) for name, p in weights.items() if ".ref." in name]
+            assert pairs and all(torch.equal(ref.to(policy.dtype), policy) for ref, policy in pairs)
+        else:
+            with torch.no_grad():
+                assert (adapted.model.eval()(ids).logits - started).abs().max() <= 1e-5
         if method == "lora_ga":  # its initialisation needs the model's own loss, which DPO batches do not give
             with pytest.raises(hlp.LowRankError, match="initialise LoRA-GA in an SFT run"):
                 trainer.train()
@@ -117,16 +124,21 @@ def test_dpo_trainer(method, tmp_path, tiny_model_dir):
         assert (again - trained).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("method", sorted(SETTINGS))
+@pytest.mark.parametrize("method", sorted(SMALL_SETTINGS))
 def test_reward_trainer(method, tmp_path, tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id
-    adapted = hlp.attach(model, method, **SETTINGS[method])
+    if method == "corda":  # a classifier's covariances would be estimated wrongly: refused, as on RoBERTa
+        with pytest.raises(hlp.IncompatibleError, match="CorDA on a SEQ_CLS model is not supported"):
+            hlp.attach(model, method, **SMALL_SETTINGS[method])
+        return
+    adapted = hlp.attach(model, method, **SMALL_SETTINGS[method])
     data = datasets.Dataset.from_list([{"chosen": "The answer is yes, clearly.", "rejected": "No."}] * 16)
     # TRL casts a quantized model's trainable parameters (the score head too) to bf16, as the QLoRA recipe does;
     # the fp32 norm before the head then needs bf16 autocast, TRL's own default (bf16=True)
-    args = _config(trl.RewardConfig, tmp_path, **({"bf16": True} if method == "qlora" else {}))
+    four_bit = adapted.method.requires_quantized_base
+    args = _config(trl.RewardConfig, tmp_path, **({"bf16": True} if four_bit else {}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = trl.RewardTrainer(

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
 from torch import nn
 
 from hf_lowrank_lora import LORA_ALIASES, residual
@@ -57,6 +58,8 @@ def on_train_begin(
             "train CorDA in one process (or initialise it in one and resume under torchrun)"
         )
     initialise_corda(model, config, train_dataloader)
+    if isinstance(model, PeftModel):  # a preference trainer's reference copy becomes the initial policy again
+        residual.sync_reference_copies(model)
     return True
 
 

@@ -40,6 +40,7 @@ from hf_lowrank_plugins.export import split_adapter_config
 from hf_lowrank_plugins.targets import find_target_modules
 
 from .config import LoraMethodConfig
+from .model import lora_layers
 
 #: Set on a base model whose target weights were replaced by residuals W - s*B0@A0.
 RESIDUAL_FLAG = "_hf_lowrank_residual_base"
@@ -104,6 +105,27 @@ def check_untied_targets(model: nn.Module, config: LoraConfig, method: str) -> N
 def mark_residual_base(model: PeftModel) -> None:
     """Flag the base of ``model`` as holding residual weights (see :func:`check_clean_base`)."""
     setattr(model.get_base_model(), RESIDUAL_FLAG, True)
+
+
+@torch.no_grad()
+def sync_reference_copies(model: PeftModel, adapter: str = "default") -> list[str]:
+    """Give every adapter that shares ``adapter``'s config object the factors ``adapter`` now holds;
+    returns their names.
+
+    TRL's preference trainers (DPO, KTO) add a frozen "ref" copy of the trained adapter when they are
+    built (``add_adapter("ref", peft_config["default"])`` and a copy of its weights), which is before a
+    data-dependent initialisation runs at train start. The base it shares was then rewritten to
+    ``W - s·B0·A0``, so the stale copy would make the reference another model than the initial policy
+    (a DPO loss that does not start at log 2). Copied again, the reference is the initial policy.
+    """
+    config = model.peft_config[adapter]
+    copies = [name for name, other in model.peft_config.items() if name != adapter and other is config]
+    for layer in lora_layers(model, adapter).values():
+        for name in copies:
+            for factors in (layer.lora_A, layer.lora_B):
+                if name in factors:
+                    factors[name].weight.copy_(factors[adapter].weight)
+    return copies
 
 
 def store_initial_factors(model: PeftModel, adapter: str = "default") -> None:
