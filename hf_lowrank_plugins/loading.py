@@ -59,7 +59,7 @@ def load_config(adapter_dir: str | Path, registry: Registry | None = None) -> Pe
     registry = registry or get_registry()
     raw = read_adapter_config(adapter_dir)
     ours = read_method_settings(adapter_dir) or {}
-    name = ours.get("method") or raw.get("hf_lowrank_method")  # the key older adapters carried
+    name = ours.get("method") or raw.get("hf_lowrank_method")  # a Trainer checkpoint: PEFT saved every field
     info = registry.find(name) if isinstance(name, str) and name else None
     if info is not None:
         # PeftConfig.from_pretrained maps peft_type LORA back to LoraConfig; build our class directly
@@ -77,15 +77,21 @@ def load_config(adapter_dir: str | Path, registry: Registry | None = None) -> Pe
         ) from None
 
 
-def check_not_a_training_state(adapter_dir: str | Path, info: MethodInfo) -> None:
+def check_not_a_training_state(adapter_dir: str | Path, info: MethodInfo, config: PeftConfig | None = None) -> None:
     """Raise :class:`IncompatibleError` for a Trainer checkpoint of a method whose deliverable is not its
     training state.
 
     A method that trains an adapter and writes its own deliverables (``post_train_merge``: PiSSA and
     LoRA-GA train on a base they rewrote, SALOR on a pruned one) saves checkpoints that hold only
-    with that rewritten base; loaded onto the original, they are a different model, silently.
+    with that rewritten base; loaded onto the original, they are a different model, silently. A config
+    whose deliverables depend on its settings says which with ``rewrites_base()`` (LoftQ: only with
+    more than one alternation).
     """
-    if not (info.trains_adapter and "post_train_merge" in info.hooks):
+    rewrites_base = getattr(config, "rewrites_base", None)
+    if callable(rewrites_base):
+        if not rewrites_base():
+            return
+    elif not (info.trains_adapter and "post_train_merge" in info.hooks):
         return
     folder = Path(adapter_dir)
     # export() moves our settings out of adapter_config.json into METHOD_SETTINGS_FILE; PEFT's own save
@@ -186,7 +192,7 @@ def load_adapter(
             f"{adapter_dir} has an adapter_config.json but no adapter weights (adapter_model.safetensors); "
             "pass a complete adapter or checkpoint folder"
         )
-    check_not_a_training_state(adapter_dir, info)
+    check_not_a_training_state(adapter_dir, info, config)
     check_adapter_fits(base_model, adapter_dir)
     on_meta = any(p.is_meta for p in base_model.parameters())
     if info.requires_quantized_base and not is_quantized(base_model):

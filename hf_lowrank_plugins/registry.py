@@ -357,22 +357,28 @@ class Registry:
         return next((m for m in self.methods.values() if m.reference), None)
 
     def method_for_config(self, config: PeftConfig) -> MethodInfo:
-        """The method whose config class is exactly ``type(config)``, or the one it names."""
+        """The method whose config class is exactly ``type(config)``, the one it names, or the one whose
+        config class it subclasses."""
         name = getattr(config, "hf_lowrank_method", None)
-        path = f"{type(config).__module__}.{type(config).__qualname__}"
-        # only the plugins that declare this class (or the named method), those that declare no method, and
-        # those the index does not know yet
+        paths = {f"{cls.__module__}.{cls.__qualname__}" for cls in type(config).__mro__}
+        # only the plugins that declare this class or a base of it (or the named method), those that declare no
+        # method, and those the index does not know yet
         self._load_where(
             lambda declared: (
                 not declared
-                or any(d.get("config_class") == path or (name and d.get("name") == method_key(name)) for d in declared)
+                or any(d.get("config_class") in paths or (name and d.get("name") == method_key(name)) for d in declared)
             )
         )
-        for info in self._registered_methods().values():
+        registered = self._registered_methods().values()
+        for info in registered:
             if type(config) is info.config_class:
                 return info
         if name:
             return self.get(name)
+        for cls in type(config).__mro__:  # a user's subclass of a method's config belongs to that method
+            found = next((info for info in registered if info.config_class is cls), None)
+            if found is not None:
+                return found
         peft_type = str(getattr(getattr(config, "peft_type", None), "value", getattr(config, "peft_type", "")))
         for info in self.methods.values():
             if info.plain_peft_type is not None and info.plain_peft_type == peft_type:

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from peft import PeftModel
@@ -43,7 +43,7 @@ from peft.utils import ModulesToSaveWrapper, TrainableTokensWrapper
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .errors import IncompatibleError
+from .errors import IncompatibleError, LowRankError
 from .quantization import dequantized_4bit_weight, is_4bit_layer
 
 #: transformers' own default shard size for ``save_pretrained``.
@@ -150,21 +150,37 @@ class CheckpointTensor:
 
 
 class DequantizedMerge(Protocol):
-    """The one thing the merged-checkpoint writer asks of a method family: its merge on a 4-bit base.
+    """The one thing the merged-checkpoint writer asks of a method family: its merge on a 4-bit base,
+    declared as the static method ``merged_on_dequantized`` of a method's config class (the LoRA
+    family's ``LoraMethodConfig``).
 
     PEFT's own merge of a 4-bit layer quantizes the merged weight again, losing most of the update, so
     a 4-bit base's merged checkpoint is computed in full precision instead, from ``deq(Q(W))``; only the
-    family knows its layers' maths. A method's config class declares it (the LoRA family's
-    ``LoraMethodConfig``); a full-precision base needs nothing: PEFT's own ``merge`` runs on a copy of
-    the layer, for any tuner.
+    family knows its layers' maths. A full-precision base needs nothing: PEFT's own ``merge`` runs on a
+    copy of the layer, for any tuner.
     """
 
-    def merged_on_dequantized(
+    def __call__(
         self, layer: nn.Module, adapter: str, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``layer``'s merged weight (``(out, in)``, the dtype of ``weight``) and bias for ``adapter``, given
         its base's dequantized weight and its bias (``None``: it has none)."""
         ...
+
+
+def _dequantized_merge(config: Any) -> DequantizedMerge | None:
+    """The full-precision merge of an adapter on a 4-bit layer: its config's, or, for a config of PEFT's
+    own (a plain ``LoraConfig``: an adapter trained elsewhere, a user's ``get_peft_model``), that of the
+    method the registry finds for it."""
+    merge = getattr(config, "merged_on_dequantized", None)
+    if merge is None and config is not None:
+        from .registry import get_registry
+
+        try:
+            merge = getattr(get_registry().method_for_config(config).config_class, "merged_on_dequantized", None)
+        except LowRankError:
+            return None
+    return cast(DequantizedMerge | None, merge)
 
 
 @dataclass
@@ -249,13 +265,13 @@ class _MergedLayer:
     def _merge_dequantized(self, base: Any) -> dict[str, torch.Tensor]:
         if self.dequantized is None:
             raise IncompatibleError(
-                f"cannot merge adapter '{self.adapter}' into its 4-bit base: its config declares no full-precision "
-                "merge (merged_on_dequantized; PEFT's own would quantize the update away); load the adapter with "
-                "hf_lowrank_plugins.load_adapter so it carries its method's config, or save the adapter only"
+                f"cannot merge adapter '{self.adapter}' into its 4-bit base: no installed method declares a "
+                "full-precision merge for its config (merged_on_dequantized; PEFT's own would quantize the update "
+                "away); install the method's plugin, or save the adapter only"
             )
         weight = dequantized_4bit_weight(base).to(self.dequant_dtype)
         bias = self.base_values["bias"]() if "bias" in self.base_values else None
-        merged, merged_bias = self.dequantized.merged_on_dequantized(self.layer, self.adapter, weight, bias)
+        merged, merged_bias = self.dequantized(self.layer, self.adapter, weight, bias)
         out = {"weight": merged.t() if _conv1d_source(base) else merged}
         if merged_bias is not None:
             out["bias"] = merged_bias
@@ -298,8 +314,8 @@ def _adapter_layer_entries(
     if merge and adapter is not None:
         params = {e.name.removeprefix(prefix): e for e in entries if isinstance(e.tensor, nn.Parameter)}
         values = {name: _fresh_value(e.tensor, e.name, source) for name, e in params.items()}
-        dequantized = getattr(configs.get(adapter), "merged_on_dequantized", None)
-        merged = _MergedLayer(layer, adapter, values, configs.get(adapter) if dequantized else None, dequant_dtype)
+        dequantized = _dequantized_merge(configs.get(adapter)) if is_4bit_layer(base) else None
+        merged = _MergedLayer(layer, adapter, values, dequantized, dequant_dtype)
         for entry in entries:
             short = entry.name.removeprefix(prefix)
             yield (
@@ -392,7 +408,7 @@ def checkpoint_tensors(
     )
     if source is not None:
         source.add_tied_names(tied_weight_names(model))
-    configs = dict(getattr(model, "peft_config", None) or {}) if isinstance(model, PeftModel) else {}
+    configs = dict(getattr(model, "peft_config", None) or {})
     entries: list[CheckpointTensor] = []
     seen: set[int] = set()  # data pointers of real tensors
     seen_meta: set[int] = set()  # ids of meta tensors (tied ones are the same Parameter)

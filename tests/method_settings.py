@@ -1,5 +1,5 @@
 """Small settings of every shipped method for the tests' tiny models (64 wide): one table the matrices
-(architectures, TRL, plan, the CLI) share, so a new method is added to them by adding its row."""
+(architectures, TRL, the CLI) share, so a new method is added to them by adding its row."""
 
 from __future__ import annotations
 
@@ -26,11 +26,3 @@ SMALL_SETTINGS: dict[str, dict[str, Any]] = {
 #: Peak learning rates other than the kit's 5e-3: APOLLO-Mini's scale of 128 multiplies each update by
 #: sqrt(128), so its kit trains at a tenth of the rate (plugins/apollo/tests/test_apollo_conformance.py).
 LEARNING_RATES: dict[str, float] = {"apollo_mini": 5e-4}
-
-#: The seven seed methods and the full fine-tuning baseline, which every matrix covers.
-SEED_METHODS = ("lora", "qlora", "dora", "pissa", "lora_ga", "salor", "galore", "full")
-
-
-def settings_of(*methods: str) -> dict[str, dict[str, Any]]:
-    """The rows of ``methods``, in their order."""
-    return {method: SMALL_SETTINGS[method] for method in methods}

@@ -87,6 +87,23 @@ def test_streamed_merge_of_a_4bit_base_equals_the_dequantized_merge(case, method
     assert rel_err(output(loaded, batch), output(model, batch)) <= 1e-4
 
 
+def test_a_plain_peft_lora_on_a_4bit_base_merges_through_the_family_the_registry_finds(tmp_path):
+    """A ``peft.LoraConfig`` of PEFT's own (a user's ``get_peft_model`` on a 4-bit model) carries no merge of its
+    own: the writer asks the method the registry finds for it (``lora``) and merges in full precision."""
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+
+    from hf_lowrank_plugins.quantization import quantize_model
+
+    base = quantize_model(LLAMA.build(0), hlp.QuantizationSettings(compute_dtype=torch.float32))
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    assert type(model.peft_config["default"]) is LoraConfig
+    model.eval()
+    write_checkpoint(model, tmp_path / "streamed")
+    batch = LLAMA.batch()
+    assert rel_err(output(_load(LLAMA, tmp_path / "streamed"), batch), output(model, batch)) <= 1e-4
+
+
 @pytest.mark.parametrize("where", ["in_memory", "4bit", "from_disk"])
 def test_a_trained_lora_bias_is_merged_as_the_adapter_computes_it(where, tmp_path):
     """``lora_bias=True``: the merged bias is ``b + s b_B``. It was left out (the base bias written as it

@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from method_settings import SEED_METHODS, SMALL_SETTINGS, settings_of
+from method_settings import SMALL_SETTINGS
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import hf_lowrank_plugins as hlp
@@ -25,8 +25,6 @@ pytestmark = pytest.mark.integration  # end to end: left out of `make test-fast`
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
-
-SETTINGS = settings_of(*SEED_METHODS)
 
 
 def _config(cls, tmp_path, **kw):
@@ -59,7 +57,7 @@ def _check_export(adapted, tmp_path):
 
 @pytest.mark.parametrize("method", sorted(SMALL_SETTINGS))
 def test_sft_trainer(method, tmp_path, tiny_model_dir):
-    """Every shipped method under TRL's SFTTrainer; DPO and the reward model below run the seed methods."""
+    """Every shipped method under TRL's SFTTrainer (and below, its DPO and reward trainers)."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     adapted = hlp.attach(AutoModelForCausalLM.from_pretrained(tiny_model_dir), method, **SMALL_SETTINGS[method])
     data = datasets.Dataset.from_list([{"prompt": "Say yes:", "completion": " yes, yes"}] * 16)

@@ -44,18 +44,17 @@ class ResumableApolloAdamW(APOLLOAdamW):
         super().__init__(params, **kwargs)
         self.layerwise = layerwise
         self._hooks: list[Any] = []
-        if layerwise:
-            for index, group in enumerate(self._groups()):
-                if "rank" not in group:
-                    continue
-                for p in group["params"]:
-                    if p.requires_grad:
-                        earlier = _LAYERWISE_HOOKS.get(p)
-                        if earlier is not None:
-                            earlier.remove()
-                        handle = p.register_post_accumulate_grad_hook(self._hook_for(index))
-                        _LAYERWISE_HOOKS[p] = handle
-                        self._hooks.append(handle)
+        for index, group in enumerate(self._groups()):
+            if "rank" not in group:
+                continue
+            for p in group["params"]:
+                earlier = _LAYERWISE_HOOKS.pop(p, None)
+                if earlier is not None:  # an earlier layer-wise optimizer's hook would update p behind this one
+                    earlier.remove()
+                if layerwise and p.requires_grad:
+                    handle = p.register_post_accumulate_grad_hook(self._hook_for(index))
+                    _LAYERWISE_HOOKS[p] = handle
+                    self._hooks.append(handle)
 
     def _groups(self) -> list[dict[str, Any]]:
         # mypy cannot see the attribute's type through the untyped package class

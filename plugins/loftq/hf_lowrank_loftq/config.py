@@ -33,6 +33,11 @@ class LoftqConfig(LoraMethodConfig, QuantizationFields):
     BASE_KEEPING_INITS: ClassVar[tuple[bool | str, ...]] = (True,)
     OTHER_INITS_REFUSED: ClassVar[str] = "LoftQ initialises the adapter from the quantization error itself"
 
+    def rewrites_base(self) -> bool:
+        """Whether the trained base is another than NF4(W), which a QLoRA loader rebuilds: with more than
+        one alternation (the core then refuses this method's Trainer checkpoints on the original base)."""
+        return int(self.loftq_iter) > 1
+
     def check(self) -> None:
         """DoRA's magnitude is refused: LoftQ's factors repair W - deq(Q(W)) additively."""
         if self.use_dora:

@@ -118,8 +118,9 @@ class LoraMethodConfig(LoraConfig, MethodConfig):
         engine = f"vLLM: `vllm serve BASE --enable-lora --lora-modules name={adapter_name}`"
         return [f"Serving with LoRA-serving engines ({engine}):", "", *notes]
 
+    @staticmethod
     def merged_on_dequantized(
-        self, layer: Any, adapter: str, weight: torch.Tensor, bias: torch.Tensor | None
+        layer: Any, adapter: str, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The merged weight and bias of a LoRA layer on a 4-bit base, in full precision: what the core's
         merged-checkpoint writer asks the family for (:class:`~hf_lowrank_plugins.streaming.DequantizedMerge`).

@@ -37,7 +37,8 @@ from .model import LoraModule, lora_layers
 def subtract_factors(layer: LoraModule, A: torch.Tensor, B: torch.Tensor, scaling: float, sign: float = 1.0) -> None:
     """W <- W - sign * s * B @ A, computed in fp32 and rounded once to W's dtype.
 
-    The Parameter object stays (the optimizer, DDP and DeepSpeed keep their references). On a CPU
+    The Parameter object stays (the optimizer, DDP and DeepSpeed keep their references; a 4-bit weight,
+    frozen and in no optimizer, is re-quantized into a new one, see below). On a CPU
     the weight usually lies in the memory-mapped checkpoint, where writing in place copies every
     page on first touch (1.6-1.8x the time of a new tensor plus handing the old pages back, on SmolLM2-135M): there the weight
     gets a new tensor and the old pages are handed back (:func:`release_replaced`). Elsewhere, and

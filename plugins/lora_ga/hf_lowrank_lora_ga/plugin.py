@@ -153,8 +153,8 @@ def plan_memory(
     model: nn.Module, config: LoraGaConfig, settings: PlanSettings, terms: dict[str, int]
 ) -> dict[str, int]:
     """LoRA-GA's initialisation, before the first step: the exact sums (the batches' factors while
-    smaller than fp32 G, :func:`~hf_lowrank_lora_ga.gradient.accumulator_bytes`), one layer group at
-    a time (``estimator="full"``; by default what :func:`~hf_lowrank_lora_ga.gradient.layer_group_count`
+    smaller than fp32 G, :func:`~hf_lowrank_lora_ga.grouping.accumulator_bytes`), one layer group at
+    a time (``estimator="full"``; by default what :func:`~hf_lowrank_lora_ga.grouping.layer_group_count`
     allows), or the sketches (``sketch``)."""
     shapes = list(linear_shapes(model).values())
     if config.estimator == "sketch":
@@ -166,7 +166,7 @@ def plan_memory(
     total = sum(accumulator_bytes(m, n, rows) for m, n in shapes)
     if config.ga_layer_groups is not None:
         return {"lora_ga_init": 2 * math.ceil(total / int(config.ga_layer_groups))}
-    # sized at run time (gradient.layer_group_count): what a group's sums add to a pass's peak (those of every
+    # sized at run time (grouping.layer_group_count): what a group's sums add to a pass's peak (those of every
     # batch but the last) is at most a share of the memory in use after the first forward (the weights, on a
     # CPU the libraries, one batch's activations)
     added = sum(accumulator_bytes(m, n, rows - per_batch) for m, n in shapes)
@@ -189,7 +189,8 @@ def post_train_merge(
         result = residual.export_portable(model, output_dir, "LoRA-GA", merge, tokenizer, merged_dtype)
     if is_quantized(model):
         result.notes.append(
-            "QLoRA-GA: training ran on NF4(deq(NF4(W)) - s*B0@A0); adapter/ on NF4(W) (a QLoRA loader) differs from "
-            "the trained model by that residual's rounding; merged/ is the trained model itself"
+            "QLoRA-GA: training ran on NF4(deq(NF4(W)) - s*B0@A0); adapter/ (a plain LoRA on the original weights) put "
+            "on NF4(W), as a QLoRA loader does, differs from the trained model by that residual's rounding, on W by W's "
+            "own 4-bit error too; merged/ is the trained model itself"
         )
     return result
