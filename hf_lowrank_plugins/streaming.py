@@ -44,7 +44,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .errors import IncompatibleError, LowRankError
-from .quantization import dequantized_4bit_weight, is_4bit_layer
+from .quantization import dequantized_4bit_weight, is_4bit_layer, is_quantized
 
 #: transformers' own default shard size for ``save_pretrained``.
 DEFAULT_MAX_SHARD_SIZE = 50 * 10**9
@@ -284,10 +284,14 @@ def _fresh_value(tensor: torch.Tensor, name: str, source: CheckpointReader | Non
 
 
 def _computed(
-    entry: _Entry, produce: Callable[[], torch.Tensor], base: Any, dequant_dtype: torch.dtype, layer: nn.Module
+    entry: _Entry,
+    produce: Callable[[], torch.Tensor],
+    base: Any,
+    dequant_dtype: torch.dtype,
+    adapter_tensors: tuple[int, ...],
 ) -> _Entry:
-    """``entry`` (a base layer's parameter) computed when written; a 4-bit weight takes the plain layout."""
-    adapter_tensors = tuple(sorted(id(p) for n, p in layer.named_parameters() if not n.startswith("base_layer.")))
+    """``entry`` (a base layer's parameter) computed when written from the layer's ``adapter_tensors`` (their
+    ids); a 4-bit weight takes the plain layout."""
     computed_from = (id(entry.tensor), *adapter_tensors)
     if entry.tensor is getattr(base, "weight", None) and is_4bit_layer(base):
         shape = tuple(base.weight.quant_state.shape)
@@ -303,23 +307,23 @@ def _adapter_layer_entries(
     merge: bool,
     dequant_dtype: torch.dtype,
     source: CheckpointReader | None,
-    configs: Mapping[str, Any],
+    merges: Mapping[str, DequantizedMerge | None],
 ) -> Iterator[_Entry]:
     """The base of an adapter layer (any PEFT tuner's, trainable token rows included) or a bare 4-bit
-    layer: merged, dequantized, or as it is."""
+    layer: merged, dequantized, or as it is. ``merges``: each adapter's merge on a 4-bit base."""
     tuned = isinstance(layer, BaseTunerLayer)
     base = layer.get_base_layer() if tuned else layer
     adapter = layer.active_adapters[0] if tuned and layer.active_adapters else None
     entries = list(_plain_entries(prefix, base))
+    adapter_tensors = tuple(sorted(id(p) for n, p in layer.named_parameters() if not n.startswith("base_layer.")))
     if merge and adapter is not None:
         params = {e.name.removeprefix(prefix): e for e in entries if isinstance(e.tensor, nn.Parameter)}
         values = {name: _fresh_value(e.tensor, e.name, source) for name, e in params.items()}
-        dequantized = _dequantized_merge(configs.get(adapter)) if is_4bit_layer(base) else None
-        merged = _MergedLayer(layer, adapter, values, dequantized, dequant_dtype)
+        merged = _MergedLayer(layer, adapter, values, merges.get(adapter), dequant_dtype)
         for entry in entries:
             short = entry.name.removeprefix(prefix)
             yield (
-                _computed(entry, partial(merged.tensor, short), base, dequant_dtype, layer)
+                _computed(entry, partial(merged.tensor, short), base, dequant_dtype, adapter_tensors)
                 if short in params
                 else entry
             )
@@ -327,7 +331,7 @@ def _adapter_layer_entries(
         for entry in entries:
             weight = entry.tensor is base.weight
             yield (
-                _computed(entry, partial(_base_weight, base, dequant_dtype), base, dequant_dtype, layer)
+                _computed(entry, partial(_base_weight, base, dequant_dtype), base, dequant_dtype, adapter_tensors)
                 if weight
                 else entry
             )
@@ -341,11 +345,11 @@ def _walk(
     merge: bool,
     dequant_dtype: torch.dtype,
     source: CheckpointReader | None,
-    configs: Mapping[str, Any],
+    merges: Mapping[str, DequantizedMerge | None],
 ) -> Iterator[_Entry]:
     """Every tensor of the plain checkpoint, in module order."""
     if isinstance(module, TrainableTokensWrapper):  # trained rows of an embedding, under the embedding's name
-        yield from _adapter_layer_entries(prefix, module.token_adapter, merge, dequant_dtype, source, configs)
+        yield from _adapter_layer_entries(prefix, module.token_adapter, merge, dequant_dtype, source, merges)
         return
     if isinstance(module, ModulesToSaveWrapper):  # a trained head: the trained copy, under the head's name
         active = module.active_adapters[0] if module.active_adapters else None
@@ -354,15 +358,15 @@ def _walk(
             if active is not None and active in module.modules_to_save
             else module.original_module
         )
-        yield from _walk(prefix, inner, merge, dequant_dtype, source, configs)
+        yield from _walk(prefix, inner, merge, dequant_dtype, source, merges)
         return
     if isinstance(module, BaseTunerLayer) or is_4bit_layer(module):
-        yield from _adapter_layer_entries(prefix, module, merge, dequant_dtype, source, configs)
+        yield from _adapter_layer_entries(prefix, module, merge, dequant_dtype, source, merges)
         return
     yield from _plain_entries(prefix, module)
     for name, child in module._modules.items():
         if child is not None:
-            yield from _walk(f"{prefix}{name}.", child, merge, dequant_dtype, source, configs)
+            yield from _walk(f"{prefix}{name}.", child, merge, dequant_dtype, source, merges)
 
 
 def _holding(source: CheckpointReader | None, name: str) -> CheckpointReader:
@@ -408,12 +412,14 @@ def checkpoint_tensors(
     )
     if source is not None:
         source.add_tied_names(tied_weight_names(model))
-    configs = dict(getattr(model, "peft_config", None) or {})
+    # each adapter's merge on a 4-bit base, found once (for a PEFT config of its own, through the registry)
+    configs = dict(getattr(model, "peft_config", None) or {}) if merge and is_quantized(model) else {}
+    merges = {name: _dequantized_merge(config) for name, config in configs.items()}
     entries: list[CheckpointTensor] = []
     seen: set[int] = set()  # data pointers of real tensors
     seen_meta: set[int] = set()  # ids of meta tensors (tied ones are the same Parameter)
     seen_computed: set[tuple[int, ...]] = set()
-    for entry in _walk("", plain_model(model), merge, dequant_dtype, source, configs):
+    for entry in _walk("", plain_model(model), merge, dequant_dtype, source, merges):
         name, tensor = entry.name, entry.tensor
         skeleton_buffer = source is not None and name in source and not isinstance(tensor, nn.Parameter)
         if entry.produce is not None:
