@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from hf_lowrank_lora import LORA_ALIASES, residual
-from hf_lowrank_lora.stored_base import save_adapter_on, save_base
-from hf_lowrank_plugins import ExportResult, MethodInfo, QuantizationSettings, default_export, hookimpl, save_merged
+from hf_lowrank_lora.stored_base import export_with_base
+from hf_lowrank_plugins import ExportResult, MethodInfo, QuantizationSettings, default_export, hookimpl
 from hf_lowrank_plugins.types import PlanSettings
 
 from .config import LoftqConfig
@@ -64,10 +64,7 @@ def post_train_merge(
     More: ``base/`` (the trained base NF4(W - s*B@A), dequantized), ``adapter/`` naming it, ``merged/``."""
     if int(config.loftq_iter) == 1:
         return default_export(model, output_dir, merge, tokenizer=tokenizer, merged_dtype=merged_dtype)
-    result = ExportResult()
-    base_dir = save_base(model, output_dir / "base", tokenizer=tokenizer)
-    result.extra["base"] = base_dir
-    result.adapter_dir = save_adapter_on(model, output_dir / "adapter", base_dir=Path(final_dir) / "base")
+    result = export_with_base(model, output_dir, merge, tokenizer, final_dir=final_dir, merged_dtype=merged_dtype)
     result.notes.append(
         f"LoftQ with {config.loftq_iter} alternations trained on NF4(W - s*B@A), not NF4(W): adapter/ belongs to "
         "base/ (that base dequantized); load base/ in 4-bit under it, or use merged/"
@@ -77,6 +74,4 @@ def post_train_merge(
             "with double quantization a 4-bit loader rounds base/'s scales again, so the reloaded model is close to, "
             "not equal to, the trained one (bnb_4bit_use_double_quant=False makes the reload exact, as PEFT's LoftQ)"
         )
-    if merge:
-        result.merged_dir = save_merged(model, output_dir / "merged", tokenizer=tokenizer, dtype=merged_dtype)
     return result

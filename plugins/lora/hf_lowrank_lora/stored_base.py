@@ -12,10 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from peft import PeftModel
 from torch import nn
 
-from hf_lowrank_plugins import IncompatibleError, atomic_directory, save_adapter
+from hf_lowrank_plugins import ExportResult, IncompatibleError, atomic_directory, save_adapter, save_merged
 from hf_lowrank_plugins.streaming import write_checkpoint
 
 
@@ -44,3 +45,23 @@ def save_adapter_on(model: nn.Module, directory: str | Path, base_dir: str | Pat
         return save_adapter(model, directory)
     finally:
         config.base_model_name_or_path = previous
+
+
+def export_with_base(
+    model: nn.Module,
+    output_dir: str | Path,
+    merge: bool,
+    tokenizer: Any = None,
+    final_dir: str | Path | None = None,
+    merged_dtype: torch.dtype | None = None,
+) -> ExportResult:
+    """``base/`` (:func:`save_base`), ``adapter/`` naming it, and with ``merge`` ``merged/``, under
+    ``output_dir``. ``final_dir`` is where ``output_dir``'s contents will live (a staged export is moved
+    there): the adapter names ``final_dir/base``."""
+    output_dir = Path(output_dir)
+    result = ExportResult()
+    result.extra["base"] = save_base(model, output_dir / "base", tokenizer=tokenizer)
+    result.adapter_dir = save_adapter_on(model, output_dir / "adapter", Path(final_dir or output_dir) / "base")
+    if merge:
+        result.merged_dir = save_merged(model, output_dir / "merged", tokenizer=tokenizer, dtype=merged_dtype)
+    return result

@@ -23,13 +23,12 @@ from peft import PeftModel
 from torch import nn
 from transformers import AutoConfig
 
-from hf_lowrank_lora.stored_base import save_adapter_on, save_base
+from hf_lowrank_lora.stored_base import export_with_base, save_adapter_on, save_base
 from hf_lowrank_plugins import (
     ExportResult,
     IncompatibleError,
     atomic_directory,
     is_quantized,
-    save_merged,
     write_json_atomic,
 )
 from hf_lowrank_plugins.quantization import dequantize_model
@@ -179,12 +178,12 @@ def export_salor(
     the adapter names ``final_dir/base`` as its base.
     """
     output_dir = Path(output_dir)
-    result = ExportResult()
-    base_dir = save_pruned_base(model, output_dir / "base", tokenizer=tokenizer)
-    result.extra["base"] = base_dir
-    result.adapter_dir = save_salor_adapter(
-        model, output_dir / "adapter", base_dir=Path(final_dir or output_dir) / "base"
-    )
+    if not isinstance(model, PeftModel):
+        raise IncompatibleError(f"expected the PeftModel returned by attach(), got {type(model).__name__}")
+    apply_adapter_masks(model, "default")  # adapter/ holds the masked factors, as save_salor_adapter writes them
+    result = export_with_base(model, output_dir, merge, tokenizer, final_dir=final_dir, merged_dtype=merged_dtype)
+    base_dir = result.extra["base"]
+    assert result.adapter_dir is not None  # export_with_base writes it
     sizes = save_compressed_model(model, output_dir / "compressed", tokenizer=tokenizer, adapter_dir=result.adapter_dir)
     result.extra["compressed"] = output_dir / "compressed"
     dense = directory_bytes(base_dir)
@@ -196,6 +195,4 @@ def export_salor(
         f"compressed/base.safetensors: {sizes['file_bytes'] / 2**20:.1f} MiB vs {dense / 2**20:.1f} MiB dense "
         f"({sizes['file_bytes'] / max(dense, 1):.3f}x), {sizes['encoded_tensors']} bitmap-encoded matrices"
     )
-    if merge:
-        result.merged_dir = save_merged(model, output_dir / "merged", tokenizer=tokenizer, dtype=merged_dtype)
     return result
