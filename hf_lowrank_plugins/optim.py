@@ -8,8 +8,12 @@ the ``wrap_optimizer`` hook.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
+from torch.utils.weak import WeakIdKeyDictionary
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_optimizer import is_optimizer_factory
 
@@ -70,3 +74,22 @@ def keep_embeddings_32bit(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Embedding):
             manager.register_module_override(module, "weight", {"optim_bits": 32})
+
+
+#: Each weight's layer-wise hook (a post-accumulate-grad hook by which an optimizer updates or projects the
+#: weight during backward), by weight, compared by identity, whichever method's optimizer made it.
+_LAYERWISE_HOOKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def own_layerwise_hook(param: torch.Tensor, hook: Callable[[torch.Tensor], None] | None) -> RemovableHandle | None:
+    """Make ``hook`` the layer-wise hook on ``param`` (``None``: none), removing the one an earlier optimizer
+    put there: a second Trainer for the same model, layer-wise or not, of this method or another, would
+    otherwise have that hook take each gradient (update the weight, free the gradient) behind its back."""
+    earlier = _LAYERWISE_HOOKS.pop(param, None)
+    if earlier is not None:
+        earlier.remove()
+    if hook is None:
+        return None
+    handle = param.register_post_accumulate_grad_hook(hook)
+    _LAYERWISE_HOOKS[param] = handle
+    return handle

@@ -17,13 +17,10 @@ import torch
 from apollo_torch import APOLLOAdamW
 from apollo_torch.random_projector import GradientProjector
 from apollo_torch.svd_projector import GaLoreProjector
-from torch.utils.weak import WeakIdKeyDictionary
+
+from hf_lowrank_plugins.optim import own_layerwise_hook
 
 PROJECTOR = "projector"
-#: Each target weight's layer-wise hook, by weight (compared by identity): a second layer-wise optimizer for
-#: the same model (a second Trainer) takes the hooks over, where the first one's would otherwise update the
-#: weight and free its gradient before the new optimizer saw it.
-_LAYERWISE_HOOKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 #: Projector classes by the name written into the state dict.
 PROJECTOR_CLASSES: dict[str, type] = {"GradientProjector": GradientProjector, "GaLoreProjector": GaLoreProjector}
 
@@ -48,12 +45,8 @@ class ResumableApolloAdamW(APOLLOAdamW):
             if "rank" not in group:
                 continue
             for p in group["params"]:
-                earlier = _LAYERWISE_HOOKS.pop(p, None)
-                if earlier is not None:  # an earlier layer-wise optimizer's hook would update p behind this one
-                    earlier.remove()
-                if layerwise and p.requires_grad:
-                    handle = p.register_post_accumulate_grad_hook(self._hook_for(index))
-                    _LAYERWISE_HOOKS[p] = handle
+                handle = own_layerwise_hook(p, self._hook_for(index) if layerwise and p.requires_grad else None)
+                if handle is not None:
                     self._hooks.append(handle)
 
     def _groups(self) -> list[dict[str, Any]]:

@@ -41,11 +41,10 @@ from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import torch
-from torch.utils.hooks import RemovableHandle
-from torch.utils.weak import WeakIdKeyDictionary
 
 from hf_lowrank_plugins import LowRankError
 from hf_lowrank_plugins.distributed import ZeroPartition
+from hf_lowrank_plugins.optim import own_layerwise_hook
 
 from .projector import compute_projection, project, project_back, projection_side
 
@@ -55,10 +54,6 @@ _BNB_BLOCKSIZE = 256
 _ACCUM_KEY = "lowrank_grad"
 #: Under ZeRO, the state of a flat parameter's whole weights, by their index in its group.
 _ZERO_WEIGHTS_KEY = "galore_weights"
-#: Each target weight's layer-wise hook, by weight (compared by identity), whichever optimizer made it: a
-#: second layer-wise optimizer for the same model takes the hooks over, where the first one's would
-#: otherwise take each gradient and free it before the new optimizer saw it.
-_LAYERWISE_HOOKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _import_bnb_functional() -> Any:
@@ -92,24 +87,19 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             if group["galore"]:
                 for p in group["params"]:
                     projection_side(p.shape, group["proj_type"])  # validates 2-D and proj_type early
-        if layerwise:
-            self._register_layerwise_hooks()
+        self._own_layerwise_hooks()
 
     # ------------------------------------------------------------------ layer-wise mode
 
-    def _register_layerwise_hooks(self) -> None:
-        """Install one post-accumulate-grad hook per target weight (see module docs), removing the hook an
-        earlier layer-wise optimizer put on it."""
+    def _own_layerwise_hooks(self) -> None:
+        """One post-accumulate-grad hook per target weight in layer-wise mode (see module docs), none
+        otherwise; either way the hook an earlier optimizer left on the weight is removed."""
         for group in self.param_groups:
             if not group["galore"]:
                 continue
             for p in group["params"]:
-                if p.requires_grad:
-                    earlier: RemovableHandle | None = _LAYERWISE_HOOKS.get(p)
-                    if earlier is not None:
-                        earlier.remove()
-                    handle = p.register_post_accumulate_grad_hook(self._make_hook(group))
-                    _LAYERWISE_HOOKS[p] = handle
+                handle = own_layerwise_hook(p, self._make_hook(group) if self.layerwise and p.requires_grad else None)
+                if handle is not None:
                     self._hooks.append(handle)
 
     def _make_hook(self, group: dict) -> Callable[[torch.Tensor], None]:
